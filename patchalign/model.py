@@ -93,8 +93,16 @@ class EncoderConfig:
     @classmethod
     def tiny(cls, head_dim: int = 16) -> EncoderConfig:
         """A few-thousand-parameter model for unit tests."""
-        return cls(num_groups=16, group_size=8, encoder_dims=32, trans_dim=32, depth=2, num_heads=2,
-                   head_dim=head_dim, drop_path_rate=0.0)
+        return cls(
+            num_groups=16,
+            group_size=8,
+            encoder_dims=32,
+            trans_dim=32,
+            depth=2,
+            num_heads=2,
+            head_dim=head_dim,
+            drop_path_rate=0.0,
+        )
 
 
 class MiniPointNet(nn.Module):
@@ -115,7 +123,29 @@ class MiniPointNet(nn.Module):
         )
 
     def forward(self, neighborhoods: Tensor) -> Tensor:
-        """``(B, G, S, 3)`` centred patches → ``(B, G, out_dim)`` tokens."""
+        """``(B, G, S, 3)`` centred patches → ``(B, G, out_dim)`` tokens.
+
+        Computed channels-last with ``F.linear`` (a 1×1 conv is a matmul; this layout is ~2× faster
+        on CPU than ``Conv1d``) and with the concat folded away: ``W [g; f] = W_g g + W_f f``, where
+        the global part ``W_g g`` is computed once per patch instead of once per point. That removes a
+        third of the tokenizer's FLOPs and gives identical results (up to float rounding) with the
+        same parameters, so Point-BERT checkpoints load unchanged.
+        """
+        b, g, s, _ = neighborhoods.shape
+        conv1, bn1, _, conv2 = self.first_conv
+        conv3, bn2, _, conv4 = self.second_conv
+        x = neighborhoods.reshape(b * g * s, 3)
+        f = F.relu(bn1(F.linear(x, conv1.weight[..., 0], conv1.bias)))
+        f = F.linear(f, conv2.weight[..., 0], conv2.bias).reshape(b * g, s, 256)
+        f_global = f.max(dim=1).values  # (BG, 256)
+        w3 = conv3.weight[..., 0]  # (512, 512): input channels = [global 256 | per-point 256]
+        h = F.linear(f, w3[:, 256:]) + F.linear(f_global, w3[:, :256], conv3.bias)[:, None, :]
+        h = F.relu(bn2(h.reshape(b * g * s, 512)))
+        h = F.linear(h, conv4.weight[..., 0], conv4.bias).reshape(b * g, s, self.out_dim)
+        return h.max(dim=1).values.reshape(b, g, self.out_dim)
+
+    def forward_reference(self, neighborhoods: Tensor) -> Tensor:
+        """Point-BERT's original Conv1d formulation, kept to test :meth:`forward` against."""
         b, g, s, _ = neighborhoods.shape
         x = neighborhoods.reshape(b * g, s, 3).transpose(1, 2)  # (BG, 3, S)
         f = self.first_conv(x)  # (BG, 256, S)
@@ -177,8 +207,13 @@ class PatchAlignEncoder(nn.Module):
         dpr = [x.item() for x in torch.linspace(0, cfg.drop_path_rate, cfg.depth)]
         self.blocks = nn.ModuleList(
             [
-                Block(dim=cfg.trans_dim, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
-                      qkv_bias=cfg.qkv_bias, drop_path=dpr[i])
+                Block(
+                    dim=cfg.trans_dim,
+                    num_heads=cfg.num_heads,
+                    mlp_ratio=cfg.mlp_ratio,
+                    qkv_bias=cfg.qkv_bias,
+                    drop_path=dpr[i],
+                )
                 for i in range(cfg.depth)
             ]
         )
@@ -213,7 +248,9 @@ class PatchAlignEncoder(nn.Module):
         tokens = self.reduce_dim(self.encoder(neighborhoods))
         return tokens, centers, group_index
 
-    def forward_blocks(self, tokens: Tensor, centers: Tensor, return_all: bool = False) -> Tensor | list[Tensor]:
+    def forward_blocks(
+        self, tokens: Tensor, centers: Tensor, return_all: bool = False
+    ) -> Tensor | list[Tensor]:
         """Run CLS + tokens through the transformer; the positional MLP is added before every block."""
         b = tokens.shape[0]
         x = torch.cat([self.cls_token.expand(b, -1, -1), tokens], dim=1)
@@ -256,10 +293,10 @@ class PatchAlignEncoder(nn.Module):
         cfg = self.config
         g, s, d, e = cfg.num_groups, cfg.group_size, cfg.trans_dim, cfg.encoder_dims
         t = g + 1
-        pn = g * s * 2 * (3 * 128 + 128 * 256 + 512 * 512 + 512 * e)
+        # tokenizer as implemented: the 512→512 layer's global half runs once per patch, not per point
+        pn = g * s * 2 * (3 * 128 + 128 * 256 + 256 * 512 + 512 * e) + g * 2 * 256 * 512
         embed = g * 2 * (e * d) + g * 2 * (3 * 128 + 128 * d)
         hidden = int(d * cfg.mlp_ratio)
         per_block = t * 2 * (3 * d * d + d * d + 2 * d * hidden) + 2 * 2 * t * t * d
         head = g * 2 * d * cfg.head_dim if cfg.head_dim else 0
         return float(pn + embed + cfg.depth * per_block + head)
-
