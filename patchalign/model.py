@@ -285,6 +285,17 @@ class PatchAlignEncoder(nn.Module):
             cls_token=x[:, 0],
         )
 
+    def reset_head(self, head_dim: int) -> None:
+        """Replace the projection head by a freshly initialised one of width ``head_dim``.
+
+        Stage 2 swaps the 768-wide distillation head for one as wide as the text embeddings.
+        """
+        self.config.head_dim = head_dim
+        self.head = PatchHead(self.config.trans_dim, head_dim) if head_dim > 0 else None
+        if self.head is not None:
+            nn.init.trunc_normal_(self.head.proj.weight, std=0.02)
+            nn.init.zeros_(self.head.proj.bias)
+
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
