@@ -1,7 +1,7 @@
 """``python -m patchalign <verb> ...``
 
 * ``fit | validate | test | predict``: LightningCLI (see :mod:`patchalign.cli`).
-* ``export CKPT OUT_DIR``: write ``model.safetensors`` + ``config.json`` for :func:`patchalign.load_pretrained`.
+* ``export CKPT OUT_DIR``: ``model.safetensors`` + ``config.json`` for :func:`patchalign.load_pretrained`.
 * ``demo``: the fresh-machine main job (demo shards → Stage 1 → Stage 2 → zero-shot eval → export → PNGs).
 
 Extra verbs are dispatched here, before LightningCLI runs, because LightningCLI subcommands must be

@@ -300,6 +300,7 @@ class Stage2Alignment(_StageBase):
         if init_from:
             load_encoder_weights(encoder, init_from, skip_head=True)
         self.frozen_modules = self._freeze(freeze_blocks)
+        self.train()  # puts the frozen modules in eval mode from the start
         self.register_buffer("text_vectors", torch.empty(0), persistent=False)
         self.text_names: list[str] = []
         if text_bank:
@@ -325,6 +326,14 @@ class Stage2Alignment(_StageBase):
             for m in self.frozen_modules:
                 m.eval()
         return self
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Lightning restores per-module modes captured at construction time around validation, which
+        # would put the frozen modules back in train mode; enforce eval mode before every step.
+        if not self.hparams.frozen_train_mode:
+            for m in self.frozen_modules:
+                if m.training:
+                    m.eval()
 
     def set_text_bank(self, path_or_bank: Any) -> None:
         """Load the text bank's vectors (L2-normalised) into the non-persistent buffer."""

@@ -1,0 +1,37 @@
+"""Rendering for the data engine and ZeroKey: cameras, view layouts, mesh and point-cloud renderers.
+
+Everything shares one OpenCV-convention camera model (:class:`Cameras`); mesh rendering has an Embree
+(CPU) and a PyTorch3D (GPU) backend that return the same per-pixel face correspondences.
+"""
+
+from patchalign.render.cameras import (
+    Cameras,
+    find3d_cameras,
+    find3d_view_layout,
+    fov_to_fit_unit_sphere,
+    look_at_cameras,
+    spherical_eyes,
+    zerokey_view_layout,
+)
+from patchalign.render.io import MeshFileNotFoundError, MeshLoadError, load_mesh_normalized
+from patchalign.render.mesh import RenderOutput, face_normals, render_mesh, shade_faces
+from patchalign.render.points import PointRenderOutput, render_points
+
+__all__ = [
+    "Cameras",
+    "MeshFileNotFoundError",
+    "MeshLoadError",
+    "PointRenderOutput",
+    "RenderOutput",
+    "face_normals",
+    "find3d_cameras",
+    "find3d_view_layout",
+    "fov_to_fit_unit_sphere",
+    "load_mesh_normalized",
+    "look_at_cameras",
+    "render_mesh",
+    "render_points",
+    "shade_faces",
+    "spherical_eyes",
+    "zerokey_view_layout",
+]

@@ -1,0 +1,231 @@
+"""Point-cloud rendering as depth-tested discs: a vectorised torch splatter and PyTorch3D's rasterizer.
+
+Each point is a screen-facing disc of a fixed *world* radius, so its pixel radius is
+``radius * focal / depth`` (near points look bigger, as a real surface would). A pixel is covered by a
+point when the pixel centre lies strictly inside the disc; among covering points the nearest (smallest
+view depth) wins. This is exactly PyTorch3D's ``PointsRasterizer`` rule once its NDC radius is set per
+point and view, which is how the two backends are made to agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from patchalign.render.binning import coarse_bin_size, max_per_bin
+from patchalign.render.cameras import Cameras
+
+__all__ = ["PointRenderOutput", "render_points"]
+
+PointBackend = Literal["auto", "cpu", "pytorch3d"]
+
+POINT_GREY = 0.5
+BACKGROUND = 1.0
+# Points closer than this to the camera plane are dropped (their pixel radius explodes).
+Z_NEAR = 1e-4
+# Upper bound on (point, view, pixel-offset) candidates materialised at once by the torch splatter.
+_MAX_CANDIDATES = 8_000_000
+
+
+@dataclass(eq=False)
+class PointRenderOutput:
+    """Per-pixel point correspondences for V views of one point cloud.
+
+    Attributes:
+        image: (V,H,W,3) float in [0,1]: the winning point's colour (grey by default) on white.
+        pix_to_point: (V,H,W) long index of the nearest point covering the pixel; -1 = background.
+        depth: (V,H,W) float view-space z of that point; +inf = background.
+        mask: (V,H,W) bool foreground.
+    """
+
+    image: Tensor
+    pix_to_point: Tensor
+    depth: Tensor
+    mask: Tensor
+
+
+def render_points(
+    points: Tensor,
+    cameras: Cameras,
+    radius: float = 0.01,
+    backend: PointBackend = "auto",
+    colors: Tensor | None = None,
+) -> PointRenderOutput:
+    """Render a point cloud from every camera as z-buffered discs of world radius ``radius``.
+
+    Args:
+        points: (P,3) float world positions.
+        cameras: V cameras.
+        radius: disc radius in world units (> 0).
+        backend: ``"cpu"`` (vectorised torch splatting; runs on any device despite its name),
+            ``"pytorch3d"`` (``PointsRasterizer``) or ``"auto"``: PyTorch3D for CUDA tensors, else cpu.
+        colors: optional (P,3) per-point colours in [0,1] for the image; default uniform grey.
+    """
+    if points.ndim != 2 or points.shape[-1] != 3:
+        raise ValueError(f"points must be (P,3), got {tuple(points.shape)}")
+    if points.shape[0] == 0:
+        raise ValueError("cannot render an empty point cloud")
+    if not bool(torch.isfinite(points).all()):
+        raise ValueError("points contain NaN or inf")
+    if not radius > 0:
+        raise ValueError(f"radius must be > 0, got {radius}")
+    if colors is not None and colors.shape != points.shape:
+        raise ValueError(f"colors must be {tuple(points.shape)}, got {tuple(colors.shape)}")
+    if backend == "auto":
+        backend = "pytorch3d" if points.is_cuda else "cpu"
+    points = points.to(torch.float32)
+    cameras = cameras.to(points.device)
+    if backend == "cpu":
+        pix_to_point, depth = _splat_torch(points, cameras, float(radius))
+    elif backend == "pytorch3d":
+        pix_to_point, depth = _rasterize_points_pytorch3d(points, cameras, float(radius))
+    else:
+        raise ValueError(f"unknown point backend {backend!r}; expected 'auto', 'cpu' or 'pytorch3d'")
+    mask = pix_to_point >= 0
+    if colors is None:
+        colors = torch.full_like(points, POINT_GREY)
+    colors = colors.to(points)
+    image = torch.where(
+        mask[..., None], colors[pix_to_point.clamp_min(0)], torch.full_like(colors[:1], BACKGROUND)
+    )
+    return PointRenderOutput(image=image, pix_to_point=pix_to_point, depth=depth, mask=mask)
+
+
+def _splat_torch(points: Tensor, cameras: Cameras, radius: float) -> tuple[Tensor, Tensor]:
+    """Z-buffer splatting without Python loops over points or pixels.
+
+    Every (view, point) pair proposes the (2K+1)^2 pixels around its projection, keeps those whose
+    centre is inside its disc, then two ``scatter_reduce(amin)`` passes pick per pixel the minimum
+    depth and, among exact depth ties, the lowest point index. Pairs are sorted by pixel radius and
+    processed in chunks whose K is the chunk's largest radius, so a few huge near-camera discs neither
+    blow up memory nor force a large K on everyone else.
+    """
+    n_views, size = len(cameras), cameras.image_size
+    device = points.device
+    uv, z = cameras.project(points)  # (V,P,2), (V,P)
+    radius_px = radius * cameras.focal[:, None] / z.clamp_min(Z_NEAR)
+    # A disc wider than the image covers it all anyway; clamp so its candidate grid stays bounded.
+    radius_px = radius_px.clamp_max(2.0 * size)
+    # Discs entirely outside the image (or behind the camera) cannot cover any pixel centre.
+    reach = radius_px[..., None]
+    valid = (z > Z_NEAR) & ((uv + reach) > 0).all(-1) & ((uv - reach) < size).all(-1)
+    view_id, point_id = torch.nonzero(valid, as_tuple=True)
+
+    pix_to_point = torch.full((n_views * size * size,), -1, dtype=torch.long, device=device)
+    depth = torch.full((n_views * size * size,), float("inf"), dtype=torch.float32, device=device)
+    if view_id.numel() == 0:
+        return pix_to_point.reshape(n_views, size, size), depth.reshape(n_views, size, size)
+    pair_radius = radius_px[view_id, point_id]
+    order = torch.argsort(pair_radius)
+    view_id, point_id, pair_radius = view_id[order], point_id[order], pair_radius[order]
+    pair_uv = uv[view_id, point_id]
+    pair_z = z[view_id, point_id]
+
+    # Chunk boundaries on the CPU copy of the (sorted) grid half-widths: a handful of chunks at most.
+    half_width = torch.ceil(pair_radius).to(torch.long).cpu()
+    n_pairs = half_width.numel()
+    start = 0
+    while start < n_pairs:
+        # Largest n with n * (2 * half_width[start + n - 1] + 1) ** 2 <= budget (cost is monotone in n).
+        cost = torch.arange(1, n_pairs - start + 1) * (2 * half_width[start:] + 1) ** 2
+        n = max(1, int((cost <= _MAX_CANDIDATES).sum()))
+        stop = start + n
+        k = int(half_width[stop - 1])
+        _splat_chunk(
+            pair_uv[start:stop],
+            pair_z[start:stop],
+            pair_radius[start:stop],
+            view_id[start:stop],
+            point_id[start:stop],
+            k,
+            size,
+            pix_to_point,
+            depth,
+        )
+        start = stop
+    shape = (n_views, size, size)
+    return pix_to_point.reshape(shape), depth.reshape(shape)
+
+
+def _splat_chunk(
+    uv: Tensor,
+    z: Tensor,
+    radius_px: Tensor,
+    view_id: Tensor,
+    point_id: Tensor,
+    k: int,
+    size: int,
+    pix_to_point: Tensor,
+    depth: Tensor,
+) -> None:
+    """Splat M (view, point) pairs with grid half-width ``k`` into the flat output buffers in place."""
+    steps = torch.arange(-k, k + 1, device=uv.device)
+    dy, dx = torch.meshgrid(steps, steps, indexing="ij")
+    offsets = torch.stack([dx.reshape(-1), dy.reshape(-1)], dim=-1)  # (O,2) as (col, row)
+    base = torch.floor(uv).to(torch.long)  # pixel containing the projection
+    pix = base[:, None, :] + offsets[None]  # (M,O,2)
+    centre = pix.to(uv.dtype) + 0.5
+    dist2 = ((centre - uv[:, None, :]) ** 2).sum(-1)  # (M,O)
+    inside = (dist2 < (radius_px**2)[:, None]) & (pix >= 0).all(-1) & (pix < size).all(-1)
+    pair_idx, offset_idx = torch.nonzero(inside, as_tuple=True)
+    if pair_idx.numel() == 0:
+        return
+    col = pix[pair_idx, offset_idx, 0]
+    row = pix[pair_idx, offset_idx, 1]
+    flat = (view_id[pair_idx] * size + row) * size + col
+    cand_depth = z[pair_idx]
+    cand_point = point_id[pair_idx]
+    depth_before = depth[flat]
+    depth.scatter_reduce_(0, flat, cand_depth, reduce="amin")
+    depth_after = depth[flat]
+    # Pixels whose depth just decreased lose their previous winner (or the -1 background marker);
+    # the remaining ones keep it so an exact depth tie with an earlier chunk still goes to the lowest
+    # point index, the same rule as inside a chunk.
+    beaten = flat[depth_after < depth_before]
+    pix_to_point[beaten] = torch.iinfo(torch.long).max
+    winner = cand_depth == depth_after
+    pix_to_point.scatter_reduce_(0, flat[winner], cand_point[winner], reduce="amin")
+
+
+def _rasterize_points_pytorch3d(points: Tensor, cameras: Cameras, radius: float) -> tuple[Tensor, Tensor]:
+    """PyTorch3D ``PointsRasterizer`` with a per-(view, point) NDC radius equal to the world disc.
+
+    PyTorch3D radii are in NDC units (2/S per pixel for a square image) and not scaled by depth, so we
+    pass ``radius * focal / z * 2 / S`` for every point in every view.
+    """
+    from pytorch3d.renderer import PointsRasterizationSettings, PointsRasterizer
+    from pytorch3d.structures import Pointclouds
+
+    from patchalign.render.mesh import to_pytorch3d_cameras
+
+    n_views, size = len(cameras), cameras.image_size
+    uv, z = cameras.project(points)
+    radius_px = torch.where(
+        z > Z_NEAR, (radius * cameras.focal[:, None] / z.clamp_min(Z_NEAR)).clamp_max(2.0 * size), 0.0
+    )
+    clouds = Pointclouds(points=points[None].expand(n_views, -1, -1))
+    # Naive on CPU (no binned CPU path); on GPU a per-bin cap counted from the discs' screen boxes, since
+    # PyTorch3D's default cap overflows silently on dense clouds (see binning.py).
+    bin_size, max_points_per_bin = 0, None
+    if points.is_cuda:
+        bin_size = coarse_bin_size(size)
+        reach = (radius_px + 1.0)[..., None]
+        max_points_per_bin = max_per_bin(uv - reach, uv + reach, size, bin_size)
+    settings = PointsRasterizationSettings(
+        image_size=size,
+        radius=radius_px * (2.0 / size),  # NDC units: 2/S per pixel
+        points_per_pixel=1,
+        bin_size=bin_size,
+        max_points_per_bin=max_points_per_bin,
+    )
+    rasterizer = PointsRasterizer(cameras=to_pytorch3d_cameras(cameras), raster_settings=settings)
+    fragments = rasterizer(clouds)
+    packed = fragments.idx[..., 0]
+    first = clouds.cloud_to_packed_first_idx().to(packed)
+    hit = packed >= 0
+    pix_to_point = torch.where(hit, packed - first[:, None, None], torch.full_like(packed, -1))
+    depth = torch.where(hit, fragments.zbuf[..., 0], torch.full_like(fragments.zbuf[..., 0], float("inf")))
+    return pix_to_point.long(), depth.float()

@@ -1,0 +1,215 @@
+"""Training: LightningModules, the CLI, DDP on CPU, preempt-and-resume, and the Slurm scripts."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from patchalign.cli import cli_main
+from patchalign.data.synthetic import write_synthetic_shards
+from patchalign.lit import Stage1Distillation, Stage2Alignment, patch_feature_targets, soft_text_targets
+from patchalign.model import EncoderConfig, PatchAlignEncoder
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {
+    "num_groups": 16,
+    "group_size": 8,
+    "encoder_dims": 32,
+    "trans_dim": 32,
+    "depth": 2,
+    "num_heads": 2,
+    "drop_path_rate": 0.1,
+}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("shards")
+    train = write_synthetic_shards(root / "train", [7, 3, 5], num_points=2048, feature_dim=12)
+    val = write_synthetic_shards(root / "val", [4], num_points=2048, feature_dim=12, uid_prefix="val")
+    return {"train": Path(train), "val": Path(val)}
+
+
+def _config(tmp: Path, stage: int, shards: dict[str, Path], **model_args) -> Path:
+    """A tiny config derived from the shipped stage config (so the shipped file is what is tested)."""
+    cfg = yaml.safe_load((REPO / "configs" / f"stage{stage}.yaml").read_text())
+    cfg["trainer"].update(
+        accelerator="cpu",
+        devices=1,
+        precision="32-true",
+        max_steps=4,
+        limit_val_batches=2,
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        default_root_dir=str(tmp / f"run{stage}"),
+        enable_model_summary=False,
+    )
+    cfg["model"]["init_args"]["encoder"]["init_args"]["config"].update(TINY)
+    cfg["model"]["init_args"].update(warmup_steps=1, **model_args)
+    cfg["data"]["init_args"].update(
+        data_path=str(shards["train"]),
+        val_path=str(shards["val"]),
+        batch_size=4,
+        num_workers=0,
+        num_points=256,
+        pin_memory=False,
+    )
+    path = tmp / f"stage{stage}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_patch_feature_targets_by_hand() -> None:
+    feats = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.0, 0.0], [3.0, 0.0]]])
+    gidx = torch.tensor([[[0, 1], [2, 2], [0, 3]]])
+    target, mask = patch_feature_targets(feats, gidx)
+    s = 2**-0.5
+    assert torch.allclose(target[0, 0], torch.tensor([s, s]))
+    assert mask.tolist() == [[True, False, True]]  # patch 1 only has a point without a feature
+    assert torch.allclose(target[0, 2], torch.tensor([1.0, 0.0]))
+
+
+def test_soft_text_targets_scatter_onto_bank_columns() -> None:
+    membership = torch.tensor([[[1.0, 0.0], [1.0, 1.0], [0.0, 1.0], [0.0, 0.0]]])
+    label_ids = torch.tensor([[4, 1, -1]])
+    membership = torch.cat([membership, torch.zeros(1, 4, 1)], dim=-1)  # padded third label
+    gidx = torch.tensor([[[0, 1], [2, 3]]])
+    y = soft_text_targets(membership, label_ids, gidx, num_text=5)
+    expected = torch.zeros(1, 2, 5)
+    expected[0, 0, 4], expected[0, 0, 1] = 1.0, 0.5
+    expected[0, 1, 1] = 0.5
+    assert torch.equal(y, expected)
+
+
+def test_optimizer_groups_and_decay_exclusions() -> None:
+    module = Stage2Alignment(PatchAlignEncoder(EncoderConfig(**TINY, head_dim=8)), freeze_blocks=1)
+    module.trainer = None  # configure_optimizers needs stepping batches: patch them in
+    module._trainer = type("T", (), {"estimated_stepping_batches": 10})()
+    opt = module.configure_optimizers()["optimizer"]
+    by_id = {id(p): g for g in opt.param_groups for p in g["params"]}
+    named = dict(module.named_parameters())
+    assert by_id[id(named["encoder.head.proj.weight"])]["initial_lr"] == 5e-4
+    assert by_id[id(named["encoder.head.proj.weight"])]["weight_decay"] == 0.05
+    assert by_id[id(named["encoder.head.proj.bias"])]["weight_decay"] == 0.0
+    assert by_id[id(named["logit_params.logit_scale"])]["weight_decay"] == 0.0
+    assert by_id[id(named["encoder.blocks.1.attn.qkv.weight"])]["initial_lr"] == 1e-4
+    assert by_id[id(named["encoder.norm.weight"])]["weight_decay"] == 0.0
+    assert id(named["encoder.blocks.0.attn.qkv.weight"]) not in by_id  # frozen
+
+
+def test_stage2_frozen_means_frozen() -> None:
+    enc = PatchAlignEncoder(EncoderConfig(**TINY, head_dim=8))
+    module = Stage2Alignment(enc, freeze_blocks=1).train()
+    assert not enc.encoder.training and not enc.blocks[0].training and enc.blocks[1].training
+    bn = enc.encoder.first_conv[1]
+    before = bn.running_mean.clone()
+    enc(torch.randn(2, 128, 3))
+    assert torch.equal(bn.running_mean, before)
+    released = Stage2Alignment(
+        PatchAlignEncoder(EncoderConfig(**TINY, head_dim=8)), freeze_blocks=1, frozen_train_mode=True
+    ).train()
+    assert released.encoder.encoder.training
+    with pytest.raises(ValueError, match="freeze_blocks"):
+        Stage2Alignment(PatchAlignEncoder(EncoderConfig(**TINY, head_dim=8)), freeze_blocks=3)
+
+
+def test_stage1_then_stage2_through_the_cli(tmp_path: Path, shards: dict[str, Path]) -> None:
+    cli1 = cli_main(["fit", "--config", str(_config(tmp_path, 1, shards))])
+    assert cli1.trainer.global_step == 4
+    assert cli1.model.encoder.config.head_dim == 12  # linked from the shards' feature width
+    last1 = tmp_path / "run1" / "checkpoints" / "last.ckpt"
+    assert last1.exists()
+    ckpt = torch.load(last1, map_location="cpu", weights_only=False)
+    assert ckpt["hyper_parameters"]["encoder_config"]["head_dim"] == 12
+
+    for loss in ("siglip", "bce"):
+        cfg2 = _config(tmp_path, 2, shards, init_from=str(last1), freeze_blocks=1, loss=loss)
+        cli2 = cli_main(["fit", "--config", str(cfg2), "--trainer.default_root_dir", str(tmp_path / loss)])
+        enc2 = cli2.model.encoder
+        assert enc2.config.head_dim == 8  # linked from the text bank
+        # frozen parts equal the Stage 1 weights; the trained block moved
+        s1 = {k[len("encoder.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("encoder.")}
+        assert torch.equal(enc2.blocks[0].attn.qkv.weight, s1["blocks.0.attn.qkv.weight"])
+        assert torch.equal(enc2.encoder.first_conv[1].running_mean, s1["encoder.first_conv.1.running_mean"])
+        assert not torch.equal(enc2.blocks[1].mlp.fc1.weight, s1["blocks.1.mlp.fc1.weight"])
+        metrics = cli2.trainer.callback_metrics
+        assert "val/miou" in metrics and 0.0 <= float(metrics["val/miou"]) <= 1.0
+
+
+def test_print_config_documents_itself(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "patchalign",
+            "fit",
+            "--config",
+            str(REPO / "configs/stage2.yaml"),
+            "--print_config",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    printed = yaml.safe_load(out.stdout)
+    assert printed["model"]["class_path"] == "patchalign.lit.Stage2Alignment"
+    assert printed["model"]["init_args"]["loss"] == "siglip"
+
+
+def _sbatch_header(script: Path) -> dict[str, str]:
+    header = {}
+    for line in script.read_text().splitlines():
+        m = re.match(r"#SBATCH --([\w-]+)(?:=(\S+))?", line)
+        if m:
+            header[m.group(1)] = m.group(2) or ""
+    return header
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_slurm_script_resources_reach_the_cli(tmp_path: Path, shards: dict[str, Path], stage: int) -> None:
+    script = REPO / "slurm" / f"stage{stage}.sh"
+    h = _sbatch_header(script)
+    assert h["signal"] == "SIGUSR1@90" and "requeue" in h
+    assert h["ntasks-per-node"] == h["gpus-per-node"]  # one task per GPU, as Lightning expects
+    # Run the script with a fake srun that records its argv, under the environment Slurm would set.
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    record = tmp_path / "srun_args"
+    (bindir / "srun").write_text(f'#!/bin/bash\nprintf "%s\\n" "$@" > {record}\n')
+    (bindir / "srun").chmod(0o755)
+    env = {
+        **os.environ,
+        "PATH": f"{bindir}:{os.environ['PATH']}",
+        "SLURM_SUBMIT_DIR": str(REPO),
+        "SLURM_NNODES": h["nodes"],
+        "SLURM_NTASKS_PER_NODE": h["ntasks-per-node"],
+        "SLURM_CPUS_PER_TASK": h["cpus-per-task"],
+    }
+    subprocess.run(["bash", str(script)], env=env, check=True, timeout=60)
+    argv = record.read_text().splitlines()
+    assert argv[:4] == ["--kill-on-bad-exit=1", "python", "-m", "patchalign"]
+    cli_args = argv[4:] + [
+        "--data.init_args.data_path",
+        str(shards["train"]),
+        "--data.init_args.val_path",
+        str(shards["val"]),
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+    ]
+    if stage == 2:
+        cli_args += ["--model.init_args.init_from", "null"]
+    cli = cli_main(cli_args[1:], run=False)  # drop the "fit" verb: run=False takes no subcommand
+    assert cli.trainer.num_nodes == int(h["nodes"])
+    assert cli.trainer.num_devices == int(h["ntasks-per-node"])
+    assert cli.datamodule.num_workers == int(h["cpus-per-task"]) - 2
