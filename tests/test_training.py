@@ -14,7 +14,7 @@ import yaml
 
 from patchalign.cli import cli_main
 from patchalign.data.synthetic import write_synthetic_shards
-from patchalign.lit import Stage1Distillation, Stage2Alignment, patch_feature_targets, soft_text_targets
+from patchalign.lit import Stage2Alignment, patch_feature_targets, soft_text_targets
 from patchalign.model import EncoderConfig, PatchAlignEncoder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,6 +107,7 @@ def test_optimizer_groups_and_decay_exclusions() -> None:
 def test_stage2_frozen_means_frozen() -> None:
     enc = PatchAlignEncoder(EncoderConfig(**TINY, head_dim=8))
     module = Stage2Alignment(enc, freeze_blocks=1).train()
+    assert enc.blocks[0] in module.frozen_modules and enc.blocks[1] not in module.frozen_modules
     assert not enc.encoder.training and not enc.blocks[0].training and enc.blocks[1].training
     bn = enc.encoder.first_conv[1]
     before = bn.running_mean.clone()
@@ -213,3 +214,21 @@ def test_slurm_script_resources_reach_the_cli(tmp_path: Path, shards: dict[str, 
     assert cli.trainer.num_nodes == int(h["nodes"])
     assert cli.trainer.num_devices == int(h["ntasks-per-node"])
     assert cli.datamodule.num_workers == int(h["cpus-per-task"]) - 2
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(240)
+def test_ddp_fit_two_processes_gloo(tmp_path: Path, shards: dict[str, Path]) -> None:
+    """``fit`` with 2 CPU processes (gloo) through the real CLI: both ranks run the same steps."""
+    cfg = _config(tmp_path, 1, shards)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    out = subprocess.run(
+        [sys.executable, "-m", "patchalign", "fit", "--config", str(cfg), "--trainer.strategy", "ddp",
+         "--trainer.devices", "2", "--trainer.max_steps", "4"],
+        capture_output=True, text=True, timeout=220, env=env, cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "run1" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    # 15 training samples, batch 4, 2 ranks → 2 batches per rank per epoch: 4 steps = 2 full epochs
+    assert ckpt["global_step"] == 4 and ckpt["epoch"] == 1
+    assert "world_size=2" in out.stderr or "distributed_backend=gloo" in out.stderr
