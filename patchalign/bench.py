@@ -121,7 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     ]:
         p = sub.add_parser(name, help=help_)
         p.add_argument("rest", nargs=argparse.REMAINDER)
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("loader", "train", "render"):
+        # these forward all their options to their own parsers
+        args = argparse.Namespace(what=argv[0], rest=argv[1:])
+    else:
+        args = parser.parse_args(argv)
     if args.what == "encoder":
         res = bench_encoder(tuple(args.batch_sizes), args.device, dtype=args.dtype)
         print(json.dumps(res, indent=2)) if args.json else _print_encoder(res)

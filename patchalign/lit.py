@@ -377,12 +377,15 @@ class Stage2Alignment(_StageBase):
             used = torch.unique(label_ids[label_ids >= 0])  # the batch's names: other shapes' are negatives
             text = self.text_vectors[used]
             y = targets[..., used].reshape(-1, used.numel())
+            valid = batch.get("valid")  # validation pads slots with placeholder shapes: leave them out
+            patch_mask = None if valid is None else valid[:, None].expand(-1, z.shape[1]).reshape(-1)
             return sigmoid_patch_text_loss(
                 z.reshape(-1, z.shape[-1]),
                 text,
                 y,
                 self.logit_params.logit_scale,
                 self.logit_params.logit_bias,
+                patch_mask=patch_mask,
             )
         ids = label_ids.clamp_min(0)
         text = self.text_vectors[ids]  # (B, L, C)

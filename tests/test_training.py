@@ -8,13 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import yaml
 
 from patchalign.cli import cli_main
+from patchalign.data.datamodule import ShardDataModule
 from patchalign.data.synthetic import write_synthetic_shards
-from patchalign.lit import Stage2Alignment, patch_feature_targets, soft_text_targets
+from patchalign.lit import Stage1Distillation, Stage2Alignment, patch_feature_targets, soft_text_targets
 from patchalign.model import EncoderConfig, PatchAlignEncoder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -223,12 +225,105 @@ def test_ddp_fit_two_processes_gloo(tmp_path: Path, shards: dict[str, Path]) -> 
     cfg = _config(tmp_path, 1, shards)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     out = subprocess.run(
-        [sys.executable, "-m", "patchalign", "fit", "--config", str(cfg), "--trainer.strategy", "ddp",
-         "--trainer.devices", "2", "--trainer.max_steps", "4"],
-        capture_output=True, text=True, timeout=220, env=env, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "patchalign",
+            "fit",
+            "--config",
+            str(cfg),
+            "--trainer.strategy",
+            "ddp",
+            "--trainer.devices",
+            "2",
+            "--trainer.max_steps",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=220,
+        env=env,
+        cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     ckpt = torch.load(tmp_path / "run1" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     # 15 training samples, batch 4, 2 ranks → 2 batches per rank per epoch: 4 steps = 2 full epochs
     assert ckpt["global_step"] == 4 and ckpt["epoch"] == 1
     assert "world_size=2" in out.stderr or "distributed_backend=gloo" in out.stderr
+
+
+class _Preempted(RuntimeError):
+    pass
+
+
+class _SaveThenDie(L.Callback):
+    """Simulates a preemption: checkpoint after ``step`` optimizer steps, then the process 'dies'."""
+
+    def __init__(self, step: int, path: Path) -> None:
+        self.step, self.path = step, path
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+            raise _Preempted
+
+
+def _fit(
+    shards: dict[str, Path],
+    max_steps: int,
+    callbacks: list | None = None,
+    ckpt: Path | None = None,
+    seen: list | None = None,
+) -> Stage1Distillation:
+    L.seed_everything(0)
+    dm = ShardDataModule(
+        str(shards["train"]),
+        batch_size=4,
+        num_workers=1,
+        num_points=256,
+        pin_memory=False,
+        rotate_up=True,
+        scale_range=(0.8, 1.2),
+    )
+    model = Stage1Distillation(
+        PatchAlignEncoder(EncoderConfig(**{**TINY, "drop_path_rate": 0.0}, head_dim=12)), warmup_steps=2
+    )
+    if seen is not None:
+        orig = model.training_step
+
+        def record(batch: dict, batch_idx: int) -> torch.Tensor:
+            seen.append(tuple(batch["uid"]))
+            return orig(batch, batch_idx)
+
+        model.training_step = record  # type: ignore[method-assign]
+    trainer = L.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        callbacks=callbacks or [],
+        limit_val_batches=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, dm, ckpt_path=str(ckpt) if ckpt else None)
+    model.final_step = trainer.global_step
+    return model
+
+
+@pytest.mark.parametrize("stop_at", [2, 4])  # mid-epoch, and exactly at an epoch boundary (4 batches/epoch)
+def test_preempt_and_resume_continues_the_same_run(
+    tmp_path: Path, shards: dict[str, Path], stop_at: int
+) -> None:
+    seen_full: list = []
+    full = _fit(shards, 6, seen=seen_full)
+    ckpt = tmp_path / "preempt.ckpt"
+    seen_a: list = []
+    with pytest.raises(_Preempted):
+        _fit(shards, 6, callbacks=[_SaveThenDie(stop_at, ckpt)], seen=seen_a)
+    seen_b: list = []
+    resumed = _fit(shards, 6, ckpt=ckpt, seen=seen_b)
+    assert resumed.final_step == full.final_step == 6
+    assert seen_a + seen_b == seen_full  # the resumed run continues the same data stream
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6), name
