@@ -1,0 +1,919 @@
+"""The data engine: meshes -> points, renders, teacher features, labels, text bank -> shards.
+
+Stages (each a function over a list of :class:`ObjectRecord` and a :class:`WorkDir`)::
+
+    sample       points/<key>.npz     N area-weighted surface points + face ids (seeded)
+    render       render/<key>.npz     V views (Find3D ring layout): uint8 images + pix_to_face
+    features     features/<key>.npz   teacher patch grid (V, C, h, w) fp16
+    backproject  pointfeat/<key>.npz  per-point mean feature of its face's pixels, kNN fill, fp16
+    views        (render + features + backproject fused in memory; writes only pointfeat/)
+    labels       labels/<key>.npz     per-point membership (N, L) + part names
+    textbank     <out>/text_bank.safetensors   every part name, encoded once (template-ensembled)
+    write        <out>/<split>/       ObjectSample shards via ShardSetWriter (+ the text bank)
+
+Resumability: a stage skips an object whose output file exists. Outputs are written to a temp
+name and ``os.replace``'d, so an existing file is always complete: killing a run at any point and
+re-running it redoes at most the objects that were in flight. Bad objects (unreadable or empty
+mesh, no visible face, ...) are logged, counted and appended to ``failures.jsonl``; the run goes
+on, and downstream stages count them as ``missing_input``. If every attempted object of a stage
+fails and none was done before, the stage raises: that is a bug or a broken setup, not bad data.
+
+Where things run: rendering uses Embree on CPU tensors or PyTorch3D on CUDA tensors
+(``patchalign.render``); the teacher and the back-projection run on ``device``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+import traceback
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from patchalign.data import ObjectSample, ShardSetWriter, save_text_bank
+from patchalign.data.schema import sample_key
+from patchalign.render import (
+    find3d_view_layout,
+    fov_to_fit_unit_sphere,
+    load_mesh_normalized,
+    look_at_cameras,
+)
+from patchalign.render import render_mesh as _render_mesh
+from patchalign.render.io import normalize_to_unit_sphere
+from patchalign.shards.backproject import backproject_features
+from patchalign.shards.sampling import sample_surface
+from patchalign.teachers import DEFAULT_TEACHER, Teacher, load_teacher
+from patchalign.text import DEFAULT_TEMPLATES, DEFAULT_TEXT_ENCODER, TextEmbeddingCache, encode_part_names
+
+log = logging.getLogger(__name__)
+
+MESH_SUFFIXES = (".glb", ".gltf", ".obj", ".ply", ".off", ".stl")
+TEXT_BANK_FILE = "text_bank.safetensors"
+STAGES = ("sample", "render", "features", "backproject", "views", "labels", "textbank", "write")
+
+__all__ = [
+    "EngineConfig",
+    "ObjectRecord",
+    "STAGES",
+    "StageStats",
+    "WorkDir",
+    "chunk_records",
+    "discover_meshes",
+    "load_records",
+    "run_backproject",
+    "run_build",
+    "run_features",
+    "run_labels",
+    "run_render",
+    "run_sample",
+    "run_textbank",
+    "run_views",
+    "run_write",
+    "save_records",
+]
+
+
+# ---------------------------------------------------------------------------------------- config
+@dataclass
+class EngineConfig:
+    """Settings of one shard build. Fields marked *cache* change what is stored in the work dir,
+    so a work dir refuses to be reused with different values (see :meth:`WorkDir.bind_config`).
+
+    Defaults follow Find3D / PatchAlign3D: 5000 points, 10 views, DINOv2-base teacher, OpenCLIP
+    ViT-bigG-14 text encoder. The demo uses smaller values (see ``patchalign.shards.demo``).
+    """
+
+    n_points: int = 5000  # cache
+    n_views: int = 10  # cache
+    image_size: int = 224  # cache: render resolution (pixels per side)
+    camera_distance: float = 2.5  # cache
+    seed: int = 0  # cache: point sampling seed (mixed with the uid)
+    teacher: str = DEFAULT_TEACHER  # cache
+    teacher_input_size: int | None = None  # cache: None = the teacher's default (224 for DINOv2)
+    allow_random_teacher: bool = False
+    k_unseen: int = 20  # cache
+    up_axis: str = "y"
+    text_encoder: str = DEFAULT_TEXT_ENCODER
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES
+    device: str = "auto"
+    render_backend: str = "auto"
+    view_batch: int = 16
+    max_samples_per_shard: int = 256
+    threads: int | None = None  # torch intra-op threads (None: torch's default)
+    keep_renders: bool = False  # views stage: also store render/ caches (debugging, 2D reuse)
+    progress: bool = True
+
+    CACHE_FIELDS = (
+        "n_points",
+        "n_views",
+        "image_size",
+        "camera_distance",
+        "seed",
+        "teacher",
+        "teacher_input_size",
+        "k_unseen",
+    )
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def cache_signature(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.CACHE_FIELDS}
+
+
+# ---------------------------------------------------------------------------------------- records
+@dataclass
+class ObjectRecord:
+    """One object to process.
+
+    Attributes:
+        uid: unique id (relative mesh path without suffix, Find3D uid, ``demo-<cat>-<i>``).
+        source: ``"mesh"`` (a mesh file), ``"demo"`` (procedural) or ``"find3d"`` (Find3D data root).
+        path: mesh file, or the Find3D object's ``rendered/<class>_<uid>/oriented`` directory.
+        category: free-form category name ("" if unknown).
+        split: which shard set the object is written to.
+        extra: source-specific fields (demo: ``seed``; find3d: ``points_dir``).
+    """
+
+    uid: str
+    source: str
+    path: str = ""
+    category: str = ""
+    split: str = "train"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        """File-name-safe version of the uid (also the shard sample key)."""
+        return sample_key(self.uid)
+
+
+def save_records(path: Path, records: Sequence[ObjectRecord]) -> None:
+    """Write the object list as JSON lines, atomically (identical content from concurrent tasks is fine)."""
+    text = "".join(json.dumps(asdict(r), sort_keys=True) + "\n" for r in records)
+    _atomic_write_bytes(path, text.encode())
+
+
+def load_records(path: Path) -> list[ObjectRecord]:
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no object list at {path}: run the 'sample' stage (or 'build') with --meshes first"
+        )
+    return [ObjectRecord(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _hash_fraction(uid: str) -> float:
+    return int(hashlib.sha1(uid.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+
+
+def discover_meshes(root: str | os.PathLike, val_fraction: float = 0.0) -> list[ObjectRecord]:
+    """Every mesh file under ``root`` (recursive), sorted; category = parent directory relative to root.
+
+    ``val_fraction`` sends a deterministic, uid-hashed share of the objects to the ``val`` split.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"mesh directory {root} does not exist")
+    records = []
+    for p in sorted(root.rglob("*")):
+        if p.suffix.lower() not in MESH_SUFFIXES or not p.is_file():
+            continue
+        rel = p.relative_to(root)
+        uid = rel.with_suffix("").as_posix()
+        category = rel.parent.as_posix() if rel.parent != Path(".") else ""
+        split = "val" if _hash_fraction(uid) < val_fraction else "train"
+        records.append(
+            ObjectRecord(uid=uid, source="mesh", path=str(p.resolve()), category=category, split=split)
+        )
+    if not records:
+        raise FileNotFoundError(f"no mesh files ({', '.join(MESH_SUFFIXES)}) under {root}")
+    uids = [r.uid for r in records]
+    dupes = {u for u in uids if uids.count(u) > 1}
+    if dupes:
+        raise ValueError(
+            f"several files map to the same uid (same name, different suffix): {sorted(dupes)[:5]}"
+        )
+    return records
+
+
+def find3d_records(root: str | os.PathLike) -> list[ObjectRecord]:
+    """Records for every object of a Find3D data root (see :mod:`patchalign.shards.find3d`)."""
+    from patchalign.shards.find3d import discover_find3d_objects
+
+    return [
+        ObjectRecord(
+            uid=o.uid,
+            source="find3d",
+            path=str(o.rendered_dir),
+            category=o.category,
+            split=o.split,
+            extra={"points_dir": str(o.points_dir)},
+        )
+        for o in discover_find3d_objects(root)
+    ]
+
+
+def chunk_records(
+    records: Sequence[ObjectRecord], num_chunks: int = 1, chunk_id: int = 0
+) -> list[ObjectRecord]:
+    """Contiguous chunk ``chunk_id`` of ``num_chunks`` (Slurm array task -> its share of the objects)."""
+    if num_chunks < 1 or not 0 <= chunk_id < num_chunks:
+        raise ValueError(f"chunk_id must be in [0, {num_chunks}), got {chunk_id}")
+    n = len(records)
+    return list(records[chunk_id * n // num_chunks : (chunk_id + 1) * n // num_chunks])
+
+
+# ---------------------------------------------------------------------------------------- work dir
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def save_npz(path: Path, **arrays: Any) -> None:
+    """``np.savez`` to a temp file + ``os.replace``: the final name only ever holds a complete file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+def load_npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+class WorkDir:
+    """Per-object cache files of every stage, the object list, the failure log and the config."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def records_path(self) -> Path:
+        return self.root / "objects.jsonl"
+
+    @property
+    def failures_path(self) -> Path:
+        return self.root / "failures.jsonl"
+
+    def path(self, stage: str, record: ObjectRecord) -> Path:
+        return self.root / stage / f"{record.key}.npz"
+
+    def has(self, stage: str, record: ObjectRecord) -> bool:
+        return self.path(stage, record).is_file()
+
+    def load(self, stage: str, record: ObjectRecord) -> dict[str, np.ndarray]:
+        return load_npz(self.path(stage, record))
+
+    def save(self, stage: str, record: ObjectRecord, **arrays: Any) -> None:
+        save_npz(self.path(stage, record), **arrays)
+
+    def log_failure(self, record: ObjectRecord, stage: str, error: BaseException) -> None:
+        line = json.dumps({"uid": record.uid, "stage": stage, "error": f"{type(error).__name__}: {error}"})
+        with open(self.failures_path, "a") as f:  # O_APPEND: safe across concurrent array tasks
+            f.write(line + "\n")
+
+    def bind_config(self, cfg: EngineConfig) -> None:
+        """Record the cache-relevant settings; refuse a different set on an existing work dir."""
+        path = self.root / "config.json"
+        sig = cfg.cache_signature()
+        if path.is_file():
+            old = json.loads(path.read_text())
+            diff = {k: (old.get(k), v) for k, v in sig.items() if k in old and old[k] != v}
+            if diff:
+                raise ValueError(
+                    f"work dir {self.root} was built with other settings {diff} (old, new); "
+                    "use a new --work directory or the same settings"
+                )
+        else:
+            _atomic_write_bytes(path, json.dumps(sig, indent=1, sort_keys=True).encode())
+
+    def bind_teacher(self, teacher_id: str) -> None:
+        """Refuse to mix teachers in one work dir: the same spec can resolve to real weights on one
+        run and to the random fallback on another (weights added or removed in between)."""
+        path = self.root / "teacher.json"
+        if path.is_file():
+            old = json.loads(path.read_text())["teacher_id"]
+            if old != teacher_id:
+                raise ValueError(
+                    f"work dir {self.root} holds features from teacher {old!r}, this run loaded "
+                    f"{teacher_id!r}; use a new --work directory"
+                )
+        else:
+            _atomic_write_bytes(path, json.dumps({"teacher_id": teacher_id}).encode())
+
+
+# ---------------------------------------------------------------------------------------- stats
+@dataclass
+class StageStats:
+    """Counts and timings of one stage run (``seconds`` = wall time of processed objects' work)."""
+
+    stage: str
+    total: int = 0
+    processed: int = 0
+    cached: int = 0
+    failed: int = 0
+    missing_input: int = 0
+    wall_s: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def add_time(self, name: str, seconds: float) -> None:
+        self.timings[name] = self.timings.get(name, 0.0) + seconds
+
+    def __str__(self) -> str:
+        rate = self.processed / self.wall_s if self.wall_s > 0 else 0.0
+        parts = ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items())
+        return (
+            f"[{self.stage}] {self.processed} done, {self.cached} already done, {self.failed} failed, "
+            f"{self.missing_input} missing input of {self.total} in {self.wall_s:.1f}s ({rate:.2f} obj/s)"
+            + (f" [{parts}]" if parts else "")
+        )
+
+
+class _Timer:
+    def __init__(self, stats: StageStats, name: str, device: torch.device | None = None) -> None:
+        self.stats, self.name, self.device = stats, name, device
+
+    def __enter__(self) -> _Timer:
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device is not None and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.stats.add_time(self.name, time.perf_counter() - self.t0)
+
+
+def _per_object(
+    stage: str,
+    records: Sequence[ObjectRecord],
+    work: WorkDir,
+    needs: Sequence[str],
+    fn: Callable[[ObjectRecord, StageStats], dict[str, Any]],
+    progress: bool = True,
+    output_stage: str | None = None,
+) -> StageStats:
+    """Shared driver: skip done objects, check inputs, run ``fn``, save atomically, count failures."""
+    out_stage = output_stage or stage
+    stats = StageStats(stage=stage, total=len(records))
+    first_error: str | None = None
+    t0 = time.perf_counter()
+    bar = tqdm(records, desc=stage, unit="obj", disable=not progress, dynamic_ncols=True, mininterval=1.0)
+    for rec in bar:
+        if work.has(out_stage, rec):
+            stats.cached += 1
+            continue
+        if not all(work.has(n, rec) for n in needs):
+            stats.missing_input += 1
+            continue
+        try:
+            arrays = fn(rec, stats)
+            work.save(out_stage, rec, **arrays)
+            stats.processed += 1
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as e:
+            stats.failed += 1
+            first_error = first_error or f"{rec.uid}: {type(e).__name__}: {e}"
+            log.warning("[%s] skipping %s: %s: %s", stage, rec.uid, type(e).__name__, e)
+            log.debug("%s", traceback.format_exc())
+            work.log_failure(rec, stage, e)
+        bar.set_postfix(failed=stats.failed, refresh=False)
+    stats.wall_s = time.perf_counter() - t0
+    log.info("%s", stats)
+    attempted = stats.processed + stats.failed
+    # Nothing ever succeeded (now or in an earlier run): a bug or a broken setup, not bad data.
+    if attempted > 0 and stats.processed == 0 and stats.cached == 0:
+        raise RuntimeError(
+            f"stage {stage!r}: all {attempted} attempted objects failed; first error: {first_error}"
+        )
+    return stats
+
+
+# ---------------------------------------------------------------------------------------- sources
+def point_seed(cfg: EngineConfig, uid: str) -> int:
+    """Per-object sampling seed: stable across runs, machines and chunkings."""
+    return (zlib.crc32(uid.encode()) ^ (cfg.seed * 0x9E3779B1)) & 0x7FFFFFFF
+
+
+def _demo_mesh(record: ObjectRecord) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    from patchalign.shards.demo import generate_object
+
+    obj = generate_object(record.category, int(record.extra["seed"]))
+    raw = torch.from_numpy(obj.vertices.astype(np.float64))
+    faces = torch.from_numpy(obj.faces)
+    verts = normalize_to_unit_sphere(raw, faces)
+    # Recover the affine map x' = (x - centre) / scale from two distinct vertices.
+    i, j = 0, int(torch.argmax((raw - raw[0]).norm(dim=1)))
+    scale = float((raw[j] - raw[i]).norm() / (verts[j] - verts[i]).norm())
+    centre = (raw[i] - verts[i] * scale).tolist()
+    return verts.to(torch.float32), faces, {"centre": centre, "scale": scale}
+
+
+def load_object_mesh(record: ObjectRecord) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Unit-sphere-normalised ``(vertices, faces, normalisation)`` of a mesh or demo record."""
+    if record.source == "demo":
+        return _demo_mesh(record)
+    if record.source == "mesh":
+        verts, faces = load_mesh_normalized(record.path)
+        # load_mesh_normalized does not report its transform (see the report); record the method.
+        return verts, faces, {"method": "bbox centre, max radius 1 (patchalign.render.load_mesh_normalized)"}
+    raise ValueError(f"record {record.uid} (source {record.source!r}) has no mesh")
+
+
+def _find3d_object(record: ObjectRecord):
+    from patchalign.shards.find3d import Find3DObject
+
+    return Find3DObject(
+        uid=record.uid,
+        category=record.category,
+        points_dir=Path(record.extra["points_dir"]),
+        rendered_dir=Path(record.path),
+        split=record.split,
+    )
+
+
+# ---------------------------------------------------------------------------------------- stage: sample
+def _sample_one(cfg: EngineConfig, rec: ObjectRecord, stats: StageStats) -> dict[str, Any]:
+    with _Timer(stats, "load"):
+        if rec.source == "find3d":
+            from patchalign.shards.find3d import load_find3d_points
+
+            points, face_ids = load_find3d_points(_find3d_object(rec))
+            # Find3D points live in a 0.75 half-box around the vertex mean; bring them to our convention.
+            points64 = points.to(torch.float64)
+            centre = (points64.min(0).values + points64.max(0).values) / 2
+            scale = float((points64 - centre).norm(dim=1).max())
+            pts = ((points64 - centre) / scale).to(torch.float32)
+            return dict(
+                points=pts.numpy(),
+                face_ids=face_ids.numpy(),
+                normalization=json.dumps({"centre": centre.tolist(), "scale": scale, "frame": "find3d"}),
+            )
+        verts, faces, norm = load_object_mesh(rec)
+    with _Timer(stats, "sample"):
+        s = sample_surface(verts, faces, cfg.n_points, seed=point_seed(cfg, rec.uid))
+    return dict(
+        points=s.points.numpy(),
+        face_ids=s.face_ids.numpy(),
+        n_faces=np.int64(faces.shape[0]),
+        normalization=json.dumps(norm),
+    )
+
+
+def run_sample(records: Sequence[ObjectRecord], work: WorkDir, cfg: EngineConfig) -> StageStats:
+    """Stage 1: N seeded, area-weighted surface points with face ids per object."""
+    return _per_object(
+        "sample", records, work, (), lambda r, s: _sample_one(cfg, r, s), cfg.progress, output_stage="points"
+    )
+
+
+# ---------------------------------------------------------------------------------------- stage: render
+def make_cameras(cfg: EngineConfig):
+    """Find3D's camera ring (alternating +30/-20 deg elevations), framed to the unit sphere."""
+    eyes = find3d_view_layout(cfg.n_views, cfg.camera_distance)
+    return look_at_cameras(
+        eyes, fov_deg=fov_to_fit_unit_sphere(cfg.camera_distance), image_size=cfg.image_size
+    )
+
+
+def render_object(
+    rec: ObjectRecord, cfg: EngineConfig, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``images (V,H,W,3)`` uint8 and ``pix_to_face (V,H,W)`` long for one object (on ``device``)."""
+    if rec.source == "find3d":
+        from patchalign.shards.find3d import load_find3d_views
+
+        images, p2f = load_find3d_views(_find3d_object(rec))
+        return images.to(device), p2f.to(device)
+    verts, faces, _ = load_object_mesh(rec)
+    out = _render_mesh(
+        verts.to(device), faces.to(device), make_cameras(cfg).to(device), backend=cfg.render_backend
+    )
+    images = (out.image * 255.0 + 0.5).clamp(0, 255).to(torch.uint8)
+    return images, out.pix_to_face
+
+
+def _render_arrays(images: torch.Tensor, p2f: torch.Tensor) -> dict[str, Any]:
+    return dict(images=images.cpu().numpy(), pix_to_face=p2f.to(torch.int32).cpu().numpy())
+
+
+def run_render(records: Sequence[ObjectRecord], work: WorkDir, cfg: EngineConfig) -> StageStats:
+    """Stage 2: render V views per object and keep ``pix_to_face``."""
+    device = cfg.resolved_device()
+
+    def one(rec: ObjectRecord, stats: StageStats) -> dict[str, Any]:
+        with _Timer(stats, "render", device):
+            return _render_arrays(*render_object(rec, cfg, device))
+
+    return _per_object("render", records, work, ("points",), one, cfg.progress)
+
+
+# ---------------------------------------------------------------------------------------- stage: features
+_TEACHERS: dict[tuple, Teacher] = {}
+
+
+def get_teacher(cfg: EngineConfig) -> Teacher:
+    """The configured teacher, loaded once per process."""
+    device = cfg.resolved_device()
+    key = (cfg.teacher, cfg.teacher_input_size, cfg.allow_random_teacher, str(device))
+    if key not in _TEACHERS:
+        _TEACHERS[key] = load_teacher(
+            cfg.teacher,
+            device=device,
+            input_size=cfg.teacher_input_size,
+            allow_random=cfg.allow_random_teacher,
+        )
+    return _TEACHERS[key]
+
+
+def run_features(records: Sequence[ObjectRecord], work: WorkDir, cfg: EngineConfig) -> StageStats:
+    """Stage 3: teacher patch grids ``(V, C, h, w)`` (fp16) of the rendered views."""
+    teacher = get_teacher(cfg)
+    work.bind_teacher(teacher.teacher_id)
+
+    def one(rec: ObjectRecord, stats: StageStats) -> dict[str, Any]:
+        images = torch.from_numpy(work.load("render", rec)["images"])
+        with _Timer(stats, "teacher", teacher.device):
+            grid = teacher.patch_features(images, batch_size=cfg.view_batch)
+        return dict(grid=grid.to(torch.float16).cpu().numpy(), teacher_id=np.str_(teacher.teacher_id))
+
+    return _per_object("features", records, work, ("render",), one, cfg.progress)
+
+
+# ---------------------------------------------------------------------------------------- stage: backproject
+def _backproject_arrays(
+    cfg: EngineConfig, pts: dict[str, np.ndarray], grid: torch.Tensor, p2f: torch.Tensor, teacher_id: str
+) -> dict[str, Any]:
+    device = grid.device
+    res = backproject_features(
+        grid,
+        p2f.to(device),
+        torch.from_numpy(pts["face_ids"]).to(device),
+        torch.from_numpy(pts["points"]).to(device),
+        k_unseen=cfg.k_unseen,
+        view_batch=cfg.view_batch,
+    )
+    return dict(
+        features=res.features.to(torch.float16).cpu().numpy(),
+        seen=res.seen.cpu().numpy(),
+        teacher_id=np.str_(teacher_id),
+        n_views=np.int64(p2f.shape[0]),
+        image_size=np.int64(p2f.shape[-1]),
+    )
+
+
+def run_backproject(records: Sequence[ObjectRecord], work: WorkDir, cfg: EngineConfig) -> StageStats:
+    """Stage 4: per-point features from cached grids + renders."""
+    device = cfg.resolved_device()
+
+    def one(rec: ObjectRecord, stats: StageStats) -> dict[str, Any]:
+        feats = work.load("features", rec)
+        p2f = torch.from_numpy(work.load("render", rec)["pix_to_face"]).long()
+        with _Timer(stats, "backproject", device):
+            grid = torch.from_numpy(feats["grid"]).to(device).float()
+            return _backproject_arrays(cfg, work.load("points", rec), grid, p2f, str(feats["teacher_id"]))
+
+    needs = ("points", "features", "render")
+    return _per_object("backproject", records, work, needs, one, cfg.progress, output_stage="pointfeat")
+
+
+def run_views(records: Sequence[ObjectRecord], work: WorkDir, cfg: EngineConfig) -> StageStats:
+    """Stages 2-4 fused per object in memory (render -> teacher -> back-project), the default of ``build``.
+
+    Only the per-point features are written, so no ``V x H x W`` render or ``V x C x h x w`` grid
+    touches the disk. Existing ``render/`` or ``features/`` caches are reused if present.
+    """
+    device = cfg.resolved_device()
+    teacher = get_teacher(cfg)
+    work.bind_teacher(teacher.teacher_id)
+
+    def one(rec: ObjectRecord, stats: StageStats) -> dict[str, Any]:
+        with _Timer(stats, "render", device):
+            if work.has("render", rec):
+                r = work.load("render", rec)
+                images, p2f = torch.from_numpy(r["images"]), torch.from_numpy(r["pix_to_face"]).long()
+            else:
+                images, p2f = render_object(rec, cfg, device)
+                if cfg.keep_renders:
+                    work.save("render", rec, **_render_arrays(images, p2f))
+        with _Timer(stats, "teacher", device):
+            if work.has("features", rec):
+                f = work.load("features", rec)
+                grid, tid = torch.from_numpy(f["grid"]).to(device).float(), str(f["teacher_id"])
+            else:
+                grid, tid = teacher.patch_features(images, batch_size=cfg.view_batch), teacher.teacher_id
+        with _Timer(stats, "backproject", device):
+            return _backproject_arrays(cfg, work.load("points", rec), grid, p2f, tid)
+
+    return _per_object("views", records, work, ("points",), one, cfg.progress, output_stage="pointfeat")
+
+
+# ---------------------------------------------------------------------------------------- stage: labels
+def labels_for(rec: ObjectRecord, face_ids: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Per-point membership ``(N, L)`` and part names of one object, by source.
+
+    demo: from the face's part label; find3d: from its merged masks; plain meshes: none (``L = 0``;
+    such shards still carry teacher features for the visual-alignment stage).
+    """
+    n = face_ids.shape[0]
+    if rec.source == "demo":
+        from patchalign.shards.demo import generate_object
+
+        obj = generate_object(rec.category, int(rec.extra["seed"]))
+        part = obj.face_part[face_ids]
+        membership = np.zeros((n, len(obj.part_names)), dtype=bool)
+        membership[np.arange(n), part] = True
+        return membership, list(obj.part_names)
+    if rec.source == "find3d":
+        from patchalign.shards.find3d import load_find3d_labels
+
+        membership, names = load_find3d_labels(_find3d_object(rec))
+        if membership.shape[0] != n:
+            raise ValueError(f"{rec.uid}: masks cover {membership.shape[0]} points, the object has {n}")
+        return membership, names
+    return np.zeros((n, 0), dtype=bool), []
+
+
+def run_labels(records: Sequence[ObjectRecord], work: WorkDir, cfg: EngineConfig) -> StageStats:
+    """Stage 5: per-point part membership."""
+
+    def one(rec: ObjectRecord, stats: StageStats) -> dict[str, Any]:
+        with _Timer(stats, "labels"):
+            membership, names = labels_for(rec, work.load("points", rec)["face_ids"])
+        return dict(membership=membership, part_names=np.array(names, dtype=np.str_))
+
+    return _per_object("labels", records, work, ("points",), one, cfg.progress)
+
+
+# ---------------------------------------------------------------------------------------- stage: textbank
+def run_textbank(
+    records: Sequence[ObjectRecord], work: WorkDir, cfg: EngineConfig, out_dir: str | os.PathLike
+) -> StageStats:
+    """Stage 6: encode every part name of every labelled object into ``out_dir/text_bank.safetensors``.
+
+    Always over *all* records (not a chunk): the bank is shared by every split. Encodings are
+    memoised in ``work/text_cache.pt`` so re-runs and growing datasets only encode new names.
+    """
+    from patchalign.text import load_text_encoder
+
+    stats = StageStats(stage="textbank", total=len(records))
+    t0 = time.perf_counter()
+    names: set[str] = set()
+    for rec in tqdm(records, desc="textbank: names", unit="obj", disable=not cfg.progress, mininterval=1.0):
+        if not work.has("labels", rec):
+            stats.missing_input += 1
+            continue
+        names.update(str(n) for n in work.load("labels", rec)["part_names"])
+        stats.processed += 1
+    out = Path(out_dir) / TEXT_BANK_FILE
+    if not names:
+        log.warning("no part names in any labelled object: no text bank written")
+        stats.wall_s = time.perf_counter() - t0
+        return stats
+    with _Timer(stats, "load_encoder"):
+        encoder = load_text_encoder(cfg.text_encoder, device=cfg.resolved_device())
+    cache = TextEmbeddingCache(encoder.encoder_id, cfg.templates, work.root / "text_cache.pt")
+    with _Timer(stats, "encode"):
+        clean, vectors = encode_part_names(encoder, sorted(names), cfg.templates, cache)
+    cache.save()
+    save_text_bank(out, clean, vectors, encoder.encoder_id, list(cfg.templates))
+    stats.wall_s = time.perf_counter() - t0
+    log.info("text bank: %d names (%s) -> %s", len(clean), encoder.encoder_id, out)
+    return stats
+
+
+# ---------------------------------------------------------------------------------------- stage: write
+def build_sample(rec: ObjectRecord, work: WorkDir, cfg: EngineConfig) -> ObjectSample:
+    """Assemble one :class:`ObjectSample` from the object's caches."""
+    pts = work.load("points", rec)
+    feat = work.load("pointfeat", rec)
+    lab = work.load("labels", rec)
+    meta = {
+        "uid": rec.uid,
+        "category": rec.category,
+        "source": rec.source,
+        "source_path": rec.path,
+        "split": rec.split,
+        "normalization": json.loads(str(pts["normalization"])),
+        "up_axis": cfg.up_axis,
+        "teacher": str(feat["teacher_id"]),
+        "n_views": int(feat["n_views"]),
+        "image_size": int(feat["image_size"]),
+        "seen_fraction": float(feat["seen"].mean()),
+    }
+    if rec.source == "demo":
+        meta["generator_seed"] = int(rec.extra["seed"])
+    return ObjectSample(
+        uid=rec.uid,
+        points=np.ascontiguousarray(pts["points"], dtype=np.float32),
+        features=np.ascontiguousarray(feat["features"], dtype=np.float16),
+        membership=np.ascontiguousarray(lab["membership"], dtype=bool),
+        part_names=[str(n) for n in lab["part_names"]],
+        meta=meta,
+    )
+
+
+def run_write(
+    records: Sequence[ObjectRecord], work: WorkDir, cfg: EngineConfig, out_dir: str | os.PathLike
+) -> dict[str, StageStats]:
+    """Stage 7: one shard set per split under ``out_dir/<split>/`` (text bank attached if present).
+
+    Resumable through ``ShardSetWriter``: objects already in a split's manifest are skipped.
+    """
+    out_dir = Path(out_dir)
+    bank = out_dir / TEXT_BANK_FILE
+    by_split: dict[str, list[ObjectRecord]] = {}
+    for r in records:
+        by_split.setdefault(r.split, []).append(r)
+    results = {}
+    for split, recs in sorted(by_split.items()):
+        stats = StageStats(stage=f"write:{split}", total=len(recs))
+        t0 = time.perf_counter()
+        with ShardSetWriter(
+            out_dir / split,
+            prefix=split,
+            max_samples_per_shard=cfg.max_samples_per_shard,
+            text_bank=bank if bank.is_file() else None,
+        ) as writer:
+            for rec in tqdm(
+                recs, desc=f"write {split}", unit="obj", disable=not cfg.progress, mininterval=1.0
+            ):
+                if rec.uid in writer.done_uids:
+                    stats.cached += 1
+                    continue
+                if not all(work.has(s, rec) for s in ("points", "pointfeat", "labels")):
+                    stats.missing_input += 1
+                    continue
+                try:
+                    with _Timer(stats, "write"):
+                        writer.write(build_sample(rec, work, cfg))
+                    stats.processed += 1
+                except (KeyboardInterrupt, SystemExit):
+                    raise
+                except Exception as e:
+                    stats.failed += 1
+                    log.warning("[write] skipping %s: %s: %s", rec.uid, type(e).__name__, e)
+                    work.log_failure(rec, "write", e)
+        stats.wall_s = time.perf_counter() - t0
+        log.info("%s", stats)
+        results[split] = stats
+    return results
+
+
+# ---------------------------------------------------------------------------------------- build
+PER_OBJECT_STAGES = ("sample", "render", "features", "backproject", "views", "labels")
+
+
+def _run_stages(
+    records: Sequence[ObjectRecord],
+    everything: Sequence[ObjectRecord],
+    work: WorkDir,
+    cfg: EngineConfig,
+    out_dir: str | os.PathLike | None,
+    stages: Sequence[str],
+) -> dict[str, StageStats]:
+    runners: dict[str, Callable[[], Any]] = {
+        "sample": lambda: run_sample(records, work, cfg),
+        "render": lambda: run_render(records, work, cfg),
+        "features": lambda: run_features(records, work, cfg),
+        "backproject": lambda: run_backproject(records, work, cfg),
+        "views": lambda: run_views(records, work, cfg),
+        "labels": lambda: run_labels(records, work, cfg),
+        "textbank": lambda: run_textbank(everything, work, cfg, out_dir),
+        "write": lambda: run_write(everything, work, cfg, out_dir),
+    }
+    results: dict[str, StageStats] = {}
+    for stage in stages:
+        r = runners[stage]()
+        if isinstance(r, dict):
+            results.update({f"write:{k}": v for k, v in r.items()})
+        else:
+            results[stage] = r
+    return results
+
+
+def _worker_main(
+    records: list[ObjectRecord], work_root: str, cfg: EngineConfig, stages: list[str], worker: int
+) -> dict[str, StageStats]:
+    """Entry point of a ``--workers`` subprocess: per-object stages on one chunk."""
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s w{worker} %(levelname)s %(name)s: %(message)s"
+    )
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    cfg = dataclasses.replace(cfg, progress=cfg.progress and worker == 0)  # one bar (worker 0's share)
+    return _run_stages(records, records, WorkDir(work_root), cfg, None, stages)
+
+
+def merge_stats(parts: Sequence[dict[str, StageStats]]) -> dict[str, StageStats]:
+    """Sum the counts/timings of workers' stats; wall time is the slowest worker's."""
+    merged: dict[str, StageStats] = {}
+    for part in parts:
+        for name, st in part.items():
+            m = merged.setdefault(name, StageStats(stage=st.stage))
+            m.total += st.total
+            m.processed += st.processed
+            m.cached += st.cached
+            m.failed += st.failed
+            m.missing_input += st.missing_input
+            m.wall_s = max(m.wall_s, st.wall_s)
+            for k, v in st.timings.items():
+                m.add_time(k, v)
+    return merged
+
+
+def run_build(
+    records: Sequence[ObjectRecord],
+    work: WorkDir,
+    cfg: EngineConfig,
+    out_dir: str | os.PathLike | None,
+    stages: Iterable[str] = ("sample", "views", "labels", "textbank", "write"),
+    all_records: Sequence[ObjectRecord] | None = None,
+    workers: int = 1,
+) -> dict[str, StageStats]:
+    """Run ``stages`` in order over ``records`` (a chunk); ``textbank``/``write`` use ``all_records``.
+
+    Args:
+        workers: processes for the per-object stages (each takes a contiguous share of ``records``
+            and runs with ``cfg.threads`` torch threads). On a small CPU box, 1 thread x N processes
+            beats N threads x 1 process: per-object tensors are small, and intra-op threads mostly
+            wait on each other (badly so when the machine is shared). Global stages run here.
+
+    Returns:
+        The stats of every stage (``write:<split>`` per split); with workers, summed over workers.
+    """
+    stages = list(stages)
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stages {unknown}; choose from {STAGES}")
+    if ("textbank" in stages or "write" in stages) and out_dir is None:
+        raise ValueError("the textbank and write stages need an output directory")
+    work.bind_config(cfg)
+    everything = list(all_records) if all_records is not None else list(records)
+    previous_threads = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    results: dict[str, StageStats] = {}
+    try:
+        i = 0
+        while i < len(stages):  # consecutive per-object stages form one group (one pool round)
+            group = [stages[i]]
+            while (
+                stages[i] in PER_OBJECT_STAGES and i + 1 < len(stages) and stages[i + 1] in PER_OBJECT_STAGES
+            ):
+                i += 1
+                group.append(stages[i])
+            i += 1
+            if workers > 1 and group[0] in PER_OBJECT_STAGES and len(records) > 1:
+                results.update(_run_pool(records, work, cfg, group, min(workers, len(records))))
+            else:
+                results.update(_run_stages(records, everything, work, cfg, out_dir, group))
+    finally:
+        torch.set_num_threads(previous_threads)
+    return results
+
+
+def _run_pool(
+    records: Sequence[ObjectRecord], work: WorkDir, cfg: EngineConfig, stages: list[str], workers: int
+) -> dict[str, StageStats]:
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    chunks = [chunk_records(records, workers, k) for k in range(workers)]
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        futures = [pool.submit(_worker_main, c, str(work.root), cfg, stages, k) for k, c in enumerate(chunks)]
+        merged = merge_stats([f.result() for f in futures])
+    wall = time.perf_counter() - t0
+    for st in merged.values():
+        st.timings["group_wall"] = wall  # all pooled stages, incl. process start-up (imports, model load)
+        log.info("%s", st)
+    return merged
+
+
+def config_from_dict(d: dict[str, Any]) -> EngineConfig:
+    """EngineConfig from a (CLI) dict, ignoring unknown keys."""
+    names = {f.name for f in dataclasses.fields(EngineConfig)}
+    kwargs = {k: v for k, v in d.items() if k in names and v is not None}
+    if "templates" in kwargs:
+        kwargs["templates"] = tuple(kwargs["templates"])
+    return EngineConfig(**kwargs)

@@ -1,0 +1,422 @@
+"""2D teacher models whose dense patch features are distilled into the 3D encoder.
+
+A :class:`Teacher` turns rendered views into a patch-feature grid. The data engine keeps that grid
+(``(V, C, h, w)``, small) rather than image-resolution features (``(V, C, H, W)``, ~200x larger):
+bilinear upsampling is linear, so back-projection samples the grid at exactly the pixels it needs
+(:func:`sample_grid_at_pixels`), which equals upsampling with ``F.interpolate(mode="bilinear",
+align_corners=False)`` and then indexing -- without ever materialising the full-resolution tensor.
+
+Teachers are chosen with a spec string (:func:`load_teacher`)::
+
+    dinov2:facebook/dinov2-base          transformers Dinov2Model from the HF cache (local_files_only)
+    dinov2:/path/to/dinov2-dir           ... or from a local save_pretrained directory
+    timm:vit_base_patch14_dinov2.lvd142m[@/path/weights.safetensors]   any timm ViT
+    open_clip:ViT-B-16[@laion2b_s34b_b88k | @/path/weights.bin]          an OpenCLIP ViT vision tower
+    open_clip:local-dir:/path/to/dir     OpenCLIP's own local-dir layout (open_clip_config.json + weights)
+    dinov2-random[:SEED]                 the demo teacher: a small randomly initialised DINOv2
+
+Nothing here downloads weights when given a local path; hub ids are resolved from the local cache
+only (``local_files_only=True`` for transformers).
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+DEFAULT_TEACHER = "dinov2:facebook/dinov2-base"
+
+# The demo fallback: the DINOv2 *architecture* (ViT-S/14-like layout) shrunk to run on a 2-core
+# laptop: width 192, 4 layers, patch 14, 224 px input -> 16x16 grid, ~0.02 s per view on CPU. Its
+# features are deterministic (fixed seed) but carry no semantics; it exists so the pipeline runs end
+# to end with no weights, and every sample's meta says so.
+RANDOM_DINOV2_SEED = 0
+RANDOM_DINOV2_CONFIG = dict(
+    hidden_size=192,
+    num_hidden_layers=4,
+    num_attention_heads=3,
+    intermediate_size=768,
+    patch_size=14,
+    image_size=224,
+)
+
+__all__ = [
+    "DEFAULT_TEACHER",
+    "Dinov2Teacher",
+    "OpenCLIPVisionTeacher",
+    "Teacher",
+    "TeacherNotFoundError",
+    "TimmTeacher",
+    "load_teacher",
+    "random_dinov2",
+    "sample_grid_at_pixels",
+]
+
+
+class TeacherNotFoundError(FileNotFoundError):
+    """The teacher's weights are not available locally (we never download at build time)."""
+
+
+class Teacher(nn.Module, ABC):
+    """A frozen 2D backbone that maps ``(V, H, W, 3)`` images in ``[0, 1]`` to a patch grid.
+
+    Subclasses implement :meth:`forward_tokens` on already-normalised ``(B, 3, S, S)`` inputs.
+
+    Attributes:
+        teacher_id: provenance string stored in every sample's ``meta`` (say plainly if random).
+        feature_dim: channels ``C`` of the patch features.
+        patch_size: pixels per patch at the input resolution.
+        input_size: square side the images are resized to before the backbone.
+        mean, std: per-channel normalisation of the backbone.
+    """
+
+    teacher_id: str
+    feature_dim: int
+    patch_size: int
+    input_size: int
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.register_buffer(
+            "mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False
+        )
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.mean.device
+
+    @property
+    def grid_size(self) -> int:
+        return self.input_size // self.patch_size
+
+    def preprocess(self, images: Tensor) -> Tensor:
+        """``(V, H, W, 3)`` in [0,1] (or uint8) -> normalised ``(V, 3, S, S)`` on the teacher's device."""
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"images must be (V, H, W, 3), got {tuple(images.shape)}")
+        x = images.to(self.device)
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        x = x.permute(0, 3, 1, 2)
+        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", antialias=True)
+        return (x - self.mean) / self.std
+
+    @abstractmethod
+    def forward_tokens(self, pixel_values: Tensor) -> Tensor:
+        """Normalised ``(B, 3, S, S)`` -> patch features ``(B, C, S/p, S/p)``."""
+
+    @torch.no_grad()
+    def patch_features(self, images: Tensor, batch_size: int = 16) -> Tensor:
+        """Patch grid ``(V, C, h, w)`` float32 for ``(V, H, W, 3)`` images, in chunks of ``batch_size``."""
+        outs = []
+        for i in range(0, images.shape[0], batch_size):
+            outs.append(self.forward_tokens(self.preprocess(images[i : i + batch_size])).float())
+        return torch.cat(outs, 0)
+
+    @torch.no_grad()
+    def dense_features(self, images: Tensor, batch_size: int = 16) -> Tensor:
+        """Image-resolution features ``(V, C, H, W)``: the patch grid bilinearly upsampled.
+
+        Memory heavy (``V*C*H*W`` floats); the data engine uses :func:`sample_grid_at_pixels` instead.
+        """
+        grid = self.patch_features(images, batch_size)
+        return F.interpolate(grid, size=tuple(images.shape[1:3]), mode="bilinear", align_corners=False)
+
+
+def _tokens_to_grid(tokens: Tensor, h: int, w: int) -> Tensor:
+    """``(B, h*w, C)`` row-major patch tokens -> ``(B, C, h, w)``."""
+    b, n, c = tokens.shape
+    if n != h * w:
+        raise ValueError(f"expected {h}x{w}={h * w} patch tokens, got {n}")
+    return tokens.transpose(1, 2).reshape(b, c, h, w)
+
+
+class Dinov2Teacher(Teacher):
+    """DINOv2 (transformers ``Dinov2Model`` / ``Dinov2WithRegistersModel``): final-layernormed patch tokens.
+
+    Position embeddings are interpolated by the model, so any ``input_size`` that is a multiple of
+    the patch size works (224 -> 16x16 grid for patch 14).
+    """
+
+    def __init__(self, model: nn.Module, teacher_id: str, input_size: int = 224) -> None:
+        super().__init__(IMAGENET_MEAN, IMAGENET_STD)
+        cfg = model.config
+        self.model = model.eval().requires_grad_(False)
+        self.teacher_id = teacher_id
+        self.feature_dim = int(cfg.hidden_size)
+        self.patch_size = int(cfg.patch_size)
+        if input_size % self.patch_size:
+            raise ValueError(
+                f"input_size {input_size} must be a multiple of the patch size {self.patch_size}"
+            )
+        self.input_size = int(input_size)
+        # Dinov2WithRegisters prepends register tokens after CLS; plain Dinov2 has none.
+        self.num_prefix_tokens = 1 + int(getattr(cfg, "num_register_tokens", 0) or 0)
+
+    def forward_tokens(self, pixel_values: Tensor) -> Tensor:
+        hidden = self.model(pixel_values=pixel_values).last_hidden_state
+        g = pixel_values.shape[-1] // self.patch_size
+        return _tokens_to_grid(hidden[:, self.num_prefix_tokens :], g, g)
+
+
+def random_dinov2(seed: int = RANDOM_DINOV2_SEED, **overrides: int) -> nn.Module:
+    """A randomly initialised ``Dinov2Model`` with a fixed seed (global RNG state is left untouched)."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    cfg = Dinov2Config(**{**RANDOM_DINOV2_CONFIG, **overrides})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Dinov2Model(cfg)
+    return model
+
+
+def _load_dinov2(name_or_path: str, input_size: int, allow_random: bool, random_seed: int) -> Dinov2Teacher:
+    from transformers import AutoConfig, AutoModel
+
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, local_files_only=True)
+        model = AutoModel.from_pretrained(name_or_path, config=config, local_files_only=True)
+    except (OSError, ValueError) as e:
+        if not allow_random:
+            raise TeacherNotFoundError(
+                f"no DINOv2 weights for {name_or_path!r} in a local directory or the HF cache ({e}). "
+                "Download them once (huggingface-cli download facebook/dinov2-base) or pass a local path; "
+                "use the teacher spec 'dinov2-random' for a non-semantic smoke-test teacher."
+            ) from e
+        msg = (
+            f"no DINOv2 weights found ({name_or_path!r}): using a randomly initialised DINOv2 "
+            f"(seed {random_seed}) -- features are NOT semantic"
+        )
+        log.warning(msg)
+        print(msg, flush=True)
+        return _random_teacher(random_seed, input_size)
+    if config.model_type not in ("dinov2", "dinov2_with_registers"):
+        raise ValueError(f"{name_or_path!r} is a {config.model_type!r} model, not DINOv2")
+    return Dinov2Teacher(model, teacher_id=f"dinov2:{name_or_path}", input_size=input_size)
+
+
+def _random_teacher(seed: int, input_size: int) -> Dinov2Teacher:
+    cfg = RANDOM_DINOV2_CONFIG
+    tid = (
+        f"dinov2-random(seed={seed},hidden={cfg['hidden_size']},layers={cfg['num_hidden_layers']},"
+        f"patch={cfg['patch_size']})"
+    )
+    return Dinov2Teacher(random_dinov2(seed), teacher_id=tid, input_size=input_size)
+
+
+class TimmTeacher(Teacher):
+    """A timm ViT (e.g. ``vit_base_patch14_dinov2.lvd142m``): ``forward_features`` patch tokens."""
+
+    def __init__(self, model: nn.Module, teacher_id: str, input_size: int | None = None) -> None:
+        import timm.data
+
+        data_cfg = timm.data.resolve_data_config({}, model=model)
+        super().__init__(tuple(data_cfg["mean"]), tuple(data_cfg["std"]))
+        if not hasattr(model, "patch_embed") or not hasattr(model, "forward_features"):
+            raise ValueError(f"{teacher_id}: only timm ViTs (with patch_embed) are supported as teachers")
+        self.model = model.eval().requires_grad_(False)
+        self.teacher_id = teacher_id
+        self.feature_dim = int(model.num_features)
+        ps = model.patch_embed.patch_size
+        self.patch_size = int(ps[0] if isinstance(ps, tuple | list) else ps)
+        self.input_size = int(input_size or data_cfg["input_size"][-1])
+        self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 1))
+        if getattr(model.patch_embed, "dynamic_img_size", False) is False:
+            native = model.patch_embed.img_size
+            native = int(native[0] if isinstance(native, tuple | list) else native)
+            if native != self.input_size:
+                raise ValueError(
+                    f"{teacher_id}: input_size {self.input_size} differs from the model's fixed {native}; "
+                    "create it with dynamic_img_size=True or use the native size"
+                )
+
+    def forward_tokens(self, pixel_values: Tensor) -> Tensor:
+        tokens = self.model.forward_features(pixel_values)
+        g = pixel_values.shape[-1] // self.patch_size
+        return _tokens_to_grid(tokens[:, self.num_prefix_tokens :], g, g)
+
+
+def _load_timm(name: str, weights: str | None, input_size: int | None) -> TimmTeacher:
+    import timm
+
+    kwargs: dict = dict(num_classes=0)
+    if input_size is not None:
+        kwargs.update(img_size=input_size, dynamic_img_size=True)
+    if weights is not None:
+        if not Path(weights).is_file():
+            raise TeacherNotFoundError(f"timm weights file {weights} does not exist")
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=weights), **kwargs)
+    else:
+        # Resolved through timm's HF-cache lookup; with HF_HUB_OFFLINE=1 a missing cache is an error.
+        model = timm.create_model(name, pretrained=True, **kwargs)
+    return TimmTeacher(model, teacher_id=f"timm:{name}", input_size=input_size)
+
+
+class OpenCLIPVisionTeacher(Teacher):
+    """The vision tower of an OpenCLIP ViT: final-layernormed patch tokens (before the projection)."""
+
+    def __init__(self, visual: nn.Module, teacher_id: str) -> None:
+        from open_clip.transformer import VisionTransformer
+
+        if not isinstance(visual, VisionTransformer):
+            raise ValueError(
+                f"{teacher_id}: only OpenCLIP ViT towers give patch tokens, got {type(visual).__name__}"
+            )
+        pp = getattr(visual, "preprocess_cfg", {}) or {}
+        mean = tuple(
+            pp.get("mean", getattr(visual, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073))
+        )
+        std = tuple(pp.get("std", getattr(visual, "image_std", None) or (0.26862954, 0.26130258, 0.27577711)))
+        super().__init__(mean, std)
+        visual.output_tokens = True
+        self.visual = visual.eval().requires_grad_(False)
+        self.teacher_id = teacher_id
+        self.feature_dim = int(visual.transformer.width)
+        self.patch_size = int(visual.patch_size[0])
+        self.input_size = int(visual.image_size[0])
+
+    def forward_tokens(self, pixel_values: Tensor) -> Tensor:
+        _, tokens = self.visual(pixel_values)
+        g = pixel_values.shape[-1] // self.patch_size
+        return _tokens_to_grid(tokens, g, g)
+
+
+def create_open_clip_model(model: str, pretrained: str | None) -> nn.Module:
+    """Build an OpenCLIP model from a built-in name, a config JSON path, or ``local-dir:``/``hf-hub:``.
+
+    A ``model`` ending in ``.json`` is registered with ``open_clip.add_model_config`` (its stem is
+    the model name), which is how custom architectures -- and the tests' tiny random ones -- load
+    through the same path as the released ones. ``pretrained`` is a tag (resolved from the local
+    cache by open_clip) or a weights file.
+    """
+    import open_clip
+
+    if model.endswith(".json"):
+        cfg_path = Path(model)
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"OpenCLIP model config {cfg_path} does not exist")
+        open_clip.add_model_config(cfg_path)
+        model = cfg_path.stem
+    if pretrained is not None and (
+        "/" in pretrained or pretrained.endswith((".bin", ".pt", ".pth", ".safetensors"))
+    ):
+        if not Path(pretrained).is_file():
+            raise TeacherNotFoundError(f"OpenCLIP weights file {pretrained} does not exist")
+    try:
+        return open_clip.create_model(model, pretrained=pretrained, device="cpu")
+    except RuntimeError as e:
+        if "download" in str(e).lower() or "not a known tag" in str(e):
+            raise TeacherNotFoundError(
+                f"OpenCLIP weights for {model}@{pretrained} are not available locally: {e}"
+            ) from e
+        raise
+
+
+def _split_at(rest: str) -> tuple[str, str | None]:
+    name, _, weights = rest.partition("@")
+    return name, (weights or None)
+
+
+def load_teacher(
+    spec: str = DEFAULT_TEACHER,
+    device: str | torch.device = "cpu",
+    input_size: int | None = None,
+    allow_random: bool = False,
+    random_seed: int = RANDOM_DINOV2_SEED,
+) -> Teacher:
+    """Build a frozen teacher from a spec string (see the module docstring).
+
+    Args:
+        spec: ``kind:identifier[@weights]``.
+        device: where the teacher runs.
+        input_size: backbone input side (default: 224 for DINOv2, the model's own size otherwise).
+        allow_random: for ``dinov2:`` only -- when the weights are absent, fall back to the seeded
+            random DINOv2 architecture and say so loudly (demo mode). Off by default so a real
+            build never silently trains on noise.
+        random_seed: seed of that fallback.
+
+    Raises:
+        TeacherNotFoundError: weights missing locally (and no fallback allowed).
+        ValueError: unknown spec kind.
+    """
+    kind, _, rest = spec.partition(":")
+    if kind == "dinov2":
+        teacher: Teacher = _load_dinov2(
+            rest or "facebook/dinov2-base", input_size or 224, allow_random, random_seed
+        )
+    elif kind == "dinov2-random":
+        teacher = _random_teacher(int(rest) if rest else random_seed, input_size or 224)
+    elif kind == "timm":
+        name, weights = _split_at(rest)
+        teacher = _load_timm(name, weights, input_size)
+    elif kind == "open_clip":
+        name, weights = _split_at(rest)
+        model = create_open_clip_model(name, weights)
+        teacher = OpenCLIPVisionTeacher(model.visual, teacher_id=f"open_clip:{rest}")
+        if input_size is not None and input_size != teacher.input_size:
+            raise ValueError(
+                f"OpenCLIP towers have a fixed input size ({teacher.input_size}), got {input_size}"
+            )
+    else:
+        raise ValueError(
+            f"unknown teacher spec {spec!r}: expected dinov2:, dinov2-random, timm: or open_clip:"
+        )
+    return teacher.to(device)
+
+
+def sample_grid_at_pixels(
+    grid: Tensor, view: Tensor, row: Tensor, col: Tensor, image_size: tuple[int, int]
+) -> Tensor:
+    """Bilinear features of a patch grid at given pixel centres of the full-resolution image.
+
+    Exactly ``F.interpolate(grid, size=image_size, mode="bilinear", align_corners=False)[view, :, row, col]``
+    (same source-coordinate mapping ``(i + 0.5) * in / out - 0.5`` and edge clamping), but only for
+    the requested pixels, so memory is ``P x C`` instead of ``V x C x H x W``.
+
+    Args:
+        grid: ``(V, C, h, w)``.
+        view, row, col: ``(P,)`` long pixel coordinates.
+        image_size: ``(H, W)`` of the image the pixels belong to.
+
+    Returns:
+        ``(P, C)`` in ``grid``'s dtype.
+    """
+    return _bilinear_weights_apply(grid, view, row, col, image_size)
+
+
+def bilinear_taps(coord: Tensor, in_size: int, out_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Source indices and weights of ``align_corners=False`` bilinear resampling along one axis.
+
+    Returns ``(i0, i1, w0, w1)`` with ``value = w0 * src[i0] + w1 * src[i1]`` for output ``coord``.
+    """
+    scale = in_size / out_size
+    src = ((coord.to(torch.float64) + 0.5) * scale - 0.5).clamp_min(0.0)
+    i0 = src.floor().long().clamp_max(in_size - 1)
+    i1 = (i0 + 1).clamp_max(in_size - 1)
+    w1 = (src - i0.to(torch.float64)).clamp(0.0, 1.0)
+    return i0, i1, (1.0 - w1), w1
+
+
+def _bilinear_weights_apply(
+    grid: Tensor, view: Tensor, row: Tensor, col: Tensor, image_size: tuple[int, int]
+) -> Tensor:
+    v, c, h, w = grid.shape
+    y0, y1, wy0, wy1 = bilinear_taps(row, h, image_size[0])
+    x0, x1, wx0, wx1 = bilinear_taps(col, w, image_size[1])
+    flat = grid.permute(0, 2, 3, 1).reshape(v * h * w, c)
+    base = view * (h * w)
+    out = torch.zeros(view.shape[0], c, dtype=grid.dtype, device=grid.device)
+    for yy, wy in ((y0, wy0), (y1, wy1)):
+        for xx, wx in ((x0, wx0), (x1, wx1)):
+            out += flat[base + yy * w + xx] * (wy * wx).to(grid.dtype)[:, None]
+    return out
