@@ -1,0 +1,207 @@
+"""End to end: ``python -m zerokey predict`` (LightningCLI) with the OraclePointer on real KeypointNet
+shapes -- the chair rendered from its mesh, airplanes from their point clouds -- writing JSON (+ PNGs),
+then ``python -m zerokey evaluate`` on the output; and the data readers' handling of bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+
+from zerokey.__main__ import main
+from zerokey.data import FileShapeDataset, KeypointNetDataset, load_shape, read_pcd
+from zerokey.module import ZeroKeyDataModule, ZeroKeyModule
+from zerokey.namers import KeypointNetNamer, StaticNamer
+from zerokey.pointers import OraclePointer
+from zerokey.writer import KeypointJSONWriter
+
+REPO = Path(__file__).resolve().parents[1]
+KPN = REPO / ".." / "shared" / "data" / "keypointnet"
+CHAIR = "88382b877be91b2a572f8e1c1caad99e"
+PLANES = ["1b300fd9ad4050e6301fa0a0663ee996", "1d6afc44b053ab07941d71475449eb25"]
+
+needs_data = pytest.mark.skipif(not KPN.is_dir(), reason="shared KeypointNet data not available")
+
+
+@needs_data
+def test_predict_cli_then_evaluate_on_real_keypointnet(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # anything written relative to the cwd lands in tmp_path
+    out = tmp_path / "pred"
+    main(
+        [
+            "predict",
+            "--config",
+            str(REPO / "configs" / "zerokey.yaml"),
+            "--trainer.default_root_dir",
+            str(tmp_path / "logs"),
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.callbacks.init_args.output_dir",
+            str(out),
+            "--trainer.callbacks.init_args.save_views_png",
+            "true",
+            "--trainer.callbacks.init_args.save_shape_png",
+            "true",
+            "--model.pointer.init_args.noise_px",
+            "0",
+            "--model.pointer.init_args.dropout",
+            "0",
+            "--model.pointer.init_args.outlier_rate",
+            "0",
+            "--model.image_size",
+            "160",
+            "--data.keypointnet_root",
+            str(KPN),
+            "--data.model_ids",
+            json.dumps([CHAIR, *PLANES]),
+        ]
+    )
+    chair = json.loads((out / "03001627" / f"{CHAIR}.json").read_text())
+    plane = json.loads((out / "02691156" / f"{PLANES[0]}.json").read_text())
+    assert chair["source"].endswith(".ply") and plane["source"].endswith(".pcd")
+    for record in (chair, plane):
+        assert record["error"] is None and record["keypoints"]
+        assert record["mllm_calls"] == {"namer": 0, "pointer": 0}
+        assert record["parse_stats"]["pointer"]["points"] == record["counts"]["points2d"] > 0
+        assert set(record["timings"]) >= {"render", "point", "lift", "cluster"}
+        kp = record["keypoints"][0]
+        assert {"name", "instance", "xyz", "xyz_normalized", "support"} <= set(kp)
+        assert kp["support"]["views"] >= 3 and kp["support"]["candidates"] > 0 and kp["support"]["weight"] > 0
+        # xyz is in the input (pcd) frame: normalised * scale + center.
+        frame = record["frame"]
+        assert np.allclose(
+            np.array(kp["xyz_normalized"]) * frame["scale"] + frame["center"], kp["xyz"], atol=1e-5
+        )
+    # Predictions land on the annotated keypoints (zero noise): every GT has a prediction within 0.03
+    # (the shape's radius is ~0.47; one pixel at 160 px is ~0.007).
+    sample = KeypointNetDataset(KPN, model_ids=[CHAIR])[0]
+    gt = sample.to_original(sample.keypoints).numpy()
+    pred = np.array([k["xyz"] for k in chair["keypoints"]])
+    assert np.linalg.norm(gt[:, None] - pred[None], axis=-1).min(1).max() < 0.03
+    assert (out / "03001627" / f"{CHAIR}_views.png").stat().st_size > 0
+    assert (out / "02691156" / f"{PLANES[1]}_shape.png").stat().st_size > 0
+    summary = json.loads((out / "summary_rank0.json").read_text())
+    assert summary["shapes"] == 3 and summary["failed_shapes"] == []
+    assert (tmp_path / "logs" / "config.yaml").exists()
+
+    result_path = tmp_path / "iou.json"
+    main(
+        [
+            "evaluate",
+            "--pred",
+            str(out),
+            "--annotations",
+            str(KPN / "annotations" / "airplane.json"),
+            str(KPN / "annotations" / "chair.json"),
+            "--pcd-root",
+            str(KPN / "pcds"),
+            "--out",
+            str(result_path),
+        ]
+    )
+    result = json.loads(result_path.read_text())
+    at = {round(t, 2): i for i, t in enumerate(result["thresholds"])}
+    assert result["shapes"] == {"airplane": 2, "chair": 1}
+    assert result["iou"]["chair"][at[0.1]] >= 0.85 and result["iou"]["airplane"][at[0.1]] >= 0.85
+    assert result["iou"]["airplane"][at[0.0]] <= result["iou"]["airplane"][at[0.1]]
+
+
+def _box_obj(path: Path) -> Path:
+    import trimesh
+
+    trimesh.creation.box(extents=(2.0, 1.0, 0.5)).export(path)
+    return path
+
+
+def test_bad_files_are_skipped_counted_and_written(tmp_path):
+    good = _box_obj(tmp_path / "box.obj")
+    (tmp_path / "empty.obj").write_text("# nothing\n")
+    (tmp_path / "broken.pcd").write_text("FIELDS x y z\nDATA binary\n")
+    dm = ZeroKeyDataModule(inputs=[str(tmp_path)], category="box")
+    # Every corner of the box is a keypoint named "corner"; the oracle needs them on the sample.
+    module = ZeroKeyModule(
+        StaticNamer(["corner"] * 8), OraclePointer(), image_size=96, min_samples=5, min_cluster_size=5
+    )
+    dm.setup()
+    corners = torch.tensor([[sx, sy, sz] for sx in (-1, 1) for sy in (-0.5, 0.5) for sz in (-0.25, 0.25)])
+
+    base = dm.dataset
+
+    class WithCorners(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(base)
+
+        def __getitem__(self, i):
+            s = base[i]
+            if s.error is None:
+                s.keypoints, s.keypoint_names = s.to_normalised(corners), ["corner"] * 8
+            return s
+
+    dm.dataset = WithCorners()
+    writer = KeypointJSONWriter(str(tmp_path / "out"))
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        callbacks=[writer],
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        default_root_dir=str(tmp_path),
+    )
+    assert trainer.predict(module, datamodule=dm, return_predictions=False) is None
+    summary = json.loads((tmp_path / "out" / "summary_rank0.json").read_text())
+    assert summary["shapes"] == 3
+    assert sorted(f["shape_id"] for f in summary["failed_shapes"]) == ["broken", "empty"]
+    broken = json.loads((tmp_path / "out" / "broken.json").read_text())
+    assert "only ASCII PCD" in broken["error"] and broken["keypoints"] == []
+    box = json.loads((tmp_path / "out" / "box.json").read_text())
+    pred = np.array([k["xyz"] for k in box["keypoints"]])
+    # 8 corners, each found (visible corners of a box: every one is seen by several of the 26 views).
+    assert len(pred) == 8
+    assert np.linalg.norm(corners.numpy()[:, None] - pred[None], axis=-1).min(1).max() < 0.05
+    assert good.exists()
+
+
+def test_readers_reject_bad_input_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no shape files"):
+        FileShapeDataset([str(tmp_path / "missing*.obj")])
+    with pytest.raises(ValueError, match="exactly one"):
+        ZeroKeyDataModule()
+    (tmp_path / "a.pcd").write_text("VERSION .7\nFIELDS x y z rgb\nDATA ascii\n1 2 3 255\n1 2\n")
+    with pytest.raises(ValueError, match="rows do not all have 4 values"):
+        read_pcd(tmp_path / "a.pcd")
+    (tmp_path / "b.pcd").write_text("VERSION .7\nFIELDS x y z rgb\nDATA ascii\n0 0 0 16711680\n1 0 0 255\n")
+    xyz, rgb = read_pcd(tmp_path / "b.pcd")
+    assert xyz.tolist() == [[0, 0, 0], [1, 0, 0]] and rgb.tolist() == [[255, 0, 0], [0, 0, 255]]
+    shape = load_shape(tmp_path / "b.pcd")
+    assert torch.allclose(shape.vertices, torch.tensor([[-1.0, 0, 0], [1.0, 0, 0]]))
+    assert torch.allclose(shape.to_original(shape.vertices), torch.tensor([[0.0, 0, 0], [1.0, 0, 0]]))
+    (tmp_path / "c.xyz").write_text("0 0 0\n")
+    with pytest.raises(ValueError, match="one location"):
+        load_shape(tmp_path / "c.xyz")
+    with pytest.raises(ValueError, match="unsupported file type"):
+        load_shape(tmp_path / "d.txt")
+
+
+@needs_data
+def test_keypointnet_reader_real_data():
+    ds = KeypointNetDataset(KPN)
+    assert len(ds) == 11 and ds.skipped["no_pcd"] == 1022 + 999 - 11
+    chair = KeypointNetDataset(KPN, categories=["chair"])[0]
+    assert chair.is_mesh and chair.category == "chair" and chair.class_id == "03001627"
+    pcd, _ = read_pcd(chair.extra["pcd_path"])
+    # Keypoints normalised with the mesh's transform map back onto their pcd points.
+    idx = chair.extra["pcd_indices"]
+    assert np.allclose(chair.to_original(chair.keypoints).numpy(), pcd[idx], atol=1e-5)
+    assert chair.vertices.norm(dim=1).max() == pytest.approx(1.0, abs=1e-5)
+    plane = KeypointNetDataset(KPN, categories=["02691156"], use_mesh=False, limit=1)[0]
+    assert not plane.is_mesh and plane.vertices.shape == (2048, 3)
+    assert "nose of the airplane" in plane.keypoint_names
+    names = KeypointNetNamer(str(KPN / "semantic_names.json"))(chair, torch.zeros(1, 2, 2, 3))
+    assert names.instances[names.names.index("lower end of the front leg of the chair")] == 4
+    with pytest.raises(ValueError, match="unknown KeypointNet categories"):
+        KeypointNetDataset(KPN, categories=["spaceship"])

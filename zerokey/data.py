@@ -1,0 +1,488 @@
+"""Shapes for ZeroKey: meshes or point clouds, normalised to the unit sphere, plus KeypointNet readers.
+
+Every shape is normalised (bounding-box centre to the origin, farthest point at radius 1) because the
+camera layout assumes a unit-sphere object. The transform is kept on the sample so predicted keypoints
+are written back in the *input* frame -- which is the frame KeypointNet's annotations and point clouds
+live in, so evaluation needs no extra bookkeeping.
+
+A file that cannot be read does not abort a prediction run over thousands of shapes: the dataset
+returns a sample whose ``error`` says why; the Lightning module writes that into the shape's JSON and
+counts it.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+__all__ = [
+    "KEYPOINTNET_CLASSES",
+    "ShapeSample",
+    "read_pcd",
+    "load_mesh_file",
+    "normalize_unit_sphere",
+    "load_shape",
+    "FileShapeDataset",
+    "KeypointNetDataset",
+    "load_keypointnet_annotations",
+    "load_semantic_names",
+    "collate_shapes",
+    "default_data_root",
+]
+
+log = logging.getLogger(__name__)
+
+#: KeypointNet / ShapeNet synset ids of the 16 KeypointNet categories (as in its benchmark scripts).
+KEYPOINTNET_CLASSES: dict[str, str] = {
+    "02691156": "airplane",
+    "02808440": "bathtub",
+    "02818832": "bed",
+    "02876657": "bottle",
+    "02954340": "cap",
+    "02958343": "car",
+    "03001627": "chair",
+    "03467517": "guitar",
+    "03513137": "helmet",
+    "03624134": "knife",
+    "03642806": "laptop",
+    "03790512": "motorcycle",
+    "03797390": "mug",
+    "04225987": "skateboard",
+    "04379243": "table",
+    "04530566": "vessel",
+}
+_NAME_TO_CLASS = {v: k for k, v in KEYPOINTNET_CLASSES.items()}
+
+MESH_SUFFIXES = (".obj", ".ply", ".glb", ".gltf", ".off", ".stl")
+POINT_SUFFIXES = (".pcd", ".xyz", ".npy")
+
+
+def default_data_root() -> Path:
+    """``<repo>/../shared/data``: where the project's real benchmark data lives (read in place)."""
+    return Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+
+
+@dataclass
+class ShapeSample:
+    """One shape ready for rendering, in normalised coordinates.
+
+    Attributes:
+        shape_id: unique id, used as the output file name (``class_id/model_id`` for KeypointNet).
+        source: path of the rendered file.
+        vertices: (N,3) float32 normalised mesh vertices, or the points of a point cloud.
+        faces: (F,3) long mesh faces; None for a point cloud.
+        center, scale: ``normalised = (original - center) / scale``.
+        category: category name ("chair") if known; class_id / model_id: KeypointNet ids if known.
+        names: keypoint names given with the data (config / dataset), or None.
+        keypoints: (K,3) normalised ground-truth keypoints if known (evaluation / OraclePointer).
+        keypoint_names: K names of those keypoints (None entries allowed).
+        error: why the shape could not be loaded (then geometry is empty and it is skipped, counted).
+    """
+
+    shape_id: str
+    source: str
+    vertices: Tensor
+    faces: Tensor | None
+    center: Tensor
+    scale: float
+    category: str | None = None
+    class_id: str | None = None
+    model_id: str | None = None
+    names: list[str] | None = None
+    keypoints: Tensor | None = None
+    keypoint_names: list[str | None] | None = None
+    error: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def is_mesh(self) -> bool:
+        return self.faces is not None
+
+    def to_original(self, xyz: Tensor) -> Tensor:
+        """Normalised coordinates -> the input file's frame."""
+        return xyz * self.scale + self.center.to(xyz)
+
+    def to_normalised(self, xyz: Tensor) -> Tensor:
+        return (xyz - self.center.to(xyz)) / self.scale
+
+    def to(self, device: torch.device | str) -> ShapeSample:
+        """A copy with tensors on ``device``."""
+        return ShapeSample(
+            shape_id=self.shape_id,
+            source=self.source,
+            vertices=self.vertices.to(device),
+            faces=None if self.faces is None else self.faces.to(device),
+            center=self.center.to(device),
+            scale=self.scale,
+            category=self.category,
+            class_id=self.class_id,
+            model_id=self.model_id,
+            names=self.names,
+            keypoints=None if self.keypoints is None else self.keypoints.to(device),
+            keypoint_names=self.keypoint_names,
+            error=self.error,
+            extra=self.extra,
+        )
+
+
+def collate_shapes(batch: list[ShapeSample]) -> list[ShapeSample]:
+    """Shapes differ in size: a batch is just the list (the module loops over shapes; all per-shape
+    work inside is batched over views / points)."""
+    return list(batch)
+
+
+# ------------------------------------------------------------------------------------------- readers
+def read_pcd(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """Read an ASCII PCD file (KeypointNet's ``x y z rgb``) -> (N,3) float32 points, (N,3) uint8 colours
+    (None without an ``rgb`` field). Only ``DATA ascii`` is supported; anything else is a clear error."""
+    path = Path(path)
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        lines = handle.read().splitlines()
+    fields_: list[str] | None = None
+    data_start = None
+    for i, line in enumerate(lines):
+        token = line.strip().split()
+        if not token or token[0].startswith("#"):
+            continue
+        key = token[0].upper()
+        if key == "FIELDS":
+            fields_ = [t.lower() for t in token[1:]]
+        elif key == "DATA":
+            if len(token) < 2 or token[1].lower() != "ascii":
+                raise ValueError(f"{path}: only ASCII PCD is supported, got 'DATA {' '.join(token[1:])}'")
+            data_start = i + 1
+            break
+    if fields_ is None or data_start is None:
+        raise ValueError(f"{path}: not a PCD file (missing FIELDS or DATA header)")
+    if not {"x", "y", "z"} <= set(fields_):
+        raise ValueError(f"{path}: PCD has no x/y/z fields (FIELDS {' '.join(fields_)})")
+    rows = [line.split() for line in lines[data_start:] if line.strip()]
+    if not rows:
+        raise ValueError(f"{path}: PCD has no points")
+    if any(len(r) != len(fields_) for r in rows):
+        raise ValueError(f"{path}: PCD rows do not all have {len(fields_)} values")
+    table = np.asarray(rows)
+    xyz = table[:, [fields_.index(c) for c in "xyz"]].astype(np.float32)
+    if not np.isfinite(xyz).all():
+        raise ValueError(f"{path}: PCD contains non-finite coordinates")
+    rgb = None
+    if "rgb" in fields_:
+        packed = table[:, fields_.index("rgb")].astype(np.float64).astype(np.int64)
+        rgb = np.stack([(packed >> 16) & 255, (packed >> 8) & 255, packed & 255], axis=-1).astype(np.uint8)
+    return xyz, rgb
+
+
+def load_mesh_file(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """Load a mesh (.obj/.ply/.glb/...) with trimesh, scenes merged with their transforms applied.
+
+    Returns (N,3) float32 vertices and (F,3) int64 faces; faces is None when the file is a point cloud
+    (e.g. a .ply without faces). Empty geometry is a clear error.
+    """
+    import trimesh
+
+    loaded = trimesh.load(str(path), force=None, process=False)
+    if isinstance(loaded, trimesh.Scene):
+        meshes = [g for g in loaded.dump() if isinstance(g, trimesh.Trimesh) and len(g.faces)]
+        if not meshes:
+            clouds = [g for g in loaded.dump() if isinstance(g, trimesh.PointCloud)]
+            if clouds:
+                return np.concatenate([np.asarray(c.vertices) for c in clouds]).astype(np.float32), None
+            raise ValueError(f"{path}: scene contains no triangle geometry")
+        loaded = trimesh.util.concatenate(meshes)
+    if isinstance(loaded, trimesh.PointCloud):
+        vertices = np.asarray(loaded.vertices, dtype=np.float32)
+        if len(vertices) == 0:
+            raise ValueError(f"{path}: empty point cloud")
+        return vertices, None
+    if not isinstance(loaded, trimesh.Trimesh):
+        raise ValueError(f"{path}: unsupported geometry type {type(loaded).__name__}")
+    vertices = np.asarray(loaded.vertices, dtype=np.float32)
+    faces = np.asarray(loaded.faces, dtype=np.int64)
+    if len(vertices) == 0 or len(faces) == 0:
+        raise ValueError(f"{path}: empty mesh ({len(vertices)} vertices, {len(faces)} faces)")
+    if not np.isfinite(vertices).all():
+        raise ValueError(f"{path}: mesh has non-finite vertices")
+    return vertices, faces
+
+
+def normalize_unit_sphere(points: Tensor, faces: Tensor | None = None) -> tuple[Tensor, Tensor, float]:
+    """Centre the bounding box at the origin and scale the farthest point to radius 1.
+
+    Same convention as :func:`patchalign.render.load_mesh_normalized` (bounding box of the vertices
+    used by faces), but also returns the transform, which we need to write keypoints in the input frame.
+    Returns ``(normalised, center, scale)`` with ``normalised = (points - center) / scale``.
+    """
+    used = points if faces is None else points[torch.unique(faces)]
+    center = (used.min(0).values + used.max(0).values) / 2
+    scale = float((used - center).norm(dim=-1).max())
+    if not scale > 0:
+        raise ValueError("cannot normalise a shape with all points at one location")
+    return (points - center) / scale, center, scale
+
+
+def load_shape(
+    path: str | Path,
+    shape_id: str | None = None,
+    category: str | None = None,
+    names: list[str] | None = None,
+) -> ShapeSample:
+    """Load a mesh or point-cloud file and normalise it (see :func:`normalize_unit_sphere`)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".pcd":
+        xyz, faces = read_pcd(path)[0], None
+    elif suffix == ".npy":
+        xyz, faces = np.load(path).astype(np.float32)[:, :3], None
+    elif suffix == ".xyz":
+        xyz, faces = np.loadtxt(path, dtype=np.float32, ndmin=2)[:, :3], None
+    elif suffix in MESH_SUFFIXES:
+        xyz, faces = load_mesh_file(path)
+    else:
+        raise ValueError(
+            f"{path}: unsupported file type {suffix!r} (meshes {MESH_SUFFIXES}, points {POINT_SUFFIXES})"
+        )
+    faces_t = None if faces is None else torch.from_numpy(faces).long()
+    vertices, center, scale = normalize_unit_sphere(torch.from_numpy(np.ascontiguousarray(xyz)), faces_t)
+    return ShapeSample(
+        shape_id=shape_id or path.stem,
+        source=str(path),
+        vertices=vertices.float(),
+        faces=faces_t,
+        center=center.float(),
+        scale=scale,
+        category=category,
+        names=names,
+    )
+
+
+def _failed_sample(shape_id: str, source: str, error: str, **kwargs) -> ShapeSample:
+    log.warning("skipping shape %s: %s", shape_id, error)
+    return ShapeSample(
+        shape_id=shape_id,
+        source=source,
+        vertices=torch.zeros(0, 3),
+        faces=None,
+        center=torch.zeros(3),
+        scale=1.0,
+        error=error,
+        **kwargs,
+    )
+
+
+class FileShapeDataset(Dataset):
+    """Shapes from files: ``inputs`` are files, directories (searched recursively for supported
+    suffixes) or glob patterns. ``category`` / ``names`` apply to every shape (e.g. a folder of chairs).
+
+    Raises at construction when nothing matches (a typo in a path should not produce an empty run).
+    """
+
+    def __init__(self, inputs: Sequence[str], category: str | None = None, names: list[str] | None = None):
+        suffixes = MESH_SUFFIXES + POINT_SUFFIXES
+        paths: list[Path] = []
+        missing: list[str] = []
+        for item in [inputs] if isinstance(inputs, str) else inputs:
+            p = Path(item)
+            if p.is_dir():
+                paths += sorted(q for q in p.rglob("*") if q.suffix.lower() in suffixes)
+            elif p.is_file():
+                paths.append(p)
+            else:
+                matched = sorted(Path(m) for m in glob.glob(str(item), recursive=True))
+                matched = [m for m in matched if m.is_file()]
+                if not matched:
+                    missing.append(str(item))
+                paths += matched
+        if missing:
+            raise FileNotFoundError(f"no shape files found for: {', '.join(missing)}")
+        if not paths:
+            raise FileNotFoundError(f"no files with suffix {suffixes} under {list(inputs)}")
+        self.paths = paths
+        self.category = category
+        self.names = names
+        # Files with the same stem in different folders would overwrite each other's output.
+        stems = [p.stem for p in paths]
+        self.ids = [p.stem if stems.count(p.stem) == 1 else f"{p.parent.name}_{p.stem}" for p in paths]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> ShapeSample:
+        path = self.paths[index]
+        try:
+            return load_shape(path, self.ids[index], self.category, self.names)
+        except (ValueError, OSError, IndexError) as err:
+            return _failed_sample(
+                self.ids[index], str(path), f"{type(err).__name__}: {err}", category=self.category
+            )
+
+
+# -------------------------------------------------------------------------------------- KeypointNet
+def load_keypointnet_annotations(paths: Sequence[str | Path]) -> dict[tuple[str, str], dict]:
+    """Read KeypointNet annotation JSON files -> {(class_id, model_id): annotation}."""
+    out: dict[tuple[str, str], dict] = {}
+    for path in paths:
+        with open(path, encoding="utf-8") as handle:
+            entries = json.load(handle)
+        if not isinstance(entries, list):
+            raise ValueError(f"{path}: expected a JSON list of KeypointNet annotations")
+        for entry in entries:
+            try:
+                out[(str(entry["class_id"]), str(entry["model_id"]))] = entry
+            except (KeyError, TypeError) as err:
+                raise ValueError(f"{path}: annotation without class_id/model_id: {str(entry)[:120]}") from err
+    return out
+
+
+def load_semantic_names(path: str | Path) -> dict[str, dict[int, str]]:
+    """``semantic_names.json`` -> {category: {semantic_id: name}}."""
+    with open(path, encoding="utf-8") as handle:
+        data = json.load(handle)
+    categories = data.get("categories", data)
+    return {
+        cat: {int(k): v["name"] if isinstance(v, dict) else str(v) for k, v in ids.items()}
+        for cat, ids in categories.items()
+    }
+
+
+class KeypointNetDataset(Dataset):
+    """KeypointNet shapes with their annotated keypoints.
+
+    Layout (relative to ``root``; patterns use ``{class_id}`` / ``{model_id}``)::
+
+        annotations/<category>.json      KeypointNet annotation lists
+        pcds/<class_id>/<model_id>.pcd   the 2048-point clouds the keypoints index into
+        meshes/<class_id>/<model_id>.ply ShapeNetCore.v2 model_normalized meshes (optional)
+        semantic_names.json              a text name per (category, semantic_id) (optional)
+        splits/<split>.txt               lines "<class_id>-<model_id>" (optional)
+
+    Args:
+        root: dataset root.
+        categories: category names or class ids to keep (None: all annotation files).
+        split: keep only models listed in ``splits/<split>.txt``.
+        model_ids: keep only these model ids.
+        use_mesh: render the mesh when one exists (else / otherwise the point cloud).
+        limit: at most this many shapes (after sorting), for quick runs.
+
+    Annotated models without a point cloud on disk are skipped and counted in ``self.skipped``
+    (a full annotation file lists ~1000 models per category; a local copy may hold a few).
+    Keypoints and mesh share ShapeNet's normalised frame with the pcd, so the same transform maps all.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        categories: Sequence[str] | None = None,
+        split: str | None = None,
+        model_ids: Sequence[str] | None = None,
+        use_mesh: bool = True,
+        annotation_files: Sequence[str] | None = None,
+        pcd_pattern: str = "pcds/{class_id}/{model_id}.pcd",
+        mesh_pattern: str = "meshes/{class_id}/{model_id}.ply",
+        semantic_names: str | None = "semantic_names.json",
+        limit: int | None = None,
+    ) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"KeypointNet root {self.root} does not exist")
+        files = (
+            [Path(f) for f in annotation_files]
+            if annotation_files
+            else sorted((self.root / "annotations").glob("*.json"))
+        )
+        files = [f if f.is_absolute() else (self.root / f if not f.exists() else f) for f in files]
+        wanted = None
+        if categories:
+            wanted = {_NAME_TO_CLASS.get(c, c) for c in categories}
+            unknown = [c for c in wanted if c not in KEYPOINTNET_CLASSES]
+            if unknown:
+                raise ValueError(f"unknown KeypointNet categories {unknown}; known: {sorted(_NAME_TO_CLASS)}")
+            files = [f for f in files if _NAME_TO_CLASS.get(f.stem, f.stem) in wanted or f.stem == "all"]
+        if not files:
+            raise FileNotFoundError(f"no annotation files under {self.root / 'annotations'} for {categories}")
+        self.annotations = load_keypointnet_annotations(files)
+        names_path = self.root / semantic_names if semantic_names else None
+        self.semantic_names = load_semantic_names(names_path) if names_path and names_path.exists() else {}
+        split_ids = None
+        if split is not None:
+            split_file = self.root / "splits" / f"{split}.txt"
+            if not split_file.exists():
+                raise FileNotFoundError(f"split file {split_file} not found")
+            split_ids = {
+                line.strip().split("-")[-1] for line in split_file.read_text().splitlines() if line.strip()
+            }
+        self.pcd_pattern, self.mesh_pattern, self.use_mesh = pcd_pattern, mesh_pattern, use_mesh
+        self.skipped: dict[str, int] = {
+            "no_pcd": 0,
+            "not_in_split": 0,
+            "other_category": 0,
+            "not_requested": 0,
+        }
+        keys = []
+        for class_id, model_id in sorted(self.annotations):
+            if wanted is not None and class_id not in wanted:
+                self.skipped["other_category"] += 1
+            elif model_ids is not None and model_id not in set(model_ids):
+                self.skipped["not_requested"] += 1
+            elif split_ids is not None and model_id not in split_ids:
+                self.skipped["not_in_split"] += 1
+            elif not (self.root / pcd_pattern.format(class_id=class_id, model_id=model_id)).exists():
+                self.skipped["no_pcd"] += 1
+            else:
+                keys.append((class_id, model_id))
+        if limit is not None:
+            keys = keys[:limit]
+        self.keys = keys
+        if self.skipped["no_pcd"]:
+            log.info(
+                "KeypointNet: %d annotated shapes have no point cloud under %s; skipped",
+                self.skipped["no_pcd"],
+                self.root,
+            )
+        if not self.keys:
+            raise FileNotFoundError(
+                f"no KeypointNet shapes with point clouds under {self.root} (skipped: {self.skipped})"
+            )
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def category_names(self, class_id: str) -> dict[int, str]:
+        return self.semantic_names.get(KEYPOINTNET_CLASSES.get(class_id, class_id), {})
+
+    def pcd_path(self, class_id: str, model_id: str) -> Path:
+        return self.root / self.pcd_pattern.format(class_id=class_id, model_id=model_id)
+
+    def __getitem__(self, index: int) -> ShapeSample:
+        class_id, model_id = self.keys[index]
+        shape_id = f"{class_id}/{model_id}"
+        category = KEYPOINTNET_CLASSES.get(class_id)
+        pcd_path = self.pcd_path(class_id, model_id)
+        mesh_path = self.root / self.mesh_pattern.format(class_id=class_id, model_id=model_id)
+        source = mesh_path if self.use_mesh and mesh_path.exists() else pcd_path
+        meta = {"category": category, "class_id": class_id, "model_id": model_id}
+        try:
+            sample = load_shape(source, shape_id=shape_id, category=category)
+        except (ValueError, OSError, IndexError) as err:
+            return _failed_sample(shape_id, str(source), f"{type(err).__name__}: {err}", **meta)
+        annotation = self.annotations[(class_id, model_id)]
+        names = self.category_names(class_id)
+        kps = annotation.get("keypoints", [])
+        xyz = torch.tensor([kp["xyz"] for kp in kps], dtype=torch.float32).reshape(-1, 3)
+        sample.class_id, sample.model_id = class_id, model_id
+        sample.keypoints = sample.to_normalised(xyz)
+        sample.keypoint_names = [names.get(int(kp.get("semantic_id", -1))) for kp in kps]
+        sample.extra = {
+            "pcd_path": str(pcd_path),
+            "semantic_ids": [int(kp.get("semantic_id", -1)) for kp in kps],
+            "pcd_indices": [int(kp.get("pcd_info", {}).get("point_index", -1)) for kp in kps],
+        }
+        return sample

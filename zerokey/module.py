@@ -1,0 +1,161 @@
+"""Lightning wrappers: ``trainer.predict`` runs ZeroKey over a dataset, on one or many GPUs.
+
+The module holds no parameters; ``predict_step`` just runs :class:`ZeroKeyPipeline` on each shape of
+the batch. Multi-GPU prediction is the same Trainer with ``devices: N`` / ``strategy: ddp``: Lightning
+shards the dataset with a distributed sampler and every rank's :class:`KeypointJSONWriter` writes its
+own shapes. Namer and pointer are ``class_path`` / ``init_args`` objects in the config.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader
+
+from zerokey.cluster import ClusterConfig
+from zerokey.data import FileShapeDataset, KeypointNetDataset, ShapeSample, collate_shapes
+from zerokey.namers import Namer
+from zerokey.pipeline import ShapePrediction, ZeroKeyPipeline
+from zerokey.pointers import Pointer
+from zerokey.views import ViewConfig
+
+__all__ = ["ZeroKeyModule", "ZeroKeyDataModule"]
+
+
+class ZeroKeyModule(pl.LightningModule):
+    """Zero-shot 3D keypoints as a prediction loop.
+
+    Args:
+        namer: a :class:`zerokey.namers.Namer` (``OpenAINamer``, ``KeypointNetNamer``, ``StaticNamer``).
+        pointer: a :class:`zerokey.pointers.Pointer` (``MolmoPointer``, ``OpenAIPointer``, ``OraclePointer``).
+        image_size / distance / fov_deg / pole_tilt_deg: the 26-view camera layout (see ``ViewConfig``).
+        render_backend / point_backend / point_radius: renderer choices (auto = GPU rasteriser on
+            CUDA, Embree / torch splatting on CPU; point radius from the point spacing).
+        patch_size: h of the Gaussian patch lifted around every 2D point.
+        lift_method: "auto" | "barycentric" | "points" | "depth".
+        min_samples / min_cluster_size / weight_resolution / allow_single_cluster /
+            cluster_selection_epsilon / min_views: weighted HDBSCAN (see ``zerokey.cluster.ClusterConfig``).
+        keep_all_clusters: write every cluster per name in the JSON, not just the chosen keypoints.
+        snap: "surface" (closest mesh point / nearest cloud point) or "none".
+    """
+
+    def __init__(
+        self,
+        namer: Namer,
+        pointer: Pointer,
+        image_size: int = 448,
+        distance: float = 2.5,
+        fov_deg: float | None = None,
+        pole_tilt_deg: float = 5.0,
+        render_backend: Literal["auto", "embree", "pytorch3d"] = "auto",
+        point_backend: Literal["auto", "cpu", "pytorch3d"] = "auto",
+        point_radius: float | None = None,
+        patch_size: int = 5,
+        lift_method: Literal["auto", "barycentric", "points", "depth"] = "auto",
+        min_samples: int = 10,
+        min_cluster_size: int = 10,
+        weight_resolution: float = 4.0,
+        allow_single_cluster: bool = True,
+        cluster_selection_epsilon: float = 0.03,
+        min_views: int = 3,
+        keep_all_clusters: bool = True,
+        snap: Literal["surface", "none"] = "surface",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["namer", "pointer"])
+        self.pipeline = ZeroKeyPipeline(
+            namer,
+            pointer,
+            ViewConfig(
+                image_size, distance, fov_deg, pole_tilt_deg, render_backend, point_backend, point_radius
+            ),
+            patch_size=patch_size,
+            lift_method=lift_method,
+            cluster=ClusterConfig(
+                min_samples=min_samples,
+                min_cluster_size=min_cluster_size,
+                resolution=weight_resolution,
+                allow_single_cluster=allow_single_cluster,
+                cluster_selection_epsilon=cluster_selection_epsilon,
+                min_views=min_views,
+            ),
+            keep_all_clusters=keep_all_clusters,
+            snap=snap,
+        )
+        #: set by KeypointJSONWriter when PNGs are requested: keep renders in the predictions.
+        self.keep_debug = False
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        # Shapes are dataclasses with strings and optional tensors; move them explicitly.
+        return [s.to(device) if isinstance(s, ShapeSample) else s for s in batch]
+
+    def predict_step(
+        self, batch: list[ShapeSample], batch_idx: int, dataloader_idx: int = 0
+    ) -> list[ShapePrediction]:
+        return [self.pipeline.predict(shape, self.device, keep_debug=self.keep_debug) for shape in batch]
+
+
+class ZeroKeyDataModule(pl.LightningDataModule):
+    """Shapes to predict: files (``inputs``: files, folders or globs) or a KeypointNet root.
+
+    Args:
+        inputs: mesh / point-cloud files, folders or glob patterns.
+        category / names: category and keypoint names for every file in ``inputs`` (optional; names
+            are used by ``StaticNamer``).
+        keypointnet_root: read KeypointNet instead (annotations + pcds (+ meshes)); with
+            ``categories`` / ``split`` / ``model_ids`` / ``use_mesh`` / ``limit`` as in
+            :class:`zerokey.data.KeypointNetDataset`.
+        batch_size: shapes per ``predict_step`` (work inside is per shape; >1 only amortises overhead).
+        num_workers: DataLoader workers loading / normalising files.
+    """
+
+    def __init__(
+        self,
+        inputs: list[str] | None = None,
+        category: str | None = None,
+        names: list[str] | None = None,
+        keypointnet_root: str | None = None,
+        categories: list[str] | None = None,
+        split: str | None = None,
+        model_ids: list[str] | None = None,
+        use_mesh: bool = True,
+        limit: int | None = None,
+        batch_size: int = 1,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if (inputs is None) == (keypointnet_root is None):
+            raise ValueError("give exactly one of `inputs` (files) or `keypointnet_root`")
+        self.inputs, self.category, self.names = inputs, category, names
+        self.keypointnet_root, self.categories, self.split = keypointnet_root, categories, split
+        self.model_ids, self.use_mesh, self.limit = model_ids, use_mesh, limit
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.dataset = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.dataset is not None:
+            return
+        if self.inputs is not None:
+            self.dataset = FileShapeDataset(self.inputs, self.category, self.names)
+        else:
+            self.dataset = KeypointNetDataset(
+                self.keypointnet_root,
+                self.categories,
+                self.split,
+                self.model_ids,
+                self.use_mesh,
+                limit=self.limit,
+            )
+
+    def predict_dataloader(self) -> DataLoader:
+        self.setup()
+        return DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            collate_fn=collate_shapes,
+            persistent_workers=False,
+        )

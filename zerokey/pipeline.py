@@ -1,0 +1,213 @@
+"""The ZeroKey pipeline for one shape, as plain Python/torch (Lightning only wraps it).
+
+render M views -> name keypoints -> point in 2D per view -> lift Gaussian patches to the surface ->
+weighted HDBSCAN per name -> densest cluster(s) -> weighted centroid snapped to the surface.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from zerokey.cluster import Cluster, ClusterConfig, closest_point_on_mesh, cluster_candidates, nearest_point
+from zerokey.data import ShapeSample
+from zerokey.lift import lift_points
+from zerokey.namers import Namer
+from zerokey.parsing import ParseStats
+from zerokey.pointers import Pointer, Points2D
+from zerokey.views import RenderedViews, ViewConfig, make_cameras, render_shape
+
+__all__ = ["ShapePrediction", "ZeroKeyPipeline"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ShapePrediction:
+    """Result for one shape: ``record`` is the JSON-serialisable summary written to disk; ``views`` and
+    ``points`` are kept only when plots were requested (they are large)."""
+
+    record: dict[str, Any]
+    views: RenderedViews | None = None
+    points: Points2D | None = None
+    shape: ShapeSample | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _round(values: Tensor | list[float], digits: int = 6) -> list[float]:
+    return [round(float(v), digits) for v in (values.tolist() if isinstance(values, Tensor) else values)]
+
+
+class ZeroKeyPipeline:
+    """Zero-shot keypoints for one shape at a time (all work inside is batched over views / pixels).
+
+    Args:
+        namer: which names to look for (:mod:`zerokey.namers`).
+        pointer: where they are in each view (:mod:`zerokey.pointers`).
+        views: camera / renderer settings.
+        patch_size: h of the Gaussian patch cast to the surface around each 2D point.
+        lift_method: "auto" | "barycentric" | "points" | "depth" (see :func:`zerokey.lift.lift_points`).
+        cluster: weighted HDBSCAN settings.
+        keep_all_clusters: also write every cluster per name (not only the chosen keypoints).
+        snap: "surface" snaps centroids to the closest mesh surface point / nearest cloud point;
+            "none" keeps the raw weighted centroid.
+    """
+
+    def __init__(
+        self,
+        namer: Namer,
+        pointer: Pointer,
+        views: ViewConfig | None = None,
+        patch_size: int = 5,
+        lift_method: Literal["auto", "barycentric", "points", "depth"] = "auto",
+        cluster: ClusterConfig | None = None,
+        keep_all_clusters: bool = True,
+        snap: Literal["surface", "none"] = "surface",
+    ) -> None:
+        self.namer, self.pointer = namer, pointer
+        self.view_config = views or ViewConfig()
+        self.patch_size, self.lift_method = patch_size, lift_method
+        self.cluster_config = cluster or ClusterConfig()
+        self.keep_all_clusters, self.snap = keep_all_clusters, snap
+        self._cameras: dict[str, Any] = {}
+
+    def cameras(self, device: torch.device):
+        key = str(device)
+        if key not in self._cameras:
+            self._cameras[key] = make_cameras(self.view_config, device)
+        return self._cameras[key]
+
+    @staticmethod
+    def _base_record(shape: ShapeSample) -> dict[str, Any]:
+        return {
+            "shape_id": shape.shape_id,
+            "source": shape.source,
+            "category": shape.category,
+            "class_id": shape.class_id,
+            "model_id": shape.model_id,
+            "frame": {"center": _round(shape.center), "scale": float(shape.scale)},
+            "error": shape.error,
+        }
+
+    def _snap(self, xyz: Tensor, shape: ShapeSample) -> Tensor:
+        if self.snap == "none" or xyz.numel() == 0:
+            return xyz
+        if shape.is_mesh:
+            return closest_point_on_mesh(xyz, shape.vertices, shape.faces)
+        return nearest_point(xyz, shape.vertices)[0]
+
+    def _cluster_record(self, cluster: Cluster, snapped: Tensor, shape: ShapeSample) -> dict[str, Any]:
+        return {
+            "xyz": _round(shape.to_original(snapped)),
+            "xyz_normalized": _round(snapped),
+            "centroid_normalized": _round(cluster.centroid),
+            # How well the cluster is supported: total Gaussian weight, 3D candidates, distinct views,
+            # and weighted RMS distance of its candidates to the centroid (normalised units).
+            "support": {
+                "weight": round(cluster.weight, 4),
+                "candidates": cluster.size,
+                "views": cluster.n_views,
+                "spread": round(cluster.spread, 6),
+            },
+        }
+
+    def predict(
+        self, shape: ShapeSample, device: torch.device | str = "cpu", keep_debug: bool = False
+    ) -> ShapePrediction:
+        """Run every stage on one shape; failures of the input are recorded, not raised."""
+        device = torch.device(device)
+        record = self._base_record(shape)
+        timings: dict[str, float] = {}
+        cpu_seconds: dict[str, float] = {}
+        if shape.error is not None:
+            record.update(keypoints=[], names=[], skipped=True)
+            return ShapePrediction(record)
+
+        @contextmanager
+        def timed(stage: str):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start, cpu_start = time.perf_counter(), time.process_time()
+            yield
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            timings[stage] = round(time.perf_counter() - start, 5)
+            # Process CPU time (all threads): robust to other jobs sharing the machine, unlike wall time.
+            cpu_seconds[stage] = round(time.process_time() - cpu_start, 5)
+
+        shape = shape.to(device)
+        with timed("render"):
+            views = render_shape(shape, self.cameras(device), self.view_config)
+        with timed("name"):
+            naming = self.namer(shape, views.images)
+        names, instances = naming.names, naming.instances
+        with timed("point"):
+            points = self.pointer(shape, names, views) if names else Points2D.empty(device)
+        with timed("lift"):
+            candidates = lift_points(
+                points.uv,
+                points.view,
+                points.name_index,
+                views,
+                shape.vertices,
+                shape.faces,
+                patch_size=self.patch_size,
+                method=self.lift_method,
+            )
+        with timed("cluster"):
+            per_name = cluster_candidates(candidates, len(names), self.cluster_config)
+            chosen = [
+                (i, k, c)
+                for i, clusters in enumerate(per_name)
+                for k, c in enumerate(clusters[: instances[i]])
+            ]
+            all_clusters = (
+                [c for clusters in per_name for c in clusters]
+                if self.keep_all_clusters
+                else [c for _, _, c in chosen]
+            )
+            centroids = torch.stack([c.centroid for c in all_clusters]) if all_clusters else torch.zeros(0, 3)
+            snapped = self._snap(centroids.to(device), shape)
+            snapped_of = {id(c): snapped[j] for j, c in enumerate(all_clusters)}
+        timings["total"] = round(sum(timings.values()), 5)
+
+        keypoints = []
+        for i, k, cluster in chosen:
+            entry = {"name": names[i], "instance": k}
+            entry.update(self._cluster_record(cluster, snapped_of[id(cluster)], shape))
+            keypoints.append(entry)
+        record.update(
+            names=names,
+            instances=instances,
+            keypoints=keypoints,
+            missing=[n for i, n in enumerate(names) if not per_name[i]],
+            mllm_calls={"namer": naming.calls, "pointer": points.calls},
+            parse_stats={"namer": naming.stats.as_dict(), "pointer": points.stats.as_dict()},
+            counts={"views": views.n_views, "points2d": len(points), "candidates": len(candidates)},
+            timings=timings,
+            cpu_seconds=cpu_seconds,
+        )
+        if self.keep_all_clusters:
+            record["clusters"] = {
+                names[i]: [self._cluster_record(c, snapped_of[id(c)], shape) for c in clusters]
+                for i, clusters in enumerate(per_name)
+            }
+        if keep_debug:
+            return ShapePrediction(record, views, points, shape, timings)
+        return ShapePrediction(record, timings=timings)
+
+
+def merge_parse_stats(records: list[dict[str, Any]], key: str) -> dict[str, int]:
+    """Sum the ``parse_stats[key]`` counters over shape records (for run summaries)."""
+    total = ParseStats()
+    for r in records:
+        stats = r.get("parse_stats", {}).get(key)
+        if stats:
+            total += ParseStats(**stats)
+    return total.as_dict()
