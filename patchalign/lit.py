@@ -350,6 +350,10 @@ class Stage2Alignment(_StageBase):
             )
         self.text_vectors = F.normalize(vectors, dim=-1).to(self.device)
         self.text_names = list(bank.names)
+        # provenance for export / load_pretrained: which text encoder and templates the head aligns to
+        if getattr(bank, "encoder_id", None):
+            self.hparams["text_encoder"] = bank.encoder_id
+            self.hparams["text_templates"] = list(getattr(bank, "templates", []) or [])
 
     def setup(self, stage: str) -> None:
         if self.text_vectors.numel() == 0:
