@@ -315,11 +315,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         for c, v in r["per_category"].items():
             print(f"    {c:<10} mIoU {v['miou']:.3f}  chance {v['chance']:.3f}  ({v['n']} shapes)")
-    print(f"stage 1 checkpoint: {ckpt1}\nstage 2 checkpoint: {ckpt2}\nexport:             {export_dir}")
+    print(f"stage 1 checkpoint: {ckpt1}\nstage 2 checkpoint: {ckpt2}")
+    print(f"export:             {export_dir}")
     print(
         f"pictures:           {out / 'pictures'} ({len(pics)} PNGs)\nsummary:            {out / 'summary.json'}"
     )
-    print(f"total {summary['total_s']:.0f} s  ({', '.join(f'{k} {v:.0f}' for k, v in timings.items())})")
+    parts = ", ".join(f"{k} {v:.0f}" for k, v in timings.items())
+    print(f"total {summary['total_s']:.0f} s  ({parts})")
     print(
         "note: without DINOv2 weights the Stage 1 teacher is a seeded random DINOv2, so its features are not\n"
         "      semantic; these numbers show the pipeline working end to end, not the paper's accuracy."
