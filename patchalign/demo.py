@@ -318,13 +318,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"stage 1 checkpoint: {ckpt1}\nstage 2 checkpoint: {ckpt2}")
     print(f"export:             {export_dir}")
     print(
-        f"pictures:           {out / 'pictures'} ({len(pics)} PNGs)\nsummary:            {out / 'summary.json'}"
+        f"pictures:           {out / 'pictures'} ({len(pics)} PNGs)\n"
+        f"summary:            {out / 'summary.json'}"
     )
     parts = ", ".join(f"{k} {v:.0f}" for k, v in timings.items())
     print(f"total {summary['total_s']:.0f} s  ({parts})")
     print(
-        "note: without DINOv2 weights the Stage 1 teacher is a seeded random DINOv2, so its features are not\n"
-        "      semantic; these numbers show the pipeline working end to end, not the paper's accuracy."
+        "note: without DINOv2 weights the Stage 1 teacher is a seeded random DINOv2, so its features\n"
+        "      are not semantic; these numbers show the pipeline working end to end, not the paper's accuracy."
     )
     return 0
 
