@@ -325,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"total {summary['total_s']:.0f} s  ({parts})")
     print(
         "note: without DINOv2 weights the Stage 1 teacher is a seeded random DINOv2, so its features\n"
-        "      are not semantic; these numbers show the pipeline working end to end, not the paper's accuracy."
+        "      are not semantic; these numbers show the pipeline working end to end,\n"
+        "      not the paper's accuracy."
     )
     return 0
 
