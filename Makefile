@@ -30,4 +30,4 @@ demo: setup
 	HF_HUB_OFFLINE=1 $(PY) -m patchalign.demo
 
 clean-demo:
-	rm -rf shards/demo demo_out
+	rm -rf shards/demo outputs/demo

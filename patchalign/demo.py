@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--shards", default=str(REPO / "shards" / "demo"), help="demo shard root")
-    p.add_argument("--out", default=str(REPO / "demo_out"), help="where runs, export and pictures go")
+    p.add_argument("--out", default=str(REPO / "outputs" / "demo"), help="where runs, export and pictures go")
     p.add_argument("--n-objects", type=int, default=300)
     p.add_argument("--stage1-steps", type=int, default=120)
     p.add_argument("--stage2-steps", type=int, default=80)
