@@ -256,12 +256,20 @@ class Stage2Alignment(_StageBase):
         init_from: Stage 1 Lightning checkpoint or export directory (``None``: random init, tests).
         loss: ``"siglip"`` (the talk: all patch–text pairs in the batch, learnable t and b) or
             ``"bce"`` (the released code: per-shape BCE over the shape's own labels).
-        freeze_blocks: number of leading transformer blocks to freeze (default 11 of 12).
+        freeze_blocks: number of leading transformer blocks to freeze (default: all but the last,
+            i.e. 11 of 12).
         frozen_train_mode: keep frozen modules in train mode (BatchNorm statistics update, drop-path
             active) as the released code did; off by default so frozen means frozen.
         text_bank: path of the text bank (by default the data module's); the vectors are held in
             a non-persistent buffer, never in checkpoints.
         target_widths: set by the CLI from the data; the head is rebuilt to the ``text`` width.
+        init_head: also load the head from ``init_from`` (evaluating a Stage 2 checkpoint or an
+            export directory) instead of starting a new one (Stage 1 → Stage 2).
+        eval_text_encoder: text encoder spec for ``test`` on a benchmark (``EvalDataModule``), e.g.
+            ``open_clip:ViT-bigG-14@laion2b_s39b_b160k``; it must be the encoder the head was aligned to.
+        eval_templates: prompt template preset for evaluation (``part_only`` = the released one).
+        eval_assign: patch → point label transfer (``nearest`` patch centre = the released one).
+        eval_out_dir: where ``test`` writes its per-category table (CSV/JSON); default: the log dir.
         Other arguments as :class:`Stage1Distillation`.
     """
 
@@ -270,7 +278,7 @@ class Stage2Alignment(_StageBase):
         encoder: PatchAlignEncoder,
         init_from: str | None = None,
         loss: Literal["siglip", "bce"] = "siglip",
-        freeze_blocks: int = 11,
+        freeze_blocks: int | None = None,
         frozen_train_mode: bool = False,
         text_bank: str | None = None,
         lr: float = 1e-4,
@@ -281,6 +289,11 @@ class Stage2Alignment(_StageBase):
         min_lr_ratio: float = 0.01,
         decay_all_params: bool = False,
         target_widths: dict[str, int] | None = None,
+        init_head: bool = False,
+        eval_text_encoder: str | None = None,
+        eval_templates: str = "part_only",
+        eval_assign: Literal["nearest", "knn", "membership"] = "nearest",
+        eval_out_dir: str | None = None,
     ) -> None:
         super().__init__(
             lr, head_lr, weight_decay, warmup_steps, cosine_schedule, min_lr_ratio, decay_all_params
@@ -290,6 +303,8 @@ class Stage2Alignment(_StageBase):
             encoder.reset_head(target_widths["text"])
         if encoder.head is None:
             raise ValueError("Stage 2 needs an encoder with a projection head of the text width")
+        if freeze_blocks is None:  # all but the last block, whatever the depth (11 of 12 by default)
+            freeze_blocks = encoder.config.depth - 1
         if not 0 <= freeze_blocks <= encoder.config.depth:
             raise ValueError(f"freeze_blocks={freeze_blocks} outside [0, {encoder.config.depth}]")
         self.encoder = encoder
@@ -298,7 +313,9 @@ class Stage2Alignment(_StageBase):
             SigmoidLogitParams() if loss == "siglip" else ScaleLogitParams()
         )
         if init_from:
-            load_encoder_weights(encoder, init_from, skip_head=True)
+            load_encoder_weights(encoder, init_from, skip_head=not init_head)
+        self._eval_embedder: Any = None
+        self.evaluator: Any = None
         self.frozen_modules = self._freeze(freeze_blocks)
         self.train()  # puts the frozen modules in eval mode from the start
         self.register_buffer("text_vectors", torch.empty(0), persistent=False)
@@ -356,6 +373,9 @@ class Stage2Alignment(_StageBase):
             self.hparams["text_templates"] = list(getattr(bank, "templates", []) or [])
 
     def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if stage in ("test", "predict") and getattr(dm, "test_dataset", None) is not None:
+            return  # benchmark evaluation: part names are encoded by the eval text encoder instead
         if self.text_vectors.numel() == 0:
             dm = getattr(self.trainer, "datamodule", None)
             bank = getattr(dm, "text_bank", None)
@@ -450,6 +470,55 @@ class Stage2Alignment(_StageBase):
             self.log("train/logit_bias", self.logit_params.logit_bias.detach(), batch_size=bs)
         self._log_skips()
         return loss
+
+    # ----------------------------------------------------------------- benchmark evaluation (test)
+    def _embedder(self) -> Any:
+        if self._eval_embedder is None:
+            spec = self.hparams.eval_text_encoder or self.hparams.get("text_encoder")
+            if not spec:
+                raise RuntimeError(
+                    "zero-shot evaluation needs the text encoder the head was aligned to: set "
+                    "model.init_args.eval_text_encoder (e.g. open_clip:ViT-bigG-14@laion2b_s39b_b160k)"
+                )
+            from patchalign.eval.zeroshot import PartTextEmbedder
+            from patchalign.text import load_text_encoder
+
+            self._eval_embedder = PartTextEmbedder(load_text_encoder(spec), self.hparams.eval_templates)
+        return self._eval_embedder
+
+    def on_test_epoch_start(self) -> None:
+        from patchalign.eval.evaluator import PartSegEvaluator
+
+        dataset = getattr(self.trainer.datamodule, "test_dataset", None)
+        self.evaluator = (
+            PartSegEvaluator.from_dataset(dataset).to(self.device) if dataset is not None else None
+        )
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if self.evaluator is None:  # a shard set: same metrics as validation
+            return self.validation_step(batch, batch_idx)
+        from patchalign.eval.zeroshot import zero_shot_predict
+
+        pred = zero_shot_predict(self.encoder, batch, self._embedder(), assign=self.hparams.eval_assign)
+        self.evaluator.update(
+            pred.labels,
+            batch["labels"],
+            batch["category"],
+            num_parts=[len(p) for p in batch["part_names"]],
+            shape_ids=batch["index"],
+        )
+        return None
+
+    def on_test_epoch_end(self) -> None:
+        if self.evaluator is None:
+            return
+        report = self.evaluator.compute()
+        self.log_dict(report.log_dict("test/"), rank_zero_only=True)
+        if self.trainer.is_global_zero:
+            out = Path(self.hparams.eval_out_dir or self.trainer.default_root_dir) / "eval"
+            csv_path, json_path = report.save(out)
+            print(report.format_table())
+            print(f"per-category results: {csv_path} and {json_path}")
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         out, targets, _ = self._scores(batch)

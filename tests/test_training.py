@@ -327,3 +327,34 @@ def test_preempt_and_resume_continues_the_same_run(
     assert seen_a + seen_b == seen_full  # the resumed run continues the same data stream
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.allclose(a.float(), b.float(), atol=1e-6), name
+
+
+def test_cli_test_on_real_shapenetpart_from_an_export_dir(tmp_path: Path, shared_data: Path) -> None:
+    """``python -m patchalign test --config configs/eval_shapenetpart.yaml`` on the real shapes."""
+    root = shared_data / "shapenetpart" / "shapenetcore_partanno_segmentation_benchmark_v0_normal"
+    if not root.is_dir():
+        pytest.skip("real ShapeNetPart shapes not available")
+    from patchalign.export import export_checkpoint
+
+    cfg = EncoderConfig(**{**TINY, "drop_path_rate": 0.0}, head_dim=384)  # MiniLM width
+    enc = PatchAlignEncoder(cfg)
+    state = {f"encoder.{k}": v for k, v in enc.state_dict().items()}
+    torch.save({"state_dict": state, "hyper_parameters": {"encoder_config": cfg.to_dict()}}, tmp_path / "m.ckpt")
+    export_checkpoint(tmp_path / "m.ckpt", tmp_path / "export")
+    args = ["test", "--config", str(REPO / "configs" / "eval_shapenetpart.yaml"),
+            "--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--trainer.enable_progress_bar", "false",
+            "--data.init_args.root", str(root), "--data.init_args.split", "trainval",
+            "--data.init_args.num_workers", "0", "--data.init_args.batch_size", "2",
+            "--model.init_args.init_from", str(tmp_path / "export"), "--model.init_args.eval_text_encoder", "demo",
+            "--model.init_args.eval_out_dir", str(tmp_path / "eval")]
+    args += [a for k, v in TINY.items() for a in (f"--model.init_args.encoder.init_args.config.{k}", str(v))]
+    args += ["--model.init_args.encoder.init_args.config.head_dim", "384"]
+    cli = cli_main(args)
+    # the exported weights were loaded, head included
+    assert torch.equal(cli.model.encoder.head.proj.weight, enc.head.proj.weight)
+    metrics = cli.trainer.callback_metrics
+    keys = [k for k in metrics if k.startswith("test/")]
+    assert keys, metrics
+    assert all(0.0 <= float(metrics[k]) <= 1.0 for k in keys if "miou" in k.lower())
+    rows = (tmp_path / "eval" / "eval" / "results.csv").read_text().splitlines()
+    assert len(rows) >= 2

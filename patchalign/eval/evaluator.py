@@ -1,0 +1,429 @@
+"""Evaluation driver: a metric wrapper for LightningModules and the script path ``run_zero_shot_eval``.
+
+Inside Lightning::
+
+    # setup / on_test_epoch_start
+    self.evaluator = PartSegEvaluator.from_dataset(self.trainer.datamodule.test_dataset).to(self.device)
+    # test_step
+    pred = zero_shot_predict(self.encoder, batch, self.embedder)
+    self.evaluator.update(pred.labels, batch["labels"], batch["category"],
+                          num_parts=[len(p) for p in batch["part_names"]], shape_ids=batch["index"])
+    # on_test_epoch_end
+    report = self.evaluator.compute()
+    self.log_dict(report.log_dict("test/"))
+    if self.trainer.is_global_zero: print(report.format_table()); report.save(out_dir)
+
+From a script: ``run_zero_shot_eval(model, dataset, text_encoder_or_bank, batch_size=32)``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from patchalign.eval.datasets import PartSegDataset, ResampledDataset, collate_part_samples
+from patchalign.eval.metrics import CONVENTIONS, PartSegIoU
+from patchalign.eval.zeroshot import AssignMode, PartTextEmbedder, TextSource, assign_point_labels
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalReport:
+    """Everything one evaluation produced, ready to print, save and log.
+
+    Attributes:
+        scalars: ``"<conv>/instance_mIoU"``, ``"<conv>/category_mIoU"`` (0..1), ``"accuracy"``.
+        rows: one dict per category: ``category``, ``num_shapes``, ``<conv>`` mIoU per convention,
+            ``accuracy`` (NaN when the category had no shape).
+        per_shape: ``{"shape_id", "uid", "category", <conv>: mIoU}`` per evaluated shape.
+        info: provenance (dataset, split sizes, missing shapes, protocol settings, timing).
+    """
+
+    scalars: dict[str, float]
+    rows: list[dict[str, Any]]
+    per_shape: list[dict[str, Any]] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def log_dict(self, prefix: str = "") -> dict[str, float]:
+        return {f"{prefix}{k}": v for k, v in self.scalars.items()}
+
+    def format_table(self) -> str:
+        """Per-category table with the three conventions side by side (mIoU in %)."""
+        head = f"{'category':<16}{'shapes':>7}" + "".join(f"{c:>11}" for c in CONVENTIONS) + f"{'acc':>8}"
+        lines = [head, "-" * len(head)]
+
+        def pct(x: float) -> str:
+            return "-" if x is None or math.isnan(x) else f"{100 * x:.2f}"
+
+        for r in self.rows:
+            lines.append(
+                f"{r['category'][:15]:<16}{r['num_shapes']:>7}"
+                + "".join(f"{pct(r[c]):>11}" for c in CONVENTIONS)
+                + f"{pct(r['accuracy']):>8}"
+            )
+        lines.append("-" * len(head))
+        n = sum(r["num_shapes"] for r in self.rows)
+        lines.append(
+            f"{'category mIoU':<16}{n:>7}"
+            + "".join(f"{pct(self.scalars[f'{c}/category_mIoU']):>11}" for c in CONVENTIONS)
+        )
+        lines.append(
+            f"{'instance mIoU':<16}{n:>7}"
+            + "".join(f"{pct(self.scalars[f'{c}/instance_mIoU']):>11}" for c in CONVENTIONS)
+            + f"{pct(self.scalars['accuracy']):>8}"
+        )
+        return "\n".join(lines)
+
+    def to_csv(self, path: str | Path) -> Path:
+        """Per-category rows plus the two summary rows (``ALL (category)``, ``ALL (instance)``)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fields = ["category", "num_shapes", *CONVENTIONS, "accuracy"]
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            for r in self.rows:
+                w.writerow({k: r[k] for k in fields})
+            n = sum(r["num_shapes"] for r in self.rows)
+            w.writerow(
+                {
+                    "category": "ALL (category)",
+                    "num_shapes": n,
+                    **{c: self.scalars[f"{c}/category_mIoU"] for c in CONVENTIONS},
+                    "accuracy": "",
+                }
+            )
+            w.writerow(
+                {
+                    "category": "ALL (instance)",
+                    "num_shapes": n,
+                    **{c: self.scalars[f"{c}/instance_mIoU"] for c in CONVENTIONS},
+                    "accuracy": self.scalars["accuracy"],
+                }
+            )
+        return path
+
+    def to_json(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+        def clean(x: Any) -> Any:  # JSON has no NaN
+            if isinstance(x, float) and math.isnan(x):
+                return None
+            if isinstance(x, dict):
+                return {k: clean(v) for k, v in x.items()}
+            if isinstance(x, list):
+                return [clean(v) for v in x]
+            return x
+
+        path.write_text(json.dumps(clean(asdict(self)), indent=2))
+        return path
+
+    def save(self, out_dir: str | Path, stem: str = "results") -> tuple[Path, Path]:
+        out_dir = Path(out_dir)
+        return self.to_csv(out_dir / f"{stem}.csv"), self.to_json(out_dir / f"{stem}.json")
+
+    def best_worst(
+        self, convention: str = "released", k: int = 1
+    ) -> dict[str, tuple[list[dict], list[dict]]]:
+        """Per category, the ``k`` best and ``k`` worst shapes under ``convention`` (skipped shapes
+        excluded)."""
+        by_cat: dict[str, list[dict]] = {}
+        for s in self.per_shape:
+            v = s.get(convention)
+            if v is not None and not math.isnan(v):
+                by_cat.setdefault(s["category"], []).append(s)
+        out = {}
+        for cat, shapes in by_cat.items():
+            ordered = sorted(shapes, key=lambda s: s[convention])
+            out[cat] = (ordered[::-1][:k], ordered[:k])
+        return out
+
+
+class PartSegEvaluator(nn.Module):
+    """A :class:`PartSegIoU` plus the bookkeeping that turns it into an :class:`EvalReport`.
+
+    An ``nn.Module`` so a LightningModule can own it and Lightning moves its states to the device;
+    the states are sum/cat states, so DDP runs reduce correctly.
+    """
+
+    def __init__(
+        self,
+        categories: Sequence[str],
+        part_names_by_category: Mapping[str, Sequence[str]],
+        uids: Sequence[str] | None = None,
+        keep_per_shape: bool = True,
+    ) -> None:
+        super().__init__()
+        self.categories = list(categories)
+        self.part_names_by_category = {c: list(v) for c, v in part_names_by_category.items()}
+        self.uids = list(uids) if uids is not None else None
+        self.metric = PartSegIoU(
+            self.categories,
+            {
+                c: len(self.part_names_by_category[c])
+                for c in self.categories
+                if c in self.part_names_by_category
+            },
+            keep_per_shape=keep_per_shape,
+        )
+
+    @classmethod
+    def from_dataset(
+        cls, dataset: PartSegDataset | ResampledDataset, keep_per_shape: bool = True
+    ) -> PartSegEvaluator:
+        base = dataset.dataset if isinstance(dataset, ResampledDataset) else dataset
+        uids = [base.uid_of(i) for i in range(len(base))]
+        return cls(base.categories, base.part_names_by_category, uids, keep_per_shape)
+
+    def reset(self) -> None:
+        self.metric.reset()
+
+    def update(
+        self,
+        pred_labels: Tensor,
+        gt_labels: Tensor,
+        category: Sequence[str] | Tensor,
+        num_parts: Sequence[int] | Tensor | None = None,
+        shape_ids: Tensor | None = None,
+    ) -> None:
+        """Add a batch of ``(B, N)`` predicted and ground-truth local part ids."""
+        self.metric.update(pred_labels, gt_labels.to(pred_labels.device), category, num_parts, shape_ids)
+
+    def compute(self) -> EvalReport:
+        res = self.metric.compute()
+        scalars = self.metric.scalars(res)
+        # torchmetrics squeezes one-element outputs to 0-d (a single category): restore (C,)
+        per_cat = {
+            k: v.reshape(-1)
+            for k, v in res.items()
+            if k.endswith(("per_category", "per_category_accuracy", "num_shapes"))
+        }
+        rows = []
+        for i, cat in enumerate(self.categories):
+            row: dict[str, Any] = {"category": cat, "num_shapes": int(per_cat["num_shapes"][i])}
+            for conv in CONVENTIONS:
+                row[conv] = float(per_cat[f"{conv}/per_category"][i])
+            row["accuracy"] = float(per_cat["per_category_accuracy"][i])
+            rows.append(row)
+        per_shape = []
+        if self.metric.keep_per_shape:
+            miou, cat_idx, ids = self.metric.per_shape()
+            for m, c, s in zip(miou.tolist(), cat_idx.tolist(), ids.tolist(), strict=True):
+                rec = {
+                    "shape_id": s,
+                    "category": self.categories[c],
+                    **dict(zip(CONVENTIONS, m, strict=True)),
+                }
+                if self.uids is not None and 0 <= s < len(self.uids):
+                    rec["uid"] = self.uids[s]
+                per_shape.append(rec)
+        return EvalReport(scalars=scalars, rows=rows, per_shape=per_shape)
+
+
+def _resolve_encoder(model: Any) -> tuple[nn.Module, float]:
+    """Accept a ``PatchAlignEncoder``, a ``PretrainedPatchAlign`` or an exported directory."""
+    if isinstance(model, str | Path):
+        from patchalign.pretrained import load_pretrained
+
+        model = load_pretrained(model)
+    scale = 1.0 / 0.07
+    if hasattr(model, "encoder") and hasattr(model, "logit_scale_value"):
+        scale = float(model.logit_scale_value)
+        model = model.encoder
+    return model, scale
+
+
+def run_zero_shot_eval(
+    model: Any,
+    dataset: PartSegDataset | ResampledDataset,
+    text_encoder_or_bank: TextSource,
+    batch_size: int = 32,
+    num_points: int = 2048,
+    seed: int = 0,
+    templates: str | Sequence[str] = "part_only",
+    assign: AssignMode = "nearest",
+    knn: int = 3,
+    none_threshold: float | None = None,
+    device: str | torch.device | None = None,
+    num_workers: int = 0,
+    amp: bool = False,
+    out_dir: str | Path | None = None,
+    viz_per_category: int = 0,
+    viz_convention: str = "released",
+    verbose: bool = True,
+) -> EvalReport:
+    """Zero-shot part segmentation of ``dataset``: files -> encoder -> text scores -> metrics.
+
+    Args:
+        model: ``PatchAlignEncoder`` (any module returning ``EncoderOutput``), ``PretrainedPatchAlign``
+            or the directory written by :func:`patchalign.export.export_checkpoint`.
+        dataset: a reader (wrapped in :class:`ResampledDataset` with ``num_points``/``seed``) or an
+            already wrapped one.
+        text_encoder_or_bank: see :class:`PartTextEmbedder`.
+        templates, assign, knn, none_threshold: the protocol (see :mod:`patchalign.eval.zeroshot`).
+        amp: bf16 autocast for the encoder on CUDA.
+        out_dir: write ``results.csv`` / ``results.json`` (and pictures) here.
+        viz_per_category: render the best and worst ``viz_per_category`` shapes of each category.
+        verbose: print the per-category table.
+
+    Returns:
+        The :class:`EvalReport`; ``info`` holds timing (``shapes_per_s``) and missing-shape counts.
+    """
+    device = (
+        torch.device(device)
+        if device is not None
+        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    encoder, logit_scale = _resolve_encoder(model)
+    encoder = encoder.to(device).eval()
+    ds = dataset if isinstance(dataset, ResampledDataset) else ResampledDataset(dataset, num_points, seed)
+    base = ds.dataset
+    if len(ds) == 0:
+        raise ValueError(f"{base.name}: no shapes to evaluate ({base.num_missing} listed shapes are missing)")
+    embedder = PartTextEmbedder(text_encoder_or_bank, templates, device=device)
+    # Encode every category's vocabulary up front: one batched text-encoder call, not one per batch.
+    present = {base.category_of(i) for i in range(len(base))}
+    for cat, names in base.part_names_by_category.items():
+        if cat in present:
+            embedder.embed(names, cat if embedder.uses_category else None)
+    evaluator = PartSegEvaluator.from_dataset(ds).to(device)
+    loader = DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=collate_part_samples,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
+    start = time.perf_counter()
+    n_shapes = 0
+    with torch.inference_mode():
+        for batch in loader:
+            points = batch["points"].to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+                out = encoder(points)
+            text, mask = embedder.batch(batch["part_names"], batch["category"])
+            pred = assign_point_labels(
+                out.patch_features,
+                text,
+                points,
+                out.centers,
+                out.point_to_patch,
+                mask,
+                group_index=out.group_index,
+                assign=assign,
+                k=knn,
+                logit_scale=logit_scale,
+                none_threshold=none_threshold,
+            )
+            evaluator.update(
+                pred.labels,
+                batch["labels"].to(device, non_blocking=True),
+                batch["category"],
+                num_parts=[len(p) for p in batch["part_names"]],
+                shape_ids=batch["index"].to(device),
+            )
+            n_shapes += points.shape[0]
+        report = evaluator.compute()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - start
+    report.info = {
+        "dataset": base.name,
+        "num_shapes": n_shapes,
+        "num_missing": base.num_missing,
+        "num_points": ds.num_points,
+        "seed": ds.seed,
+        "templates": embedder.template_list,
+        "assign": assign,
+        "text_encoder": embedder.id,
+        "seconds": elapsed,
+        "shapes_per_s": n_shapes / max(elapsed, 1e-9),
+        "device": str(device),
+    }
+    if verbose:
+        print(f"{base.name}: {n_shapes} shapes ({base.num_missing} listed but missing), {elapsed:.1f} s")
+        print(report.format_table())
+    if out_dir is not None:
+        report.save(out_dir)
+        if viz_per_category > 0:
+            render_best_worst(
+                report,
+                ds,
+                encoder,
+                embedder,
+                Path(out_dir) / "viz",
+                viz_per_category,
+                viz_convention,
+                assign=assign,
+                k=knn,
+                logit_scale=logit_scale,
+                device=device,
+            )
+    return report
+
+
+def render_best_worst(
+    report: EvalReport,
+    ds: ResampledDataset,
+    encoder: nn.Module,
+    embedder: PartTextEmbedder,
+    out_dir: Path,
+    per_category: int = 1,
+    convention: str = "released",
+    **predict_kw: Any,
+) -> list[Path]:
+    """Re-run the best/worst ``per_category`` shapes of each category and save prediction,
+    ground-truth and PCA pictures."""
+    from patchalign.viz import save_shape_figures
+
+    device = predict_kw.pop("device")
+    written: list[Path] = []
+    for cat, (best, worst) in report.best_worst(convention, per_category).items():
+        for tag, recs in (("best", best), ("worst", worst)):
+            for rank, rec in enumerate(recs):
+                sample = ds[rec["shape_id"]]
+                batch = collate_part_samples([sample])
+                points = batch["points"].to(device)
+                with torch.inference_mode():
+                    out = encoder(points)
+                    text, mask = embedder.batch(batch["part_names"], batch["category"])
+                    pred = assign_point_labels(
+                        out.patch_features,
+                        text,
+                        points,
+                        out.centers,
+                        out.point_to_patch,
+                        mask,
+                        group_index=out.group_index,
+                        **predict_kw,
+                    )
+                stem = f"{cat}_{tag}{rank}_{rec.get('uid', rec['shape_id'])}".replace("/", "_").replace(
+                    " ", "_"
+                )
+                title = f"{cat} {tag}: {convention} mIoU {100 * rec[convention]:.1f}"
+                written += save_shape_figures(
+                    out_dir / stem,
+                    points[0].cpu(),
+                    pred.labels[0].cpu(),
+                    sample["part_names"],
+                    gt_labels=batch["labels"][0],
+                    patch_features=out.patch_features[0].float().cpu(),
+                    point_to_patch=out.point_to_patch[0].cpu(),
+                    title=title,
+                )
+    return written

@@ -1,0 +1,264 @@
+"""Checkpoint export, the Lightning-free inference API, and its input checking."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+
+from patchalign.export import export_checkpoint
+from patchalign.model import EncoderConfig, PatchAlignEncoder
+from patchalign.pretrained import load_pretrained
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _lightning_ckpt(
+    path: Path, cfg: EncoderConfig, seed: int = 0, text_encoder: str | None = "openclip:ViT-B-16"
+) -> PatchAlignEncoder:
+    """A checkpoint laid out as Lightning saves it (encoder.*, logit params, teacher, optimizer)."""
+    torch.manual_seed(seed)
+    enc = PatchAlignEncoder(cfg)
+    with torch.no_grad():  # non-default BatchNorm statistics, so buffers must round-trip too
+        enc.encoder.first_conv[1].running_mean.uniform_(-0.5, 0.5)
+        enc.encoder.first_conv[1].running_var.uniform_(0.5, 2.0)
+    state = {f"encoder.{k}": v for k, v in enc.state_dict().items()}
+    state |= {
+        "logit_params.logit_scale": torch.tensor(2.0),
+        "logit_params.logit_bias": torch.tensor(-10.0),
+        "teacher.proj.weight": torch.randn(4, 4),
+        "ema.encoder.norm.weight": torch.ones(3),
+    }
+    hp = {"encoder_config": cfg.to_dict(), "lr": 1e-3}
+    if text_encoder:
+        hp["text_encoder"] = text_encoder
+    torch.save(
+        {
+            "state_dict": state,
+            "hyper_parameters": hp,
+            "optimizer_states": [{"state": {}}],
+            "lr_schedulers": [],
+            "epoch": 7,
+            "global_step": 700,
+            "pytorch-lightning_version": "2.6",
+        },
+        path,
+    )
+    return enc.eval()
+
+
+@pytest.fixture
+def exported(tmp_path: Path) -> tuple[Path, PatchAlignEncoder, Path]:
+    ckpt = tmp_path / "last.ckpt"
+    enc = _lightning_ckpt(ckpt, EncoderConfig.tiny(16))
+    out = export_checkpoint(ckpt, tmp_path / "export")
+    return out, enc, ckpt
+
+
+def test_export_writes_encoder_only_and_config(exported: tuple[Path, PatchAlignEncoder, Path]) -> None:
+    out, enc, _ = exported
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+        assert keys == {f"encoder.{k}" for k in enc.state_dict()}
+        for k, v in enc.state_dict().items():
+            assert torch.equal(f.get_tensor(f"encoder.{k}"), v)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["encoder"] == EncoderConfig.tiny(16).to_dict()
+    assert cfg["text_encoder"] == "openclip:ViT-B-16"
+    assert cfg["logit"] == {"form": "sigmoid", "scale": 2.0, "bias": -10.0}
+    assert cfg["templates"] == ["{part}", "a {part}", "{part} part"]
+    assert cfg["epoch"] == 7
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_pretrained_matches_the_checkpoint_encoder(exported: tuple[Path, PatchAlignEncoder, Path]) -> None:
+    out, _, ckpt = exported
+    # Independent path: rebuild the encoder straight from the checkpoint's state_dict.
+    raw = torch.load(ckpt, weights_only=True)
+    ref = PatchAlignEncoder(EncoderConfig.from_dict(raw["hyper_parameters"]["encoder_config"]))
+    ref.load_state_dict({k[8:]: v for k, v in raw["state_dict"].items() if k.startswith("encoder.")})
+    ref.eval()
+    model = load_pretrained(out)
+    assert model.logit_scale_value == pytest.approx(torch.e**2)
+    pts = torch.rand(2, 300, 3) * 2 - 1
+    pts = pts / pts.norm(dim=-1).amax(1)[:, None, None]
+    got = model.encode(pts, normalize=False)
+    with torch.no_grad():
+        exp = ref(pts)
+    torch.testing.assert_close(got.patch_features, exp.patch_features)
+    assert torch.equal(got.point_to_patch, exp.point_to_patch)
+    text = F.normalize(torch.randn(5, 16), dim=1)
+    seg = model.segment(pts[0], text, normalize=False)
+    assert seg.labels.shape == (300,) and seg.scores.shape == (300, 5)
+    assert torch.equal(seg.labels, (exp.patch_features[0] @ text.T).argmax(-1)[exp.point_to_patch[0]])
+    # normalize=True is the unit-sphere normalisation of the input
+    raw_pts = pts[0] * 3.0 + torch.tensor([1.0, -2.0, 0.5])
+    centred = raw_pts - raw_pts.mean(0)
+    assert torch.equal(
+        model.segment(raw_pts, text).labels,
+        model.segment(centred / centred.norm(dim=1).max(), text, normalize=False).labels,
+    )
+
+
+def test_segment_by_names_uses_the_exported_text_encoder(
+    exported: tuple[Path, PatchAlignEncoder, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out, _, _ = exported
+    seen = {}
+
+    class Enc:
+        id = "fake"
+
+        def encode(self, names: list[str]) -> torch.Tensor:
+            g = torch.Generator().manual_seed(len(names))
+            return torch.randn(len(names), 16, generator=g)
+
+    def load_text_encoder(spec: str) -> Enc:
+        seen["spec"] = spec
+        return Enc()
+
+    monkeypatch.setitem(
+        sys.modules, "patchalign.text", types.SimpleNamespace(load_text_encoder=load_text_encoder)
+    )
+    model = load_pretrained(out)
+    seg = model.segment(torch.rand(256, 3), ["wing", "tail", "body"])
+    assert seen["spec"] == "openclip:ViT-B-16"
+    assert seg.part_names == ["wing", "tail", "body"] and seg.scores.shape == (256, 3)
+    bank = {"wing": torch.randn(16), "tail": torch.randn(16)}
+    seg2 = model.segment(torch.rand(2, 256, 3), ["wing", "tail"], text_encoder=bank)
+    assert seg2.labels.shape == (2, 256) and int(seg2.labels.max()) <= 1
+
+
+def test_pretrained_rejects_bad_input(exported: tuple[Path, PatchAlignEncoder, Path]) -> None:
+    model = load_pretrained(exported[0])
+    text = torch.randn(3, 16)
+    with pytest.raises(ValueError, match=r"\(N, 3\) or \(B, N, 3\)"):
+        model.segment(torch.rand(100, 2), text)
+    with pytest.raises(ValueError, match=r"\(N, 3\) or \(B, N, 3\)"):
+        model.encode(torch.rand(2, 2, 100, 3))
+    nan = torch.rand(100, 3)
+    nan[5, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        model.segment(nan, text)
+    with pytest.raises(ValueError, match="at least 32 points"):
+        model.segment(torch.rand(31, 3), text)
+    with pytest.raises(ValueError, match="empty"):
+        model.segment(torch.rand(100, 3), [])
+    with pytest.raises(TypeError, match="single string"):
+        model.segment(torch.rand(100, 3), "wing")
+    with pytest.raises(ValueError, match="dim 8"):
+        model.segment(torch.rand(100, 3), torch.randn(3, 8))
+    with pytest.raises(ValueError, match="all its points at one location"):
+        model.segment(torch.zeros(100, 3), text)
+    with pytest.raises(TypeError, match="numpy array or torch tensor"):
+        model.segment([[0.0, 0.0, 0.0]] * 40, text)
+
+
+def test_pretrained_small_clouds_are_repeated_up_to_num_groups(tmp_path: Path) -> None:
+    cfg = EncoderConfig(
+        num_groups=64,
+        group_size=8,
+        encoder_dims=32,
+        trans_dim=32,
+        depth=1,
+        num_heads=2,
+        head_dim=16,
+        drop_path_rate=0.0,
+    )
+    _lightning_ckpt(tmp_path / "c.ckpt", cfg)
+    model = load_pretrained(export_checkpoint(tmp_path / "c.ckpt", tmp_path / "e"))
+    pts = torch.rand(40, 3)
+    seg = model.segment(pts, torch.randn(2, 16))
+    enc = model.encode(pts)
+    assert seg.labels.shape == (40,) and enc.point_to_patch.shape == (1, 40)
+    assert int(enc.group_index.max()) < 40
+
+
+def test_export_errors(tmp_path: Path) -> None:
+    cfg = EncoderConfig.tiny(16)
+    enc = PatchAlignEncoder(cfg)
+    state = {f"encoder.{k}": v for k, v in enc.state_dict().items()}
+    torch.save({"state_dict": state, "hyper_parameters": {}}, tmp_path / "a.ckpt")
+    with pytest.raises(ValueError, match="encoder_config"):
+        export_checkpoint(tmp_path / "a.ckpt", tmp_path / "o")
+    torch.save(
+        {"state_dict": state, "hyper_parameters": {"encoder_config": EncoderConfig.tiny(32).to_dict()}},
+        tmp_path / "b.ckpt",
+    )
+    with pytest.raises(ValueError, match="do not match"):
+        export_checkpoint(tmp_path / "b.ckpt", tmp_path / "o")
+    torch.save(
+        {"state_dict": {"teacher.w": torch.ones(1)}, "hyper_parameters": {"encoder_config": cfg.to_dict()}},
+        tmp_path / "c.ckpt",
+    )
+    with pytest.raises(ValueError, match="no 'encoder"):
+        export_checkpoint(tmp_path / "c.ckpt", tmp_path / "o")
+    with pytest.raises(FileNotFoundError, match="not an exported"):
+        load_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"format": "other"}))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="not a patchalign export"):
+        load_pretrained(tmp_path)
+
+
+@pytest.mark.filterwarnings("ignore:The given buffer is not writable")
+def test_torch_export_program_runs_on_cpu(tmp_path: Path) -> None:
+    ckpt = tmp_path / "last.ckpt"
+    enc = _lightning_ckpt(ckpt, EncoderConfig.tiny(16), text_encoder=None)
+    out = export_checkpoint(ckpt, tmp_path / "export", torch_export=True, num_points=128)
+    program = torch.export.load(str(out / "encoder.pt2")).module()
+    pts = torch.rand(1, 128, 3)
+    feats, centers, p2p = program(pts)
+    with torch.no_grad():
+        ref = enc(pts)
+    torch.testing.assert_close(feats, ref.patch_features)
+    torch.testing.assert_close(centers, ref.centers)
+    assert torch.equal(p2p, ref.point_to_patch)
+    assert json.loads((out / "config.json").read_text())["text_encoder"] is None
+
+
+def test_inference_api_does_not_import_lightning(exported: tuple[Path, PatchAlignEncoder, Path]) -> None:
+    code = (
+        "import sys, torch\n"
+        "from patchalign.pretrained import load_pretrained\n"
+        f"m = load_pretrained({str(exported[0])!r})\n"
+        "bank = {n: torch.randn(16) for n in ['wing', 'tail']}\n"
+        "seg = m.segment(torch.rand(200, 3), ['wing', 'tail'], text_encoder=bank)\n"
+        "m.encode(torch.rand(2, 200, 3))\n"
+        "assert seg.labels.shape == (200,)\n"
+        "bad = [k for k in sys.modules\n"
+        "       if k == 'lightning' or k.startswith(('lightning.', 'pytorch_lightning'))]\n"
+        "assert not bad, bad\n"
+        "print('ok')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "ok"
+
+
+def test_export_takes_text_provenance_from_the_stage2_text_bank(tmp_path: Path) -> None:
+    from patchalign.data.textbank import save_text_bank
+
+    cfg = EncoderConfig.tiny(16)
+    enc = PatchAlignEncoder(cfg)
+    save_text_bank(
+        tmp_path / "bank.safetensors", ["wing"], torch.randn(1, 16), "open_clip:ViT-B-16", ["a {}", "{}"]
+    )
+    state = {f"encoder.{k}": v for k, v in enc.state_dict().items()} | {
+        "logit_params.logit_scale": torch.tensor(14.0)
+    }
+    hp = {"encoder_config": cfg.to_dict(), "loss": "bce", "text_bank": str(tmp_path / "bank.safetensors")}
+    torch.save({"state_dict": state, "hyper_parameters": hp}, tmp_path / "s2.ckpt")
+    cfg_json = json.loads(
+        (export_checkpoint(tmp_path / "s2.ckpt", tmp_path / "out") / "config.json").read_text()
+    )
+    assert cfg_json["text_encoder"] == "open_clip:ViT-B-16" and cfg_json["templates"] == ["a {}", "{}"]
+    assert cfg_json["logit"] == {"form": "scale", "scale": 14.0, "bias": None}
+    assert load_pretrained(tmp_path / "out").logit_scale_value == pytest.approx(14.0)
