@@ -339,14 +339,37 @@ def test_cli_test_on_real_shapenetpart_from_an_export_dir(tmp_path: Path, shared
     cfg = EncoderConfig(**{**TINY, "drop_path_rate": 0.0}, head_dim=384)  # MiniLM width
     enc = PatchAlignEncoder(cfg)
     state = {f"encoder.{k}": v for k, v in enc.state_dict().items()}
-    torch.save({"state_dict": state, "hyper_parameters": {"encoder_config": cfg.to_dict()}}, tmp_path / "m.ckpt")
+    torch.save(
+        {"state_dict": state, "hyper_parameters": {"encoder_config": cfg.to_dict()}}, tmp_path / "m.ckpt"
+    )
     export_checkpoint(tmp_path / "m.ckpt", tmp_path / "export")
-    args = ["test", "--config", str(REPO / "configs" / "eval_shapenetpart.yaml"),
-            "--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--trainer.enable_progress_bar", "false",
-            "--data.init_args.root", str(root), "--data.init_args.split", "trainval",
-            "--data.init_args.num_workers", "0", "--data.init_args.batch_size", "2",
-            "--model.init_args.init_from", str(tmp_path / "export"), "--model.init_args.eval_text_encoder", "demo",
-            "--model.init_args.eval_out_dir", str(tmp_path / "eval")]
+    args = [
+        "test",
+        "--config",
+        str(REPO / "configs" / "eval_shapenetpart.yaml"),
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.precision",
+        "32-true",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--data.init_args.root",
+        str(root),
+        "--data.init_args.split",
+        "trainval",
+        "--data.init_args.num_workers",
+        "0",
+        "--data.init_args.batch_size",
+        "2",
+        "--model.init_args.init_from",
+        str(tmp_path / "export"),
+        "--model.init_args.eval_text_encoder",
+        "demo",
+        "--model.init_args.eval_out_dir",
+        str(tmp_path / "eval"),
+        "--trainer.default_root_dir",
+        str(tmp_path),
+    ]
     args += [a for k, v in TINY.items() for a in (f"--model.init_args.encoder.init_args.config.{k}", str(v))]
     args += ["--model.init_args.encoder.init_args.config.head_dim", "384"]
     cli = cli_main(args)
