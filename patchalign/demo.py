@@ -230,6 +230,30 @@ def _pictures(
     return written
 
 
+def _part_pictures(out: Path, results: dict[str, Any], split: str, n_per_cat: int = 1) -> list[Path]:
+    """Prediction vs ground truth for the best ``n_per_cat`` shapes of each category."""
+    from patchalign.viz import plot_part_labels
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    by_cat: dict[str, list[dict]] = {}
+    for s in results["shapes"]:
+        by_cat.setdefault(s["category"], []).append(s)
+    for cat, shapes in sorted(by_cat.items()):
+        for s in sorted(shapes, key=lambda r: -r["miou"])[:n_per_cat]:
+            p = out / f"{split}_{cat}_{s['uid'].replace('/', '_')}_parts.png"
+            plot_part_labels(
+                p,
+                s["points"],
+                s["pred"],
+                s["parts"],
+                gt_labels=s["gt"],
+                title=f"{cat} ({split}): mIoU {s['miou']:.2f}",
+            )
+            written.append(p)
+    return written
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m patchalign demo",
@@ -298,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     timings["eval_s"] = time.perf_counter() - t
     print("[5/5] writing pictures ...")
     pics = _pictures(out / "pictures", heldout, ckpt1, model)
+    pics += _part_pictures(out / "pictures", seen, "seen", n_per_cat=1)
 
     summary = {
         "heldout": {k: v for k, v in heldout.items() if k != "shapes"},
