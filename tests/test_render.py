@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -21,8 +22,10 @@ from patchalign.render import (
     render_points,
     zerokey_view_layout,
 )
+from patchalign.render import mesh as mesh_module
 from patchalign.render import points as points_module
-from patchalign.render.bench import bench_render
+from patchalign.render.bench import bench_points, bench_render
+from patchalign.render.io import MeshNormalization
 
 BACKENDS = ["embree", "pytorch3d"]
 
@@ -274,6 +277,95 @@ def test_embree_and_pytorch3d_agree_on_real_mesh(
         assert (projected - uv).abs().max() < 1e-2
 
 
+def _sliver_strip(n: int = 500, width: float = 0.8, length: float = 1.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """A slightly bent strip of 2n long, thin triangles (width/n across, ``length`` long)."""
+    x = torch.linspace(-width / 2, width / 2, n + 1)
+    bottom = torch.stack([x, torch.full_like(x, -length / 2), 0.1 * x], dim=-1)
+    top = torch.stack([x, torch.full_like(x, length / 2), 0.1 * x], dim=-1)
+    i = torch.arange(n)
+    faces = torch.cat(
+        [torch.stack([i, i + 1, n + 1 + i], -1), torch.stack([i + 1, n + 2 + i, n + 1 + i], -1)]
+    )
+    return torch.cat([bottom, top]), faces
+
+
+def test_embree_barycentrics_exact_on_sliver_faces() -> None:
+    # Each hit's barycentric point must project back onto its pixel centre at its depth. Embree's own
+    # float32 barycentrics miss by ~3e-3 px here (1.5-long faces 1.6e-3 wide seen from 2.5 away);
+    # the float64 pass is limited only by the float32 outputs (~3e-6 px).
+    vertices, faces = _sliver_strip()
+    cams = look_at_cameras(torch.tensor([[0.4, 0.2, 2.5]]), fov_deg=50.0, image_size=64)
+    out = render_mesh(vertices, faces, cams, backend="embree")
+    assert out.mask.float().mean() > 0.15
+    _, row, col = torch.nonzero(out.mask, as_tuple=True)
+    tri = vertices.double()[faces[out.pix_to_face[out.mask]]]
+    points = (out.bary[out.mask].double()[:, :, None] * tri).sum(1)
+    cams64 = Cameras(cams.R.double(), cams.T.double(), cams.focal.double(), cams.image_size)
+    uv, z = cams64.project(points)
+    assert (uv[0] - (torch.stack([col, row], -1).double() + 0.5)).abs().max() < 1e-4
+    assert (z[0] - out.depth[out.mask].double()).abs().max() < 1e-5
+
+
+def test_exact_hits_recover_constructed_intersections() -> None:
+    # Rays built to hit random triangles at known (t, b1, b2): the float64 Moller-Trumbore pass must
+    # return exactly those.
+    rng = np.random.default_rng(5)
+    n_faces, n_views, n_rays = 40, 3, 500
+    tri = rng.uniform(-1, 1, (n_faces, 3, 3))
+    origins = rng.uniform(-3, 3, (n_views, 3))
+    view = rng.integers(0, n_views, n_rays)
+    face = rng.integers(0, n_faces, n_rays)
+    b = rng.uniform(0, 1, (n_rays, 2))
+    b = np.where(b.sum(-1, keepdims=True) > 1, 1 - b, b)  # inside the triangle
+    point = tri[face, 0] * (1 - b.sum(-1, keepdims=True)) + tri[face, 1] * b[:, :1] + tri[face, 2] * b[:, 1:]
+    t = rng.uniform(0.5, 1.5, n_rays)
+    directions = (point - origins[view]) / t[:, None]
+    face_rows = np.concatenate([tri[face, 0], tri[face, 1] - tri[face, 0], tri[face, 2] - tri[face, 0]], 1).T
+    got_t, got_b1, got_b2, _ = mesh_module._exact_hits(origins[view].T, face_rows, list(directions.T))
+    np.testing.assert_allclose(got_t, t, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(got_b1, b[:, 0], rtol=0, atol=1e-9)
+    np.testing.assert_allclose(got_b2, b[:, 1], rtol=0, atol=1e-9)
+
+
+def _all_tiles(vertices: np.ndarray, faces: np.ndarray, cameras: Cameras):
+    """Every tile of every view: turns the Embree backend into a plain all-pixel ray cast."""
+    n_tiles = -(-cameras.image_size // mesh_module._TILE)
+    view, row, col = np.meshgrid(
+        np.arange(len(cameras)), np.arange(n_tiles), np.arange(n_tiles), indexing="ij"
+    )
+    return view.reshape(-1), row.reshape(-1) * mesh_module._TILE, col.reshape(-1) * mesh_module._TILE
+
+
+def test_embree_ray_culling_and_chunking_change_nothing(
+    shared_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vertices, faces = load_mesh_normalized(_meshes_dir(shared_data) / "cow.obj")
+    eyes = torch.cat([zerokey_view_layout()[::5], torch.tensor([[0.05, 0.1, 0.02], [0.0, 0.0, 1.05]])])
+    # 50 px is not a multiple of the tile size; the last two cameras sit inside / at the shape, so faces
+    # lie behind them and straddle their image plane.
+    cams = look_at_cameras(eyes, at=torch.tensor([0.3, 0.1, 0.0]), fov_deg=80.0, image_size=50)
+    # A ceiling (two big triangles at y = 0.5) reaching from behind the camera to far in front: both
+    # faces straddle the image plane, and they are all the camera sees above the horizon.
+    floor_vertices, floor_faces = _grid_plane(n=1, half=5.0)
+    floor_vertices = torch.stack([floor_vertices[:, 0], torch.full((4,), 0.5), floor_vertices[:, 1]], -1)
+    floor_cams = look_at_cameras(torch.zeros(1, 3), at=torch.tensor([0.0, 0.0, 1.0]), image_size=50)
+    cases = [(vertices, faces, cams), (floor_vertices, floor_faces, floor_cams)]
+    # Cull even though the cow has more faces than these small images have pixels.
+    monkeypatch.setattr(mesh_module, "_CULL_MAX_FACES_PER_PIXEL", 1e9)
+    culled = [render_mesh(v, f, c, backend="embree") for v, f, c in cases]
+    assert culled[0].mask[-2:].float().mean() > 0.3
+    assert 0.2 < culled[1].mask.float().mean() < 0.6
+    monkeypatch.setattr(mesh_module, "_candidate_tiles", _all_tiles)
+    full = [render_mesh(v, f, c, backend="embree") for v, f, c in cases]
+    monkeypatch.setattr(mesh_module, "_MAX_VIEW_FACE_PAIRS", 2 * faces.shape[0] + 1)  # 2 views a group
+    monkeypatch.setattr(mesh_module, "_RAY_CHUNK", 100)
+    chunked = render_mesh(vertices, faces, cams, backend="embree")
+    for name in ("pix_to_face", "depth", "bary", "image", "mask"):
+        for a, b in zip(culled, full, strict=True):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+        assert torch.equal(getattr(chunked, name), getattr(full[0], name)), name
+
+
 def test_render_mesh_bad_input() -> None:
     vertices, faces = _grid_plane(n=1)
     cams = look_at_cameras(torch.tensor([[0.0, 0.0, 2.0]]), image_size=8)
@@ -439,6 +531,31 @@ def test_load_mesh_normalized_real_files(shared_data: Path) -> None:
     assert faces.shape[0] == node_faces
 
 
+def test_load_mesh_normalized_returns_its_transform(tmp_path: Path, shared_data: Path) -> None:
+    # Box [1,5] x [2,4] x [3,3] plus an unreferenced far vertex (ignored): centre (3,3,3), and the
+    # farthest corner sits at sqrt(2^2 + 1^2) from it.
+    (tmp_path / "box.obj").write_text("v 1 2 3\nv 5 2 3\nv 5 4 3\nv 1 4 3\nv 100 100 100\nf 1 2 3\nf 1 3 4\n")
+    vertices, faces = load_mesh_normalized(tmp_path / "box.obj")  # default: two values, as before
+    v2, f2, transform = load_mesh_normalized(tmp_path / "box.obj", return_transform=True)
+    assert torch.equal(vertices, v2) and torch.equal(faces, f2)
+    assert isinstance(transform, MeshNormalization)
+    centre, scale = transform  # unpacks as (centre, scale)
+    assert centre.shape == (3,) and isinstance(scale, float)
+    assert torch.allclose(centre, torch.tensor([3.0, 3.0, 3.0], dtype=torch.float64))
+    assert scale == pytest.approx(math.sqrt(5.0))
+    original = torch.tensor([[1.0, 2, 3], [5, 2, 3], [5, 4, 3], [1, 4, 3]])
+    assert torch.allclose(transform.to_original(vertices[:4]), original, atol=1e-6)
+    assert torch.allclose(vertices[:4] * scale + centre.float(), original, atol=1e-6)
+    assert torch.allclose(transform.to_normalized(original), vertices[:4], atol=1e-7)
+    # A real file: the file's own vertices are recovered through the transform.
+    import trimesh
+
+    path = _meshes_dir(shared_data) / "cow.obj"
+    vertices, _, transform = load_mesh_normalized(path, return_transform=True)
+    raw = torch.from_numpy(trimesh.load(path, force="mesh", process=False).vertices)
+    assert torch.allclose(transform.to_original(vertices.double()), raw, atol=1e-5 * transform.scale)
+
+
 def test_load_mesh_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not found"):
         load_mesh_normalized(tmp_path / "missing.obj")
@@ -463,9 +580,15 @@ def test_load_mesh_errors(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------- bench / GPU
 def test_bench_render_small(shared_data: Path) -> None:
-    result = bench_render(image_size=24, n_views=2, mesh_path=_meshes_dir(shared_data) / "cow.obj", repeats=1)
+    cow = _meshes_dir(shared_data) / "cow.obj"
+    result = bench_render(image_size=24, n_views=2, mesh_path=cow, repeats=1)
     assert result["embree_ms_per_view"] > 0 and result["pytorch3d_cpu_ms_per_view"] > 0
     assert result["agreement_cpu"]["mask_agreement"] >= 0.99
+    result = bench_render(image_size=16, mesh_path=cow, repeats=2, pytorch3d_cpu=False, layout="zerokey")
+    assert result["n_views"] == 26 and result["embree_median_ms_per_view"] >= result["embree_ms_per_view"]
+    points = bench_points(image_size=16, n_points=300, radius=0.05, mesh_path=cow, repeats=1)
+    assert points["n_points"] == 300 and points["n_views"] == 26
+    assert points["points_cpu_ms_per_view"] > 0 and 0 < points["foreground_fraction"] < 1
 
 
 @pytest.mark.gpu

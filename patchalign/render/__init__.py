@@ -13,7 +13,13 @@ from patchalign.render.cameras import (
     spherical_eyes,
     zerokey_view_layout,
 )
-from patchalign.render.io import MeshFileNotFoundError, MeshLoadError, load_mesh_normalized
+from patchalign.render.io import (
+    MeshFileNotFoundError,
+    MeshLoadError,
+    MeshNormalization,
+    load_mesh_normalized,
+    unit_sphere_normalization,
+)
 from patchalign.render.mesh import RenderOutput, face_normals, render_mesh, shade_faces
 from patchalign.render.points import PointRenderOutput, render_points
 
@@ -21,6 +27,7 @@ __all__ = [
     "Cameras",
     "MeshFileNotFoundError",
     "MeshLoadError",
+    "MeshNormalization",
     "PointRenderOutput",
     "RenderOutput",
     "face_normals",
@@ -33,5 +40,6 @@ __all__ = [
     "render_points",
     "shade_faces",
     "spherical_eyes",
+    "unit_sphere_normalization",
     "zerokey_view_layout",
 ]

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal, NamedTuple, overload
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["MeshLoadError", "MeshFileNotFoundError", "load_mesh_normalized", "normalize_to_unit_sphere"]
+__all__ = [
+    "MeshLoadError",
+    "MeshFileNotFoundError",
+    "MeshNormalization",
+    "load_mesh_normalized",
+    "normalize_to_unit_sphere",
+    "unit_sphere_normalization",
+]
 
 
 class MeshLoadError(ValueError):
@@ -20,30 +28,76 @@ class MeshFileNotFoundError(MeshLoadError, FileNotFoundError):
     """The mesh path does not exist (catchable as ``ValueError`` and as ``FileNotFoundError``)."""
 
 
-def normalize_to_unit_sphere(vertices: Tensor, faces: Tensor) -> Tensor:
-    """Centre on the bounding-box centre and scale so the farthest used vertex is at distance 1.
+class MeshNormalization(NamedTuple):
+    """The similarity that :func:`normalize_to_unit_sphere` undid: ``original = normalised * scale + centre``.
+
+    A tuple, so it unpacks as ``centre, scale``; ``centre`` is (3,) float64 (the precision of the
+    computation, so the record does not lose digits to float32), ``scale`` a Python float > 0.
+    """
+
+    centre: Tensor
+    scale: float
+
+    def to_original(self, points: Tensor) -> Tensor:
+        """Map (..., 3) points from the normalised frame back to the file's frame."""
+        return points * self.scale + self.centre.to(points)
+
+    def to_normalized(self, points: Tensor) -> Tensor:
+        """Map (..., 3) points from the file's frame into the normalised (unit-sphere) frame."""
+        return (points - self.centre.to(points)) / self.scale
+
+
+def unit_sphere_normalization(vertices: Tensor, faces: Tensor) -> MeshNormalization:
+    """Bounding-box centre and farthest-vertex radius of the vertices that faces use.
 
     The bounding box (not the vertex mean) is the centre because vertex density is arbitrary on
     meshes (a detailed handle would drag the mean). Only vertices referenced by a face count, so stray
     unreferenced vertices in a file cannot shrink the shape.
     """
-    used = vertices[torch.unique(faces)]
+    used = vertices[torch.unique(faces)].to(torch.float64)
     centre = (used.min(dim=0).values + used.max(dim=0).values) / 2
-    scale = (used - centre).norm(dim=-1).max()
-    if not bool(scale > 0):
+    scale = float((used - centre).norm(dim=-1).max())
+    if not scale > 0:
         raise MeshLoadError("mesh has zero extent (all face vertices coincide)")
-    return (vertices - centre) / scale
+    return MeshNormalization(centre=centre, scale=scale)
 
 
-def load_mesh_normalized(path: str | os.PathLike) -> tuple[Tensor, Tensor]:
+def normalize_to_unit_sphere(vertices: Tensor, faces: Tensor) -> Tensor:
+    """Centre on the bounding-box centre and scale so the farthest used vertex is at distance 1 (see
+    :func:`unit_sphere_normalization`); returns vertices in their input dtype."""
+    return unit_sphere_normalization(vertices, faces).to_normalized(vertices)
+
+
+@overload
+def load_mesh_normalized(
+    path: str | os.PathLike, return_transform: Literal[False] = False
+) -> tuple[Tensor, Tensor]: ...
+
+
+@overload
+def load_mesh_normalized(
+    path: str | os.PathLike, return_transform: Literal[True]
+) -> tuple[Tensor, Tensor, MeshNormalization]: ...
+
+
+def load_mesh_normalized(
+    path: str | os.PathLike, return_transform: bool = False
+) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, MeshNormalization]:
     """Load ``path`` (.obj/.ply/.glb/... anything trimesh reads) as one unit-sphere triangle mesh.
 
     Scenes (glTF/GLB with several nodes) are merged into one mesh with their node transforms applied.
     Vertex and face order are kept as in the file (``process=False``), so face indices stay
     meaningful for annotations that refer to them (e.g. KeypointNet's ``mesh_info.face_index``).
 
+    Args:
+        path: the mesh file.
+        return_transform: also return the :class:`MeshNormalization` (centre, scale) that was applied,
+            so results in the normalised frame can be mapped back to the file's coordinates
+            (``original = normalised * scale + centre``) or the transform recorded with them.
+
     Returns:
-        vertices (n,3) float32 centred and scaled into the unit sphere, faces (m,3) long.
+        vertices (n,3) float32 centred and scaled into the unit sphere, faces (m,3) long, and with
+        ``return_transform=True`` the :class:`MeshNormalization` as a third element.
 
     Raises:
         MeshFileNotFoundError: ``path`` does not exist (a ``ValueError`` and a ``FileNotFoundError``).
@@ -70,5 +124,9 @@ def load_mesh_normalized(path: str | os.PathLike) -> tuple[Tensor, Tensor]:
     if faces_np.min() < 0 or faces_np.max() >= vertices_np.shape[0]:
         raise MeshLoadError(f"mesh {path} has face indices outside its {vertices_np.shape[0]} vertices")
     faces = torch.from_numpy(faces_np)
-    vertices = normalize_to_unit_sphere(torch.from_numpy(vertices_np), faces).to(torch.float32)
+    vertices = torch.from_numpy(vertices_np)
+    transform = unit_sphere_normalization(vertices, faces)
+    vertices = transform.to_normalized(vertices).to(torch.float32)
+    if return_transform:
+        return vertices, faces, transform
     return vertices, faces

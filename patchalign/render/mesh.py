@@ -1,10 +1,11 @@
 """Mesh rendering with face correspondences: Embree ray casting (CPU) or PyTorch3D rasterization.
 
 Both backends answer the same question for every pixel centre of every view -- which face does the
-camera ray hit first, where (barycentrics), and at which view depth -- and share the shading code, so
-their outputs are interchangeable (the tests check they agree pixel for pixel away from silhouettes).
-Embree is the fast CPU path (one batched ray cast for all pixels of all views); PyTorch3D is the GPU
-path. ``backend="auto"`` picks by the device of the vertices.
+camera ray hit first, where (barycentrics), and at which view depth -- and shade with the same
+headlight formula, so their outputs are interchangeable (the tests check they agree pixel for pixel
+away from silhouettes). Embree is the fast CPU path (rays only where the mesh can be, exact hits in
+float64: ~13 ms per 448 px view of a 6k-face mesh on one core); PyTorch3D is the GPU path.
+``backend="auto"`` picks by the device of the vertices.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from patchalign.render._buffers import cpu_full, cpu_nonnegative
 from patchalign.render.binning import coarse_bin_size, max_per_bin
 from patchalign.render.cameras import Cameras
 
@@ -74,26 +76,23 @@ def face_normals(vertices: Tensor, faces: Tensor) -> Tensor:
     return normal / normal.norm(dim=-1, keepdim=True).clamp_min(1e-20)
 
 
-def _headlight_grey(normals: Tensor, directions: Tensor) -> Tensor:
-    """Grey level ``ambient + diffuse * |n . d| / |d|`` for unit normals and (unnormalised) rays, (..., 3)
-    each: absolute value because meshes in the wild have inconsistent winding (double-sided)."""
-    return AMBIENT + DIFFUSE * (normals * directions).sum(-1).abs() / directions.norm(dim=-1)
-
-
 def shade_faces(
     pix_to_face: Tensor, normals: Tensor, cameras: Cameras, directions: Tensor | None = None
 ) -> Tensor:
     """Headlight Lambertian shading shared by every backend: (V,H,W) face ids -> (V,H,W,3) image.
 
-    The light sits at the camera, so the cosine term is ``|n . d|`` with ``d`` the unit pixel ray.
-    ``directions`` are ``cameras.pixel_directions()`` when the caller already has them. (The Embree path
-    shades only its hit pixels with the same :func:`_headlight_grey`.)
+    The light sits at the camera, so the cosine term is ``|n . d|`` with ``d`` the unit pixel ray:
+    absolute value because meshes in the wild have inconsistent winding (treated as double-sided).
+    ``directions`` are ``cameras.pixel_directions()`` when the caller already has them. The Embree path
+    computes the same grey level for its hit pixels only, from its float64 intersection pass.
     """
     if directions is None:
         directions = cameras.pixel_directions()
     directions = directions.to(normals)
     mask = pix_to_face >= 0
-    grey = torch.where(mask, _headlight_grey(normals[pix_to_face.clamp_min(0)], directions), BACKGROUND)
+    n = normals[pix_to_face.clamp_min(0)]
+    cosine = (n * directions).sum(-1).abs() / directions.norm(dim=-1)
+    grey = torch.where(mask, AMBIENT + DIFFUSE * cosine, BACKGROUND)
     return grey.unsqueeze(-1).expand(*grey.shape, 3).contiguous()
 
 
@@ -135,17 +134,22 @@ def render_mesh(
     else:
         pix_to_face, depth, bary = _rasterize_pytorch3d(vertices, faces, cameras)
         image = shade_faces(pix_to_face, face_normals(vertices, faces), cameras)
-    return RenderOutput(image=image, pix_to_face=pix_to_face, depth=depth, bary=bary, mask=pix_to_face >= 0)
+    return RenderOutput(
+        image=image, pix_to_face=pix_to_face, depth=depth, bary=bary, mask=cpu_nonnegative(pix_to_face)
+    )
 
 
 # ---------------------------------------------------------------------------------------------- Embree
-# Candidate rays are chosen on a grid of _TILE x _TILE pixel tiles (see _candidate_pixels).
+# Candidate rays are chosen on a grid of _TILE x _TILE pixel tiles (see _candidate_tiles); a power of 2.
 _TILE = 4
-# At most this many (view, face) pairs are processed at once: bounds the per-view face boxes and the
-# float64 intersection tables (80 bytes a pair) for dense meshes; cow.obj x 26 views is one group.
-_MAX_VIEW_FACE_PAIRS = 1 << 19
+# At most this many (view, face) pairs go through _candidate_tiles at once (bounds its memory on dense
+# meshes; cow.obj x 26 views is one group).
+_MAX_VIEW_FACE_PAIRS = 1 << 21
 # Rays handled per Embree call and float64 pass.
 _RAY_CHUNK = 1 << 16
+# Beyond this many faces per pixel of a view, face boxes cost more than the rays they save (~60 ns per
+# face and view vs ~50 ns per missing ray on 3/4 of the pixels, measured at 448 px): cast every pixel.
+_CULL_MAX_FACES_PER_PIXEL = 0.5
 
 
 def _raycast_embree(
@@ -155,18 +159,22 @@ def _raycast_embree(
 
     Returns dense (V,H,W) ``pix_to_face``, ``depth``, (V,H,W,3) ``bary`` and the shaded image.
 
-    Why it is fast (all measured on cow.obj, 26 views, 448 px; see ``bench.py``):
+    Why it is fast (measured on cow.obj, 26 views, 448 px; see ``bench.py``):
 
     * Only pixels inside the union of the faces' (dilated) screen boxes get a ray, rounded out to
       4 x 4 tiles (:func:`_candidate_tiles`): about a quarter of the image for a unit-sphere shape,
-      and a ray that misses costs Embree's loop nearly as much per ray as a short hit.
-    * Embree (float32, one scene per call) only decides *which* face each ray hits first. The hit is
-      recomputed in float64 -- Moller-Trumbore rewritten with scalar triple products so that
-      everything depending only on (view, face) is tabulated once (:func:`_intersection_tables`)
-      and each hit costs one table gather and three dot products. Embree's own float32 barycentrics
-      are off by up to 3e-2 on sliver faces of real meshes, hence the float64 pass.
-    * Shading, depth and barycentrics are computed for hit pixels only and scattered into the
-      dense outputs once.
+      and a ray that misses costs Embree's loop about a quarter of a hit. (On meshes with more faces
+      than half the pixels of a view the boxes cost more than the rays they save, and every pixel
+      gets a ray.)
+    * Embree (float32) only decides *which* face each ray hits first; the hit (depth, barycentrics,
+      shading) is recomputed in float64 Moller-Trumbore for hit rays only (:func:`_exact_hits`).
+      Embree's own float32 barycentrics are off by up to 3e-2 on the sliver faces of real meshes.
+    * Rays go through in chunks of ``_RAY_CHUNK`` whose temporaries stay in cache, one numpy array
+      per vector component (numpy is slow on arrays with a trailing axis of 3), single-threaded:
+      dozens of mid-sized ops per chunk gain little from torch's two-thread ops and lose a lot when
+      another process holds a core (each op then waits for a descheduled worker; measured 10x slower
+      medians on a busy 2-core machine).
+    * The dense outputs are allocated by numpy, which backs them with huge pages (``_buffers.py``).
     """
     from embreex import rtcore_scene
     from embreex.mesh_construction import TriangleMesh
@@ -174,70 +182,89 @@ def _raycast_embree(
     out_device = vertices.device
     n_views, size = len(cameras), cameras.image_size
     n_pixels = n_views * size * size
-    verts = vertices.detach().cpu()
-    faces_cpu = faces.cpu()
-    R = cameras.R.detach().cpu().to(torch.float32)
-    focal = cameras.focal.detach().cpu().to(torch.float32)
-    centres = cameras.centers.detach().cpu().to(torch.float32)  # (V,3) ray origins
+    verts = vertices.detach().cpu().contiguous().numpy()
+    faces_np = faces.detach().cpu().numpy()
+    # Rays are built in the cameras' precision and rounded to float32 for Embree; the float64 pass uses
+    # those float32 directions but the camera centres at full precision.
+    R = cameras.R.detach().cpu().numpy()
+    focal = cameras.focal.detach().cpu().numpy()
+    exact_centres = cameras.centers.detach().cpu()
+    centres = exact_centres.to(torch.float32).numpy()  # (V,3) ray origins for Embree
+    exact_centres = np.ascontiguousarray(exact_centres.to(torch.float64).numpy().T)  # (3,V)
 
     # Robust (watertight) traversal: rays through a shared edge or vertex hit one of its faces instead of
     # leaking through as background speckles; costs ~10-30% ray-cast time.
     scene = rtcore_scene.EmbreeScene(robust=True)
-    TriangleMesh(scene, verts.numpy(), faces_cpu.numpy().astype(np.int32))
-    verts64 = verts.to(torch.float64)
-    tri = verts64[faces_cpu]  # (F,3,3)
-    # Shading from the float64 pass: |n . d| = |det| / |e1 x e2| (det = d . (e2 x e1)); zero for
-    # degenerate faces, as face_normals gives them a zero normal.
-    double_area = torch.linalg.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0], dim=-1).norm(dim=-1)
-    inv_double_area = torch.where(double_area > 0, 1.0 / double_area, 0.0)
+    TriangleMesh(scene, verts, faces_np.astype(np.int32))
+    tri = verts.astype(np.float64)[faces_np]  # (F,3,3)
+    edge1, edge2 = tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]
+    # Per face, one row per component: v0, e1, e2, and 1 / |e1 x e2| for shading (|n . d| = |det| / that
+    # norm, det = e1 . (d x e2); zero for degenerate faces, as face_normals gives them a zero normal).
+    double_area = np.linalg.norm(np.cross(edge1, edge2), axis=-1)
+    inv_double_area = np.divide(1.0, double_area, out=np.zeros_like(double_area), where=double_area > 0)
+    face_table = np.ascontiguousarray(
+        np.concatenate([tri[:, 0], edge1, edge2, inv_double_area[:, None]], 1).T
+    )
 
-    pix_to_face = torch.full((n_pixels,), -1, dtype=torch.long)
-    depth = torch.full((n_pixels,), float("inf"), dtype=torch.float32)
-    bary = torch.zeros(n_pixels, 3, dtype=torch.float32)
-    image = torch.full((n_pixels, 3), BACKGROUND, dtype=torch.float32)
-    n_faces = faces_cpu.shape[0]
-    group = max(1, _MAX_VIEW_FACE_PAIRS // n_faces)
-    rot = R.reshape(n_views, 1, 1, 3, 3)
-    step = torch.arange(_TILE)
-    for first in range(0, n_views, group):
-        views = slice(first, min(first + group, n_views))
-        tile_view, tile_row, tile_col = _candidate_tiles(verts, faces_cpu, cameras[views].to("cpu"))
-        if tile_view.numel() == 0:
+    pix_to_face = cpu_full((n_pixels,), -1, torch.long)
+    depth = cpu_full((n_pixels,), float("inf"), torch.float32)
+    bary = cpu_full((n_pixels, 3), 0.0, torch.float32)
+    image = cpu_full((n_pixels, 3), BACKGROUND, torch.float32)
+    # Written through numpy views of the same memory.
+    pix_to_face_np, depth_np, bary_np, image_np = (t.numpy() for t in (pix_to_face, depth, bary, image))
+    n_faces = faces_np.shape[0]
+    tile_area = _TILE * _TILE
+    tiles_per_chunk = max(1, _RAY_CHUNK // tile_area)
+    step = np.arange(_TILE)
+    if n_faces > _CULL_MAX_FACES_PER_PIXEL * size * size:
+        tile_view, tile_row, tile_col = _all_tiles(n_views, size)
+    else:
+        group = max(1, _MAX_VIEW_FACE_PAIRS // n_faces)
+        parts = []
+        for first in range(0, n_views, group):
+            view, row, col = _candidate_tiles(verts, faces_np, cameras[first : first + group])
+            parts.append((view + first, row, col))
+        tile_view, tile_row, tile_col = (np.concatenate(part) for part in zip(*parts, strict=True))
+    for start in range(0, tile_view.shape[0], tiles_per_chunk):
+        chunk = slice(start, start + tiles_per_chunk)
+        view, row, col = tile_view[chunk], tile_row[chunk], tile_col[chunk]
+        rows = row[:, None, None] + step[None, :, None]  # (T,TILE,1)
+        cols = col[:, None, None] + step[None, None, :]  # (T,1,TILE)
+        # Ray directions through the pixel centres with unit view-z (ray parameter = view depth):
+        # x * right + y * down + forward, the formula of Cameras.pixel_directions, per tile by
+        # broadcasting.
+        tile_focal = focal[view][:, None, None]
+        x = (cols.astype(R.dtype) + 0.5 - cameras.principal_point) / tile_focal
+        y = (rows.astype(R.dtype) + 0.5 - cameras.principal_point) / tile_focal
+        r = R[view][:, None, None]  # (T,1,1,3,3)
+        components = [
+            (x * r[..., 0, k] + y * r[..., 1, k] + r[..., 2, k]).astype(np.float32).reshape(-1)
+            for k in range(3)
+        ]
+        # |d| = sqrt(x^2 + y^2 + 1) (R is a rotation), for shading.
+        length = np.sqrt(x * x + y * y + 1.0).reshape(-1)
+        pixel = ((view[:, None, None] * size + rows) * size + cols).reshape(-1)
+        ray_view = np.repeat(view, tile_area)
+        if size % _TILE:  # edge tiles reach past the image
+            inside = ((rows < size) & (cols < size)).reshape(-1)
+            components = [d[inside] for d in components]
+            length, pixel, ray_view = length[inside], pixel[inside], ray_view[inside]
+        hit_face = scene.run(centres[ray_view], np.stack(components, axis=-1))
+        hit = np.flatnonzero(hit_face >= 0)
+        if hit.size == 0:
             continue
-        tile_view += first
-        tables = _intersection_tables(tri, centres[views].to(torch.float64))
-        # Rays in chunks of tiles: every per-ray temporary then stays in cache (and out of fresh,
-        # page-faulting allocations), which measured ~4x faster for the float64 pass than one pass.
-        for chunk in torch.arange(tile_view.numel()).split(_RAY_CHUNK // (_TILE * _TILE)):
-            view, row, col = tile_view[chunk], tile_row[chunk], tile_col[chunk]
-            rows = row[:, None, None] + step[None, :, None]  # (T,TILE,1)
-            cols = col[:, None, None] + step[None, None, :]  # (T,1,TILE)
-            # Ray directions through the pixel centres with unit view-z (ray parameter = view depth):
-            # x * right + y * down + forward, the same formula as Cameras.pixel_directions, evaluated
-            # per tile by broadcasting (one rotation gather per 16 rays).
-            tile_focal = focal[view][:, None, None]
-            x = (cols.to(torch.float32) + 0.5 - cameras.principal_point) / tile_focal
-            y = (rows.to(torch.float32) + 0.5 - cameras.principal_point) / tile_focal
-            r = rot[view]  # (T,1,1,3,3)
-            directions = x[..., None] * r[..., 0, :] + y[..., None] * r[..., 1, :] + r[..., 2, :]
-            pixel = (view[:, None, None] * size + rows) * size + cols  # (T,TILE,TILE)
-            ray_view = view[:, None, None].expand_as(pixel)
-            if size % _TILE:  # edge tiles reach past the image
-                inside = (rows < size) & (cols < size)
-                pixel, ray_view, directions = pixel[inside], ray_view[inside], directions[inside]
-            pixel, ray_view, directions = pixel.reshape(-1), ray_view.reshape(-1), directions.reshape(-1, 3)
-            hit_face = scene.run(centres[ray_view].numpy(), directions.numpy())
-            hit = torch.from_numpy(np.flatnonzero(hit_face >= 0))
-            if hit.numel() == 0:
-                continue
-            face = torch.from_numpy(hit_face).to(torch.long)[hit]
-            ray_view, pixel, directions = ray_view[hit], pixel[hit], directions[hit]
-            t, b1, b2, det = _exact_hits(tables, n_faces, ray_view - first, face, directions)
-            pix_to_face[pixel] = face
-            depth[pixel] = t.to(torch.float32)
-            bary[pixel] = torch.stack([1.0 - b1 - b2, b1, b2], dim=-1).to(torch.float32)
-            cosine = det.abs() * inv_double_area[face] / directions.norm(dim=-1)
-            image[pixel] = (AMBIENT + DIFFUSE * cosine).to(torch.float32)[:, None].expand(-1, 3)
+        face = hit_face[hit].astype(np.int64)
+        pixel = pixel[hit]
+        origins = np.take(exact_centres, ray_view[hit], axis=1)
+        hit_table = np.take(face_table, face, axis=1)
+        t, b1, b2, det = _exact_hits(origins, hit_table, [d[hit] for d in components])
+        pix_to_face_np[pixel] = face
+        depth_np[pixel] = t
+        grey = AMBIENT + DIFFUSE * np.abs(det) * hit_table[9] / length[hit]
+        # Column by column: fancy row assignment of (H,3) blocks is slower.
+        for channel, value in enumerate((1.0 - b1 - b2, b1, b2)):
+            bary_np[pixel, channel] = value
+            image_np[pixel, channel] = grey
     shape = (n_views, size, size)
     return (
         pix_to_face.reshape(shape).to(out_device),
@@ -247,7 +274,16 @@ def _raycast_embree(
     )
 
 
-def _candidate_tiles(vertices: Tensor, faces: Tensor, cameras: Cameras) -> tuple[Tensor, Tensor, Tensor]:
+def _all_tiles(n_views: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(view, first row, first column) of every _TILE x _TILE tile of every view."""
+    n_tiles = -(-size // _TILE)
+    tiles = np.arange(n_views * n_tiles * n_tiles)
+    return tiles // (n_tiles * n_tiles), (tiles // n_tiles) % n_tiles * _TILE, tiles % n_tiles * _TILE
+
+
+def _candidate_tiles(
+    vertices: np.ndarray, faces: np.ndarray, cameras: Cameras
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The _TILE x _TILE pixel tiles whose pixel-centre rays may hit a face: a superset of the hits.
 
     A pixel can only be hit by a face whose screen bounding box (dilated by one pixel against rounding)
@@ -256,81 +292,79 @@ def _candidate_tiles(vertices: Tensor, faces: Tensor, cameras: Cameras) -> tuple
     reach them); faces straddling its plane project unboundedly and cover the whole image.
 
     Returns:
-        (view, first row, first column) of every covered tile, view-major then row-major.
+        (view, first row, first column) of every covered tile (int64), view-major then row-major.
     """
     n_views, size = len(cameras), cameras.image_size
-    uv, z = cameras.project(vertices)  # (V,N,2), (V,N)
-    tri_z = z[:, faces]  # (V,F,3)
-    tri_uv = uv[:, faces]
-    lo = tri_uv.amin(dim=2) - 1.0  # (V,F,2) as (col, row)
-    hi = tri_uv.amax(dim=2) + 1.0
-    in_front = (tri_z > 0).all(-1)
-    straddles = ~in_front & (tri_z >= 0).any(-1)
-    lo = torch.where(straddles[..., None], 0.0, lo)
-    hi = torch.where(straddles[..., None], float(size), hi)
-    # Pixels j with centre j + 0.5 in [lo, hi], clipped to the image.
-    first = torch.ceil(lo - 0.5).clamp(0, size).to(torch.long)
-    last = torch.floor(hi - 0.5).clamp(-1, size - 1).to(torch.long)
-    keep = (in_front | straddles) & (first <= last).all(-1)
-    view = torch.arange(n_views)[:, None].expand_as(keep)[keep]
-    first, last = first[keep] // _TILE, last[keep] // _TILE + 1  # tile ranges [first, last)
+    R = cameras.R.detach().cpu().numpy()
+    T = cameras.T.detach().cpu().numpy()
+    focal = cameras.focal.detach().cpu().numpy()
+    # View coordinates and pixel coordinates, one (V,N) array per component.
+    x_view = np.matmul(R, vertices.T.astype(R.dtype)) + T[:, :, None]  # (V,3,N)
+    z = x_view[:, 2]
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        scale = focal[:, None] / z
+        pixel_uv = [x_view[:, k] * scale + cameras.principal_point for k in range(2)]
+    corner = [np.take(z, faces[:, k], axis=1) for k in range(3)]  # (V,F) each
+    in_front = (corner[0] > 0) & (corner[1] > 0) & (corner[2] > 0)
+    straddles = ~in_front & ((corner[0] >= 0) | (corner[1] >= 0) | (corner[2] >= 0))
     n_tiles = -(-size // _TILE)
     side = n_tiles + 1
-    diff = torch.zeros(n_views * side * side, dtype=torch.int32)
-    base = view * (side * side)
-    ones = torch.ones(view.shape, dtype=torch.int32)
-    for rows, cols, sign in ((first, first, 1), (first, last, -1), (last, first, -1), (last, last, 1)):
-        diff.index_add_(0, base + rows[:, 1] * side + cols[:, 0], ones if sign > 0 else -ones)
-    covered = diff.reshape(n_views, side, side).cumsum(1, dtype=torch.int32).cumsum(2, dtype=torch.int32)
-    tiles = torch.from_numpy(np.flatnonzero((covered[:, :n_tiles, :n_tiles] > 0).numpy()))
+    # Difference-array slots (view, tile row, tile column); faces that cover nothing go to a dummy slot.
+    dummy = n_views * side * side
+    base = np.arange(n_views)[:, None] * (side * side)
+    tile_range = []
+    with np.errstate(invalid="ignore"):
+        for k in range(2):  # column (u), then row (v)
+            corner = [np.take(pixel_uv[k], faces[:, j], axis=1) for j in range(3)]
+            lo = np.minimum(np.minimum(corner[0], corner[1]), corner[2]) - 1.0
+            hi = np.maximum(np.maximum(corner[0], corner[1]), corner[2]) + 1.0
+            # Pixels j with centre j + 0.5 in [lo, hi], clipped to the image; then their tiles.
+            first = np.where(straddles, 0.0, np.clip(np.ceil(lo - 0.5), 0, size))
+            last = np.where(straddles, size - 1.0, np.clip(np.floor(hi - 0.5), -1, size - 1))
+            in_front &= first <= last  # NaN boxes (faces behind the camera) compare False
+            # Tiles [first, last) as integer-valued floats (exact: _TILE is a power of two; a float
+            # floor division would be ~20x slower).
+            tile_range.append((np.floor(first * (1.0 / _TILE)), np.floor(last * (1.0 / _TILE)) + 1))
+    keep = in_front | straddles
+    (col0, col1), (row0, row1) = tile_range
+    diff = np.zeros(dummy + 1, dtype=np.int64)
+    for rows, cols, sign in ((row0, col0, 1), (row0, col1, -1), (row1, col0, -1), (row1, col1, 1)):
+        slot = np.where(keep, base + rows * side + cols, dummy).astype(np.int64)  # float64: exact
+        diff += sign * np.bincount(slot.reshape(-1), minlength=dummy + 1)
+    # Prefix sums along columns, then rows (numpy's cumsum is fastest on int32 along the last axis).
+    counts = np.cumsum(diff[:dummy].astype(np.int32).reshape(n_views, side, side), axis=2, dtype=np.int32)
+    covered = np.cumsum(counts, axis=1, dtype=np.int32)[:, :n_tiles, :n_tiles] > 0
+    tiles = np.flatnonzero(covered)
     return tiles // (n_tiles * n_tiles), (tiles // n_tiles) % n_tiles * _TILE, tiles % n_tiles * _TILE
 
 
 def _exact_hits(
-    tables: tuple[Tensor, Tensor], n_faces: int, view: Tensor, face: Tensor, directions: Tensor
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Float64 Moller-Trumbore for rays known to hit: ray parameter t, barycentric weights (b1, b2)
-    of vertices 1 and 2 (vertex 0 gets 1 - b1 - b2) and ``det = d . (e2 x e1)`` (for shading).
-
-    With ``e1, e2`` the face edges from vertex 0, ``s = origin - v0`` and ``d`` the ray direction,
-    Moller-Trumbore's ``det = e1 . (d x e2)``, ``b1 det = s . (d x e2)``, ``b2 det = d . (s x e1)`` and
-    ``t det = e2 . (s x e1)`` are, by the cyclic symmetry of the triple product, ``d . (e2 x e1)``,
-    ``d . (e2 x s)``, ``d . (s x e1)`` and a scalar: linear in ``d`` with coefficients that depend only
-    on the (view, face) pair. Those are tabulated once (:func:`_intersection_tables`), so a hit costs one
-    gather and a 3x3 matrix-vector product.
+    origins: np.ndarray, faces: np.ndarray, directions: list[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Float64 Moller-Trumbore for H rays known to hit: ray parameter t, barycentric weights (b1, b2)
+    of vertices 1 and 2 (vertex 0 gets 1 - b1 - b2) and ``det = e1 . (d x e2)`` (for shading).
 
     Args:
-        tables: :func:`_intersection_tables` of the views in this group.
-        n_faces: F.
-        view: (H,) view index of each hit within the group; face: (H,) its face.
-        directions: (H,3) ray directions (cast to float64).
+        origins: (3,H) ray origins.
+        faces: (>=9,H) rows v0 (3), e1 = v1 - v0 (3), e2 = v2 - v0 (3) of each hit face.
+        directions: the x, y, z components of the ray directions, (H,) each (used in float64).
+
+    One array per component throughout: numpy is several times slower on (H,3) arrays.
     """
-    table, t_times_det = tables
-    pair = view * n_faces + face
-    coefficients = table.index_select(0, pair).view(-1, 3, 3)  # rows: det, b1 det, b2 det
-    scaled = torch.bmm(coefficients, directions.to(torch.float64).unsqueeze(-1)).squeeze(-1)  # (H,3)
-    det = scaled[:, 0]
+    dx, dy, dz = (d.astype(np.float64) for d in directions)
+    sx, sy, sz = origins[0] - faces[0], origins[1] - faces[1], origins[2] - faces[2]
+    e1x, e1y, e1z, e2x, e2y, e2z = faces[3:9]
+    px, py, pz = dy * e2z - dz * e2y, dz * e2x - dx * e2z, dx * e2y - dy * e2x  # d x e2
+    det = e1x * px + e1y * py + e1z * pz
     # A ray Embree reports as hitting is never exactly parallel to the face; guard degenerate faces.
-    tiny = torch.finfo(det.dtype).tiny
-    det = torch.where(det.abs() < tiny, torch.full_like(det, tiny), det)
+    tiny = np.finfo(np.float64).tiny
+    det = np.where(np.abs(det) < tiny, tiny, det)
     inv_det = 1.0 / det
-    return t_times_det.index_select(0, pair) * inv_det, scaled[:, 1] * inv_det, scaled[:, 2] * inv_det, det
-
-
-def _intersection_tables(tri: Tensor, origins: Tensor) -> tuple[Tensor, Tensor]:
-    """(G*F, 9) rows ``[e2 x e1, e2 x s, s x e1]`` and (G*F,) ``e2 . (s x e1)`` per (view, face) pair
-    (view-major), float64; see :func:`_exact_hits`."""
-    v0 = tri[:, 0]
-    e1 = tri[:, 1] - v0
-    e2 = tri[:, 2] - v0
-    s = origins[:, None, :] - v0[None]  # (G,F,3)
-    e1b, e2b = e1.expand_as(s), e2.expand_as(s)
-    normal_part = torch.linalg.cross(e2, e1, dim=-1).expand_as(s)
-    b1_part = torch.linalg.cross(e2b, s, dim=-1)
-    b2_part = torch.linalg.cross(s, e1b, dim=-1)
-    t_times_det = (e2b * b2_part).sum(-1)
-    table = torch.cat([normal_part, b1_part, b2_part], dim=-1)
-    return table.reshape(-1, 9), t_times_det.reshape(-1)
+    qx, qy, qz = sy * e1z - sz * e1y, sz * e1x - sx * e1z, sx * e1y - sy * e1x  # s x e1
+    b1 = (sx * px + sy * py + sz * pz) * inv_det
+    b2 = (dx * qx + dy * qy + dz * qz) * inv_det
+    t = (e2x * qx + e2y * qy + e2z * qz) * inv_det
+    return t, b1, b2, det
 
 
 # ------------------------------------------------------------------------------------------- PyTorch3D
