@@ -50,7 +50,7 @@ from patchalign.render import (
     look_at_cameras,
 )
 from patchalign.render import render_mesh as _render_mesh
-from patchalign.render.io import normalize_to_unit_sphere
+from patchalign.render.io import unit_sphere_normalization
 from patchalign.shards.backproject import backproject_features
 from patchalign.shards.sampling import sample_surface
 from patchalign.teachers import DEFAULT_TEACHER, Teacher, load_teacher
@@ -420,12 +420,9 @@ def _demo_mesh(record: ObjectRecord) -> tuple[torch.Tensor, torch.Tensor, dict[s
     obj = generate_object(record.category, int(record.extra["seed"]))
     raw = torch.from_numpy(obj.vertices.astype(np.float64))
     faces = torch.from_numpy(obj.faces)
-    verts = normalize_to_unit_sphere(raw, faces)
-    # Recover the affine map x' = (x - centre) / scale from two distinct vertices.
-    i, j = 0, int(torch.argmax((raw - raw[0]).norm(dim=1)))
-    scale = float((raw[j] - raw[i]).norm() / (verts[j] - verts[i]).norm())
-    centre = (raw[i] - verts[i] * scale).tolist()
-    return verts.to(torch.float32), faces, {"centre": centre, "scale": scale}
+    norm = unit_sphere_normalization(raw, faces)
+    verts = norm.to_normalized(raw)
+    return verts.to(torch.float32), faces, {"centre": norm.centre.tolist(), "scale": float(norm.scale)}
 
 
 def load_object_mesh(record: ObjectRecord) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
@@ -433,9 +430,16 @@ def load_object_mesh(record: ObjectRecord) -> tuple[torch.Tensor, torch.Tensor, 
     if record.source == "demo":
         return _demo_mesh(record)
     if record.source == "mesh":
-        verts, faces = load_mesh_normalized(record.path)
-        # load_mesh_normalized does not report its transform (see the report); record the method.
-        return verts, faces, {"method": "bbox centre, max radius 1 (patchalign.render.load_mesh_normalized)"}
+        verts, faces, norm = load_mesh_normalized(record.path, return_transform=True)
+        return (
+            verts,
+            faces,
+            {
+                "centre": norm.centre.tolist(),
+                "scale": float(norm.scale),
+                "method": "bbox centre, max radius 1 (patchalign.render.load_mesh_normalized)",
+            },
+        )
     raise ValueError(f"record {record.uid} (source {record.source!r}) has no mesh")
 
 
