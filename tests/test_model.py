@@ -126,3 +126,8 @@ def test_fast_tokenizer_equals_point_bert_formulation(train: bool) -> None:
     fast = net(neigh)
     ref = net.forward_reference(neigh)
     assert torch.allclose(fast, ref, atol=1e-5)
+    if not train:  # the folded-BatchNorm, chunked inference path (chunks smaller than the batch)
+        net.inference_chunk_points = 16
+        with torch.no_grad():
+            folded = net(neigh)
+        assert torch.allclose(folded, ref.detach(), atol=1e-5)
