@@ -103,6 +103,22 @@ class _StageBase(L.LightningModule):
     ) -> None:
         super().__init__()
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The random state (drop-path, random FPS starts) so a requeued job continues the same run.
+        # Under DDP the file holds rank 0's state; every rank restores it, which is still reproducible.
+        state: dict[str, Any] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        checkpoint["patchalign_rng_state"] = state
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("patchalign_rng_state")
+        if not state:
+            return
+        torch.set_rng_state(state["torch"])
+        if state.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"], self.device if self.device.type == "cuda" else None)
+
     def _record_encoder_config(self) -> None:
         # What export and load_pretrained need to rebuild the plain encoder without this class.
         self.hparams["encoder_config"] = self.encoder.config.to_dict()

@@ -286,7 +286,8 @@ def _fit(
         scale_range=(0.8, 1.2),
     )
     model = Stage1Distillation(
-        PatchAlignEncoder(EncoderConfig(**{**TINY, "drop_path_rate": 0.0}, head_dim=12)), warmup_steps=2
+        PatchAlignEncoder(EncoderConfig(**TINY, head_dim=12)),
+        warmup_steps=2,  # drop-path 0.1: RNG resumes
     )
     if seen is not None:
         orig = model.training_step

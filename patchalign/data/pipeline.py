@@ -730,6 +730,11 @@ class StreamLoader(torch.utils.data.DataLoader):
         position_fn: Callable[[], tuple[int, int]] | None = None,
         **kwargs: Any,
     ) -> None:
+        # Worker base seeds come from a private generator, not the global torch RNG: every pass is
+        # already seeded from (seed, epoch, rank, worker), and drawing from the global RNG at each
+        # iter() would shift the model's random stream (drop-path) between an interrupted-and-resumed
+        # run and an uninterrupted one.
+        kwargs.setdefault("generator", torch.Generator().manual_seed(0))
         super().__init__(dataset, batch_size=None, **kwargs)
         dataset.persistent_workers = bool(kwargs.get("persistent_workers")) and self.num_workers > 0
         self.counter = counter
