@@ -386,3 +386,17 @@ def test_tar_reader_detects_silent_truncation_and_garbage(tmp_path: Path) -> Non
     (tmp_path / "garbled.tar").write_bytes(bytes(garbled))
     uids, errors = _tar_reader_run([str(tmp_path / "garbled.tar"), str(shard)])
     assert uids == ["obj-00000", "obj-00001", "obj-00000", "obj-00001", "obj-00002"] and len(errors) == 1
+
+
+def test_stage2_can_skip_teacher_features(tmp_path: Path) -> None:
+    """``load_features=False`` ships width-0 features; everything else is the same stream."""
+    write_synthetic_shards(tmp_path, [4, 3], feature_dim=8)
+    full = _dm(tmp_path, batches_per_epoch=3, rotate_up=True, num_val_shards=1)
+    slim = _dm(tmp_path, batches_per_epoch=3, rotate_up=True, num_val_shards=1, load_features=False)
+    for a, b in zip(full.train_dataloader(), slim.train_dataloader(), strict=True):
+        assert a["features"].shape[-1] == 8 and b["features"].shape == (*b["points"].shape[:2], 0)
+        assert a["uid"] == b["uid"]
+        for key in ("points", "membership", "label_ids", "label_mask"):
+            assert torch.equal(a[key], b[key]), key
+    val = list(slim.val_dataloader())
+    assert val and all(b["features"].shape[-1] == 0 for b in val)

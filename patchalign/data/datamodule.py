@@ -105,6 +105,9 @@ class ShardDataModule(L.LightningDataModule):
             float32 on the device in :meth:`on_after_batch_transfer` (halves inter-process and
             host-to-device bytes at large ``C``). If your LightningModule overrides
             ``on_after_batch_transfer`` it takes precedence, so convert there yourself.
+        load_features: ``False`` ships ``features`` of width 0: Stage 2 never reads the teacher
+            features, which are most of each sample's bytes, so it skips gathering, checking,
+            casting and transferring them.
     """
 
     def __init__(
@@ -128,6 +131,7 @@ class ShardDataModule(L.LightningDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = False,
         features_fp16_transfer: bool = False,
+        load_features: bool = True,
     ) -> None:
         super().__init__()
         if batch_size < 1 or num_points < 1:
@@ -161,7 +165,9 @@ class ShardDataModule(L.LightningDataModule):
             scale_range=tuple(scale_range) if scale_range is not None else None,
             default_up_axis=up_axis,
             features_fp16=features_fp16_transfer,
+            load_features=load_features,
         )
+        self.load_features = load_features
         self.rank = 0
         self.world_size = 1
         self.manifest: Manifest | None = None
@@ -309,7 +315,7 @@ class ShardDataModule(L.LightningDataModule):
             plans=plans,
             batch_size=self.val_batch_size,
             batches_per_slot=batches_per_slot,
-            feature_dim=self.feature_dim,
+            feature_dim=self.feature_dim if self.load_features else 0,
             example=self.example_config,
             lookup=self._lookup(),
         )

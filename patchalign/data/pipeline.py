@@ -227,6 +227,7 @@ class ExampleConfig:
     scale_range: tuple[float, float] | None = None
     default_up_axis: str = "y"
     features_fp16: bool = False
+    load_features: bool = True  # False: ship (P, 0) features (Stage 2 never reads them)
 
 
 def track_shards(stats: StreamStats) -> Callable[[Iterable[dict]], Iterator[dict]]:
@@ -391,6 +392,10 @@ def make_example(
     """Subsample to ``cfg.num_points`` (without replacement), check the gathered features, augment."""
     idx = rng.choice(s.num_points, cfg.num_points, replace=False)
     points = s.points[idx]
+    if not cfg.load_features:  # skip the gather, checks, cast and transfer of the widest array
+        feats = np.zeros((cfg.num_points, 0), np.float16)
+        feature_mask = np.ones(cfg.num_points, bool)
+        return _finish_example(s, points, feats, feature_mask, label_ids, cfg, rng, augment, idx)
     feats = s.features[idx]
     # One pass over the fp16 bit patterns: the largest |x| per row (sign bit cleared) is >= 0x7C00
     # exactly when the row has an Inf/NaN, and 0 exactly when the row is all zero (no teacher feature).
@@ -399,6 +404,21 @@ def make_example(
     if (row_max >= 0x7C00).any():
         raise ShardFormatError(f"sample {s.uid!r}: features contain NaN/Inf", "non_finite")
     feature_mask = row_max > 0
+    return _finish_example(s, points, feats, feature_mask, label_ids, cfg, rng, augment, idx)
+
+
+def _finish_example(
+    s: ObjectSample,
+    points: np.ndarray,
+    feats: np.ndarray,
+    feature_mask: np.ndarray,
+    label_ids: np.ndarray,
+    cfg: ExampleConfig,
+    rng: np.random.Generator,
+    augment: bool,
+    idx: np.ndarray,
+) -> Example:
+    """Augment the subsampled points and assemble the example dict."""
     if augment:
         if cfg.rotate_up:
             up = str(s.meta.get("up_axis", cfg.default_up_axis)).lower()[-1:]
