@@ -29,7 +29,7 @@ from patchalign.losses import (
     per_shape_bce_loss,
     sigmoid_patch_text_loss,
 )
-from patchalign.model import EncoderConfig, PatchAlignEncoder
+from patchalign.model import PatchAlignEncoder
 
 log = logging.getLogger(__name__)
 
@@ -91,16 +91,9 @@ class _StageBase(L.LightningModule):
 
     encoder: PatchAlignEncoder
 
-    def __init__(
-        self,
-        lr: float,
-        head_lr: float,
-        weight_decay: float,
-        warmup_steps: int,
-        cosine_schedule: bool,
-        min_lr_ratio: float,
-        decay_all_params: bool,
-    ) -> None:
+    # hyper-parameters (lr, head_lr, weight_decay, warmup_steps, cosine_schedule, min_lr_ratio,
+    # decay_all_params) are saved by the subclasses' save_hyperparameters() and read from self.hparams
+    def __init__(self) -> None:
         super().__init__()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -183,9 +176,7 @@ class Stage1Distillation(_StageBase):
         decay_all_params: bool = False,
         target_widths: dict[str, int] | None = None,
     ) -> None:
-        super().__init__(
-            lr, head_lr, weight_decay, warmup_steps, cosine_schedule, min_lr_ratio, decay_all_params
-        )
+        super().__init__()
         self.save_hyperparameters(ignore=["encoder"])
         if target_widths and target_widths.get("features") not in (None, encoder.config.head_dim):
             encoder.reset_head(target_widths["features"])
@@ -311,9 +302,7 @@ class Stage2Alignment(_StageBase):
         eval_assign: Literal["nearest", "knn", "membership"] = "nearest",
         eval_out_dir: str | None = None,
     ) -> None:
-        super().__init__(
-            lr, head_lr, weight_decay, warmup_steps, cosine_schedule, min_lr_ratio, decay_all_params
-        )
+        super().__init__()
         self.save_hyperparameters(ignore=["encoder"])
         if target_widths and target_widths.get("text") not in (None, encoder.config.head_dim):
             encoder.reset_head(target_widths["text"])
@@ -547,8 +536,3 @@ class Stage2Alignment(_StageBase):
         self.log("val/loss", loss, prog_bar=True, batch_size=bs, sync_dist=True)
         self.log("val/patch_acc", self.val_acc, on_epoch=True, batch_size=bs)
         self.log("val/miou", self.val_miou, on_epoch=True, prog_bar=True, batch_size=bs)
-
-
-def build_encoder(head_dim: int, **overrides: Any) -> PatchAlignEncoder:
-    """Convenience for scripts: the released architecture with a head of ``head_dim``."""
-    return PatchAlignEncoder(EncoderConfig(head_dim=head_dim, **overrides))
