@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 
 from patchalign.eval.datasets import PartSegDataset, ResampledDataset, collate_part_samples
 from patchalign.eval.metrics import CONVENTIONS, PartSegIoU
-from patchalign.eval.zeroshot import AssignMode, PartTextEmbedder, TextSource, assign_point_labels
+from patchalign.eval.zeroshot import AssignMode, PartTextEmbedder, TextSource, zero_shot_predict
 
 log = logging.getLogger(__name__)
 
@@ -315,21 +315,15 @@ def run_zero_shot_eval(
         for batch in loader:
             points = batch["points"].to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
-                out = encoder(points)
-            text, mask = embedder.batch(batch["part_names"], batch["category"])
-            pred = assign_point_labels(
-                out.patch_features,
-                text,
-                points,
-                out.centers,
-                out.point_to_patch,
-                mask,
-                group_index=out.group_index,
-                assign=assign,
-                k=knn,
-                logit_scale=logit_scale,
-                none_threshold=none_threshold,
-            )
+                pred = zero_shot_predict(
+                    encoder,
+                    {**batch, "points": points},
+                    embedder,
+                    assign=assign,
+                    k=knn,
+                    logit_scale=logit_scale,
+                    none_threshold=none_threshold,
+                )
             evaluator.update(
                 pred.labels,
                 batch["labels"].to(device, non_blocking=True),
@@ -400,18 +394,8 @@ def render_best_worst(
                 batch = collate_part_samples([sample])
                 points = batch["points"].to(device)
                 with torch.inference_mode():
-                    out = encoder(points)
-                    text, mask = embedder.batch(batch["part_names"], batch["category"])
-                    pred = assign_point_labels(
-                        out.patch_features,
-                        text,
-                        points,
-                        out.centers,
-                        out.point_to_patch,
-                        mask,
-                        group_index=out.group_index,
-                        **predict_kw,
-                    )
+                    pred = zero_shot_predict(encoder, {**batch, "points": points}, embedder, **predict_kw)
+                out = pred.encoding
                 stem = f"{cat}_{tag}{rank}_{rec.get('uid', rec['shape_id'])}".replace("/", "_").replace(
                     " ", "_"
                 )

@@ -239,6 +239,7 @@ class PointPrediction:
     labels: Tensor
     point_scores: Tensor
     patch_logits: Tensor
+    encoding: Any = None  # the EncoderOutput the labels came from (set by zero_shot_predict)
 
 
 def assign_point_labels(
@@ -350,7 +351,7 @@ def zero_shot_predict(
     points = batch["points"]
     out = encoder(points)
     text, mask = embedder.batch(batch["part_names"], batch["category"])
-    return assign_point_labels(
+    pred = assign_point_labels(
         out.patch_features,
         text.to(points.device),
         points,
@@ -363,3 +364,5 @@ def zero_shot_predict(
         logit_scale=logit_scale,
         none_threshold=none_threshold,
     )
+    pred.encoding = out
+    return pred
