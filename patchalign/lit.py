@@ -428,39 +428,38 @@ class Stage2Alignment(_StageBase):
         text = self.text_vectors[label_ids.clamp_min(0)]
         return torch.einsum("bgc,blc->bgl", patch_features.float(), text)
 
-    def _accuracy(self, out: Any, targets: Tensor, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
-        """Patch accuracy (argmax over own labels vs majority part) and per-shape point mIoU."""
+    def _patch_predictions(self, out: Any, targets: Tensor, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """Per-patch argmax over the shape's own labels; patch accuracy vs each patch's majority part."""
         label_ids, label_mask = batch["label_ids"], batch["label_mask"]
         scores = self.shape_scores(out.patch_features, label_ids).masked_fill(~label_mask[:, None, :], -1e4)
         own = torch.gather(targets, 2, label_ids.clamp_min(0)[:, None, :].expand(-1, targets.shape[1], -1))
         own = own * label_mask[:, None, :]
         labelled = own.sum(-1) > 0
-        acc = (scores.argmax(-1) == own.argmax(-1))[labelled].float()
-        # per-point: nearest patch's prediction vs the point's (first) part
-        pred_pt = torch.gather(scores.argmax(-1), 1, out.point_to_patch)  # (B, P)
+        pred = scores.argmax(-1)
+        return pred, (pred == own.argmax(-1))[labelled].float()
+
+    @staticmethod
+    def _point_miou(out: Any, patch_pred: Tensor, batch: dict[str, Any]) -> Tensor:
+        """Per-shape point mIoU (released convention): nearest patch's label vs the point's first part."""
+        from patchalign.eval.metrics import per_shape_miou
+
         memb = batch["membership"] > 0.5
         has = memb.any(-1)
-        gt_pt = memb.float().argmax(-1)
-        ious = []
-        for b in range(scores.shape[0]):  # per shape over its few labels: tiny loop, validation only
-            inter_union = []
-            for part in range(int(label_mask[b].sum())):
-                gt_l = (gt_pt[b] == part) & has[b]
-                if not gt_l.any():
-                    continue  # released convention: parts absent from the ground truth are skipped
-                pr_l = (pred_pt[b] == part) & has[b]
-                inter_union.append((gt_l & pr_l).sum() / (gt_l | pr_l).sum())
-            if inter_union:
-                ious.append(torch.stack(inter_union).mean())
-        miou = torch.stack(ious) if ious else acc.new_zeros(0)
-        return acc, miou
+        gt = torch.where(has, memb.float().argmax(-1), -1)
+        pred = torch.where(has, torch.gather(patch_pred, 1, out.point_to_patch), -1)
+        k = batch["label_mask"].sum(1)
+        keep = k > 0  # padded validation shapes have no parts
+        if not keep.any():
+            return patch_pred.new_zeros(0, dtype=torch.float32)
+        miou = per_shape_miou(pred[keep], gt[keep], k[keep])[:, 0].float()  # column 0: released
+        return miou[~miou.isnan()]
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         out, targets, _ = self._scores(batch)
         loss = self._loss(out, targets, batch)
         bs = batch["points"].shape[0]
         with torch.no_grad():
-            acc, _ = self._accuracy(out, targets, batch)
+            _, acc = self._patch_predictions(out, targets, batch)
         self.train_acc(acc)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("train/patch_acc", self.train_acc, on_step=True, on_epoch=True, batch_size=bs)
@@ -528,7 +527,8 @@ class Stage2Alignment(_StageBase):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         out, targets, _ = self._scores(batch)
         loss = self._loss(out, targets, batch)
-        acc, miou = self._accuracy(out, targets, batch)
+        patch_pred, acc = self._patch_predictions(out, targets, batch)
+        miou = self._point_miou(out, patch_pred, batch)
         bs = batch["points"].shape[0]
         self.val_acc(acc)
         if miou.numel():

@@ -84,6 +84,15 @@ def label_colors(labels: np.ndarray, num_parts: int) -> np.ndarray:
     return colors
 
 
+def _save(fig: plt.Figure, path: str | os.PathLike, dpi: int) -> Path:
+    """Write ``fig`` to ``path`` (parents created) and free it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def plot_part_labels(
     path: str | os.PathLike,
     points: Tensor | np.ndarray,
@@ -117,11 +126,7 @@ def plot_part_labels(
     if title:
         fig.suptitle(title, fontsize=10)
     fig.subplots_adjust(left=0.0, right=0.8, top=0.9, bottom=0.02, wspace=0.0)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi)
 
 
 def plot_feature_pca(
@@ -143,11 +148,7 @@ def plot_feature_pca(
     _scatter(ax, pts, rgb[p2p], None, point_size)
     fig.suptitle(title or "patch features (PCA -> RGB)", fontsize=10)
     fig.subplots_adjust(left=0, right=1, top=0.92, bottom=0)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi)
 
 
 def save_shape_figures(

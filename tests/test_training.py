@@ -382,3 +382,19 @@ def test_cli_test_on_real_shapenetpart_from_an_export_dir(tmp_path: Path, shared
     assert all(0.0 <= float(metrics[k]) <= 1.0 for k in keys if "miou" in k.lower())
     rows = (tmp_path / "eval" / "eval" / "results.csv").read_text().splitlines()
     assert len(rows) >= 2
+
+
+def test_validation_point_miou_by_hand() -> None:
+    """Released convention: parts absent from a shape's ground truth are skipped; unlabelled points ignored."""
+    from types import SimpleNamespace
+
+    # shape 0: 6 points, parts {0,1,2}; part 2 absent from GT. shape 1: padding (no parts).
+    memb = torch.zeros(2, 6, 3)
+    memb[0, [0, 1, 2], 0] = 1
+    memb[0, [3, 4], 1] = 1  # point 5 unlabelled
+    patch_pred = torch.tensor([[0, 1, 2], [0, 0, 0]])
+    point_to_patch = torch.tensor([[0, 0, 1, 1, 2, 2], [0, 0, 0, 0, 0, 0]])
+    batch = {"membership": memb, "label_mask": torch.tensor([[True, True, True], [False, False, False]])}
+    miou = Stage2Alignment._point_miou(SimpleNamespace(point_to_patch=point_to_patch), patch_pred, batch)
+    # points 0..4 predicted 0,0,1,1,2 vs GT 0,0,0,1,1: part 0 IoU 2/3, part 1 IoU 1/3 (point 4 predicted 2)
+    assert miou.shape == (1,) and miou.item() == pytest.approx((2 / 3 + 1 / 3) / 2)
