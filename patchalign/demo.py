@@ -185,70 +185,58 @@ def zero_shot_eval(
     }
 
 
-def _pictures(
-    out: Path, heldout: dict[str, Any], stage1_ckpt: Path, model: Any, n_per_cat: int = 2
-) -> list[Path]:
-    from patchalign.lit import load_encoder_weights
-    from patchalign.model import EncoderConfig, PatchAlignEncoder
-    from patchalign.viz import plot_feature_pca, plot_part_labels
-
-    out.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
+def _best_per_category(results: dict[str, Any], n_per_cat: int) -> Iterator[dict[str, Any]]:
+    """The ``n_per_cat`` best-scoring shapes of each category, categories in name order."""
     by_cat: dict[str, list[dict]] = {}
-    for s in heldout["shapes"]:
+    for s in results["shapes"]:
         by_cat.setdefault(s["category"], []).append(s)
-    ckpt = torch.load(stage1_ckpt, map_location="cpu", weights_only=False)
-    enc1 = PatchAlignEncoder(EncoderConfig.from_dict(ckpt["hyper_parameters"]["encoder_config"])).eval()
-    load_encoder_weights(enc1, stage1_ckpt, skip_head=False)
-    for cat, shapes in sorted(by_cat.items()):
-        for s in sorted(shapes, key=lambda r: -r["miou"])[:n_per_cat]:
-            stem = f"{cat}_{s['uid'].replace('/', '_')}"
-            p = out / f"{stem}_parts.png"
-            plot_part_labels(
-                p,
-                s["points"],
-                s["pred"],
-                s["parts"],
-                gt_labels=s["gt"],
-                title=f"{cat} (held out): mIoU {s['miou']:.2f}",
-            )
-            written.append(p)
-            pts = torch.from_numpy(s["points"])[None]
-            with torch.no_grad():
-                o1 = enc1(pts)
-                o2 = model.encode(pts)
-            for name, o in (("stage1", o1), ("stage2", o2)):
-                p = out / f"{stem}_pca_{name}.png"
-                plot_feature_pca(
-                    p,
-                    s["points"],
-                    o.patch_features[0],
-                    o.point_to_patch[0],
-                    title=f"{cat}: patch features after {name} (PCA→RGB)",
-                )
-                written.append(p)
-    return written
+    for _, shapes in sorted(by_cat.items()):
+        yield from sorted(shapes, key=lambda r: -r["miou"])[:n_per_cat]
 
 
 def _part_pictures(out: Path, results: dict[str, Any], split: str, n_per_cat: int = 1) -> list[Path]:
     """Prediction vs ground truth for the best ``n_per_cat`` shapes of each category."""
     from patchalign.viz import plot_part_labels
 
-    out.mkdir(parents=True, exist_ok=True)
     written = []
-    by_cat: dict[str, list[dict]] = {}
-    for s in results["shapes"]:
-        by_cat.setdefault(s["category"], []).append(s)
-    for cat, shapes in sorted(by_cat.items()):
-        for s in sorted(shapes, key=lambda r: -r["miou"])[:n_per_cat]:
-            p = out / f"{split}_{cat}_{s['uid'].replace('/', '_')}_parts.png"
-            plot_part_labels(
+    for s in _best_per_category(results, n_per_cat):
+        p = out / f"{split}_{s['category']}_{s['uid'].replace('/', '_')}_parts.png"
+        plot_part_labels(
+            p,
+            s["points"],
+            s["pred"],
+            s["parts"],
+            gt_labels=s["gt"],
+            title=f"{s['category']} ({split}): mIoU {s['miou']:.2f}",
+        )
+        written.append(p)
+    return written
+
+
+def _pictures(
+    out: Path, heldout: dict[str, Any], stage1_ckpt: Path, model: Any, n_per_cat: int = 2
+) -> list[Path]:
+    """Held-out shapes: parts, and PCA-RGB of the patch features after Stage 1 and after Stage 2."""
+    from patchalign.lit import load_encoder_weights
+    from patchalign.model import EncoderConfig, PatchAlignEncoder
+    from patchalign.viz import plot_feature_pca
+
+    written = _part_pictures(out, heldout, "heldout", n_per_cat)
+    ckpt = torch.load(stage1_ckpt, map_location="cpu", weights_only=False)
+    enc1 = PatchAlignEncoder(EncoderConfig.from_dict(ckpt["hyper_parameters"]["encoder_config"])).eval()
+    load_encoder_weights(enc1, stage1_ckpt, skip_head=False)
+    for s in _best_per_category(heldout, n_per_cat):
+        pts = torch.from_numpy(s["points"])[None]
+        with torch.no_grad():
+            encodings = {"stage1": enc1(pts), "stage2": model.encode(pts)}
+        for name, o in encodings.items():
+            p = out / f"heldout_{s['category']}_{s['uid'].replace('/', '_')}_pca_{name}.png"
+            plot_feature_pca(
                 p,
                 s["points"],
-                s["pred"],
-                s["parts"],
-                gt_labels=s["gt"],
-                title=f"{cat} ({split}): mIoU {s['miou']:.2f}",
+                o.patch_features[0],
+                o.point_to_patch[0],
+                title=f"{s['category']}: patch features after {name} (PCA→RGB)",
             )
             written.append(p)
     return written

@@ -385,7 +385,7 @@ def test_cli_test_on_real_shapenetpart_from_an_export_dir(tmp_path: Path, shared
 
 
 def test_validation_point_miou_by_hand() -> None:
-    """Released convention: parts absent from a shape's ground truth are skipped; unlabelled points ignored."""
+    """Released convention: parts absent from the ground truth are skipped; unlabelled points ignored."""
     from types import SimpleNamespace
 
     # shape 0: 6 points, parts {0,1,2}; part 2 absent from GT. shape 1: padding (no parts).
