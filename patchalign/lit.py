@@ -392,20 +392,34 @@ class Stage2Alignment(_StageBase):
         head = [(f"encoder.head.{n}", p) for n, p in self.encoder.head.named_parameters()]
         return head + [(f"logit_params.{n}", p) for n, p in self.logit_params.named_parameters()]
 
-    def _scores(self, batch: dict[str, Any]) -> tuple[Any, Tensor, Tensor]:
-        out = self.encoder(batch["points"])
-        targets = soft_text_targets(
-            batch["membership"], batch["label_ids"], out.group_index, self.text_vectors.shape[0]
-        )
-        return out, targets, batch["label_mask"]
+    def _scores(self, batch: dict[str, Any]) -> tuple[Any, Tensor, Tensor, Tensor]:
+        """Encode the batch and build soft targets over the batch's own names only.
 
-    def _loss(self, out: Any, targets: Tensor, batch: dict[str, Any]) -> Tensor:
-        z = out.patch_features.float()
+        Returns ``(out, targets (B, G, U), local_ids (B, L), used (U,))``: ``used`` are the text-bank rows
+        named anywhere in the batch (sorted), ``local_ids`` each shape's labels as columns of ``targets``.
+        Restricting the columns to the batch's names keeps the tensor small whatever the bank's size.
+        """
+        out = self.encoder(batch["points"])
         label_ids = batch["label_ids"]
-        if self.hparams.loss == "siglip":
-            used = torch.unique(label_ids[label_ids >= 0])  # the batch's names: other shapes' are negatives
+        used = torch.unique(label_ids[label_ids >= 0])
+        local = torch.where(label_ids >= 0, torch.searchsorted(used, label_ids.clamp_min(0)), -1)
+        targets = soft_text_targets(batch["membership"], local, out.group_index, max(1, used.numel()))
+        return out, targets[..., : used.numel()], local, used
+
+    @staticmethod
+    def _own_targets(targets: Tensor, local_ids: Tensor) -> Tensor:
+        """``(B, G, L)`` soft targets of each shape's own labels (padding columns read column 0)."""
+        if targets.shape[-1] == 0:
+            return targets.new_zeros(*targets.shape[:2], local_ids.shape[1])
+        return torch.gather(targets, 2, local_ids.clamp_min(0)[:, None, :].expand(-1, targets.shape[1], -1))
+
+    def _loss(
+        self, out: Any, targets: Tensor, local_ids: Tensor, used: Tensor, batch: dict[str, Any]
+    ) -> Tensor:
+        z = out.patch_features.float()
+        if self.hparams.loss == "siglip":  # all of the batch's names: other shapes' are negatives
             text = self.text_vectors[used]
-            y = targets[..., used].reshape(-1, used.numel())
+            y = targets.reshape(-1, used.numel())
             valid = batch.get("valid")  # validation pads slots with placeholder shapes: leave them out
             patch_mask = None if valid is None else valid[:, None].expand(-1, z.shape[1]).reshape(-1)
             return sigmoid_patch_text_loss(
@@ -416,9 +430,8 @@ class Stage2Alignment(_StageBase):
                 self.logit_params.logit_bias,
                 patch_mask=patch_mask,
             )
-        ids = label_ids.clamp_min(0)
-        text = self.text_vectors[ids]  # (B, L, C)
-        y = torch.gather(targets, 2, ids[:, None, :].expand(-1, targets.shape[1], -1))
+        text = self.text_vectors[batch["label_ids"].clamp_min(0)]  # (B, L, C)
+        y = self._own_targets(targets, local_ids)
         return per_shape_bce_loss(
             z, text, y, batch["label_mask"], self.logit_params.logit_scale, self.logit_params.max_scale
         )
@@ -428,12 +441,13 @@ class Stage2Alignment(_StageBase):
         text = self.text_vectors[label_ids.clamp_min(0)]
         return torch.einsum("bgc,blc->bgl", patch_features.float(), text)
 
-    def _patch_predictions(self, out: Any, targets: Tensor, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    def _patch_predictions(
+        self, out: Any, targets: Tensor, local_ids: Tensor, batch: dict[str, Any]
+    ) -> tuple[Tensor, Tensor]:
         """Per-patch argmax over the shape's own labels; patch accuracy vs each patch's majority part."""
         label_ids, label_mask = batch["label_ids"], batch["label_mask"]
         scores = self.shape_scores(out.patch_features, label_ids).masked_fill(~label_mask[:, None, :], -1e4)
-        own = torch.gather(targets, 2, label_ids.clamp_min(0)[:, None, :].expand(-1, targets.shape[1], -1))
-        own = own * label_mask[:, None, :]
+        own = self._own_targets(targets, local_ids) * label_mask[:, None, :]
         labelled = own.sum(-1) > 0
         pred = scores.argmax(-1)
         return pred, (pred == own.argmax(-1))[labelled].float()
@@ -455,11 +469,11 @@ class Stage2Alignment(_StageBase):
         return miou[~miou.isnan()]
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        out, targets, _ = self._scores(batch)
-        loss = self._loss(out, targets, batch)
+        out, targets, local_ids, used = self._scores(batch)
+        loss = self._loss(out, targets, local_ids, used, batch)
         bs = batch["points"].shape[0]
         with torch.no_grad():
-            _, acc = self._patch_predictions(out, targets, batch)
+            _, acc = self._patch_predictions(out, targets, local_ids, batch)
         self.train_acc(acc)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("train/patch_acc", self.train_acc, on_step=True, on_epoch=True, batch_size=bs)
@@ -525,9 +539,9 @@ class Stage2Alignment(_StageBase):
             print(f"per-category results: {csv_path} and {json_path}")
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        out, targets, _ = self._scores(batch)
-        loss = self._loss(out, targets, batch)
-        patch_pred, acc = self._patch_predictions(out, targets, batch)
+        out, targets, local_ids, used = self._scores(batch)
+        loss = self._loss(out, targets, local_ids, used, batch)
+        patch_pred, acc = self._patch_predictions(out, targets, local_ids, batch)
         miou = self._point_miou(out, patch_pred, batch)
         bs = batch["points"].shape[0]
         self.val_acc(acc)

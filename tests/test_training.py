@@ -398,3 +398,42 @@ def test_validation_point_miou_by_hand() -> None:
     miou = Stage2Alignment._point_miou(SimpleNamespace(point_to_patch=point_to_patch), patch_pred, batch)
     # points 0..4 predicted 0,0,1,1,2 vs GT 0,0,0,1,1: part 0 IoU 2/3, part 1 IoU 1/3 (point 4 predicted 2)
     assert miou.shape == (1,) and miou.item() == pytest.approx((2 / 3 + 1 / 3) / 2)
+
+
+@pytest.mark.parametrize("loss", ["siglip", "bce"])
+def test_stage2_loss_uses_only_the_batch_columns_and_matches_full_bank_targets(loss: str) -> None:
+    """Targets are built over the batch's names only; the loss equals the full-text-bank formulation."""
+    from patchalign.losses import per_shape_bce_loss, sigmoid_patch_text_loss
+
+    torch.manual_seed(0)
+    enc = PatchAlignEncoder(EncoderConfig(**{**TINY, "drop_path_rate": 0.0}, head_dim=8))
+    module = Stage2Alignment(enc, freeze_blocks=1, loss=loss).eval()
+    bank = torch.nn.functional.normalize(torch.randn(50, 8), dim=-1)
+    module.text_vectors = bank
+    label_ids = torch.tensor([[3, 17, -1], [17, 42, 5], [-1, -1, -1]])
+    batch = {
+        "points": torch.randn(3, 128, 3),
+        "label_ids": label_ids,
+        "label_mask": label_ids >= 0,
+        "membership": (torch.rand(3, 128, 3) > 0.5).float() * (label_ids >= 0)[:, None, :],
+    }
+    with torch.no_grad():
+        out, targets, local, used = module._scores(batch)
+        assert targets.shape[-1] == used.numel() == 4  # not the bank's 50
+        got = module._loss(out, targets, local, used, batch)
+        full = soft_text_targets(batch["membership"], label_ids, out.group_index, 50)
+        z = out.patch_features
+        if loss == "siglip":
+            y = full[..., used].reshape(-1, 4)
+            ref = sigmoid_patch_text_loss(
+                z.reshape(-1, 8),
+                bank[used],
+                y,
+                module.logit_params.logit_scale,
+                module.logit_params.logit_bias,
+            )
+        else:
+            ids = label_ids.clamp_min(0)
+            y = torch.gather(full, 2, ids[:, None, :].expand(-1, z.shape[1], -1))
+            ref = per_shape_bce_loss(z, bank[ids], y, label_ids >= 0, module.logit_params.logit_scale)
+    assert got.item() == pytest.approx(ref.item(), rel=1e-6)
