@@ -9,6 +9,7 @@ build its :class:`~patchalign.eval.evaluator.PartSegEvaluator` and text embeddin
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any, get_args
 
 import lightning as L
 import torch
@@ -21,6 +22,7 @@ from patchalign.eval.datasets import (
     build_dataset,
     collate_part_samples,
 )
+from patchalign.eval.references import get_reference, reference_key_for
 
 
 class UnrepeatedShardSampler(Sampler[int]):
@@ -65,6 +67,11 @@ class EvalDataModule(L.LightningDataModule):
         categories: restrict to these categories (default: all).
         part_names: ShapeNetPart vocabulary: ``patchalign3d`` (released) or ``find3d``.
         replace: sample with replacement as Point-BERT does (``False``: distinct points when possible).
+        reader_args: reader-specific keyword arguments, e.g. ``{granularity: coarse}`` (FAUST),
+            ``{meta_path: ...}`` (PartNetE), ``{variant: main_split}`` (ScanObjectNN h5).
+        benchmark: the talk row the run is printed beside
+            (:data:`~patchalign.eval.references.TALK_REFERENCES` key); ``"auto"`` picks it from
+            ``dataset`` and ``split`` (none for splits the talk does not report), ``null`` for none.
     """
 
     def __init__(
@@ -79,8 +86,18 @@ class EvalDataModule(L.LightningDataModule):
         categories: list[str] | None = None,
         part_names: str = "patchalign3d",
         replace: bool = True,
+        reader_args: dict[str, Any] | None = None,
+        benchmark: str | None = "auto",
     ) -> None:
         super().__init__()
+        # Checked here, in one line each: jsonargparse would bury a failure inside __init__ under
+        # "Does not validate against any of the Union subtypes".
+        if dataset not in get_args(DatasetKind):
+            raise ValueError(f"unknown dataset {dataset!r}; use one of {', '.join(get_args(DatasetKind))}")
+        if benchmark == "auto":
+            benchmark = reference_key_for(dataset, split)
+        elif benchmark is not None:
+            get_reference(benchmark)
         self.save_hyperparameters()
         self.kind = dataset
         self.root = root
@@ -92,14 +109,24 @@ class EvalDataModule(L.LightningDataModule):
         self.categories_filter: Sequence[str] | None = categories
         self.part_names = part_names
         self.replace = replace
+        self.reader_args = dict(reader_args or {})
+        self.benchmark = benchmark
         self._dataset: ResampledDataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self._dataset is None:
             if not self.root:
                 raise ValueError("EvalDataModule needs root= (the benchmark directory)")
-            reader = build_dataset(self.kind, self.root, self.split, self.categories_filter, self.part_names)
+            reader = build_dataset(
+                self.kind, self.root, self.split, self.categories_filter, self.part_names, **self.reader_args
+            )
+            if len(reader) == 0:
+                raise ValueError(
+                    f"{reader.name} at {self.root} (split {self.split!r}) has no shapes to evaluate "
+                    f"({reader.num_missing} listed shapes are missing)"
+                )
             self._dataset = ResampledDataset(reader, self.num_points, self.seed, replace=self.replace)
+            self._dataset.benchmark = self.benchmark  # read by PartSegEvaluator.from_dataset
 
     @property
     def test_dataset(self) -> ResampledDataset:

@@ -14,6 +14,13 @@ Inside Lightning::
     if self.trainer.is_global_zero: print(report.format_table()); report.save(out_dir)
 
 From a script: ``run_zero_shot_eval(model, dataset, text_encoder_or_bank, batch_size=32)``.
+
+Both paths put the talk's number for the benchmark (:mod:`patchalign.eval.references`) beside ours:
+the evaluator carries the benchmark key (``EvalDataModule`` sets it on its dataset), the report
+prints ``ours | talk | delta`` under the table, and ``save`` writes it into ``results.json``
+(``info.comparison``) and ``comparison.csv``, with the seconds per shape end to end (from the
+evaluator's construction, i.e. the test epoch's start, to the final metric: file reading, sampling,
+encoder, text encoding, label transfer and metric all included).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from torch.utils.data import DataLoader
 
 from patchalign.eval.datasets import PartSegDataset, ResampledDataset, collate_part_samples
 from patchalign.eval.metrics import CONVENTIONS, PartSegIoU
+from patchalign.eval.references import compare_part_segmentation, get_reference
 from patchalign.eval.zeroshot import AssignMode, PartTextEmbedder, TextSource, zero_shot_predict
 
 log = logging.getLogger(__name__)
@@ -84,7 +92,77 @@ class EvalReport:
             + "".join(f"{pct(self.scalars[f'{c}/instance_mIoU']):>11}" for c in CONVENTIONS)
             + f"{pct(self.scalars['accuracy']):>8}"
         )
+        comparison = self.format_comparison()
+        if comparison:
+            lines += ["", comparison]
         return "\n".join(lines)
+
+    def format_comparison(self) -> str:
+        """``ours | talk | delta`` lines for the benchmark's talk row, and the seconds per shape."""
+
+        def fmt(x: float | None, sign: bool = False) -> str:
+            return "-" if x is None else (f"{x:+.2f}" if sign else f"{x:.2f}")
+
+        lines = []
+        ref = self.info.get("reference")
+        if ref:
+            note = "" if ref.get("confirmed") else ", convention not confirmed by released code"
+            lines.append(f"vs the talk: {ref['title']} ({ref['convention']} convention{note})")
+            lines.append(f"{'metric':<16}{'ours':>9}{'talk':>9}{'delta':>9}")
+            for row in self.info.get("comparison", []):
+                lines.append(
+                    f"{row['metric']:<16}{fmt(row['ours']):>9}{fmt(row['talk']):>9}"
+                    f"{fmt(row['delta'], sign=True):>9}"
+                )
+        sps = self.info.get("seconds_per_shape")
+        if sps is not None:
+            lines.append(
+                f"seconds per shape (end to end): {sps:.4f} ({self.info.get('num_shapes', 0)} shapes, "
+                f"{self.info.get('seconds_end_to_end', self.info.get('seconds', 0.0)):.1f} s)"
+            )
+        return "\n".join(lines)
+
+    def set_reference(self, key: str | None) -> None:
+        """Record the talk row ``key`` (or none) and the comparison of ours against it in ``info``."""
+        self.info.pop("reference", None)
+        self.info.pop("comparison", None)
+        self.info["benchmark"] = key
+        if key is None:
+            return
+        ref = get_reference(key)
+        self.info["reference"] = ref.as_dict()
+        self.info["comparison"] = compare_part_segmentation(self.scalars, ref)
+
+    def comparison_to_csv(self, path: str | Path) -> Path | None:
+        """One row per talk metric: benchmark, metric, convention, ours, talk, delta (percent) and
+        the seconds per shape; ``None`` (nothing written) without a talk row."""
+        if not self.info.get("comparison"):
+            return None
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fields = [
+            "benchmark",
+            "metric",
+            "convention",
+            "ours",
+            "talk",
+            "delta",
+            "num_shapes",
+            "seconds_per_shape",
+        ]
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            for row in self.info["comparison"]:
+                w.writerow(
+                    {
+                        "benchmark": self.info["benchmark"],
+                        **row,
+                        "num_shapes": self.info.get("num_shapes"),
+                        "seconds_per_shape": self.info.get("seconds_per_shape"),
+                    }
+                )
+        return path
 
     def to_csv(self, path: str | Path) -> Path:
         """Per-category rows plus the two summary rows (``ALL (category)``, ``ALL (instance)``)."""
@@ -132,8 +210,13 @@ class EvalReport:
         return path
 
     def save(self, out_dir: str | Path, stem: str = "results") -> tuple[Path, Path]:
+        """``<stem>.csv`` and ``<stem>.json`` (returned), plus ``comparison.csv`` with a talk row."""
         out_dir = Path(out_dir)
-        return self.to_csv(out_dir / f"{stem}.csv"), self.to_json(out_dir / f"{stem}.json")
+        paths = self.to_csv(out_dir / f"{stem}.csv"), self.to_json(out_dir / f"{stem}.json")
+        self.comparison_to_csv(
+            out_dir / ("comparison.csv" if stem == "results" else f"{stem}_comparison.csv")
+        )
+        return paths
 
     def best_worst(
         self, convention: str = "released", k: int = 1
@@ -165,8 +248,12 @@ class PartSegEvaluator(nn.Module):
         part_names_by_category: Mapping[str, Sequence[str]],
         uids: Sequence[str] | None = None,
         keep_per_shape: bool = True,
+        benchmark: str | None = None,
     ) -> None:
         super().__init__()
+        if benchmark is not None:
+            get_reference(benchmark)  # an unknown key fails here, not after the whole run
+        self.benchmark = benchmark
         self.categories = list(categories)
         self.part_names_by_category = {c: list(v) for c, v in part_names_by_category.items()}
         self.uids = list(uids) if uids is not None else None
@@ -179,6 +266,12 @@ class PartSegEvaluator(nn.Module):
             },
             keep_per_shape=keep_per_shape,
         )
+        self.restart_timer()
+
+    def restart_timer(self) -> None:
+        """Start the end-to-end clock (construction starts it; Lightning builds the evaluator at the
+        test epoch's start, before the first batch is read)."""
+        self._t0 = time.perf_counter()
 
     @classmethod
     def from_dataset(
@@ -186,7 +279,8 @@ class PartSegEvaluator(nn.Module):
     ) -> PartSegEvaluator:
         base = dataset.dataset if isinstance(dataset, ResampledDataset) else dataset
         uids = [base.uid_of(i) for i in range(len(base))]
-        return cls(base.categories, base.part_names_by_category, uids, keep_per_shape)
+        benchmark = getattr(dataset, "benchmark", None)  # set by EvalDataModule
+        return cls(base.categories, base.part_names_by_category, uids, keep_per_shape, benchmark)
 
     def reset(self) -> None:
         self.metric.reset()
@@ -230,7 +324,22 @@ class PartSegEvaluator(nn.Module):
                 if self.uids is not None and 0 <= s < len(self.uids):
                     rec["uid"] = self.uids[s]
                 per_shape.append(rec)
-        return EvalReport(scalars=scalars, rows=rows, per_shape=per_shape)
+        if self.metric.iou_sum.device.type == "cuda":
+            torch.cuda.synchronize(self.metric.iou_sum.device)
+        seconds = time.perf_counter() - self._t0
+        num_shapes = sum(r["num_shapes"] for r in rows)
+        report = EvalReport(
+            scalars=scalars,
+            rows=rows,
+            per_shape=per_shape,
+            info={
+                "num_shapes": num_shapes,
+                "seconds": seconds,
+                "seconds_per_shape": seconds / max(num_shapes, 1),
+            },
+        )
+        report.set_reference(self.benchmark)
+        return report
 
 
 def _resolve_encoder(model: Any) -> tuple[nn.Module, float]:
@@ -264,6 +373,7 @@ def run_zero_shot_eval(
     viz_per_category: int = 0,
     viz_convention: str = "released",
     verbose: bool = True,
+    benchmark: str | None = None,
 ) -> EvalReport:
     """Zero-shot part segmentation of ``dataset``: files -> encoder -> text scores -> metrics.
 
@@ -278,10 +388,14 @@ def run_zero_shot_eval(
         out_dir: write ``results.csv`` / ``results.json`` (and pictures) here.
         viz_per_category: render the best and worst ``viz_per_category`` shapes of each category.
         verbose: print the per-category table.
+        benchmark: the talk row to compare with (:data:`~patchalign.eval.references.TALK_REFERENCES`
+            key); default the dataset's ``benchmark`` attribute, if any.
 
     Returns:
-        The :class:`EvalReport`; ``info`` holds timing (``shapes_per_s``) and missing-shape counts.
+        The :class:`EvalReport`; ``info`` holds timing (``seconds_per_shape`` end to end from this
+        call's start, ``shapes_per_s`` of the inference loop), missing-shape counts and the talk row.
     """
+    t_entry = time.perf_counter()
     device = (
         torch.device(device)
         if device is not None
@@ -300,6 +414,9 @@ def run_zero_shot_eval(
         if cat in present:
             embedder.embed(names, cat if embedder.uses_category else None)
     evaluator = PartSegEvaluator.from_dataset(ds).to(device)
+    if benchmark is not None:
+        get_reference(benchmark)
+        evaluator.benchmark = benchmark
     loader = DataLoader(
         ds,
         batch_size=batch_size,
@@ -336,19 +453,24 @@ def run_zero_shot_eval(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - start
-    report.info = {
-        "dataset": base.name,
-        "num_shapes": n_shapes,
-        "num_missing": base.num_missing,
-        "num_points": ds.num_points,
-        "seed": ds.seed,
-        "templates": embedder.template_list,
-        "assign": assign,
-        "text_encoder": embedder.id,
-        "seconds": elapsed,
-        "shapes_per_s": n_shapes / max(elapsed, 1e-9),
-        "device": str(device),
-    }
+    end_to_end = time.perf_counter() - t_entry
+    report.info.update(
+        {
+            "dataset": base.name,
+            "num_shapes": n_shapes,
+            "num_missing": base.num_missing,
+            "num_points": ds.num_points,
+            "seed": ds.seed,
+            "templates": embedder.template_list,
+            "assign": assign,
+            "text_encoder": embedder.id,
+            "seconds": elapsed,
+            "shapes_per_s": n_shapes / max(elapsed, 1e-9),
+            "seconds_end_to_end": end_to_end,
+            "seconds_per_shape": end_to_end / max(n_shapes, 1),
+            "device": str(device),
+        }
+    )
     if verbose:
         print(f"{base.name}: {n_shapes} shapes ({base.num_missing} listed but missing), {elapsed:.1f} s")
         print(report.format_table())
