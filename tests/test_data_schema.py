@@ -302,3 +302,63 @@ def test_read_manifest_errors(tmp_path: Path) -> None:
     (tmp_path / MANIFEST_NAME).write_text(json.dumps({"format": "patchalign-shards", "schema_version": 999}))
     with pytest.raises(ShardFormatError, match="Rebuild"):
         read_manifest(tmp_path)
+
+
+# ------------------------------------------------------------------------------ compact patch targets
+def _compact(uid: str = "compact-1", targets: str = "patches", seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return random_object_sample(
+        uid, rng, num_points=MIN_POINTS, feature_dim=12, targets=targets, n_patches=128
+    )
+
+
+def test_compact_patch_target_sample_roundtrip_and_size() -> None:
+    s = _compact()
+    d = encode_sample(s)
+    assert {"patch_centers.npy", "patch_features.npy"} <= set(d)
+    out = decode_sample(d)
+    assert out.features.shape == (MIN_POINTS, 0) and out.feature_dim == 12
+    assert out.targets == ["patches"] and out.meta["targets"] == ["patches"] and out.meta["n_patches"] == 128
+    np.testing.assert_array_equal(out.patch_centers, s.patch_centers)
+    np.testing.assert_array_equal(out.patch_features.view(np.uint16), s.patch_features.view(np.uint16))
+    # the released size: 128 x 768 fp16 + 128 x 3 fp32 is ~198 KB, vs 5000 x 768 fp16 = 7.68 MB per point
+    big = random_object_sample("b", np.random.default_rng(0), 5000, 768, targets="patches")
+    nbytes = sum(len(v) for k, v in encode_sample(big).items() if k.startswith("patch_"))
+    assert 128 * 768 * 2 + 128 * 12 <= nbytes < 128 * 768 * 2 + 128 * 12 + 512
+
+
+def test_patch_members_come_together_and_are_checked() -> None:
+    d = encode_sample(_compact())
+    with pytest.raises(ShardFormatError, match="only one of the patch-target members") as e:
+        decode_sample({k: v for k, v in d.items() if k != "patch_features.npy"})
+    assert e.value.reason == "missing_keys"
+    s = _compact()
+    s.patch_features = (s.patch_features.astype(np.float32) * 3).astype(np.float16)
+    with pytest.raises(ShardFormatError, match="L2-normalised"):
+        s.validate()
+    s = _compact()
+    s.patch_centers[3, 1] = np.nan
+    with pytest.raises(ShardFormatError, match="patch_centers contain NaN"):
+        s.validate()
+    s = _compact(targets="both")
+    s.patch_features = s.patch_features[:, :5].copy()
+    with pytest.raises(ShardFormatError, match="width 5 != per-point width 12"):
+        s.validate()
+
+
+def test_version_1_samples_are_still_read() -> None:
+    d = encode_sample(_sample())
+    meta = json.loads(d["meta.json"])
+    meta["schema_version"] = 1
+    del meta["targets"]
+    out = decode_sample({**d, "meta.json": json.dumps(meta).encode()})
+    assert out.targets == ["points"] and out.patch_centers is None
+
+
+def test_writer_keeps_one_target_kind_per_set(tmp_path: Path) -> None:
+    with ShardSetWriter(tmp_path) as w:
+        w.write(_compact("a"))
+        with pytest.raises(ShardFormatError, match="separate sets"):
+            w.write(_compact("b", targets="both"))
+    m = read_manifest(tmp_path)
+    assert m.targets == ["patches"] and m.feature_dim == 12 and m.n_samples == 1

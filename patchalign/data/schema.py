@@ -3,11 +3,21 @@
 A shard is a plain POSIX tar (WebDataset convention: consecutive members sharing a key form one
 sample). Each sample has five members (see ``shards/README.md``)::
 
-    <key>.points.npy      (N, 3) float32   unit-sphere normalised coordinates
-    <key>.features.npy    (N, C) float16   per-point teacher features, L2-normalised (0-rows = no feature)
+    <key>.points.npy      (N, 3) float32   coordinates (unit-sphere normalised, or the source's frame)
+    <key>.features.npy    (N, C) float16   per-point teacher features, L2-normalised (0-rows = no feature);
+                          (N, 0) when the sample carries no per-point features (compact samples)
     <key>.membership.npy  (N, ceil(L/8)) uint8, ``np.packbits(membership, axis=1)``
     <key>.parts.json      list of L cleaned part names
-    <key>.meta.json       dict: uid, schema_version, n_points, n_parts, feature_dim, + free-form provenance
+    <key>.meta.json       dict: uid, schema_version, n_points, n_parts, feature_dim, targets, + provenance
+
+and, from schema version 2, optionally the released code's compact Stage 1 targets (both or neither)::
+
+    <key>.patch_centers.npy   (G0, 3) float32  stored patch centres, same frame as ``points``
+    <key>.patch_features.npy  (G0, C) float16  one teacher feature per stored patch, L2-normalised
+
+(PatchAlign3D's ``patch_features.pt``: 128 centres x 768 fp16 = ~200 KB instead of 7.75 MB of
+per-point features; targets are matched by :func:`patchalign.patch_targets.match_patch_targets`.)
+Version-1 shards (no patch members, ``C >= 1``) are still read.
 
 Why ``.npy`` rather than raw bytes: the files are self-describing (dtype, shape) so a shard can be
 inspected with ``tar x`` + ``np.load``, yet decoding is zero-copy (:func:`npy_from_bytes` parses the
@@ -28,8 +38,13 @@ from typing import Any
 
 import numpy as np
 
-SCHEMA_VERSION: int = 1
-"""Bumped whenever the member set or a dtype changes; readers reject other versions."""
+SCHEMA_VERSION: int = 2
+"""Bumped whenever the member set or a dtype changes; readers reject versions not in
+:data:`READABLE_SCHEMA_VERSIONS`. Version 2 added the optional patch-target members and allowed
+``(N, 0)`` per-point features."""
+
+READABLE_SCHEMA_VERSIONS: tuple[int, ...] = (1, 2)
+"""Versions this code decodes (a version-1 sample is a version-2 sample without patch targets)."""
 
 MIN_POINTS: int = 2048
 """Smallest point count a stored object may have (the encoder consumes 2048-point clouds)."""
@@ -39,6 +54,9 @@ FEATURE_NORM_TOLERANCE: float = 2e-2
 
 SAMPLE_MEMBERS: tuple[str, ...] = ("points.npy", "features.npy", "membership.npy", "parts.json", "meta.json")
 """Member suffixes every sample must have."""
+
+PATCH_MEMBERS: tuple[str, ...] = ("patch_centers.npy", "patch_features.npy")
+"""Optional members (schema 2): the compact per-shape Stage 1 targets, both or neither."""
 
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 _SPACES = re.compile(r"\s+")
@@ -92,6 +110,9 @@ class ObjectSample:
         part_names: ``L`` unique cleaned names (:func:`clean_part_name`), never ``"unknown"``.
         meta: JSON-serialisable provenance (category, source, normalisation, up_axis, teacher id,
             n_views, ...). ``uid`` is filled in if missing.
+        patch_centers: optional ``(G0, 3)`` float32 stored patch centres (released Stage 1 targets),
+            in the frame of ``points``.
+        patch_features: optional ``(G0, C)`` float16, one L2-normalised teacher feature per centre.
     """
 
     uid: str
@@ -100,14 +121,57 @@ class ObjectSample:
     membership: np.ndarray
     part_names: list[str]
     meta: dict[str, Any] = field(default_factory=dict)
+    patch_centers: np.ndarray | None = None
+    patch_features: np.ndarray | None = None
 
     @property
     def num_points(self) -> int:
         return int(self.points.shape[0])
 
     @property
+    def has_patch_targets(self) -> bool:
+        return self.patch_features is not None
+
+    @property
+    def targets(self) -> list[str]:
+        """Which Stage 1 targets the sample carries: ``"points"`` (per-point) and/or ``"patches"``."""
+        out = ["points"] if self.features.ndim == 2 and self.features.shape[1] > 0 else []
+        return out + (["patches"] if self.has_patch_targets else [])
+
+    @property
     def feature_dim(self) -> int:
-        return int(self.features.shape[1])
+        """Teacher width ``C``: of the per-point features, else of the patch features, else 0."""
+        if self.features.ndim == 2 and self.features.shape[1] > 0:
+            return int(self.features.shape[1])
+        if self.patch_features is not None and self.patch_features.ndim == 2:
+            return int(self.patch_features.shape[1])
+        return 0
+
+    def _validate_patches(self, where: str, check_features: bool) -> None:
+        if (self.patch_centers is None) != (self.patch_features is None):
+            raise ShardFormatError(f"{where}: patch_centers and patch_features come together", "bad_array")
+        if self.patch_centers is None:
+            return
+        _check_array(where, "patch_centers", self.patch_centers, np.float32, 2)
+        _check_array(where, "patch_features", self.patch_features, np.float16, 2)
+        g0 = self.patch_centers.shape[0]
+        if g0 < 1 or self.patch_centers.shape[1] != 3:
+            raise ShardFormatError(
+                f"{where}: patch_centers must be (G0>=1, 3), got {self.patch_centers.shape}", "bad_array"
+            )
+        if self.patch_features.shape[0] != g0 or self.patch_features.shape[1] < 1:
+            raise ShardFormatError(
+                f"{where}: patch_features must be ({g0}, C>=1), got {self.patch_features.shape}", "bad_array"
+            )
+        c = self.features.shape[1]
+        if c > 0 and self.patch_features.shape[1] != c:
+            raise ShardFormatError(
+                f"{where}: patch_features width {self.patch_features.shape[1]} != per-point width {c}"
+            )
+        if not np.isfinite(self.patch_centers).all():
+            raise ShardFormatError(f"{where}: patch_centers contain NaN/Inf", "non_finite")
+        if check_features:
+            check_feature_rows(f"{where} (patch_features)", self.patch_features)
 
     def validate(self, min_points: int = MIN_POINTS, check_features: bool = True) -> None:
         """Check every schema rule; raise :class:`ShardFormatError` naming the first violation.
@@ -133,10 +197,11 @@ class ObjectSample:
         if not np.isfinite(self.points).all():
             raise ShardFormatError(f"{where}: points contain NaN/Inf", "non_finite")
         _check_array(where, "features", self.features, np.float16, 2)
-        if self.features.shape[0] != n or self.features.shape[1] < 1:
-            raise ShardFormatError(f"{where}: features must be ({n}, C>=1), got {self.features.shape}")
-        if check_features:
+        if self.features.shape[0] != n:
+            raise ShardFormatError(f"{where}: features must be ({n}, C), got {self.features.shape}")
+        if check_features and self.features.shape[1] > 0:
             check_feature_rows(where, self.features)
+        self._validate_patches(where, check_features)
         if not isinstance(self.part_names, list) or not all(isinstance(p, str) for p in self.part_names):
             raise ShardFormatError(f"{where}: part_names must be a list of str")
         _check_array(where, "membership", self.membership, np.bool_, 2)
@@ -248,8 +313,9 @@ def encode_sample(s: ObjectSample) -> dict[str, bytes | str]:
         n_points=s.num_points,
         n_parts=len(s.part_names),
         feature_dim=s.feature_dim,
+        targets=s.targets,
     )
-    return {
+    out: dict[str, bytes | str] = {
         "__key__": sample_key(s.uid),
         "points.npy": npy_to_bytes(s.points),
         "features.npy": npy_to_bytes(s.features),
@@ -257,6 +323,12 @@ def encode_sample(s: ObjectSample) -> dict[str, bytes | str]:
         "parts.json": json.dumps(s.part_names).encode(),
         "meta.json": json.dumps(meta, sort_keys=True).encode(),
     }
+    if s.has_patch_targets:
+        meta["n_patches"] = int(s.patch_centers.shape[0])
+        out["meta.json"] = json.dumps(meta, sort_keys=True).encode()
+        out["patch_centers.npy"] = npy_to_bytes(s.patch_centers)
+        out["patch_features.npy"] = npy_to_bytes(s.patch_features)
+    return out
 
 
 def decode_sample(
@@ -287,15 +359,24 @@ def decode_sample(
     if not isinstance(meta, dict) or "uid" not in meta:
         raise ShardFormatError(f"sample {key!r}: meta.json must be an object with a 'uid'", "decode_error")
     version = meta.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_SCHEMA_VERSIONS:
         raise ShardFormatError(
-            f"sample {meta['uid']!r}: schema_version {version!r}, this reader understands {SCHEMA_VERSION}",
+            f"sample {meta['uid']!r}: schema_version {version!r}, this reader understands "
+            f"{list(READABLE_SCHEMA_VERSIONS)}",
             "schema_version",
+        )
+    has_patches = [m in d for m in PATCH_MEMBERS]
+    if any(has_patches) and not all(has_patches):
+        raise ShardFormatError(
+            f"sample {meta['uid']!r}: has only one of the patch-target members {list(PATCH_MEMBERS)}",
+            "missing_keys",
         )
     try:
         points = npy_from_bytes(d["points.npy"])
         features = npy_from_bytes(d["features.npy"])
         packed = npy_from_bytes(d["membership.npy"])
+        centers = npy_from_bytes(d["patch_centers.npy"]) if all(has_patches) else None
+        patch_feats = npy_from_bytes(d["patch_features.npy"]) if all(has_patches) else None
     except ShardFormatError as e:
         raise ShardFormatError(f"sample {meta['uid']!r}: {e}", e.reason) from e
     if not isinstance(part_names, list):
@@ -315,6 +396,8 @@ def decode_sample(
         membership=membership,
         part_names=part_names,
         meta=meta,
+        patch_centers=centers,
+        patch_features=patch_feats,
     )
     if validate:
         sample.validate(min_points=min_points, check_features=check_features)

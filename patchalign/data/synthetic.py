@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -19,6 +20,10 @@ from patchalign.data.writer import ShardSetWriter
 
 DEFAULT_PARTS = ("back", "seat", "leg", "arm", "wheel", "handle", "lid", "body")
 
+Targets = Literal["points", "patches", "both", "none"]
+"""Stage 1 targets a synthetic sample carries: per-point features, released-style patch targets
+(``G0`` stored centres + one feature each, the compact layout), both, or none (Stage 2 only)."""
+
 
 def random_object_sample(
     uid: str,
@@ -27,8 +32,14 @@ def random_object_sample(
     feature_dim: int = 16,
     part_names: Sequence[str] = DEFAULT_PARTS[:3],
     category: str = "synthetic",
+    targets: Targets = "points",
+    n_patches: int = 128,
 ) -> ObjectSample:
-    """One valid sample: unit-sphere points, unit fp16 features, parts as (overlapping) caps."""
+    """One valid sample: unit-sphere points, unit fp16 features, parts as (overlapping) caps.
+
+    With ``targets`` ``"patches"``/``"both"`` it also carries ``n_patches`` stored centres (a random
+    subset of the points, as the released code stores FPS-chosen points) with unit fp16 features.
+    """
     pts = rng.standard_normal((num_points, 3)).astype(np.float32)
     pts /= np.linalg.norm(pts, axis=1, keepdims=True)
     feats = rng.standard_normal((num_points, feature_dim)).astype(np.float32)
@@ -36,6 +47,13 @@ def random_object_sample(
     dirs = rng.standard_normal((len(part_names), 3)).astype(np.float32)
     dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
     membership = (pts @ dirs.T) > 0.5  # caps of ~25% of the sphere each, may overlap
+    centers = patch_feats = None
+    if targets in ("patches", "both"):
+        centers = pts[rng.choice(num_points, min(n_patches, num_points), replace=False)].copy()
+        patch_feats = rng.standard_normal((centers.shape[0], feature_dim)).astype(np.float32)
+        patch_feats = (patch_feats / np.linalg.norm(patch_feats, axis=1, keepdims=True)).astype(np.float16)
+    if targets in ("patches", "none"):
+        feats = np.zeros((num_points, 0), np.float32)
     return ObjectSample(
         uid=uid,
         points=pts,
@@ -43,6 +61,8 @@ def random_object_sample(
         membership=membership,
         part_names=list(part_names),
         meta={"category": category, "source": "synthetic", "up_axis": "y", "teacher": "random"},
+        patch_centers=centers,
+        patch_features=patch_feats,
     )
 
 
@@ -61,6 +81,8 @@ def write_synthetic_shards(
     seed: int = 0,
     uid_prefix: str = "obj",
     with_text_bank: bool = True,
+    targets: Targets = "points",
+    n_patches: int = 128,
 ) -> Path:
     """Write ``len(shard_sizes)`` shards holding the given numbers of samples; returns the manifest path."""
     out_dir = Path(out_dir)
@@ -73,7 +95,15 @@ def write_synthetic_shards(
                 k = int(rng.integers(1, 4))
                 names = [DEFAULT_PARTS[i] for i in sorted(rng.choice(len(DEFAULT_PARTS), k, replace=False))]
                 w.write(
-                    random_object_sample(f"{uid_prefix}-{total:05d}", rng, num_points, feature_dim, names)
+                    random_object_sample(
+                        f"{uid_prefix}-{total:05d}",
+                        rng,
+                        num_points,
+                        feature_dim,
+                        names,
+                        targets=targets,
+                        n_patches=n_patches,
+                    )
                 )
                 total += 1
             w.finish_shard()  # shard boundaries exactly where the caller asked

@@ -30,7 +30,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO
 
-from patchalign.data.schema import SCHEMA_VERSION, ObjectSample, ShardFormatError, encode_sample
+from patchalign.data.schema import (
+    READABLE_SCHEMA_VERSIONS,
+    SCHEMA_VERSION,
+    ObjectSample,
+    ShardFormatError,
+    encode_sample,
+)
 from patchalign.data.textbank import TextBank, load_text_bank
 
 log = logging.getLogger(__name__)
@@ -38,7 +44,15 @@ log = logging.getLogger(__name__)
 MANIFEST_NAME = "manifest.json"
 TEXT_BANK_NAME = "text_bank.safetensors"
 MANIFEST_FORMAT = "patchalign-shards"
-_MEMBER_ORDER = ("points.npy", "features.npy", "membership.npy", "parts.json", "meta.json")
+_MEMBER_ORDER = (
+    "points.npy",
+    "features.npy",
+    "membership.npy",
+    "patch_centers.npy",
+    "patch_features.npy",
+    "parts.json",
+    "meta.json",
+)
 
 
 @dataclass
@@ -64,6 +78,8 @@ class Manifest:
         shards: finished shards, in write order.
         text_bank: text bank file name relative to ``root`` (``None`` if not attached yet).
         feature_dim: teacher feature width ``C`` shared by every sample.
+        targets: Stage 1 targets every sample carries (``["points"]``, ``["patches"]``, both, or
+            ``[]`` for Stage-2-only sets); one kind per set so every batch has the same arrays.
         complete: ``True`` once :meth:`ShardSetWriter.close` ran; ``False`` while a build is running
             or after a crash (the listed shards are still valid).
     """
@@ -75,6 +91,7 @@ class Manifest:
     feature_dim: int | None = None
     complete: bool = False
     prefix: str = "shard"
+    targets: list[str] | None = None
 
     @property
     def n_samples(self) -> int:
@@ -115,6 +132,7 @@ class Manifest:
             "prefix": self.prefix,
             "complete": self.complete,
             "feature_dim": self.feature_dim,
+            "targets": self.targets,
             "text_bank": self.text_bank,
             "totals": self.totals,
             "vocabulary": self.vocabulary,
@@ -139,10 +157,10 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
         raise ShardFormatError(f"{file} is not valid JSON: {e}") from e
     if d.get("format") != MANIFEST_FORMAT:
         raise ShardFormatError(f"{file} is not a patchalign shard manifest (format={d.get('format')!r})")
-    if d.get("schema_version") != SCHEMA_VERSION:
+    if d.get("schema_version") not in READABLE_SCHEMA_VERSIONS:
         raise ShardFormatError(
-            f"{file} has schema_version {d.get('schema_version')!r}; this code reads {SCHEMA_VERSION}. "
-            "Rebuild the shards."
+            f"{file} has schema_version {d.get('schema_version')!r}; this code reads "
+            f"{list(READABLE_SCHEMA_VERSIONS)}. Rebuild the shards."
         )
     return Manifest(
         root=file.parent,
@@ -152,6 +170,8 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
         feature_dim=d.get("feature_dim"),
         complete=bool(d.get("complete", False)),
         prefix=d.get("prefix", "shard"),
+        # version-1 sets carry per-point features only
+        targets=d.get("targets", ["points"] if d["schema_version"] == 1 else None),
     )
 
 
@@ -307,6 +327,7 @@ class ShardSetWriter:
                     p.unlink()
         manifest.shards = kept
         manifest.complete = False
+        manifest.schema_version = SCHEMA_VERSION  # new samples are written in the current version
         self.done_uids: set[str] = {u for s in kept for u in s.uids}
         return manifest
 
@@ -355,6 +376,13 @@ class ShardSetWriter:
                 f"sample {sample.uid!r} has feature_dim {sample.feature_dim}, "
                 f"shard set has {self.manifest.feature_dim}"
             )
+        if self.manifest.targets is None:
+            self.manifest.targets = sample.targets
+        elif sample.targets != self.manifest.targets:
+            raise ShardFormatError(
+                f"sample {sample.uid!r} carries targets {sample.targets}, shard set has "
+                f"{self.manifest.targets}; write per-point and patch-target samples to separate sets"
+            )
         if self._bank is not None:
             unknown = [n for n in sample.part_names if n not in self._bank]
             if unknown:
@@ -365,7 +393,7 @@ class ShardSetWriter:
             self._open_shard()
         key = members["__key__"]
         self._dirty = True
-        for suffix in _MEMBER_ORDER:
+        for suffix in (m for m in _MEMBER_ORDER if m in members):
             data = members[suffix]
             info = tarfile.TarInfo(f"{key}.{suffix}")
             info.size = len(data)
