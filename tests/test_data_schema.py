@@ -136,7 +136,7 @@ def test_decode_reports_missing_members_and_wrong_version() -> None:
 def test_clean_part_name_and_sample_keys() -> None:
     assert clean_part_name("  Arm_Rest  ") == "arm rest"
     assert clean_part_name("Seat\tCushion\n") == "seat cushion"
-    assert clean_part_name("t-shirt") == "t-shirt"
+    assert clean_part_name("t-shirt") == "t shirt"  # released _clean_text: punctuation -> space
     assert sample_key("plain_uid-1") == "plain_uid-1"
     k1, k2 = sample_key("a/b.c"), sample_key("a_b_c")
     assert k1 != k2 and "." not in k1 and "/" not in k1

@@ -60,6 +60,7 @@ PATCH_MEMBERS: tuple[str, ...] = ("patch_centers.npy", "patch_features.npy")
 
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 _SPACES = re.compile(r"\s+")
+_PUNCT = re.compile(r"[^\w\s]", flags=re.UNICODE)
 
 
 class ShardFormatError(ValueError):
@@ -75,12 +76,15 @@ class ShardFormatError(ValueError):
 
 
 def clean_part_name(name: str) -> str:
-    """Canonical part name: lower case, underscores as spaces, single spaces, stripped.
+    """Canonical part name: lower case, underscores and punctuation as spaces, single spaces, stripped.
 
-    Text-bank lookups are exact string matches, so every producer must pass names through this one
-    function; ``"Arm_Rest "`` and ``"arm  rest"`` both become ``"arm rest"``.
+    The released PatchAlign3D ``_clean_text`` (``src/training/stage2.py`` and its evaluation), shared
+    by training and evaluation here. Text-bank lookups are exact string matches, so every producer
+    must pass names through this one function; ``"Arm_Rest "``, ``"arm  rest"`` and ``"arm-rest"``
+    all become ``"arm rest"``.
     """
-    return _SPACES.sub(" ", name.replace("_", " ").strip().lower())
+    s = _PUNCT.sub(" ", name.strip().lower().replace("_", " "))
+    return _SPACES.sub(" ", s).strip()
 
 
 def sample_key(uid: str) -> str:
