@@ -20,6 +20,10 @@ def main(argv: list[str] | None = None) -> int:
         from patchalign.export import main as export_main
 
         return export_main(argv[1:]) or 0
+    if verb == "report":  # the talk's tables from evaluation result files (patchalign.eval.report)
+        from patchalign.eval.report import main as report_main
+
+        return report_main(argv[1:])
     if verb == "demo":
         from patchalign.demo import main as demo_main
 

@@ -31,7 +31,9 @@ class BestWorstPictures(L.Callback):
             results the LightningModule writes).
     """
 
-    def __init__(self, per_category: int = 1, convention: str = "released", out_dir: str | None = None) -> None:
+    def __init__(
+        self, per_category: int = 1, convention: str = "released", out_dir: str | None = None
+    ) -> None:
         from patchalign.eval.metrics import CONVENTIONS
 
         if per_category < 0:

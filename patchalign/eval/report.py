@@ -1,0 +1,374 @@
+"""``python -m patchalign report RUN_DIR... [--out DIR]``: the talk's tables, ours beside them.
+
+Gathers the result files evaluation runs already write and puts them in one Markdown report:
+
+* part segmentation: every ``results.json`` under a run directory (what ``patchalign test`` with a
+  ``configs/eval/*.yaml`` config and ``python -m patchalign.eval --out`` write). Its ``info.benchmark``
+  names the talk row; ours is read under that row's metric convention.
+* keypoints: every JSON that ``python -m zerokey evaluate --out`` writes (``thresholds``,
+  ``mean_iou``, ``iou``). That file records no method, so it is reported as the ZeroKey row unless
+  it carries a ``"method"`` field naming another row (``patchalign3d_zeroshot`` / ``_fewshot``).
+
+The report has one table with every row of the talk (rows without a result say "not run" and give
+the command), then per benchmark a per-category bar chart (ours per category; ours and the talk's
+instance / category mIoU side by side: the talk prints no per-category numbers) and the best /
+worst pictures found in the run's ``viz/`` folder. It writes ``report.md``, ``report.csv`` and the
+PNGs into ``--out`` and refuses to overwrite an earlier report unless ``--overwrite`` is given.
+
+A run directory with no result file, or an unreadable result file, is an error (exit status 2):
+a report that silently leaves a benchmark out would read as if it had not been run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from patchalign.eval.references import TALK_REFERENCES, Reference, get_reference
+
+KEYPOINT_METHODS = {str(r.extra["method"]): r.key for r in TALK_REFERENCES.values() if "method" in r.extra}
+
+
+@dataclass
+class PartSegResult:
+    """One ``results.json``: the talk row, ours (0..1 scalars), per-category rows, timing."""
+
+    path: Path
+    benchmark: str | None
+    scalars: dict[str, float]
+    rows: list[dict[str, Any]]
+    info: dict[str, Any]
+    pictures: list[Path] = field(default_factory=list)
+
+    @property
+    def reference(self) -> Reference | None:
+        return get_reference(self.benchmark) if self.benchmark else None
+
+
+@dataclass
+class KeypointResult:
+    """One ``zerokey evaluate --out`` JSON: mean IoU (0..1) per threshold, per-class IoU."""
+
+    path: Path
+    benchmark: str
+    thresholds: list[float]
+    mean_iou: list[float]
+    iou: dict[str, list[float]]
+    shapes: dict[str, int]
+
+    def at(self, threshold: float) -> float | None:
+        for t, v in zip(self.thresholds, self.mean_iou, strict=True):
+            if abs(t - threshold) < 1e-6:
+                return float(v)
+        return None
+
+
+Result = PartSegResult | KeypointResult
+
+
+def _load(path: Path) -> Result | None:
+    """Parse ``path`` if it is a result file (``None``: some other JSON, e.g. a prediction)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: unreadable result file ({err})") from err
+    if not isinstance(data, dict):
+        return None
+    if {"scalars", "rows", "info"} <= set(data):
+        info = dict(data["info"] or {})
+        bench = info.get("benchmark")
+        if bench is not None:
+            get_reference(bench)
+        pictures = sorted((path.parent / "viz").glob("*_parts.png")) if (path.parent / "viz").is_dir() else []
+        return PartSegResult(path, bench, dict(data["scalars"]), list(data["rows"]), info, pictures)
+    if {"thresholds", "mean_iou", "iou"} <= set(data):
+        method = data.get("method", "zerokey")
+        if method not in KEYPOINT_METHODS:
+            raise ValueError(f"{path}: unknown keypoint method {method!r}; known: {sorted(KEYPOINT_METHODS)}")
+        return KeypointResult(
+            path,
+            KEYPOINT_METHODS[method],
+            [float(t) for t in data["thresholds"]],
+            [float(v) for v in data["mean_iou"]],
+            {k: [float(x) for x in v] for k, v in data["iou"].items()},
+            {k: int(v) for k, v in (data.get("shapes") or {}).items()},
+        )
+    return None
+
+
+def collect_results(run_dirs: Sequence[str | os.PathLike]) -> list[Result]:
+    """Every result file under each run directory (or the file itself); a run directory without
+    one is an error naming it."""
+    results: list[Result] = []
+    for run in run_dirs:
+        run = Path(run)
+        if not run.exists():
+            raise FileNotFoundError(f"run directory {run} does not exist")
+        files = [run] if run.is_file() else sorted(run.rglob("*.json"))
+        found = [r for r in (_load(f) for f in files) if r is not None]
+        if not found:
+            raise FileNotFoundError(
+                f"{run}: no result file (results.json of `patchalign test`, or `zerokey evaluate --out`)"
+            )
+        results += found
+    return results
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
+
+
+def _rel(path: Path, base: Path) -> str:
+    return Path(os.path.relpath(path.resolve(), base.resolve())).as_posix()
+
+
+def summary_rows(results: Sequence[Result]) -> list[dict[str, Any]]:
+    """One row per (talk row, metric, result); talk rows without a result get ``ours=None``."""
+    rows: list[dict[str, Any]] = []
+    by_key: dict[str, list[Result]] = {}
+    for r in results:
+        by_key.setdefault(r.benchmark or "", []).append(r)
+    for key, ref in TALK_REFERENCES.items():
+        runs = by_key.get(key) or [None]
+        for run in runs:
+            for metric, talk in ref.metrics.items():
+                ours = None
+                if isinstance(run, PartSegResult):
+                    v = run.scalars.get(f"{ref.convention}/{metric}")
+                    ours = None if v is None else 100.0 * float(v)
+                elif isinstance(run, KeypointResult):
+                    v = run.at(float(metric.split("@")[1]))
+                    ours = None if v is None else 100.0 * v
+                rows.append(
+                    {
+                        "benchmark": key,
+                        "title": ref.title,
+                        "metric": metric,
+                        "convention": ref.convention or "",
+                        "ours": ours,
+                        "talk": float(talk),
+                        "delta": None if ours is None else ours - float(talk),
+                        "num_shapes": (
+                            run.info.get("num_shapes")
+                            if isinstance(run, PartSegResult)
+                            else (sum(run.shapes.values()) if isinstance(run, KeypointResult) else None)
+                        ),
+                        "seconds_per_shape": (
+                            run.info.get("seconds_per_shape") if isinstance(run, PartSegResult) else None
+                        ),
+                        "result": str(run.path) if run is not None else "",
+                        "command": ref.command,
+                    }
+                )
+    for r in by_key.get("", []):  # part-segmentation runs the talk has no row for
+        for metric in ("instance_mIoU", "category_mIoU"):
+            v = r.scalars.get(f"released/{metric}")
+            rows.append(
+                {
+                    "benchmark": f"(no talk row) {r.info.get('dataset', '?')}",
+                    "title": "",
+                    "metric": metric,
+                    "convention": "released",
+                    "ours": None if v is None else 100.0 * float(v),
+                    "talk": None,
+                    "delta": None,
+                    "num_shapes": r.info.get("num_shapes"),
+                    "seconds_per_shape": r.info.get("seconds_per_shape"),
+                    "result": str(r.path),
+                    "command": "",
+                }
+            )
+    return rows
+
+
+def plot_per_category(result: PartSegResult, path: Path) -> Path:
+    """Bar chart: ours per category (the talk row's convention), then ours and the talk's instance
+    and category mIoU side by side. Categories without shapes are left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ref = result.reference
+    conv = ref.convention if ref is not None and ref.convention else "released"
+    cats = [r for r in result.rows if r.get("num_shapes") and r.get(conv) is not None]
+    names = [f"{r['category']} ({r['num_shapes']})" for r in cats]
+    values = [100.0 * float(r[conv]) for r in cats]
+    summary = [("category mIoU", "category_mIoU"), ("instance mIoU", "instance_mIoU")]
+    width = max(6.0, 0.45 * (len(cats) + 2 * len(summary)) + 2.0)
+    fig, ax = plt.subplots(figsize=(width, 4.2), dpi=110)
+    x = list(range(len(cats)))
+    ax.bar(x, values, color="#4C72B0", label=f"ours ({conv})")
+    ticks, labels = list(x), list(names)
+    pos = len(cats) + 0.5
+    for label, metric in summary:
+        ours = result.scalars.get(f"{conv}/{metric}")
+        talk = ref.metrics.get(metric) if ref is not None else None
+        ax.bar(pos - 0.2, 100.0 * ours if ours is not None else 0.0, width=0.4, color="#4C72B0")
+        if talk is not None:
+            ax.bar(
+                pos + 0.2,
+                talk,
+                width=0.4,
+                color="#DD8452",
+                label="talk" if metric == "category_mIoU" else None,
+            )
+            ax.text(pos + 0.2, talk + 1, f"{talk:.1f}", ha="center", fontsize=7)
+        if ours is not None:
+            ax.text(pos - 0.2, 100.0 * ours + 1, f"{100.0 * ours:.1f}", ha="center", fontsize=7)
+        ticks.append(pos)
+        labels.append(label)
+        pos += 1.2
+    if ref is not None and "category_mIoU" in ref.metrics:
+        ax.axhline(ref.metrics["category_mIoU"], color="#DD8452", ls="--", lw=1)
+    ax.set_xticks(ticks)
+    ax.set_xticklabels(labels, rotation=60 if len(labels) > 8 else 30, ha="right", fontsize=8)
+    ax.set_ylabel("mIoU (%)")
+    ax.set_ylim(0, 100)
+    title = ref.title if ref is not None else str(result.info.get("dataset", "benchmark"))
+    ax.set_title(
+        f"{title}: ours per category vs the talk (dashed: talk's category mIoU; "
+        "the talk has no per-category numbers)",
+        fontsize=9,
+    )
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_report(
+    results: Sequence[Result], out_dir: str | os.PathLike, overwrite: bool = False, max_pictures: int = 8
+) -> Path:
+    """Write ``report.md``, ``report.csv`` and the charts into ``out_dir``; returns the Markdown path."""
+    out = Path(out_dir)
+    md_path = out / "report.md"
+    if md_path.exists() and not overwrite:
+        raise FileExistsError(f"{md_path} exists: pass --overwrite or another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    rows = summary_rows(results)
+    fields = [
+        "benchmark", "metric", "convention", "ours", "talk", "delta",
+        "num_shapes", "seconds_per_shape", "result",
+    ]  # fmt: skip
+    with open(out / "report.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+
+    lines = [
+        "# Reproducing the talk: ours beside the talk's numbers",
+        "",
+        "mIoU / IoU in %. `ours` is read under the convention the talk row is compared in "
+        "(see `patchalign/eval/references.py`); all three conventions are in each `results.json`.",
+        "",
+        "| benchmark | metric | convention | ours | talk | Δ | shapes | s / shape | result |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        result = f"`{_rel(Path(r['result']), out)}`" if r["result"] else f"not run: `{r['command']}`"
+        sps = r["seconds_per_shape"]
+        shapes = "-" if r["num_shapes"] is None else r["num_shapes"]
+        lines.append(
+            f"| {r['title'] or r['benchmark']} | {r['metric']} | {r['convention']} | {_pct(r['ours'])} "
+            f"| {_pct(r['talk'])} | {_pct(r['delta'])} | {shapes} "
+            f"| {'-' if sps is None else f'{sps:.4f}'} | {result} |"
+        )
+    unconfirmed = sorted(
+        {
+            r.benchmark
+            for r in results
+            if isinstance(r, PartSegResult) and r.reference and not r.reference.confirmed
+        }
+    )
+    if unconfirmed:
+        lines += [
+            "",
+            "Protocol not confirmed by released code for: "
+            + ", ".join(unconfirmed)
+            + " (see each config's header).",
+        ]
+    for i, r in enumerate(results):
+        if not isinstance(r, PartSegResult):
+            continue
+        ref = r.reference
+        title = ref.title if ref else f"{r.info.get('dataset', 'benchmark')} (no talk row)"
+        png = plot_per_category(r, out / f"{r.benchmark or 'run'}_{i}_per_category.png")
+        lines += [
+            "",
+            f"## {title}",
+            "",
+            f"Result: `{_rel(r.path, out)}`",
+            "",
+            f"![per-category mIoU]({png.name})",
+        ]
+        empty = [row["category"] for row in r.rows if not row.get("num_shapes")]
+        if empty:
+            lines += ["", f"{len(empty)} categories have no shape in this run: {', '.join(empty)}."]
+        if r.pictures:
+            shown = r.pictures[:max_pictures]
+            lines += ["", "Best / worst shapes (prediction | ground truth):", ""]
+            lines += [f"![{p.stem}]({_rel(p, out)})" for p in shown]
+            if len(r.pictures) > len(shown):
+                lines.append(
+                    f"\n({len(r.pictures) - len(shown)} more in `{_rel(r.pictures[0].parent, out)}`)"
+                )
+        else:
+            lines += ["", "No best / worst pictures in this run (no `viz/` beside its results.json)."]
+    keypoint_runs = [r for r in results if isinstance(r, KeypointResult)]
+    if keypoint_runs:
+        lines += ["", "## KeypointNet", ""]
+        for r in keypoint_runs:
+            lines += [
+                f"`{_rel(r.path, out)}` ({get_reference(r.benchmark).title}): "
+                + ", ".join(
+                    f"IoU@{t:.2f} {100 * v:.2f}" for t, v in zip(r.thresholds, r.mean_iou, strict=True)
+                ),
+                "",
+                "`zerokey evaluate` records no seconds per shape; see `python -m zerokey bench`.",
+            ]
+    md_path.write_text("\n".join(lines) + "\n")
+    return md_path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m patchalign report",
+        description="Gather evaluation results into one Markdown report beside the talk's numbers.",
+    )
+    p.add_argument("runs", nargs="+", help="run directories (searched for result JSONs) or result files")
+    p.add_argument("--out", default="outputs/report", help="where report.md, report.csv and charts go")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
+    p.add_argument("--max-pictures", type=int, default=8, help="best/worst pictures shown per benchmark")
+    args = p.parse_args(argv)
+    try:
+        results = collect_results(args.runs)
+        md = write_report(results, args.out, overwrite=args.overwrite, max_pictures=args.max_pictures)
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"report: error: {err}", file=sys.stderr)
+        return 2
+    for r in summary_rows(results):
+        if r["ours"] is not None:
+            print(
+                f"{r['benchmark']:<36}{r['metric']:<15}ours {_pct(r['ours']):>7}  talk {_pct(r['talk']):>7}"
+                f"  delta {_pct(r['delta']):>7}"
+            )
+    missing = sorted({r["benchmark"] for r in summary_rows(results) if r["ours"] is None})
+    if missing:
+        print(f"not run ({len(missing)} talk rows): {', '.join(missing)}")
+    print(f"report: {md}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
