@@ -203,7 +203,7 @@ def peak_keypoints(
 
 @dataclass
 class KeypointPrototypes:
-    """Few-shot prototypes: ``ids (P,)`` semantic ids, ``features (P, D)`` L2-normalised means,
+    """Few-shot prototypes: ``ids (P,)`` semantic ids, ``features (P, D)`` L2-normalised means (float64),
     ``support (P,)`` how many support shapes annotate each id, ``n_shapes`` support shapes used."""
 
     ids: Tensor
@@ -225,13 +225,17 @@ def build_prototypes(
     if not point_features:
         raise ValueError("few-shot prototypes need at least one support shape")
     feats = torch.cat(
-        [F.normalize(f[i.long()].float(), dim=-1) for f, i in zip(point_features, point_indices, strict=True)]
+        [
+            F.normalize(f[i.long()].double(), dim=-1)
+            for f, i in zip(point_features, point_indices, strict=True)
+        ]
     )
     sid = torch.cat([s.long() for s in semantic_ids]).to(feats.device)
     shape_of = torch.cat([torch.full((len(s),), j, dtype=torch.long) for j, s in enumerate(semantic_ids)]).to(
         feats.device
     )
     ids, inverse = torch.unique(sid, return_inverse=True)
+    feats = feats.double()
     sums = feats.new_zeros(len(ids), feats.shape[1]).index_add_(0, inverse, feats)
     seen = torch.zeros(len(ids), len(point_features), dtype=torch.bool, device=feats.device)
     seen[inverse, shape_of] = True
@@ -239,7 +243,12 @@ def build_prototypes(
 
 
 def match_prototypes(query_features: Tensor, prototypes: KeypointPrototypes) -> tuple[Tensor, Tensor]:
-    """Best-matching query point per prototype: ``(P,)`` point indices and their cosine similarity."""
-    sim = F.normalize(query_features.float(), dim=-1) @ prototypes.features.T.to(query_features.device)
+    """Best-matching query point per prototype: ``(P,)`` point indices and their cosine similarity.
+
+    Computed in float64: interpolated fields are smooth, so neighbouring points can sit within
+    float32 rounding of each other's similarity and the arg-max would be decided by rounding.
+    """
+    q = F.normalize(query_features.double(), dim=-1)
+    sim = (q @ prototypes.features.double().T.to(q.device)).float()
     best_sim, best = sim.max(0)
     return best, best_sim

@@ -1,0 +1,158 @@
+"""PatchAlign3D-feature keypoint detectors (zerokey.feature_pipeline) on the real KeypointNet shapes.
+
+The encoder is a tiny random one exported through the public export path: these tests pin the
+machinery (frames, output format, evaluation, call counts), not accuracy, except where the answer is
+known exactly (a support shape queried with its own prototypes finds its own annotated points).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from patchalign.export import export_checkpoint
+from patchalign.model import EncoderConfig, PatchAlignEncoder
+from zerokey.data import KeypointNetDataset, load_keypointnet_annotations
+from zerokey.evaluate import evaluate_predictions
+from zerokey.feature_pipeline import (
+    FewShotFeatureKeypoints,
+    UnifiedKeypoints,
+    ZeroShotFeatureKeypoints,
+    surface_points,
+    visible_views,
+)
+from zerokey.namers import KeypointNetNamer
+from zerokey.pipeline import ZeroKeyPipeline
+from zerokey.pointers import OraclePointer
+from zerokey.views import ViewConfig, make_cameras, render_shape
+
+AIRPLANES = ["1b300fd9ad4050e6301fa0a0663ee996", "1d6afc44b053ab07941d71475449eb25"]
+
+
+def _tiny_export(root: Path, text_encoder: str | None = "demo", head_dim: int = 384) -> Path:
+    cfg = EncoderConfig.tiny(head_dim)
+    torch.manual_seed(0)
+    enc = PatchAlignEncoder(cfg)
+    state = {f"encoder.{k}": v for k, v in enc.state_dict().items()}
+    hp = {"encoder_config": cfg.to_dict(), "text_encoder": text_encoder}
+    torch.save({"state_dict": state, "hyper_parameters": hp, "epoch": 0, "global_step": 0}, root / "t.ckpt")
+    return export_checkpoint(root / "t.ckpt", root / "export")
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _tiny_export(tmp_path_factory.mktemp("fk"))
+
+
+@pytest.fixture(scope="module")
+def airplanes(shared_data: Path) -> KeypointNetDataset:
+    return KeypointNetDataset(shared_data / "keypointnet", ["airplane"], model_ids=AIRPLANES, use_mesh=False)
+
+
+def _evaluate(records: list[dict], shared_data: Path):
+    ann = load_keypointnet_annotations([shared_data / "keypointnet/annotations/airplane.json"])
+    return evaluate_predictions(records, ann, shared_data / "keypointnet/pcds", thresholds=[0.01, 0.1])
+
+
+def test_few_shot_support_shape_finds_its_own_annotated_points(
+    export_dir: Path, airplanes: KeypointNetDataset, shared_data: Path
+) -> None:
+    query = airplanes[0]
+    det = FewShotFeatureKeypoints(
+        str(export_dir),
+        str(shared_data / "keypointnet"),
+        shots=1,
+        support_split=None,
+        support_ids=[query.model_id],
+        exclude_query=False,
+    )
+    record = det.predict(query).record
+    gt = {int(i) for i in query.extra["pcd_indices"]}
+    assert len(record["keypoints"]) == len(gt)
+    result = _evaluate([record], shared_data)
+    # every annotated point is found exactly: IoU 1 at the tightest threshold.
+    assert result.at(0.01, "airplane") == pytest.approx(1.0)
+
+
+def test_few_shot_leave_one_out_excludes_the_query(
+    export_dir: Path, airplanes: KeypointNetDataset, shared_data: Path
+):
+    det = FewShotFeatureKeypoints(
+        str(export_dir), str(shared_data / "keypointnet"), shots=3, support_split=None, exclude_query=True
+    )
+    q = airplanes[0]
+    pool = det.support_pool(q.class_id)
+    assert q.model_id in pool and len(pool) >= 4
+    protos = det.prototypes(q.class_id, q.model_id, torch.device("cpu"))
+    assert protos.n_shapes == 3
+    record = det.predict(q).record
+    assert record["counts"]["support_shapes"] == 3 and record["mllm_calls"] == {"namer": 0, "pointer": 0}
+    assert _evaluate([record], shared_data).shapes == {"airplane": 1}
+
+
+def test_zero_shot_writes_one_keypoint_per_named_instance_in_the_input_frame(
+    export_dir: Path, airplanes: KeypointNetDataset, shared_data: Path
+) -> None:
+    det = ZeroShotFeatureKeypoints(
+        str(export_dir), KeypointNetNamer(str(shared_data / "keypointnet/semantic_names.json"))
+    )
+    shape = airplanes[1]
+    record = det.predict(shape).record
+    n_expected = sum(record["instances"])
+    assert len(record["keypoints"]) == n_expected > 0
+    assert record["mllm_calls"]["pointer"] == 0
+    # keypoints are points of the input cloud (snapped), written in the pcd's own frame
+    pcd = shape.to_original(shape.vertices)
+    for kp in record["keypoints"]:
+        d = (pcd - torch.tensor(kp["xyz"])).norm(dim=-1).min()
+        assert float(d) < 1e-4
+    assert _evaluate([record], shared_data).shapes == {"airplane": 1}
+
+
+def test_surface_points_lie_on_the_mesh_faces() -> None:
+    from zerokey.data import ShapeSample
+
+    v = torch.tensor([[0.0, 0, 0], [1, 0, 0], [0, 1, 0]])
+    s = ShapeSample("tri", "", v, torch.tensor([[0, 1, 2]]), torch.zeros(3), 1.0)
+    p = surface_points(s, 500)
+    assert p.shape == (500, 3) and torch.allclose(p[:, 2], torch.zeros(500))
+    assert (p[:, :2] >= -1e-6).all() and (p[:, 0] + p[:, 1] <= 1 + 1e-6).all()
+
+
+def test_visibility_matches_the_oracle_depth_test(airplanes: KeypointNetDataset) -> None:
+    shape = airplanes[0]
+    cfg = ViewConfig(image_size=96)
+    views = render_shape(shape, make_cameras(cfg), cfg)
+    vis = visible_views(shape.vertices[:50], views)
+    assert vis.shape == (26, 50)
+    # a point far behind the camera of view 0 is never visible in it; surface points are seen by some view
+    assert vis.any(0).float().mean() > 0.9
+
+
+def test_unified_asks_fewer_pointer_calls_than_full_zerokey(
+    export_dir: Path, airplanes: KeypointNetDataset, shared_data: Path
+) -> None:
+    cfg = ViewConfig(image_size=128)
+    oracle = OraclePointer(noise_px=0.0)
+    unified = UnifiedKeypoints(
+        str(export_dir),
+        KeypointNetNamer(str(shared_data / "keypointnet/semantic_names.json")),
+        oracle,
+        views=cfg,
+        views_per_name=3,
+    )
+    full = ZeroKeyPipeline(
+        KeypointNetNamer(str(shared_data / "keypointnet/semantic_names.json")), oracle, cfg
+    )
+    shape = airplanes[0]
+    u = unified.predict(shape).record
+    f = full.predict(shape).record
+    k = len(u["names"])
+    assert u["mllm_calls"]["pointer_full_zerokey"] == 26 * k
+    assert 0 < u["mllm_calls"]["pointer"] <= 3 * k < 26 * k
+    assert all(len(v) <= 3 for v in u["pointer_views"].values())
+    assert len(u["keypoints"]) >= 1
+    result = _evaluate([u, f], shared_data)
+    assert result.shapes == {"airplane": 2}
