@@ -510,6 +510,8 @@ def render_best_worst(
     device = predict_kw.pop("device")
     written: list[Path] = []
     for cat, (best, worst) in report.best_worst(convention, per_category).items():
+        drawn = {rec["shape_id"] for rec in best}  # a category with few shapes: draw each once
+        worst = [rec for rec in worst if rec["shape_id"] not in drawn]
         for tag, recs in (("best", best), ("worst", worst)):
             for rank, rec in enumerate(recs):
                 sample = ds[rec["shape_id"]]

@@ -38,6 +38,8 @@ class Reference:
         config: the config that reproduces the row (``None``: produced by another command).
         command: the one command that produces the row.
         needs: the data and weights the command needs.
+        num_shapes: shapes in the talk's evaluation split, where its source states it (reports
+            flag a run over fewer shapes as partial).
     """
 
     key: str
@@ -49,6 +51,7 @@ class Reference:
     command: str = ""
     needs: str = ""
     notes: str = ""
+    num_shapes: int | None = None
     source: str = TALK_SOURCE
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -81,6 +84,7 @@ TALK_REFERENCES: dict[str, Reference] = {
             config="configs/eval/shapenetpart.yaml",
             command=_test_cmd("shapenetpart", "DATA/shapenetcore_partanno_segmentation_benchmark_v0_normal"),
             needs="ShapeNetPart ..._v0_normal (txt + official split, 2874 test shapes); " + _WEIGHTS,
+            num_shapes=2874,  # shuffled_test_file_list.json
         ),
         Reference(
             "partnete",
@@ -119,6 +123,7 @@ TALK_REFERENCES: dict[str, Reference] = {
             config="configs/eval/objaverse_seen.yaml",
             command=_test_cmd("objaverse_seen", "DATA/find3d_benchmark"),
             needs="Find3D's Objaverse benchmark (seenclass/, 50 shapes); " + _WEIGHTS,
+            num_shapes=50,  # Find3D's benchmark README: 50 objects from 50 categories
         ),
         Reference(
             "objaverse_unseen",
@@ -128,6 +133,7 @@ TALK_REFERENCES: dict[str, Reference] = {
             config="configs/eval/objaverse_unseen.yaml",
             command=_test_cmd("objaverse_unseen", "DATA/find3d_benchmark"),
             needs="Find3D's Objaverse benchmark (unseen/, 50 shapes); " + _WEIGHTS,
+            num_shapes=50,  # Find3D's benchmark README: 50 objects from 50 categories
         ),
         Reference(
             "keypointnet_zerokey",

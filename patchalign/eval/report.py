@@ -130,6 +130,12 @@ def _rel(path: Path, base: Path) -> str:
     return Path(os.path.relpath(path.resolve(), base.resolve())).as_posix()
 
 
+def _shapes_note(row: dict[str, Any]) -> str:
+    full = TALK_REFERENCES[row["benchmark"]].num_shapes if row["benchmark"] in TALK_REFERENCES else None
+    n = row["num_shapes"]
+    return "" if n is None or full is None or n == full else "(partial)"
+
+
 def summary_rows(results: Sequence[Result]) -> list[dict[str, Any]]:
     """One row per (talk row, metric, result); talk rows without a result get ``ours=None``."""
     rows: list[dict[str, Any]] = []
@@ -206,7 +212,12 @@ def plot_per_category(result: PartSegResult, path: Path) -> Path:
     width = max(6.0, 0.45 * (len(cats) + 2 * len(summary)) + 2.0)
     fig, ax = plt.subplots(figsize=(width, 4.2), dpi=110)
     x = list(range(len(cats)))
-    ax.bar(x, values, color="#4C72B0", label=f"ours ({conv})")
+    ax.bar(x, values, color="#4C72B0", label=f"ours ({conv} convention)")
+    if len(cats) <= 24:
+        for xi, v in zip(x, values, strict=True):
+            ax.text(xi, v + 1, f"{v:.1f}", ha="center", fontsize=7)
+    if cats:
+        ax.axvline(len(cats) - 0.25, color="0.6", lw=0.8)
     ticks, labels = list(x), list(names)
     pos = len(cats) + 0.5
     for label, metric in summary:
@@ -234,10 +245,11 @@ def plot_per_category(result: PartSegResult, path: Path) -> Path:
     ax.set_ylabel("mIoU (%)")
     ax.set_ylim(0, 100)
     title = ref.title if ref is not None else str(result.info.get("dataset", "benchmark"))
+    fig.suptitle(f"{title}: ours vs the talk", fontsize=10)
     ax.set_title(
-        f"{title}: ours per category vs the talk (dashed: talk's category mIoU; "
-        "the talk has no per-category numbers)",
-        fontsize=9,
+        "per category (number of shapes), then the summary\n"
+        "dashed: the talk's category mIoU (the talk prints no per-category numbers)",
+        fontsize=7,
     )
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
@@ -278,12 +290,22 @@ def write_report(
     for r in rows:
         result = f"`{_rel(Path(r['result']), out)}`" if r["result"] else f"not run: `{r['command']}`"
         sps = r["seconds_per_shape"]
-        shapes = "-" if r["num_shapes"] is None else r["num_shapes"]
+        shapes = "-" if r["num_shapes"] is None else str(r["num_shapes"])
+        if _shapes_note(r):
+            shapes += f" of {TALK_REFERENCES[r['benchmark']].num_shapes} (partial)"
         lines.append(
             f"| {r['title'] or r['benchmark']} | {r['metric']} | {r['convention']} | {_pct(r['ours'])} "
             f"| {_pct(r['talk'])} | {_pct(r['delta'])} | {shapes} "
             f"| {'-' if sps is None else f'{sps:.4f}'} | {result} |"
         )
+    partial = [r for r in rows if r["num_shapes"] is not None and "(partial)" in _shapes_note(r)]
+    if partial:
+        lines += [
+            "",
+            "**Partial runs** (fewer shapes than the talk's split; not comparable to the talk's number): "
+            + ", ".join(sorted({r["benchmark"] for r in partial}))
+            + ".",
+        ]
     unconfirmed = sorted(
         {
             r.benchmark
