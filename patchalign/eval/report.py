@@ -198,6 +198,18 @@ def summary_rows(results: Sequence[Result]) -> list[dict[str, Any]]:
 def plot_per_category(result: PartSegResult, path: Path) -> Path:
     """Bar chart: ours per category (the talk row's convention), then ours and the talk's instance
     and category mIoU side by side. Categories without shapes are left out."""
+    import matplotlib.pyplot as plt
+
+    fig = per_category_figure(result)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def per_category_figure(result: PartSegResult) -> Any:
+    """The figure :func:`plot_per_category` saves. Bars, in order: one per category with shapes,
+    then (ours, talk) for category mIoU and for instance mIoU (ours only where the talk has none)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -220,6 +232,7 @@ def plot_per_category(result: PartSegResult, path: Path) -> Path:
         ax.axvline(len(cats) - 0.25, color="0.6", lw=0.8)
     ticks, labels = list(x), list(names)
     pos = len(cats) + 0.5
+    talk_label = "talk"
     for label, metric in summary:
         ours = result.scalars.get(f"{conv}/{metric}")
         talk = ref.metrics.get(metric) if ref is not None else None
@@ -230,16 +243,18 @@ def plot_per_category(result: PartSegResult, path: Path) -> Path:
                 talk,
                 width=0.4,
                 color="#DD8452",
-                label="talk" if metric == "category_mIoU" else None,
+                label=talk_label,
             )
+            talk_label = None
             ax.text(pos + 0.2, talk + 1, f"{talk:.1f}", ha="center", fontsize=7)
         if ours is not None:
             ax.text(pos - 0.2, 100.0 * ours + 1, f"{100.0 * ours:.1f}", ha="center", fontsize=7)
         ticks.append(pos)
         labels.append(label)
         pos += 1.2
-    if ref is not None and "category_mIoU" in ref.metrics:
-        ax.axhline(ref.metrics["category_mIoU"], color="#DD8452", ls="--", lw=1)
+    line = next((m for m in ("category_mIoU", "instance_mIoU") if ref is not None and m in ref.metrics), None)
+    if line is not None:
+        ax.axhline(ref.metrics[line], color="#DD8452", ls="--", lw=1)
     ax.set_xticks(ticks)
     ax.set_xticklabels(labels, rotation=60 if len(labels) > 8 else 30, ha="right", fontsize=8)
     ax.set_ylabel("mIoU (%)")
@@ -248,15 +263,13 @@ def plot_per_category(result: PartSegResult, path: Path) -> Path:
     fig.suptitle(f"{title}: ours vs the talk", fontsize=10)
     ax.set_title(
         "per category (number of shapes), then the summary\n"
-        "dashed: the talk's category mIoU (the talk prints no per-category numbers)",
+        + (f"dashed: the talk's {line.replace('_', ' ')} " if line else "")
+        + "(the talk prints no per-category numbers)",
         fontsize=7,
     )
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def write_report(
