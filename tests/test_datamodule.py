@@ -1,4 +1,4 @@
-"""Streaming data module: batch contents, determinism, rank partitioning, skips and patch targets."""
+"""Streaming data module: batch contents, determinism, rank partitioning, skips and hooks."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 import webdataset as wds
 from scipy.spatial.transform import Rotation
 
-from patchalign.data.datamodule import ShardDataModule, batch_patch_targets
+from patchalign.data.datamodule import ShardDataModule
 from patchalign.data.pipeline import DataQualityError, partition_samples, rotate_about_axis, tar_samples
 from patchalign.data.schema import decode_sample, encode_sample, npy_to_bytes
 from patchalign.data.synthetic import random_object_sample, write_synthetic_shards
@@ -288,27 +288,6 @@ def test_unreadable_training_data_raises_instead_of_hanging(tmp_path: Path) -> N
 
 
 # ------------------------------------------------------------------------------------- targets / hooks
-def test_batch_patch_targets_matches_loop_reference() -> None:
-    g = torch.Generator().manual_seed(0)
-    b, p, l_max, n_text, n_groups, size = 3, 40, 4, 9, 5, 6
-    membership = (torch.rand(b, p, l_max, generator=g) < 0.4).float()
-    label_ids = torch.tensor([[3, 0, 7, -1], [8, -1, -1, -1], [1, 2, 4, 5]])
-    label_mask = label_ids >= 0
-    membership = membership * label_mask[:, None, :]
-    group_index = torch.randint(0, p, (b, n_groups, size), generator=g)
-    batch = {"membership": membership, "label_ids": label_ids, "label_mask": label_mask}
-    got = batch_patch_targets(batch, group_index, n_text)
-    ref = torch.zeros(b, n_groups, n_text)
-    for i in range(b):
-        for j in range(n_groups):
-            for k in range(l_max):
-                if label_mask[i, k]:
-                    ref[i, j, label_ids[i, k]] = membership[i, group_index[i, j], k].mean()
-    torch.testing.assert_close(got, ref)
-    with pytest.raises(ValueError, match="text bank"):
-        batch_patch_targets({**batch, "label_ids": torch.full_like(label_ids, -1)}, group_index, n_text)
-
-
 class _Recorder(L.LightningModule):
     def __init__(self) -> None:
         super().__init__()

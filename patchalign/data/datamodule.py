@@ -16,18 +16,28 @@ Batch layout (one dict per step; ``B`` shapes, ``P = num_points``, ``C`` teacher
     label_mask    (B, L)    bool
     valid         (B,)      bool      False for validation padding (exclude from metrics)
     uid, category           list[str]
+    patch_centers  (B, G0, 3) float32  only for shard sets with patch targets: stored centres,
+    patch_features (B, G0, C)          rotated/scaled exactly like ``points`` (NaN rows = padding)
+
+``features`` is ``(B, P, 0)`` for compact (patch-target) sets and with ``load_features: false``.
+
+Two training paths, selected by ``cache``: ``"off"`` streams WebDataset shards every epoch
+(:mod:`.pipeline`; for data that does not fit in memory); ``"host"`` / ``"device"`` decode this
+rank's samples once into memory and build every batch with batched torch ops (:mod:`.cache`).
+Both keep the per-rank partition, equal batches per rank, exact resume and skip counting.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
 from torch import Tensor
 
+from patchalign.data.cache import CachedTrainLoader, DecodedCache, build_cache
 from patchalign.data.pipeline import (
     ExampleConfig,
     ShardStream,
@@ -41,38 +51,8 @@ from patchalign.data.pipeline import (
 )
 from patchalign.data.textbank import TextBank, load_text_bank
 from patchalign.data.writer import Manifest, ShardInfo, read_manifest
-from patchalign.grouping import patch_membership_fraction
 
 log = logging.getLogger(__name__)
-
-
-def batch_patch_targets(batch: dict[str, Any], group_index: Tensor, num_text: int) -> Tensor:
-    """Soft Stage 2 targets over the whole text bank: ``y[b, g, t]`` = fraction of patch ``g`` in part ``t``.
-
-    Args:
-        batch: a :class:`ShardDataModule` batch (uses ``membership``, ``label_ids``, ``label_mask``).
-        group_index: ``(B, G, S)`` indices of each patch's points into the batch's ``P`` points
-            (``EncoderOutput.group_index``).
-        num_text: ``T``, the text bank size.
-
-    Returns:
-        ``(B, G, T)`` float. Bank entries that are not parts of shape ``b`` are 0 (negatives); the
-        shape's own parts get :func:`~patchalign.grouping.patch_membership_fraction`. One gather,
-        one mean and one scatter, no loop over patches or shapes.
-    """
-    membership = batch["membership"].to(group_index.device)
-    label_ids = batch["label_ids"].to(group_index.device)
-    label_mask = batch["label_mask"].to(group_index.device)
-    if label_mask.any() and (label_ids[label_mask] < 0).any():
-        raise ValueError(
-            "batch has parts without text-bank ids; the data module was built without a text bank"
-        )
-    frac = patch_membership_fraction(group_index, membership)  # (B, G, L)
-    frac = frac * label_mask[:, None, :].to(frac.dtype)
-    b, g, n_l = frac.shape
-    out = frac.new_zeros((b, g, num_text))
-    index = label_ids.clamp_min(0)[:, None, :].expand(b, g, n_l)
-    return out.scatter_add_(2, index, frac)
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -105,9 +85,15 @@ class ShardDataModule(L.LightningDataModule):
             float32 on the device in :meth:`on_after_batch_transfer` (halves inter-process and
             host-to-device bytes at large ``C``). If your LightningModule overrides
             ``on_after_batch_transfer`` it takes precedence, so convert there yourself.
-        load_features: ``False`` ships ``features`` of width 0: Stage 2 never reads the teacher
-            features, which are most of each sample's bytes, so it skips gathering, checking,
-            casting and transferring them.
+        load_features: ``False`` ships ``features`` of width 0 and no patch targets: Stage 2 never
+            reads the teacher features, which are most of each sample's bytes, so it skips
+            gathering, checking, casting and transferring them.
+        cache: ``"off"`` streams the shards every epoch; ``"host"`` decodes this rank's training
+            samples once (in ``num_workers`` workers) into host memory; ``"device"`` keeps that cache
+            on the training device. Batches are then built by batched torch ops with no loader
+            workers. Meant for compact (patch-target) shards: ~270 KB per Find3D object.
+        cache_points: points kept per object in the cache (default: the smallest stored ``N``).
+        cache_max_gb: refuse to build a cache larger than this (per rank), with a message.
     """
 
     def __init__(
@@ -132,6 +118,9 @@ class ShardDataModule(L.LightningDataModule):
         persistent_workers: bool = False,
         features_fp16_transfer: bool = False,
         load_features: bool = True,
+        cache: Literal["off", "host", "device"] = "off",
+        cache_points: int | None = None,
+        cache_max_gb: float | None = 64.0,
     ) -> None:
         super().__init__()
         if batch_size < 1 or num_points < 1:
@@ -142,6 +131,10 @@ class ShardDataModule(L.LightningDataModule):
             raise ValueError("max_skip_fraction must be in [0, 1]")
         if scale_range is not None and not 0 < scale_range[0] <= scale_range[1]:
             raise ValueError(f"scale_range must be (lo, hi) with 0 < lo <= hi, got {scale_range}")
+        if cache not in ("off", "host", "device"):
+            raise ValueError(f"cache must be 'off', 'host' or 'device', got {cache!r}")
+        if cache_points is not None and cache_points < num_points:
+            raise ValueError(f"cache_points={cache_points} is below num_points={num_points}")
         self.save_hyperparameters()
         self.data_path = data_path
         self.batch_size = batch_size
@@ -168,6 +161,10 @@ class ShardDataModule(L.LightningDataModule):
             load_features=load_features,
         )
         self.load_features = load_features
+        self.cache = cache
+        self.cache_points = cache_points
+        self.cache_max_gb = cache_max_gb
+        self._decoded: DecodedCache | None = None
         self.rank = 0
         self.world_size = 1
         self.manifest: Manifest | None = None
@@ -256,7 +253,7 @@ class ShardDataModule(L.LightningDataModule):
             kw["persistent_workers"] = self.persistent_workers
         return kw
 
-    def train_dataloader(self) -> StreamLoader:
+    def train_dataloader(self) -> StreamLoader | CachedTrainLoader:
         self._require_setup()
         shards, urls = self._train
         n_samples = sum(s.n_samples for s in shards)
@@ -264,6 +261,18 @@ class ShardDataModule(L.LightningDataModule):
             raise ValueError(f"{n_samples} training samples cannot be split over {self.world_size} ranks")
         plan = partition_samples(shards, urls, self.world_size)[self.rank]
         n_batches = self.train_batches_per_epoch()
+        if self.cache != "off":
+            return CachedTrainLoader(
+                self.decoded_cache(plan),
+                self.batch_size,
+                n_batches,
+                self.example_config,
+                self.seed,
+                self.rank,
+                self.counters["train"],
+                epoch_fn=self._epoch,
+                position_fn=self._train_position if self.trainer is not None else None,
+            )
         spec = TrainSpec(
             plan=plan,
             batch_size=self.batch_size,
@@ -282,6 +291,40 @@ class ShardDataModule(L.LightningDataModule):
             position_fn=self._train_position if self.trainer is not None else None,
             **self._loader_kwargs(self.num_workers),
         )
+
+    def _cache_device(self) -> torch.device:
+        if self.cache == "host":
+            return torch.device("cpu")
+        if self.trainer is not None:
+            return self.trainer.strategy.root_device
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def decoded_cache(self, plan: Any = None) -> DecodedCache:
+        """This rank's decoded training cache, built on first use (one pass over its shards)."""
+        if self._decoded is None:
+            self._require_setup()
+            if plan is None:
+                plan = partition_samples(*self._train, self.world_size)[self.rank]
+            max_bytes = None if self.cache_max_gb is None else int(self.cache_max_gb * 1e9)
+            cache = build_cache(
+                plan,
+                self.example_config,
+                self._lookup(),
+                self.counters["train"],
+                num_workers=self.num_workers,
+                cache_points=self.cache_points,
+                seed=self.seed,
+                max_bytes=max_bytes,
+            )
+            log.info(
+                "rank %d: decoded cache of %d objects, %.2f GB, %d points each",
+                self.rank,
+                len(cache),
+                cache.nbytes / 1e9,
+                cache.points.shape[1],
+            )
+            self._decoded = cache.to(self._cache_device())
+        return self._decoded
 
     def _train_position(self) -> tuple[int, int]:
         """(epoch, batches already consumed in it) of the stream to produce next.
@@ -328,8 +371,10 @@ class ShardDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------------------------- hooks
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Convert fp16-shipped features to float32 on the device (see ``features_fp16_transfer``)."""
-        if isinstance(batch, dict) and isinstance(batch.get("features"), Tensor):
-            batch["features"] = batch["features"].float()
+        if isinstance(batch, dict):
+            for key in ("features", "patch_features"):
+                if isinstance(batch.get(key), Tensor):
+                    batch[key] = batch[key].float()
         return batch
 
     def skip_counts(self) -> dict[str, dict[str, int]]:
@@ -356,4 +401,4 @@ class ShardDataModule(L.LightningDataModule):
                 c.skipped.update({k: v for k, v in counts.items() if k not in ("seen", "skipped")})
 
 
-__all__ = ["ShardDataModule", "batch_patch_targets"]
+__all__ = ["ShardDataModule"]

@@ -227,7 +227,7 @@ class ExampleConfig:
     scale_range: tuple[float, float] | None = None
     default_up_axis: str = "y"
     features_fp16: bool = False
-    load_features: bool = True  # False: ship (P, 0) features (Stage 2 never reads them)
+    load_features: bool = True  # False: ship (P, 0) features and no patch targets (Stage 2 reads neither)
 
 
 def track_shards(stats: StreamStats) -> Callable[[Iterable[dict]], Iterator[dict]]:
@@ -392,7 +392,9 @@ def make_example(
     """Subsample to ``cfg.num_points`` (without replacement), check the gathered features, augment."""
     idx = rng.choice(s.num_points, cfg.num_points, replace=False)
     points = s.points[idx]
-    if not cfg.load_features:  # skip the gather, checks, cast and transfer of the widest array
+    if not cfg.load_features or s.features.shape[1] == 0:
+        # Stage 2 (or a compact patch-target sample): skip the gather, checks, cast and transfer of
+        # the widest array. Patch targets, if any, are small and travel separately.
         feats = np.zeros((cfg.num_points, 0), np.float16)
         feature_mask = np.ones(cfg.num_points, bool)
         return _finish_example(s, points, feats, feature_mask, label_ids, cfg, rng, augment, idx)
@@ -418,19 +420,14 @@ def _finish_example(
     augment: bool,
     idx: np.ndarray,
 ) -> Example:
-    """Augment the subsampled points and assemble the example dict."""
-    if augment:
-        if cfg.rotate_up:
-            up = str(s.meta.get("up_axis", cfg.default_up_axis)).lower()[-1:]
-            if up not in _AXIS:
-                raise ShardFormatError(
-                    f"sample {s.uid!r}: meta up_axis {s.meta.get('up_axis')!r} is not x/y/z", "bad_meta"
-                )
-            axis = _AXIS[up]
-            points = rotate_about_axis(points, rng.uniform(0.0, 2.0 * math.pi), axis)
-        if cfg.scale_range is not None:
-            points = points * np.float32(rng.uniform(*cfg.scale_range))
-    return {
+    """Augment the subsampled points (and the stored patch centres, identically); assemble the example."""
+    centers = s.patch_centers if (cfg.load_features and s.patch_centers is not None) else None
+    if centers is not None and augment and (cfg.rotate_up or cfg.scale_range is not None):
+        both = _augment(s, np.concatenate([points, centers]), cfg, rng)
+        points, centers = both[: points.shape[0]], both[points.shape[0] :]
+    elif augment:
+        points = _augment(s, points, cfg, rng)
+    ex = {
         "points": np.ascontiguousarray(points, dtype=np.float32),
         "features": feats,  # fp16; cast (if asked) while collating, straight into the batch buffer
         "feature_mask": feature_mask,
@@ -440,6 +437,25 @@ def _finish_example(
         "category": str(s.meta.get("category", "")),
         "valid": True,
     }
+    if centers is not None:
+        ex["patch_centers"] = np.ascontiguousarray(centers, dtype=np.float32)
+        ex["patch_features"] = s.patch_features
+    return ex
+
+
+def _augment(s: ObjectSample, points: np.ndarray, cfg: ExampleConfig, rng: np.random.Generator) -> np.ndarray:
+    """Random rotation about the shape's up axis, then a random isotropic scale (as configured)."""
+    if cfg.rotate_up:
+        up = str(s.meta.get("up_axis", cfg.default_up_axis)).lower()[-1:]
+        if up not in _AXIS:
+            raise ShardFormatError(
+                f"sample {s.uid!r}: meta up_axis {s.meta.get('up_axis')!r} is not x/y/z", "bad_meta"
+            )
+        axis = _AXIS[up]
+        points = rotate_about_axis(points, rng.uniform(0.0, 2.0 * math.pi), axis)
+    if cfg.scale_range is not None:
+        points = points * np.float32(rng.uniform(*cfg.scale_range))
+    return points
 
 
 def to_examples(
@@ -548,7 +564,7 @@ def collate_examples(examples: list[Example], features_dtype: torch.dtype = torc
     label_mask[:, :] = (
         np.arange(l_max)[None, :] < np.array([ex["label_ids"].shape[0] for ex in examples])[:, None]
     )
-    return {
+    batch = {
         "points": points,
         "features": features,
         "feature_mask": torch.from_numpy(np.stack([ex["feature_mask"] for ex in examples])),
@@ -559,6 +575,33 @@ def collate_examples(examples: list[Example], features_dtype: torch.dtype = torc
         "uid": [ex["uid"] for ex in examples],
         "category": [ex["category"] for ex in examples],
     }
+    with_patches = [ex for ex in examples if "patch_centers" in ex]
+    if with_patches:
+        batch.update(_collate_patches(examples, with_patches, features_dtype))
+    return batch
+
+
+def _collate_patches(
+    examples: list[Example], with_patches: list[Example], features_dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """``patch_centers (B, G0, 3)`` and ``patch_features (B, G0, C)``; shapes with fewer stored
+    patches (or validation pads, which have none) get NaN centres, which are never matched."""
+    if any(ex["valid"] and "patch_centers" not in ex for ex in examples):
+        raise ShardFormatError("a batch mixes samples with and without patch targets", "mixed_targets")
+    b = len(examples)
+    g0 = max(ex["patch_centers"].shape[0] for ex in with_patches)
+    c = with_patches[0]["patch_features"].shape[1]
+    centers = _batch_buffer((b, g0, 3), torch.float32)
+    feats = _batch_buffer((b, g0, c), features_dtype)
+    centers_np, feats_np = centers.numpy(), feats.numpy()
+    centers_np[...] = np.nan
+    feats_np[...] = 0
+    for i, ex in enumerate(examples):
+        if "patch_centers" in ex:
+            n = ex["patch_centers"].shape[0]
+            centers_np[i, :n] = ex["patch_centers"]
+            feats_np[i, :n] = ex["patch_features"]
+    return {"patch_centers": centers, "patch_features": feats}
 
 
 def batch_examples(

@@ -1,0 +1,216 @@
+"""Decoded training cache: batch contents, augmentation, partition, equal steps, resume and skips."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from scipy.spatial.transform import Rotation
+from test_datamodule import _broken_shard_set
+
+from patchalign.data.cache import rotation_about_axes, unpack_bits
+from patchalign.data.datamodule import ShardDataModule
+from patchalign.data.pipeline import DataQualityError
+from patchalign.data.schema import decode_sample
+from patchalign.data.synthetic import write_synthetic_shards
+from patchalign.data.writer import read_manifest
+
+N = 2048
+
+
+def _originals(path: Path) -> dict:
+    urls = read_manifest(path).shard_urls()
+    return {s.uid: s for s in (decode_sample(r) for r in wds.WebDataset(urls, shardshuffle=False))}
+
+
+def _dm(path: Path, **kw) -> ShardDataModule:
+    args = dict(batch_size=3, num_workers=0, num_points=N, seed=0, cache="host", pin_memory=False)
+    args.update(kw)
+    dm = ShardDataModule(str(path), **args)
+    dm.setup("fit")
+    return dm
+
+
+def _rows(a: np.ndarray) -> dict[bytes, int]:
+    return {r.tobytes(): i for i, r in enumerate(np.ascontiguousarray(a))}
+
+
+def test_unpack_bits_and_rotations_match_numpy_and_scipy() -> None:
+    rng = np.random.default_rng(0)
+    bits = rng.random((5, 7, 19)) < 0.4
+    packed = torch.from_numpy(np.packbits(bits, axis=-1))
+    assert torch.equal(unpack_bits(packed, 19), torch.from_numpy(bits))
+    angles = torch.tensor([0.3, -1.2, 2.5], dtype=torch.float64)
+    axes = torch.tensor([0, 1, 2])
+    got = rotation_about_axes(angles, axes)
+    for i, name in enumerate("xyz"):
+        ref = Rotation.from_euler(name, float(angles[i])).as_matrix()
+        np.testing.assert_allclose(got[i].numpy(), ref, atol=1e-12)
+
+
+@pytest.mark.parametrize("targets", ["points", "patches"])
+def test_cached_batches_are_the_stored_objects(tmp_path: Path, targets: str) -> None:
+    """With num_points = N and no augmentation a batch row is a permutation of the stored object."""
+    write_synthetic_shards(tmp_path, [4, 3], feature_dim=6, targets=targets, n_patches=16)
+    orig = _originals(tmp_path)
+    dm = _dm(tmp_path, batches_per_epoch=3)
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 3
+    for batch in batches:
+        assert batch["points"].shape == (3, N, 3) and batch["valid"].all()
+        for i, uid in enumerate(batch["uid"]):
+            s = orig[uid]
+            pos = _rows(s.points)
+            perm = np.array([pos[r.tobytes()] for r in batch["points"][i].numpy()])
+            assert sorted(perm.tolist()) == list(range(N))  # without replacement
+            n_l = len(s.part_names)
+            np.testing.assert_array_equal(batch["membership"][i, :, :n_l].numpy(), s.membership[perm])
+            assert batch["label_mask"][i].sum() == n_l
+            if targets == "points":
+                np.testing.assert_array_equal(
+                    batch["features"][i].numpy(), s.features[perm].astype(np.float32)
+                )
+                assert "patch_centers" not in batch
+            else:
+                assert batch["features"].shape[-1] == 0
+                np.testing.assert_array_equal(batch["patch_centers"][i].numpy(), s.patch_centers)
+                np.testing.assert_array_equal(
+                    batch["patch_features"][i].numpy(), s.patch_features.astype(np.float32)
+                )
+    # one epoch of 9 draws over 7 objects: every object before any repeats
+    first7 = [u for b in batches for u in b["uid"]][:7]
+    assert sorted(first7) == sorted(orig)
+
+
+def test_augmentation_moves_centres_with_the_points(tmp_path: Path) -> None:
+    """Synthetic stored centres are stored points: after augmentation each must still be one."""
+    write_synthetic_shards(tmp_path, [5], feature_dim=4, targets="patches", n_patches=32)
+    orig = _originals(tmp_path)
+    dm = _dm(tmp_path, batches_per_epoch=2, rotate_up=True, scale_range=(0.5, 1.5))
+    for batch in dm.train_dataloader():
+        for i, uid in enumerate(batch["uid"]):
+            pts, ctr = batch["points"][i].double(), batch["patch_centers"][i].double()
+            d = torch.cdist(ctr, pts).min(dim=1).values
+            assert float(d.max()) < 1e-5
+            s = orig[uid]
+            scale = float(pts.norm(dim=1).mean())  # unit-sphere points, scaled
+            assert 0.5 <= scale <= 1.5
+            np.testing.assert_allclose(  # heights (y = up) only scaled, xz plane rotated
+                np.sort(pts[:, 1].numpy()), np.sort(s.points[:, 1].astype(np.float64) * scale), atol=1e-5
+            )
+            assert not np.allclose(np.sort(pts[:, 0].numpy()), np.sort(s.points[:, 0] * scale), atol=1e-3)
+
+
+def test_ranks_are_disjoint_with_equal_steps(tmp_path: Path) -> None:
+    write_synthetic_shards(tmp_path, [5, 2, 1, 3], feature_dim=4, targets="patches", n_patches=8)
+    seen, lengths = [], []
+    for rank in range(2):
+        dm = ShardDataModule(str(tmp_path), batch_size=2, num_workers=2, num_points=512, cache="host")
+        dm.set_distributed(rank, 2)
+        dm.setup("fit")
+        cache = dm.decoded_cache()
+        seen.append(set(cache.uids))
+        loader = dm.train_dataloader()
+        lengths.append((len(loader), len(list(loader))))
+    assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 11
+    assert lengths[0] == lengths[1] == (3, 3)  # ceil(11 / (2 x 2)) on both ranks
+
+
+def test_resume_position_continues_the_same_batches(tmp_path: Path) -> None:
+    write_synthetic_shards(tmp_path, [6], feature_dim=4)
+    dm = _dm(tmp_path, num_points=256, batch_size=2, batches_per_epoch=5, rotate_up=True)
+    loader = dm.train_dataloader()
+    full = list(loader)
+    loader.position_fn = lambda: (0, 3)
+    tail = list(loader)
+    assert len(tail) == 2
+    for a, b in zip(full[3:], tail, strict=True):
+        assert a["uid"] == b["uid"] and torch.equal(a["points"], b["points"])
+    loader.position_fn = lambda: (1, 0)
+    assert [b["uid"] for b in loader] != [b["uid"] for b in full]  # a new epoch reshuffles
+
+
+def test_skips_are_counted_once_while_building(tmp_path: Path) -> None:
+    expected = _broken_shard_set(tmp_path)
+    dm = _dm(tmp_path, num_points=512, batch_size=2, max_skip_fraction=0.7, num_workers=2)
+    cache = dm.decoded_cache()
+    assert sorted(cache.uids) == sorted([f"obj-{i:05d}" for i in range(4)] + ["good-in-bad-shard", "trunc-0"])
+    counts = dm.skip_counts()["train"]
+    assert {k: v for k, v in counts.items() if k not in ("seen", "skipped")} == expected
+    assert counts["seen"] == 6 + sum(expected.values())
+    dm2 = _dm(tmp_path, num_points=512, batch_size=2, max_skip_fraction=0.5)
+    with pytest.raises(DataQualityError, match="skipped 9 of 15"):
+        dm2.decoded_cache()
+
+
+def test_cache_size_limit_is_a_clear_error(tmp_path: Path) -> None:
+    write_synthetic_shards(tmp_path, [4], feature_dim=64)
+    dm = _dm(tmp_path, num_points=256, cache_max_gb=1e-3)  # 1 MB; each object is ~0.29 MB
+    with pytest.raises(MemoryError, match="compact patch-target shards"):
+        dm.decoded_cache()
+
+
+class _Seen(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.uids: list[tuple[str, ...]] = []
+
+    def training_step(self, batch, batch_idx):
+        self.uids.append(tuple(batch["uid"]))
+        assert batch["patch_features"].dtype == torch.float32  # the datamodule hook converts
+        return (self.w * batch["points"]).mean() + (self.w * batch["patch_centers"].nan_to_num()).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class _Preempted(RuntimeError):
+    pass
+
+
+class _StopAt(L.Callback):
+    def __init__(self, step: int, path: Path) -> None:
+        self.step, self.path = step, path
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+            raise _Preempted
+
+
+def _fit(path: Path, max_steps: int, ckpt: Path | None = None, cb: list | None = None) -> _Seen:
+    dm = ShardDataModule(
+        str(path), batch_size=2, num_workers=0, num_points=256, cache="host", features_fp16_transfer=True
+    )
+    model = _Seen()
+    trainer = L.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=cb or [],
+    )
+    try:
+        trainer.fit(model, dm, ckpt_path=str(ckpt) if ckpt else None)
+    except _Preempted:
+        model.preempted = True
+    return model
+
+
+@pytest.mark.parametrize("stop_at", [2, 3])  # mid-epoch and at the epoch boundary (3 batches/epoch)
+def test_lightning_preempt_and_resume_with_cache(tmp_path: Path, stop_at: int) -> None:
+    write_synthetic_shards(tmp_path / "s", [3, 3], feature_dim=4, targets="patches", n_patches=8)
+    full = _fit(tmp_path / "s", 7)
+    ckpt = tmp_path / "c.ckpt"
+    a = _fit(tmp_path / "s", 7, cb=[_StopAt(stop_at, ckpt)])
+    b = _fit(tmp_path / "s", 7, ckpt=ckpt)
+    assert getattr(a, "preempted", False) and len(full.uids) == 7
+    assert a.uids[:stop_at] + b.uids == full.uids
