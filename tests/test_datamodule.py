@@ -379,3 +379,21 @@ def test_stage2_can_skip_teacher_features(tmp_path: Path) -> None:
             assert torch.equal(a[key], b[key]), key
     val = list(slim.val_dataloader())
     assert val and all(b["features"].shape[-1] == 0 for b in val)
+
+
+def test_streamed_patch_targets_move_with_the_points(tmp_path: Path) -> None:
+    """Compact shards: stored centres (synthetic ones are stored points) get the points' rotation/scale."""
+    write_synthetic_shards(tmp_path, [4], feature_dim=6, targets="patches", n_patches=16)
+    orig = _originals(tmp_path)
+    dm = _dm(tmp_path, num_points=2048, batches_per_epoch=2, rotate_up=True, scale_range=(0.5, 2.0))
+    for batch in dm.train_dataloader():
+        assert batch["features"].shape == (2, 2048, 0)
+        assert batch["patch_centers"].shape == (2, 16, 3) and batch["patch_features"].shape == (2, 16, 6)
+        for i, uid in enumerate(batch["uid"]):
+            d = torch.cdist(batch["patch_centers"][i].double(), batch["points"][i].double()).min(1).values
+            assert float(d.max()) < 1e-5
+            s = orig[uid]
+            np.testing.assert_array_equal(
+                batch["patch_features"][i].numpy(), s.patch_features.astype(np.float32)
+            )
+            assert not np.allclose(batch["patch_centers"][i].numpy(), s.patch_centers, atol=1e-3)
