@@ -123,9 +123,20 @@ def test_lift_point_cloud_returns_cloud_points():
     views = RenderedViews(out.image, cams, out.depth, out.mask, pix_to_point=out.pix_to_point)
     uv = torch.tensor([[32.5, 32.5], [40.5, 20.5]])
     c = lift_points(
-        uv, torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), views, cloud, None, 1
+        uv,
+        torch.zeros(2, dtype=torch.long),
+        torch.zeros(2, dtype=torch.long),
+        views,
+        cloud,
+        None,
+        1,
+        "points",
     )
     assert torch.cdist(c.xyz, cloud).min(1).values.max() == 0  # exactly cloud points
+    auto = lift_points(
+        uv, torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), views, cloud, None, 1
+    )
+    assert torch.allclose(auto.xyz, _analytic_front(uv), atol=1e-4)  # auto = depth for clouds
     assert torch.allclose(c.xyz, _analytic_front(uv), atol=0.05 + 1e-6)  # within one grid step
     d = lift_points(
         uv, torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), views, cloud, None, 1, "depth"
@@ -224,7 +235,7 @@ def _blobs(seed: int = 0) -> np.ndarray:
 def test_integer_weight_equals_duplicated_rows():
     x = _blobs()
     w = np.random.default_rng(1).integers(1, 5, len(x))
-    config = ClusterConfig(min_samples=10, min_cluster_size=10, resolution=1.0, cluster_selection_epsilon=0.0)
+    config = ClusterConfig(min_samples=10, min_cluster_size=10, resolution=1.0, weighting="weight")
     ours = weighted_hdbscan(x, w, config)
     rows = np.repeat(x, w, axis=0)
     ref = hdbscan.HDBSCAN(min_samples=10, min_cluster_size=10, allow_single_cluster=True).fit_predict(
@@ -235,9 +246,7 @@ def test_integer_weight_equals_duplicated_rows():
     assert len(_partition(ours)) == 2
     # The resolution only quantises: integer weights give the same clusters at any resolution.
     for resolution in (2.0, 3.0):
-        again = weighted_hdbscan(
-            x, w, ClusterConfig(10, 10, resolution=resolution, cluster_selection_epsilon=0.0)
-        )
+        again = weighted_hdbscan(x, w, ClusterConfig(10, 10, resolution=resolution, weighting="weight"))
         assert _partition(again) == _partition(ours)
 
 
@@ -246,32 +255,35 @@ def test_weights_change_the_result():
     big = rng.normal([0, 0, 0], 0.02, (40, 3))
     small = rng.normal([1, 0, 0], 0.02, (6, 3))
     x = np.concatenate([big, small])
-    config = ClusterConfig(min_samples=5, min_cluster_size=10)
+    config = ClusterConfig(min_samples=5, min_cluster_size=10, weighting="weight")
     light = weighted_hdbscan(x, np.ones(len(x)), config)
     assert (light[40:] == -1).all()  # 6 points of weight 1 < min_cluster_size: noise
     heavy_w = np.ones(len(x))
     heavy_w[40:] = 3.0
     heavy = weighted_hdbscan(x, heavy_w, config)
     assert len(set(heavy[40:].tolist())) == 1 and heavy[40] >= 0 and heavy[40] != heavy[0]
-    # Densest = most total weight: the small blob wins once it outweighs the big one (6 x 4 > 40 x 0.5).
+    # Heaviest first (selection="weight"): the small blob wins once it outweighs the big one
+    # (6 x 4 > 40 x 0.5).
     w = np.full(len(x), 0.5)
     w[40:] = 4.0
     labels = weighted_hdbscan(x, w, config)
-    clusters = clusters_from_labels(torch.tensor(x), torch.tensor(w), labels)
+    clusters = clusters_from_labels(torch.tensor(x), torch.tensor(w), labels, selection="weight")
     assert [c.size for c in clusters] == [6, 40] and abs(clusters[0].weight - 24) < 1e-9
     expected = x[40:].mean(0)
     assert np.allclose(clusters[0].centroid.numpy(), expected, atol=1e-6)
 
 
 def test_weighted_hdbscan_edge_cases():
-    config = ClusterConfig(min_samples=10, min_cluster_size=10)
+    config = ClusterConfig(min_samples=10, min_cluster_size=10, weighting="weight")
     assert (weighted_hdbscan(np.zeros((3, 3)), np.ones(3), config) == -1).all()  # too little weight
     labels = weighted_hdbscan(_blobs(), np.full(60, 0.01), config)  # all quantised to 0 rows
     assert (labels == -1).all()
     with pytest.raises(ValueError, match="weights"):
         weighted_hdbscan(np.zeros((2, 3)), np.array([1.0, -1.0]), config)
-    full = weighted_hdbscan(_blobs(), np.ones(60), ClusterConfig(10, 10, resolution=4.0))
-    capped = weighted_hdbscan(_blobs(), np.ones(60), ClusterConfig(10, 10, resolution=4.0, max_rows=120))
+    full = weighted_hdbscan(_blobs(), np.ones(60), ClusterConfig(10, 10, resolution=4.0, weighting="weight"))
+    capped = weighted_hdbscan(
+        _blobs(), np.ones(60), ClusterConfig(10, 10, resolution=4.0, max_rows=120, weighting="weight")
+    )
     assert _partition(capped) == _partition(full) and len(_partition(full)) == 2  # resolution lowered to 2
 
 
@@ -282,13 +294,12 @@ def test_cluster_candidates_per_name():
     cands = Candidates3D(x, weight, names, torch.arange(60) % 7, torch.arange(60))
     # Without an epsilon HDBSCAN may prefer a dense core of a Gaussian blob over the whole blob; the
     # selection epsilon merges clusters closer than 0.1 (the blobs are 1 apart).
-    per_name = cluster_candidates(cands, 4, ClusterConfig(5, 5, cluster_selection_epsilon=0.1))
+    config = ClusterConfig(5, 5, cluster_selection_epsilon=0.1, weighting="weight")
+    per_name = cluster_candidates(cands, 4, config)
     assert [len(c) for c in per_name] == [1, 1, 0, 0]
     # min_views: a cluster must be supported by that many distinct views.
-    assert [
-        len(c)
-        for c in cluster_candidates(cands, 4, ClusterConfig(5, 5, cluster_selection_epsilon=0.1, min_views=8))
-    ] == [0, 0, 0, 0]
+    config8 = ClusterConfig(5, 5, cluster_selection_epsilon=0.1, min_views=8, weighting="weight")
+    assert [len(c) for c in cluster_candidates(cands, 4, config8)] == [0, 0, 0, 0]
     assert per_name[0][0].size == 25 and per_name[0][0].n_views == 7
     assert torch.allclose(per_name[1][0].centroid, x[25:50].mean(0), atol=1e-5)
 
@@ -325,3 +336,108 @@ def test_closest_point_on_cube_matches_analytic():
     cloud = torch.tensor([[0.0, 0, 0], [1, 0, 0], [0, 2, 0]])
     p, i = nearest_point(torch.tensor([[0.9, 0.1, 0.0], [0.1, 1.2, 0.0]]), cloud)
     assert i.tolist() == [1, 2] and torch.equal(p, cloud[[1, 2]])
+
+
+# ------------------------------------------------------------------- paper's cluster choice and ablations
+def _tight_and_diffuse() -> tuple[np.ndarray, np.ndarray]:
+    """A tight blob (RMS spread ~0.008, 30 points) and a diffuse one (~0.070, 90 points) 1 apart."""
+    rng = np.random.default_rng(3)
+    tight = rng.normal([0.0, 0.0, 0.0], 0.008 / math.sqrt(3), (30, 3))
+    diffuse = rng.normal([1.0, 0.0, 0.0], 0.070 / math.sqrt(3), (90, 3))
+    return np.concatenate([tight, diffuse]), np.ones(120)
+
+
+def test_densest_cluster_is_chosen_by_default_not_the_heaviest():
+    x, w = _tight_and_diffuse()
+    n = len(x)
+    cands = Candidates3D(
+        torch.tensor(x, dtype=torch.float32),
+        torch.tensor(w),
+        torch.zeros(n, dtype=torch.long),
+        torch.arange(n) % 5,
+        torch.arange(n),
+    )
+    paper = cluster_candidates(cands, 1, ClusterConfig())[0]
+    heaviest = cluster_candidates(cands, 1, ClusterConfig(selection="weight"))[0]
+    assert len(paper) == 2 and len(heaviest) == 2
+    assert paper[0].size == 30 and paper[0].spread < 0.012  # the tight blob
+    assert heaviest[0].size == 90 and heaviest[0].spread > 0.05  # the diffuse one outweighs it
+    assert np.allclose(paper[0].centroid.numpy(), x[:30].mean(0), atol=1e-5)
+
+
+def test_cluster_density_is_weighted_mean_inverse_core_distance():
+    x, _ = _tight_and_diffuse()
+    w = np.random.default_rng(4).uniform(0.2, 1.0, len(x))
+    labels, core = weighted_hdbscan(x, w, ClusterConfig(), return_core=True)
+    # Independent: distance to the 10th nearest other point, by brute force.
+    d = np.linalg.norm(x[:, None] - x[None], axis=-1)
+    expected_core = np.sort(d, axis=1)[:, 10]
+    assert np.allclose(core, expected_core, rtol=1e-9)
+    clusters = clusters_from_labels(torch.tensor(x), torch.tensor(w), labels, None, core, "density")
+    for c in clusters:
+        m = c.members.numpy()
+        assert math.isclose(c.density, float((w[m] / expected_core[m]).sum() / w[m].sum()), rel_tol=1e-9)
+
+
+def test_min_pts_counts_points_weights_do_not_change_the_partition():
+    x, _ = _tight_and_diffuse()
+    w1 = np.ones(len(x))
+    w2 = np.random.default_rng(5).uniform(0.01, 0.3, len(x))  # the tight blob weighs < 10 in total
+    a = weighted_hdbscan(x, w1, ClusterConfig())
+    b = weighted_hdbscan(x, w2, ClusterConfig())
+    assert _partition(a) == _partition(b) and len(_partition(a)) == 2
+    assert w2[:30].sum() < 10
+    in_weight_units = weighted_hdbscan(x, w2, ClusterConfig(weighting="weight"))
+    assert (in_weight_units[:30] == -1).all() and (b[:30] >= 0).all()
+
+
+def test_plain_average_ablation_is_the_weighted_mean():
+    x, _ = _tight_and_diffuse()
+    w = np.random.default_rng(6).uniform(0.1, 1.0, len(x))
+    n = len(x)
+    cands = Candidates3D(
+        torch.tensor(x, dtype=torch.float64),
+        torch.tensor(w),
+        torch.zeros(n, dtype=torch.long),
+        torch.arange(n) % 3,
+        torch.arange(n),
+    )
+    (only,) = cluster_candidates(cands, 1, ClusterConfig(method="mean"))[0:1][0]
+    assert np.allclose(only.centroid.numpy(), (w[:, None] * x).sum(0) / w.sum(), atol=1e-6)
+    assert only.n_views == 3 and only.size == n
+
+
+def test_binary_voting_gives_every_patch_pixel_weight_one():
+    vertices, faces = _two_planes()
+    cams = look_at_cameras(torch.tensor([[0.0, 0.0, EYE_Z]]), fov_deg=FOV, image_size=SIZE)
+    out = render_mesh(vertices, faces, cams, backend="embree")
+    views = RenderedViews(out.image, cams, out.depth, out.mask, out.pix_to_face, out.bary)
+    uv = torch.tensor([[32.3, 30.8]])
+    zero = torch.zeros(1, dtype=torch.long)
+    soft = lift_points(uv, zero, zero, views, vertices, faces, 5)
+    hard = lift_points(uv, zero, zero, views, vertices, faces, 5, voting="binary")
+    assert torch.equal(soft.xyz, hard.xyz) and len(hard) == 25
+    assert torch.equal(hard.weight, torch.ones(25))
+    assert soft.weight.max() < 1.0 and soft.weight.min() > 0.0
+
+
+def test_view_layouts_6_26_46():
+    from patchalign.render import zerokey_view_layout
+    from zerokey.views import view_layout
+
+    assert torch.allclose(view_layout(26), zerokey_view_layout())
+    for n in (6, 26, 46):
+        eyes = view_layout(n, distance=2.5)
+        assert eyes.shape == (n, 3)
+        assert torch.allclose(eyes.norm(dim=1), torch.full((n,), 2.5), atol=1e-5)
+        assert torch.cdist(eyes, eyes).add(torch.eye(n) * 10).min() > 0.2  # all distinct
+    six = view_layout(6, distance=1.0)
+    axes = torch.tensor([[0, 0, 1.0], [1, 0, 0], [0, 0, -1], [-1, 0, 0]])
+    assert torch.allclose(six[:4], axes, atol=1e-6)
+    assert six[4, 1] > 0.99 and six[5, 1] < -0.99  # top and bottom (5 degrees off the pole)
+    # 46: rings of 6 / 10 / 12 / 10 / 6 at polar 30..150, then the poles.
+    polar = torch.rad2deg(torch.acos(view_layout(46, distance=1.0)[:44, 1]))
+    expected = torch.tensor([30.0] * 6 + [60.0] * 10 + [90.0] * 12 + [120.0] * 10 + [150.0] * 6)
+    assert torch.allclose(polar, expected, atol=1e-3)
+    with pytest.raises(ValueError, match="6, 26, 46"):
+        view_layout(12)

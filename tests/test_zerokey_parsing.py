@@ -14,6 +14,8 @@ from zerokey.parsing import (
     parse_molmo_points,
     parse_name_list,
 )
+from zerokey.pointers import build_multi_point_prompt
+from zerokey.testing import MOLMO_FAILURE_ANSWERS, molmo_style_answer
 
 
 def test_single_point_with_alt_and_text():
@@ -105,36 +107,110 @@ NAMES = [
 @pytest.mark.parametrize(
     ("label", "expected"),
     [
-        ("nose of the airplane", 0),
-        ("Nose of the airplane.", 0),
-        ("nose", 0),
-        ("left wingtip", 1),
-        ("wingtip of the right wing", 2),
-        ("tail of the airplan", 3),
-        ("banana", None),
-        ("", None),
-        (None, None),
+        ("nose of the airplane", (0, "ok")),
+        ("Nose of the Airplane.", (0, "ok")),  # case / punctuation only
+        ("  tail   of the airplane ", (3, "ok")),
+        ("2", (1, "ok")),  # explicit 1-based index
+        ("#4", (3, "ok")),
+        ("5", (None, "unmatched")),  # index out of range
+        ("nose", (None, "unmatched")),  # a shortened name is not guessed
+        ("tail of the airplan", (None, "unmatched")),  # nor a typo
+        ("banana", (None, "unmatched")),
+        ("", (None, "unmatched")),
+        (None, (None, "unmatched")),
     ],
 )
-def test_match_label(label, expected):
+def test_match_label_is_exact(label, expected):
     assert match_label(label, NAMES) == expected
 
 
-def test_labelled_points_split_by_name():
+def test_match_label_ambiguous_when_two_names_normalise_alike():
+    assert match_label("leg", ["leg", "Leg.", "seat"]) == (None, "ambiguous")
+    per_name, stats = parse_labelled_points(
+        '<point x="1" y="2" alt="leg">leg</point>', ["leg", "LEG", "seat"]
+    )
+    assert per_name == {} and stats.ambiguous == 1 and stats.garbage == 1
+
+
+# The four mis-assignments of issue #10, each now counted instead of assigned.
+def test_misassignment_category_word_alt_is_unmatched_not_the_nose():
+    per_name, stats = parse_labelled_points('<point x="10" y="20" alt="airplane">airplane</point>', NAMES)
+    assert per_name == {} and stats.unmatched == 1 and stats.points == 0
+
+
+def test_misassignment_partial_name_is_unmatched_not_the_left_wingtip():
+    per_name, stats = parse_labelled_points(
+        '<points x1="10" y1="20" x2="80" y2="20" alt="wingtip">wingtip</points>', NAMES
+    )
+    assert per_name == {} and stats.unmatched == 2
+
+
+def test_misassignment_echoed_prompt_is_counted_not_read_as_points():
+    prompt = build_multi_point_prompt(NAMES)
+    per_name, stats = parse_labelled_points(prompt, NAMES, prompt=prompt)
+    assert per_name == {} and stats.echoed == 1 and stats.points == 0
+    # Even without the echo check, the prompt's example label names nothing requested.
+    per_name, stats = parse_labelled_points(prompt, NAMES)
+    assert per_name == {} and stats.unmatched == 1
+
+
+def test_misassignment_one_tag_labelled_with_every_name_is_unmatched_not_the_last_name():
+    label = ", ".join(NAMES)
+    text = f'<points x1="10" y1="20" x2="30" y2="40" x3="50" y3="60" alt="{label}">{label}</points>'
+    per_name, stats = parse_labelled_points(text, NAMES)
+    assert per_name == {} and stats.unmatched == 3
+
+
+def test_labelled_points_split_by_exact_name_and_count_duplicates():
     text = (
         '1. nose: <point x="10" y="20" alt="nose of the airplane">nose of the airplane</point>\n'
-        '<points x1="30" y1="40" x2="50" y2="60" alt="left wingtip">left wingtip</points> '
+        '<points x1="30" y1="40" x2="50" y2="60" alt="2">2</points> '
         '<point x="70" y="80" alt="banana">banana</point>\n'
         'tail of the airplane: <point x="90" y="95"></point>\n'
+        '<point x="11" y="21" alt="Nose of the airplane">Nose of the airplane</point>\n'
         "the right wingtip is not visible"
     )
     per_name, stats = parse_labelled_points(text, NAMES)
     assert {k: [(p.x, p.y) for p in v] for k, v in per_name.items()} == {
-        0: [(10.0, 20.0)],
-        1: [(30.0, 40.0), (50.0, 60.0)],
-        3: [(90.0, 95.0)],  # unlabelled point: name from the line prefix
+        0: [(10.0, 20.0), (11.0, 21.0)],
+        1: [(30.0, 40.0), (50.0, 60.0)],  # by explicit index
+        3: [(90.0, 95.0)],  # unlabelled point: exact name from the line prefix
     }
-    assert stats.unmatched == 1 and stats.points == 4 and stats.garbage == 0
+    assert (stats.unmatched, stats.duplicate, stats.points, stats.garbage) == (1, 1, 5, 0)
+
+
+# Answers as served Molmo gives them (zerokey.testing), with the parse each must get.
+def test_molmo_style_answers_parse_to_their_points():
+    one = molmo_style_answer("nose", [(61.5, 40.6)])
+    assert one == '<point x="61.5" y="40.6" alt="nose">nose</point>'
+    assert parse_molmo_points(one)[0] == [ParsedPoint(61.5, 40.6, "nose")]
+    several = molmo_style_answer("leg", [(10, 80), (30, 80.25), (70, 80), (90, 80)], counting=True)
+    assert several.startswith("Counting the <points x1=") and several.endswith("shows a total of 4.")
+    points, stats = parse_molmo_points(several)
+    assert [(p.x, p.y) for p in points] == [(10.0, 80.0), (30.0, 80.2), (70.0, 80.0), (90.0, 80.0)]
+    assert (stats.points, stats.garbage, stats.malformed) == (4, 0, 0)
+    assert molmo_style_answer("leg", []) == "There are none."
+
+
+@pytest.mark.parametrize(
+    ("key", "expected"),
+    [
+        # (points, empty, declined, garbage, malformed)
+        ("refusal_none", (0, 0, 1, 0, 0)),
+        ("refusal_sorry", (0, 0, 1, 0, 0)),
+        ("echo", (0, 0, 0, 1, 0)),  # the prompt repeated: no point, not a refusal
+        ("malformed_coordinate", (0, 0, 0, 1, 1)),
+        ("truncated", (1, 0, 0, 0, 1)),  # the complete first pair survives
+        ("empty", (0, 1, 0, 0, 0)),
+    ],
+)
+def test_molmo_failure_answers_are_classified(key, expected):
+    text = MOLMO_FAILURE_ANSWERS[key].format(name="propeller")
+    points, stats = parse_molmo_points(text)
+    assert (stats.points, stats.empty, stats.declined, stats.garbage, stats.malformed) == expected
+    assert len(points) == expected[0]
+    if key == "truncated":
+        assert (points[0].x, points[0].y) == (12.5, 40.0)
 
 
 @pytest.mark.parametrize(
@@ -164,3 +240,18 @@ def test_parse_name_list_json_bullets_and_garbage():
     names, stats = parse_name_list("")
     assert names == [] and stats.empty == 1
     assert parse_name_list('["a","b","c"]', max_names=2)[0] == ["a", "b"]
+
+
+def test_parse_name_list_free_text_answer_to_the_paper_prompt():
+    # GPT-4o's answer to "List possible salient key points (in text).": names with explanations.
+    text = (
+        "Here are possible salient key points:\n\n"
+        "1. **Nose tip**: the front point of the fuselage.\n"
+        "2. **Left wingtip** - end of the left wing\n"
+        "3. Tail fin top: highest point of the tail\n"
+        "- Right wingtip \u2013 end of the right wing\n"
+        "These points capture the overall shape."
+    )
+    names, stats = parse_name_list(text, max_names=10)
+    assert names == ["Nose tip", "Left wingtip", "Tail fin top", "Right wingtip"]
+    assert stats.points == 4 and stats.garbage == 0

@@ -4,22 +4,38 @@
 namer / pointer ``class_path`` / ``init_args`` are configurable). ``evaluate`` and ``bench`` are not
 Trainer methods, and LightningCLI only accepts Trainer methods as subcommands, so they are dispatched
 here *before* LightningCLI parses anything.
+
+A run that cannot start or must stop (server down, failure budget spent, a run folder holding another
+run) raises :class:`zerokey.writer.ZeroKeyRunError`; it is printed as one line and the exit status is 2.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 
-EXTRA_VERBS = ("evaluate", "bench")
+from lightning.pytorch.cli import SaveConfigCallback
+
+
+class RunConfigCallback(SaveConfigCallback):
+    """LightningCLI's config saver that never overwrites: the first attempt of a run folder writes
+    ``config.yaml``, each resume ``config.resume<N>.yaml`` next to it (the writer has already checked
+    that the method settings match, or refused)."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if not self.already_saved and trainer.log_dir is not None:
+            base, n = "config.yaml", 1
+            name = base
+            while os.path.exists(os.path.join(trainer.log_dir, name)):
+                name = f"config.resume{n}.yaml"
+                n += 1
+            self.config_filename = trainer.strategy.broadcast(name, src=0)
+        super().setup(trainer, pl_module, stage)
 
 
 def cli_main(argv: Sequence[str] | None = None):
-    """LightningCLI over :class:`ZeroKeyModule` / :class:`ZeroKeyDataModule`.
-
-    ``save_config_kwargs={"overwrite": True}``: LightningCLI's SaveConfigCallback refuses to overwrite
-    the ``config.yaml`` it writes into the log dir, so a second run in the same folder would crash.
-    """
+    """LightningCLI over :class:`ZeroKeyModule` / :class:`ZeroKeyDataModule`."""
     from lightning.pytorch.cli import LightningCLI
 
     from zerokey.module import ZeroKeyDataModule, ZeroKeyModule
@@ -28,23 +44,30 @@ def cli_main(argv: Sequence[str] | None = None):
         ZeroKeyModule,
         ZeroKeyDataModule,
         args=list(argv) if argv is not None else None,
-        save_config_kwargs={"overwrite": True},
+        save_config_callback=RunConfigCallback,
+        save_config_kwargs={"overwrite": False},
     )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    from zerokey.writer import ZeroKeyRunError
+
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] == "evaluate":
-        from zerokey.evaluate import main as evaluate_main
+    try:
+        if args and args[0] == "evaluate":
+            from zerokey.evaluate import main as evaluate_main
 
-        evaluate_main(args[1:])
-    elif args and args[0] == "bench":
-        from zerokey.bench import main as bench_main
+            evaluate_main(args[1:])
+        elif args and args[0] == "bench":
+            from zerokey.bench import main as bench_main
 
-        bench_main(args[1:])
-    else:
-        # From the command line let LightningCLI read sys.argv itself (it warns when given both).
-        cli_main(None if argv is None else args)
+            bench_main(args[1:])
+        else:
+            # From the command line let LightningCLI read sys.argv itself (it warns when given both).
+            cli_main(None if argv is None else args)
+    except ZeroKeyRunError as err:
+        print(f"zerokey: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -1,16 +1,29 @@
-"""``python -m zerokey bench``: per-stage timing and KeypointNet IoU with the OraclePointer.
+"""``python -m zerokey bench``: the paper's ablations (arXiv:2412.06292, Sec. 4) on the KeypointNet shapes
+in ``--root``, one line each, with the OraclePointer standing in for Molmo.
 
-What it measures, on the real KeypointNet shapes under ``../shared/data/keypointnet`` (or ``--root``):
+What it measures:
 
-* seconds per shape for render / lift / cluster (the non-MLLM work; CPU: Embree for meshes, torch
-  splatting for point clouds) after one warm-up shape;
-* MLLM calls per shape -- measured for the pointer used, and what each real pointer would need;
-* IoU@thresholds of the OraclePointer's predictions (ground truth projected into the views with the
-  given pixel noise / dropout / outliers) under the KeypointNet protocol (:mod:`zerokey.evaluate`).
+* **the ablation table** -- KeypointNet mIoU (``zerokey.evaluate``, the reference protocol) at
+  geodesic thresholds 0.01 / 0.05 / 0.10 for: the paper's configuration (26 views, Gaussian soft
+  voting, HDBSCAN minPts 10 in points, densest cluster); 6 and 46 views; binary voting; plain
+  averaging instead of HDBSCAN; and each of our clustering options (heaviest cluster, minPts in weight
+  units, epsilon merge + min-views filter, and all of them together: this project's earlier default);
+* seconds per shape for render and for lift + cluster (the non-MLLM work), and the MLLM calls per
+  shape a real pointer would need (V x N requests for the per-name protocol);
+* the pointer's parse counts.
 
-``--pointer server`` runs the same oracle answers through the real HTTP path: a local
-OpenAI-compatible stand-in server answers each view's all-names request in Molmo's point format, and
-:class:`OpenAIPointer` parses it -- so the numbers include request encoding and answer parsing.
+**The oracle's noise model** (stated in the output): every ground-truth keypoint visible in a view
+(in front, inside the image, passing a depth test) is answered with probability ``1 - dropout`` at
+its projected pixel plus isotropic Gaussian noise of ``noise_px`` pixels; with probability
+``outlier_rate`` the answer is instead a uniformly random foreground pixel of that view. Names are
+KeypointNet's (``KeypointNetNamer``), so these numbers evaluate the 3D half of ZeroKey, not the
+MLLMs.
+
+``--pointer server`` routes the same oracle answers through the real HTTP path: a local
+OpenAI-compatible :class:`~zerokey.testing.FakeChatServer` answers each per-(view, name) request in
+served Molmo's format (:class:`~zerokey.testing.MolmoStub`: ``<point>``, several coordinates in one
+``<points>``, "Counting the ..." sentences, "There are none.") and :class:`OpenAIPointer` parses it --
+so the numbers include image encoding, the openai SDK, the bounded request pool and answer parsing.
 """
 
 from __future__ import annotations
@@ -19,25 +32,56 @@ import argparse
 import hashlib
 import json
 import math
-import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from zerokey.cluster import ClusterConfig
-from zerokey.data import KeypointNetDataset, ShapeSample, default_data_root, load_keypointnet_annotations
+from zerokey.data import KeypointNetDataset, ShapeSample, load_keypointnet_annotations
 from zerokey.evaluate import evaluate_predictions
 from zerokey.namers import KeypointNetNamer
 from zerokey.pipeline import ZeroKeyPipeline
 from zerokey.pointers import OpenAIPointer, OraclePointer, Pointer, Points2D
-from zerokey.testing import FakeChatServer
+from zerokey.testing import FakeChatServer, MolmoStub
 from zerokey.views import RenderedViews, ViewConfig
-from zerokey.writer import write_prediction
 
-__all__ = ["run_bench", "main", "OracleServerPointer"]
+__all__ = ["Ablation", "ABLATIONS", "run_bench", "format_table", "main", "OracleServerPointer"]
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """One line of the table: a view count, a voting scheme and a clustering configuration."""
+
+    name: str
+    n_views: int = 26
+    voting: str = "gaussian"
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+
+_PAPER = ClusterConfig()
+ABLATIONS: tuple[Ablation, ...] = (
+    Ablation("paper: 26 views, gaussian, HDBSCAN densest"),
+    Ablation("views 6", n_views=6),
+    Ablation("views 46", n_views=46),
+    Ablation("binary voting", voting="binary"),
+    Ablation("plain average (no HDBSCAN)", cluster=replace(_PAPER, method="mean")),
+    Ablation("ours: heaviest cluster", cluster=replace(_PAPER, selection="weight")),
+    Ablation("ours: minPts in weight units", cluster=replace(_PAPER, weighting="weight")),
+    Ablation(
+        "ours: epsilon 0.03 + min 3 views",
+        cluster=replace(_PAPER, cluster_selection_epsilon=0.03, min_views=3),
+    ),
+    Ablation(
+        "ours: all of the above (old default)",
+        cluster=replace(
+            _PAPER, selection="weight", weighting="weight", cluster_selection_epsilon=0.03, min_views=3
+        ),
+    ),
+)
 
 
 def _image_key(image: np.ndarray) -> str:
@@ -50,46 +94,35 @@ def _to_uint8(image: torch.Tensor) -> np.ndarray:
     return (np.clip(image.detach().cpu().numpy(), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
-def molmo_answer(points: Points2D, view: int, names: list[str], size: int) -> str:
-    """The oracle's points of one view written the way Molmo answers (percent, one decimal)."""
-    parts = []
-    for i, name in enumerate(names):
-        sel = (points.view == view) & (points.name_index == i)
-        uv = (points.uv[sel] / size * 100.0).tolist()
-        if not uv:
-            continue
-        if len(uv) == 1:
-            parts.append(f'<point x="{uv[0][0]:.1f}" y="{uv[0][1]:.1f}" alt="{name}">{name}</point>')
-        else:
-            coords = " ".join(f'x{j + 1}="{x:.1f}" y{j + 1}="{y:.1f}"' for j, (x, y) in enumerate(uv))
-            parts.append(f'<points {coords} alt="{name}">{name}</points>')
-    return " ".join(parts) if parts else "There are none."
-
-
 class OracleServerPointer(Pointer):
-    """Oracle answers served over HTTP: a :class:`FakeChatServer` recognises each view by its pixels
-    and answers with the oracle's points in Molmo format; an :class:`OpenAIPointer` asks and parses."""
+    """Oracle answers served over HTTP: a :class:`MolmoStub` recognises each view by its pixels and
+    answers each per-name request with the oracle's points in Molmo's format; an
+    :class:`OpenAIPointer` asks and parses."""
+
+    is_oracle = True
 
     def __init__(self, oracle: OraclePointer, server: FakeChatServer, max_workers: int = 8) -> None:
         self.oracle = oracle
-        self.answers: dict[str, str] = {}
-        server.answer = lambda request: self.answers.get(_image_key(request.images[0]), "no such image")
+        self._truth: dict[tuple[str, str], list[tuple[float, float]]] = {}
+        server.answer = MolmoStub(lambda image, name: self._truth.get((_image_key(image), name), []))
         self.client_pointer = OpenAIPointer(
             server.base_url, "oracle", api_key_env=None, max_workers=max_workers
         )
 
     def __call__(self, shape: ShapeSample, names: list[str], views: RenderedViews) -> Points2D:
         truth = self.oracle(shape, names, views)
-        self.answers = {
-            _image_key(_to_uint8(views.images[v])): molmo_answer(truth, v, names, views.image_size)
-            for v in range(views.n_views)
-        }
+        size = views.image_size
+        self._truth = {}
+        keys = [_image_key(_to_uint8(views.images[v])) for v in range(views.n_views)]
+        for uv, v, i in zip(truth.uv.tolist(), truth.view.tolist(), truth.name_index.tolist(), strict=True):
+            self._truth.setdefault((keys[v], names[i]), []).append(
+                (uv[0] / size * 100.0, uv[1] / size * 100.0)
+            )
         return self.client_pointer(shape, names, views)
 
 
 def run_bench(
     root: Path,
-    out_dir: Path,
     noise_px: float = 2.0,
     dropout: float = 0.1,
     outlier_rate: float = 0.05,
@@ -98,92 +131,128 @@ def run_bench(
     pointer: str = "oracle",
     seed: int = 0,
     thresholds: Sequence[float] = (0.01, 0.05, 0.10),
-    cluster: ClusterConfig | None = None,
+    ablations: Sequence[Ablation] = ABLATIONS,
+    limit: int | None = None,
 ) -> dict:
+    """Run every ablation on the KeypointNet shapes under ``root``; renders and pointer answers are
+    made once per (shape, view layout) and shared by the ablations using that layout."""
     torch.manual_seed(seed)
-    dataset = KeypointNetDataset(root)
+    dataset = KeypointNetDataset(root, limit=limit)
+    namer = KeypointNetNamer(str(root / "semantic_names.json"))
     oracle = OraclePointer(noise_px=noise_px, dropout=dropout, outlier_rate=outlier_rate, seed=seed)
+    annotations = load_keypointnet_annotations(sorted((root / "annotations").glob("*.json")))
     server = FakeChatServer(lambda request: "") if pointer == "server" else None
     if server is not None:
         server.__enter__()
+    rows = []
     try:
         chosen: Pointer = OracleServerPointer(oracle, server) if server is not None else oracle
-        pipeline = ZeroKeyPipeline(
-            KeypointNetNamer(),
-            chosen,
-            ViewConfig(image_size=image_size),
-            patch_size,
-            cluster=cluster or ClusterConfig(),
-        )
-        pipeline.predict(dataset[0])  # warm-up: imports, hdbscan/numba compilation, allocator
-        records = []
-        wall = []
-        for i in range(len(dataset)):
-            shape = dataset[i]
-            start = time.perf_counter()
-            record = pipeline.predict(shape).record
-            wall.append(time.perf_counter() - start)
-            write_prediction(out_dir, record)
-            records.append(record)
+        shapes = [dataset[i] for i in range(len(dataset))]
+        for layout in sorted({a.n_views for a in ablations}, key=lambda v: (v != 26, v)):
+            base = ZeroKeyPipeline(
+                namer, chosen, ViewConfig(image_size=image_size, n_views=layout), patch_size
+            )
+            base.predict(shapes[0])  # warm-up: imports, hdbscan/numba compilation, allocator
+            cached = []
+            for shape in shapes:
+                start = time.perf_counter()
+                views = base.render(shape)
+                render_s = time.perf_counter() - start
+                names = namer(shape, views.images).names
+                start = time.perf_counter()
+                points = chosen(shape, names, views)
+                point_s = time.perf_counter() - start
+                cached.append((shape, views, points, render_s, point_s))
+            for ablation in [a for a in ablations if a.n_views == layout]:
+                pipeline = ZeroKeyPipeline(
+                    namer,
+                    chosen,
+                    base.view_config,
+                    patch_size,
+                    cluster=ablation.cluster,
+                    voting=ablation.voting,
+                )
+                records = []
+                for shape, views, points, render_s, point_s in cached:
+                    record = pipeline.predict(shape, views=views, points=points).record
+                    record["timings"]["render"], record["timings"]["point"] = render_s, point_s
+                    records.append(record)
+                result = evaluate_predictions(records, annotations, root / "pcds", thresholds)
+                rows.append(_row(ablation, records, result, thresholds))
     finally:
         if server is not None:
             server.__exit__(None, None, None)
+    order = {a.name: i for i, a in enumerate(ablations)}
+    rows.sort(key=lambda r: order[r["ablation"]])
+    return {
+        "shapes": len(shapes),
+        "categories": sorted({s.category for s in shapes}),
+        "device": "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "image_size": image_size,
+        "patch_size": patch_size,
+        "pointer": pointer,
+        "oracle": {"noise_px": noise_px, "dropout": dropout, "outlier_rate": outlier_rate, "seed": seed},
+        "thresholds": [float(t) for t in thresholds],
+        "rows": rows,
+    }
 
-    annotations = load_keypointnet_annotations(sorted((root / "annotations").glob("*.json")))
-    result = evaluate_predictions(records, annotations, root / "pcds", thresholds)
-    stages = ("render", "name", "point", "lift", "cluster")
-    per_stage = {s: float(np.mean([r["timings"][s] for r in records])) for s in stages}
-    cpu_stage = {s: float(np.mean([r["cpu_seconds"][s] for r in records])) for s in stages}
-    non_mllm = [r["timings"]["render"] + r["timings"]["lift"] + r["timings"]["cluster"] for r in records]
-    kinds = {"mesh": [], "points": []}
-    for r, t in zip(records, non_mllm, strict=True):
-        kinds["mesh" if r["source"].endswith((".ply", ".obj", ".glb")) else "points"].append(t)
+
+def _row(ablation: Ablation, records: list[dict], result, thresholds: Sequence[float]) -> dict:
     n_names = float(np.mean([len(r["names"]) for r in records]))
-    n_views = records[0]["counts"]["views"]
-    pstats = {}
+    pstats: dict[str, int] = {}
     for r in records:
         for k, v in r["parse_stats"]["pointer"].items():
             pstats[k] = pstats.get(k, 0) + v
     return {
-        "shapes": len(records),
-        "device": "cpu",
-        "torch_threads": torch.get_num_threads(),
-        "image_size": image_size,
-        "views": n_views,
-        "pointer": pointer,
-        "oracle": {"noise_px": noise_px, "dropout": dropout, "outlier_rate": outlier_rate, "seed": seed},
-        "cluster": vars(pipeline.cluster_config),
-        "seconds_per_shape": per_stage,
-        "cpu_seconds_per_shape (all threads)": cpu_stage,
-        "non_mllm_seconds_per_shape": {
-            "mean": float(np.mean(non_mllm)),
-            "max": float(np.max(non_mllm)),
-            **{f"mean_{k}": float(np.mean(v)) for k, v in kinds.items() if v},
-        },
-        "wall_seconds_per_shape": float(np.mean(wall)),
-        "mllm_calls_per_shape": {
-            "measured_pointer": float(np.mean([r["mllm_calls"]["pointer"] for r in records])),
-            "measured_namer": float(np.mean([r["mllm_calls"]["namer"] for r in records])),
-            "openai_all_names (1 per view)": n_views,
-            "openai_per_name (views x names)": n_views * n_names,
-            "molmo_in_process (generate batches of 8, x names)": math.ceil(n_views / 8) * n_names,
-            "namer (OpenAINamer)": 1,
-        },
-        "pointer_parse_stats": pstats,
+        "ablation": ablation.name,
+        "views": ablation.n_views,
+        "voting": ablation.voting,
+        "cluster": vars(ablation.cluster),
         "iou": {f"{t:.2f}": round(result.at(t), 4) for t in thresholds},
-        "iou_per_class": {
-            c: {f"{t:.2f}": round(v[i], 4) for i, t in enumerate(result.thresholds)}
-            for c, v in result.iou.items()
-        },
+        "iou_per_class": {c: [round(x, 4) for x in v] for c, v in result.iou.items()},
+        "keypoints_per_shape": float(np.mean([len(r["keypoints"]) for r in records])),
+        "render_s": float(np.mean([r["timings"]["render"] for r in records])),
+        "point_s": float(np.mean([r["timings"]["point"] for r in records])),
+        "lift_cluster_s": float(np.mean([r["timings"]["lift"] + r["timings"]["cluster"] for r in records])),
+        "pointer_calls_per_shape_per_name_protocol": ablation.n_views * n_names,
+        "molmo_in_process_batches_per_shape": math.ceil(ablation.n_views / 8) * n_names,
+        "measured_pointer_calls_per_shape": float(np.mean([r["mllm_calls"]["pointer"] for r in records])),
+        "pointer_parse_stats": pstats,
         "unreachable_pairs": result.unreachable_pairs,
-        "output_dir": str(out_dir),
     }
+
+
+def format_table(result: dict) -> str:
+    o = result["oracle"]
+    head = [
+        f"ZeroKey ablations on {result['shapes']} KeypointNet shapes ({', '.join(result['categories'])}), "
+        f"pointer={result['pointer']}, {result['image_size']} px, patch {result['patch_size']}, "
+        f"{result['torch_threads']} torch threads",
+        f"oracle noise model: each visible GT keypoint answered w.p. {1 - o['dropout']:.2f} at its "
+        f"projection + N(0, {o['noise_px']} px); w.p. {o['outlier_rate']} a uniform random foreground "
+        f"pixel instead (seed {o['seed']}); names = KeypointNet's. This evaluates the 3D half only.",
+    ]
+    ts = [f"IoU@{t:.2f}" for t in result["thresholds"]]
+    cols = f"{'ablation':<40}{'views':>6}" + "".join(f"{t:>10}" for t in ts)
+    cols += f"{'kp/shape':>10}{'render s':>10}{'lift+cl s':>11}{'calls/shape':>13}"
+    lines = head + [cols]
+    for r in result["rows"]:
+        line = f"{r['ablation']:<40}{r['views']:>6}" + "".join(f"{v:>10.3f}" for v in r["iou"].values())
+        line += f"{r['keypoints_per_shape']:>10.1f}{r['render_s']:>10.3f}{r['lift_cluster_s']:>11.3f}"
+        line += f"{r['pointer_calls_per_shape_per_name_protocol']:>13.0f}"
+        lines.append(line)
+    lines.append(
+        "calls/shape: requests a per-(view, name) MLLM pointer sends (V x N); the oracle sends none."
+    )
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m zerokey bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--root", default=str(default_data_root() / "keypointnet"))
-    parser.add_argument("--out", default=None, help="where to write predictions (default: a temp dir)")
+    parser.add_argument(
+        "--root", default="../shared/data/keypointnet", help="KeypointNet root (annotations/, pcds/, ...)"
+    )
     parser.add_argument("--noise-px", type=float, default=2.0)
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--outlier-rate", type=float, default=0.05)
@@ -191,36 +260,34 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--patch-size", type=int, default=5)
     parser.add_argument("--pointer", choices=["oracle", "server"], default="oracle")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--min-samples", type=int, default=ClusterConfig.min_samples)
-    parser.add_argument("--min-cluster-size", type=int, default=ClusterConfig.min_cluster_size)
-    parser.add_argument("--epsilon", type=float, default=ClusterConfig.cluster_selection_epsilon)
-    parser.add_argument("--min-views", type=int, default=ClusterConfig.min_views)
+    parser.add_argument("--limit", type=int, default=None, help="at most this many shapes")
+    parser.add_argument(
+        "--ablations", nargs="+", default=None, help="substrings of the ablation names to run (default: all)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON only")
+    parser.add_argument("--json", default=None, help="also write the full result as JSON here")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     root = Path(args.root)
     if not root.is_dir():
-        raise SystemExit(f"KeypointNet data not found at {root}")
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(args.out) if args.out else Path(tmp)
-        result = run_bench(
-            root,
-            out,
-            args.noise_px,
-            args.dropout,
-            args.outlier_rate,
-            args.image_size,
-            args.patch_size,
-            args.pointer,
-            args.seed,
-            cluster=ClusterConfig(
-                args.min_samples,
-                args.min_cluster_size,
-                cluster_selection_epsilon=args.epsilon,
-                min_views=args.min_views,
-            ),
-        )
-    print(json.dumps(result, indent=1))
+        raise SystemExit(f"KeypointNet data not found at {root} (give --root)")
+    chosen = [a for a in ABLATIONS if not args.ablations or any(s in a.name for s in args.ablations)]
+    if not chosen:
+        raise SystemExit(f"no ablation matches {args.ablations}; names: {[a.name for a in ABLATIONS]}")
+    result = run_bench(
+        root,
+        args.noise_px,
+        args.dropout,
+        args.outlier_rate,
+        args.image_size,
+        args.patch_size,
+        args.pointer,
+        args.seed,
+        ablations=chosen,
+        limit=args.limit,
+    )
+    print(format_table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1, default=str))
     return result

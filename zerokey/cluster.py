@@ -1,25 +1,43 @@
-"""Weighted HDBSCAN over 3D candidates, densest-cluster selection and snapping to the surface.
+"""Per-name clustering of the lifted 3D candidates, choice of the densest cluster, snapping to the surface.
 
-``hdbscan`` takes no sample weights, so weights are implemented by duplicating rows: a candidate of
-weight ``w`` becomes ``round(w * resolution)`` identical rows, and ``min_samples`` /
-``min_cluster_size`` are multiplied by ``resolution``. Why that is the right weighting:
+Reproduces ZeroKey (arXiv:2412.06292, Sec. 3.3): the candidates of one name are clustered with HDBSCAN
+(minPts k = 10) and the keypoint is the centroid of the *densest* cluster. Defaults follow the paper;
+everything else is an option, off by default (``docs/fidelity.md`` lists them):
 
-* HDBSCAN's core distance is the smallest radius whose ball holds ``min_samples + 1`` rows (the point
-  itself included); with duplicates that is the smallest radius whose ball holds total weight
-  ``min_samples + 1`` -- a weighted core distance (``min_samples`` in rows is set to
-  ``resolution * (k + 1) - 1`` so the weight threshold stays ``k + 1`` at every resolution);
-* cluster sizes and stabilities in the condensed tree count rows, i.e. total weight.
+**minPts counts points.** ``min_samples`` (k) and ``min_cluster_size`` count lifted candidates, one per
+patch pixel (the ray-surface intersections of the paper). HDBSCAN itself runs unweighted on them -- which
+candidates group together does not depend on the Gaussian weights -- and the weights enter where the
+paper's soft voting acts: the centroid is the weight-averaged position, and each point's density is
+averaged with its weight when clusters are ranked. Candidates should be distinct surface points, as mesh
+(barycentric) and depth lifting give; lifting a point cloud to the *cloud point* each pixel hits
+(``lift_method="points"``) makes 25 pixels coincide on a few points, and HDBSCAN then calls each well-hit
+cloud point a cluster of its own (on 4 KeypointNet airplanes, oracle bench: IoU@0.01 0.31 vs 0.95 with
+depth lifting), which is why ``lift_method="auto"`` unprojects depth for clouds. ``weighting="weight"``
+(option) instead makes HDBSCAN itself weighted: ``hdbscan`` takes no sample weights, so a candidate of
+weight ``w`` becomes ``round(w * resolution)`` duplicated rows and k / min_cluster_size are then counted
+in weight units (``min_samples`` in rows is ``resolution * (k + 1) - 1``, so the core ball holds weight
+``k + 1`` at every resolution; weight ``w`` behaves exactly like ``w`` duplicated points).
 
-So weight ``w`` behaves exactly like ``w`` duplicated rows (for integer ``w`` at ``resolution=1``), and
-the result does not depend on ``resolution`` beyond quantisation (weights are rounded to multiples of
-``1/resolution``; rows of weight < ``0.5/resolution`` vanish and are reported as noise). The row count
-is capped (``max_rows``) by lowering the resolution, logged.
+**"Densest" is HDBSCAN's own density.** HDBSCAN estimates the density at a point as ``lambda = 1 /
+core_distance`` (core distance: the distance to the k-th nearest other point, the same ``tree.query(k =
+min_samples + 1)`` hdbscan computes; here among distinct positions, floored at :data:`MIN_CORE_DISTANCE`,
+so coinciding candidates do not make a density infinite). A cluster's density is the weight-averaged
+lambda of its members, and clusters are ranked by it, densest first. This is the quantity HDBSCAN's
+hierarchy is built on (mutual reachability), it does not grow with the number of votes (a cluster that is
+large but diffuse is not dense), and it is scale-free within one name. ``selection="weight"`` (option)
+ranks by total weight instead -- which, on a synthetic case (tests), prefers a diffuse cluster (spread
+0.070) over a tight one (0.008).
+
+Options (off in the paper config): ``cluster_selection_epsilon`` merges clusters closer than epsilon;
+``min_views`` drops clusters seen in fewer views; ``method="mean"`` replaces HDBSCAN by the plain
+weighted mean of all candidates (the paper's "averaging" ablation).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -39,24 +57,29 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+#: Core distances are floored here (normalised units, 1/10 of KeypointNet's finest threshold) when
+#: ranking by density: candidates that coincide (pixels hitting one cloud point) have core distance 0.
+MIN_CORE_DISTANCE = 1e-3
+
 
 @dataclass
 class ClusterConfig:
     """Attributes:
-    min_samples: HDBSCAN ``min_samples`` (k), in weight units (a patch-centre pixel weighs 1).
-    min_cluster_size: smallest cluster, in weight units.
-    resolution: rows per unit weight for the duplication (quantisation step 1/resolution).
-    max_rows: cap on duplicated rows per name (resolution is lowered to fit).
-    allow_single_cluster: let HDBSCAN return the root as one cluster. Needed here: a keypoint seen
-        consistently gives exactly one blob, which the default (False) would split or call noise.
-    cluster_selection_epsilon: HDBSCAN's epsilon (normalised units): clusters closer than this are
-        merged. HDBSCAN alone tends to split one Gaussian blob of candidates into a dense core and
-        fragments; 0.03 (1.5% of the unit sphere's diameter) merges those and measurably helps on
-        KeypointNet (see the bench). 0 gives plain HDBSCAN.
-    min_views: clusters supported by fewer distinct views are dropped. One 2D detection already
-        weighs ~2*pi*sigma^2 (17 for h = 5) -- more than ``min_cluster_size`` -- so without this a single
-        stray answer in one view would become a keypoint. 3 of the 26 views: with 5% outliers it
-        gave mIoU@0.05 0.99 vs 0.95 for 2 on the KeypointNet shapes here (bench, 2 px noise).
+    method: "hdbscan" (paper) or "mean" (ablation: one cluster per name, the weighted mean).
+    min_samples: HDBSCAN ``min_samples`` = the paper's minPts k = 10, in points (or weight units with
+        ``weighting="weight"``).
+    min_cluster_size: smallest cluster, same units (10, with k).
+    selection: "density" (paper: the densest cluster first, see module docstring) or "weight"
+        (option: the heaviest cluster first).
+    weighting: "points" (paper: minPts counts points, weights enter centroid and ranking) or
+        "weight" (option: HDBSCAN on weight-duplicated rows, minPts in weight units).
+    resolution: rows per unit weight for ``weighting="weight"`` (quantisation step 1/resolution).
+    max_rows: cap on duplicated rows per name (resolution is lowered to fit, logged).
+    allow_single_cluster: let HDBSCAN return the root as one cluster. Needed: a keypoint seen
+        consistently gives exactly one blob, which hdbscan's default (False) splits or calls noise.
+    cluster_selection_epsilon: option (0 = plain HDBSCAN): clusters closer than this (normalised
+        units) are merged.
+    min_views: option (1 = keep all): clusters supported by fewer distinct views are dropped.
     """
 
     min_samples: int = 10
@@ -64,13 +87,28 @@ class ClusterConfig:
     resolution: float = 4.0
     max_rows: int = 200_000
     allow_single_cluster: bool = True
-    cluster_selection_epsilon: float = 0.03
-    min_views: int = 3
+    cluster_selection_epsilon: float = 0.0
+    min_views: int = 1
+    method: Literal["hdbscan", "mean"] = "hdbscan"
+    selection: Literal["density", "weight"] = "density"
+    weighting: Literal["points", "weight"] = "points"
+
+    def __post_init__(self) -> None:
+        choices = {
+            "method": ("hdbscan", "mean"),
+            "selection": ("density", "weight"),
+            "weighting": ("points", "weight"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"ClusterConfig.{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        if self.min_samples < 1 or self.min_cluster_size < 2:
+            raise ValueError("min_samples must be >= 1 and min_cluster_size >= 2")
 
 
 @dataclass
 class Cluster:
-    """One cluster of candidates: weighted centroid, total weight, size, views that support it."""
+    """One cluster of candidates: weighted centroid, total weight, size, views, density."""
 
     centroid: Tensor  # (3,)
     weight: float
@@ -78,69 +116,103 @@ class Cluster:
     n_views: int
     spread: float  # weighted RMS distance of members to the centroid
     members: Tensor  # (m,) indices into the candidates the clustering saw
+    density: float = 0.0  # weight-averaged HDBSCAN lambda = 1 / core distance (0 for method="mean")
+
+
+def _as_numpy(values: np.ndarray | Tensor) -> np.ndarray:
+    array = values.detach().cpu().numpy() if isinstance(values, Tensor) else np.asarray(values)
+    return np.asarray(array, dtype=np.float64)
+
+
+def _core_distances(rows: np.ndarray, queries: np.ndarray, min_samples: int) -> np.ndarray:
+    """HDBSCAN's core distance of each query among ``rows`` (``k = min_samples + 1`` counting itself)."""
+    from scipy.spatial import cKDTree
+
+    k = min(min_samples + 1, len(rows))
+    distance, _ = cKDTree(rows).query(queries, k=k)
+    return np.asarray(distance).reshape(len(queries), -1)[:, -1]
 
 
 def weighted_hdbscan(
-    points: np.ndarray | Tensor, weights: np.ndarray | Tensor, config: ClusterConfig | None = None
-) -> np.ndarray:
-    """HDBSCAN labels (-1 = noise) for weighted points, via row duplication (see module docstring)."""
+    points: np.ndarray | Tensor,
+    weights: np.ndarray | Tensor,
+    config: ClusterConfig | None = None,
+    return_core: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """HDBSCAN labels (-1 = noise) for weighted points, per ``config.weighting`` (module docstring).
+
+    With ``return_core`` also each point's core distance (inf where undefined), for density ranking.
+    """
     import hdbscan
 
     config = config or ClusterConfig()
-    x = points.detach().cpu().numpy() if isinstance(points, Tensor) else np.asarray(points)
-    w = weights.detach().cpu().numpy() if isinstance(weights, Tensor) else np.asarray(weights)
-    x = np.asarray(x, dtype=np.float64)
-    w = np.asarray(w, dtype=np.float64)
+    x, w = _as_numpy(points), _as_numpy(weights)
     if x.ndim != 2 or w.shape != (x.shape[0],):
         raise ValueError(f"points must be (n,d) and weights (n,), got {x.shape} and {w.shape}")
     if (w < 0).any() or not np.isfinite(w).all():
         raise ValueError("weights must be finite and >= 0")
     labels = np.full(x.shape[0], -1, dtype=np.int64)
-    resolution = float(config.resolution)
-    counts = np.rint(w * resolution).astype(np.int64)
-    if counts.sum() > config.max_rows:
-        resolution *= config.max_rows / counts.sum()
-        log.info(
-            "weighted_hdbscan: %d rows over max_rows=%d; resolution lowered to %.3g",
-            counts.sum(),
-            config.max_rows,
-            resolution,
-        )
+    core = np.full(x.shape[0], np.inf)
+    if config.weighting == "points":
+        rows, min_samples, min_cluster_size = x, config.min_samples, config.min_cluster_size
+        point_row = np.arange(x.shape[0])
+    else:
+        resolution = float(config.resolution)
         counts = np.rint(w * resolution).astype(np.int64)
-    # hdbscan's core distance is the distance to the (min_samples + 1)-th row counting the point itself,
-    # i.e. the smallest radius holding rows >= min_samples + 1. With r rows per unit weight that is
-    # weight >= (rows + 1) / r; choosing rows = r (k + 1) - 1 makes it weight >= k + 1 at every r, the
-    # same as plain HDBSCAN(min_samples=k) on w duplicated rows.
-    min_samples = max(1, int(round((config.min_samples + 1) * resolution)) - 1)
-    min_cluster_size = max(2, int(round(config.min_cluster_size * resolution)))
-    n_rows = int(counts.sum())
-    if n_rows < max(min_cluster_size, min_samples + 1):
-        return labels  # not enough weight for any cluster: all noise
-    kept = np.nonzero(counts)[0]
-    rows = np.repeat(x[kept], counts[kept], axis=0)
-    first_row = np.concatenate([[0], np.cumsum(counts[kept])[:-1]])
+        if counts.sum() > config.max_rows:
+            resolution *= config.max_rows / counts.sum()
+            log.info(
+                "weighted_hdbscan: over max_rows=%d rows; resolution lowered to %.3g",
+                config.max_rows,
+                resolution,
+            )
+            counts = np.rint(w * resolution).astype(np.int64)
+        min_samples = max(1, int(round((config.min_samples + 1) * resolution)) - 1)
+        min_cluster_size = max(2, int(round(config.min_cluster_size * resolution)))
+        kept = np.nonzero(counts)[0]
+        rows = np.repeat(x[kept], counts[kept], axis=0)
+        # Copies of one point sit at distance 0 from each other and join the tree together, so they
+        # share a label; take the first copy's. Points of weight < 0.5/resolution vanish (noise).
+        first_row = np.full(x.shape[0], -1, dtype=np.int64)
+        first_row[kept] = np.concatenate([[0], np.cumsum(counts[kept])[:-1]])
+        point_row = first_row
+    if len(rows) < max(min_cluster_size, min_samples + 1):
+        return (labels, core) if return_core else labels  # not enough support for any cluster
     clusterer = hdbscan.HDBSCAN(
         min_cluster_size=min_cluster_size,
         min_samples=min_samples,
         allow_single_cluster=config.allow_single_cluster,
         cluster_selection_epsilon=config.cluster_selection_epsilon,
-        # Exact MST: the approximate Boruvka tree depends on row layout, which would make results
-        # depend on the duplication resolution.
+        # Exact MST: the approximate Boruvka tree depends on row layout (and so on the resolution).
         approx_min_span_tree=False,
         core_dist_n_jobs=1,
     )
     row_labels = clusterer.fit_predict(rows)
-    # Copies of one point sit at distance 0 from each other and join the tree together, so they share
-    # a label; take the first copy's.
-    labels[kept] = row_labels[first_row]
+    valid = point_row >= 0
+    labels[valid] = row_labels[point_row[valid]]
+    if return_core:
+        # Density from distinct positions: candidates that coincide (pixels hitting one cloud point)
+        # are one place on the surface, not k neighbours.
+        distinct = np.unique(x[valid], axis=0)
+        core[valid] = _core_distances(distinct, x[valid], config.min_samples)
+        return labels, core
     return labels
 
 
 def clusters_from_labels(
-    xyz: Tensor, weight: Tensor, labels: np.ndarray | Tensor, view: Tensor | None = None
+    xyz: Tensor,
+    weight: Tensor,
+    labels: np.ndarray | Tensor,
+    view: Tensor | None = None,
+    core_distance: np.ndarray | None = None,
+    selection: Literal["density", "weight"] = "weight",
 ) -> list[Cluster]:
-    """Summarise labelled candidates into clusters, sorted by total weight (densest first)."""
+    """Summarise labelled candidates into clusters, ranked densest first (``selection="density"``,
+    needs ``core_distance``) or heaviest first (``"weight"``)."""
     labels_t = torch.as_tensor(labels, device=xyz.device)
+    lam = None
+    if core_distance is not None:
+        lam = torch.as_tensor(1.0 / np.maximum(core_distance, MIN_CORE_DISTANCE), dtype=torch.float64)
     out: list[Cluster] = []
     for label in torch.unique(labels_t[labels_t >= 0]).tolist():
         members = torch.nonzero(labels_t == label).squeeze(-1)
@@ -150,16 +222,36 @@ def clusters_from_labels(
         centroid = (w[:, None] * p).sum(0) / max(total, 1e-12)
         spread = float(((w * ((p - centroid) ** 2).sum(-1)).sum() / max(total, 1e-12)).sqrt())
         n_views = int(torch.unique(view[members]).numel()) if view is not None else 0
-        out.append(Cluster(centroid.float(), total, int(members.numel()), n_views, spread, members))
-    out.sort(key=lambda c: -c.weight)
+        density = float((w.cpu() * lam[members.cpu()]).sum() / max(total, 1e-12)) if lam is not None else 0.0
+        out.append(Cluster(centroid.float(), total, int(members.numel()), n_views, spread, members, density))
+    if selection == "density":
+        if core_distance is None:
+            raise ValueError("selection='density' needs core distances")
+        out.sort(key=lambda c: -c.density)
+    else:
+        out.sort(key=lambda c: -c.weight)
     return out
+
+
+def _mean_cluster(mine: Candidates3D) -> list[Cluster]:
+    w = mine.weight.double()
+    total = float(w.sum())
+    if not total > 0:
+        return []
+    p = mine.xyz.double()
+    centroid = (w[:, None] * p).sum(0) / total
+    spread = float(((w * ((p - centroid) ** 2).sum(-1)).sum() / total).sqrt())
+    members = torch.arange(len(mine), device=mine.xyz.device)
+    return [
+        Cluster(centroid.float(), total, len(mine), int(torch.unique(mine.view).numel()), spread, members)
+    ]
 
 
 def cluster_candidates(
     candidates: Candidates3D, n_names: int, config: ClusterConfig | None = None
 ) -> list[list[Cluster]]:
-    """Cluster each name's candidates separately; returns per name its clusters seen in at least
-    ``config.min_views`` views, densest first."""
+    """Cluster each name's candidates separately; per name its clusters (seen in at least
+    ``config.min_views`` views), densest (or heaviest) first."""
     config = config or ClusterConfig()
     result: list[list[Cluster]] = []
     for i in range(n_names):
@@ -167,8 +259,11 @@ def cluster_candidates(
         if len(mine) == 0:
             result.append([])
             continue
-        labels = weighted_hdbscan(mine.xyz, mine.weight, config)
-        clusters = clusters_from_labels(mine.xyz, mine.weight, labels, mine.view)
+        if config.method == "mean":
+            clusters = _mean_cluster(mine)
+        else:
+            labels, core = weighted_hdbscan(mine.xyz, mine.weight, config, return_core=True)
+            clusters = clusters_from_labels(mine.xyz, mine.weight, labels, mine.view, core, config.selection)
         result.append([c for c in clusters if c.n_views >= config.min_views])
     return result
 

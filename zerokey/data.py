@@ -36,7 +36,6 @@ __all__ = [
     "load_keypointnet_annotations",
     "load_semantic_names",
     "collate_shapes",
-    "default_data_root",
 ]
 
 log = logging.getLogger(__name__)
@@ -64,11 +63,6 @@ _NAME_TO_CLASS = {v: k for k, v in KEYPOINTNET_CLASSES.items()}
 
 MESH_SUFFIXES = (".obj", ".ply", ".glb", ".gltf", ".off", ".stl")
 POINT_SUFFIXES = (".pcd", ".xyz", ".npy")
-
-
-def default_data_root() -> Path:
-    """``<repo>/../shared/data``: where the project's real benchmark data lives (read in place)."""
-    return Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
 
 @dataclass
@@ -141,44 +135,21 @@ def collate_shapes(batch: list[ShapeSample]) -> list[ShapeSample]:
 
 
 # ------------------------------------------------------------------------------------------- readers
-def read_pcd(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """Read an ASCII PCD file (KeypointNet's ``x y z rgb``) -> (N,3) float32 points, (N,3) uint8 colours
-    (None without an ``rgb`` field). Only ``DATA ascii`` is supported; anything else is a clear error."""
-    path = Path(path)
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        lines = handle.read().splitlines()
-    fields_: list[str] | None = None
-    data_start = None
-    for i, line in enumerate(lines):
-        token = line.strip().split()
-        if not token or token[0].startswith("#"):
-            continue
-        key = token[0].upper()
-        if key == "FIELDS":
-            fields_ = [t.lower() for t in token[1:]]
-        elif key == "DATA":
-            if len(token) < 2 or token[1].lower() != "ascii":
-                raise ValueError(f"{path}: only ASCII PCD is supported, got 'DATA {' '.join(token[1:])}'")
-            data_start = i + 1
-            break
-    if fields_ is None or data_start is None:
-        raise ValueError(f"{path}: not a PCD file (missing FIELDS or DATA header)")
-    if not {"x", "y", "z"} <= set(fields_):
-        raise ValueError(f"{path}: PCD has no x/y/z fields (FIELDS {' '.join(fields_)})")
-    rows = [line.split() for line in lines[data_start:] if line.strip()]
-    if not rows:
+def read_pcd(path: str | Path) -> tuple[np.ndarray, None]:
+    """(N,3) float32 ``x y z`` of a PCD file and None (kept as a pair for callers that unpack it).
+
+    The project has one PCD reader, :func:`patchalign.eval.datasets.read_pcd_xyz` (ASCII and binary
+    PCD); this adds only a check for non-finite coordinates. Colours are not read: nothing in ZeroKey
+    uses them.
+    """
+    from patchalign.eval.datasets import read_pcd_xyz
+
+    xyz = read_pcd_xyz(path)
+    if len(xyz) == 0:
         raise ValueError(f"{path}: PCD has no points")
-    if any(len(r) != len(fields_) for r in rows):
-        raise ValueError(f"{path}: PCD rows do not all have {len(fields_)} values")
-    table = np.asarray(rows)
-    xyz = table[:, [fields_.index(c) for c in "xyz"]].astype(np.float32)
     if not np.isfinite(xyz).all():
         raise ValueError(f"{path}: PCD contains non-finite coordinates")
-    rgb = None
-    if "rgb" in fields_:
-        packed = table[:, fields_.index("rgb")].astype(np.float64).astype(np.int64)
-        rgb = np.stack([(packed >> 16) & 255, (packed >> 8) & 255, packed & 255], axis=-1).astype(np.uint8)
-    return xyz, rgb
+    return xyz, None
 
 
 def load_mesh_file(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:

@@ -14,6 +14,13 @@ Follows qq456cvb/KeypointNet ``benchmark_scripts`` (``metrics.eval_det_cls_iou``
 * per class, ``IoU = (#GT - #missed) / (#GT + #false)`` with counts summed over the class's shapes
   (micro average), for thresholds 0.00, 0.01, ..., 0.10.
 
+* **GT keypoints are a set.** The reference marks GT as a binary per-point label
+  (``bin_label[label] = 1`` in ``dataset.KeypointSaliencyDataset``) and reads it back with
+  ``np.where(label == 1)``, so a point index annotated twice counts once; we de-duplicate the indices
+  the same way (6 of the 999 chair annotations repeat an index);
+* **the test split.** The reference scores the models of ``splits/test.txt`` (``--split test``);
+  without ``--split`` every annotated shape found is scored, and the output says so.
+
 Two details of the reference made explicit:
 
 * **Zero-length edges.** sklearn's old ``graph_shortest_path`` densified the graph and treated 0 as "no
@@ -47,6 +54,7 @@ from scipy.sparse.csgraph import dijkstra
 from scipy.spatial import cKDTree
 
 from zerokey.data import KEYPOINTNET_CLASSES, load_keypointnet_annotations, read_pcd
+from zerokey.writer import iter_prediction_files
 
 __all__ = [
     "DEFAULT_THRESHOLDS",
@@ -57,6 +65,8 @@ __all__ = [
     "EvalResult",
     "evaluate_predictions",
     "load_prediction_dir",
+    "select_run",
+    "read_split",
     "main",
 ]
 
@@ -186,19 +196,38 @@ def class_iou(shapes: Sequence[ShapeEval], threshold: float) -> float:
 
 
 def load_prediction_dir(pred_dir: str | Path) -> list[dict]:
-    """All per-shape prediction JSONs under ``pred_dir`` (summaries and unreadable files skipped)."""
-    records = []
-    for path in sorted(Path(pred_dir).rglob("*.json")):
-        if path.name.startswith("summary"):
-            continue
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError) as err:
-            log.warning("skipping unreadable prediction %s: %s", path, err)
-            continue
-        if isinstance(record, dict) and "shape_id" in record and "keypoints" in record:
-            records.append(record)
-    return records
+    """All per-shape prediction JSONs under ``pred_dir`` (summaries, manifest, unreadable files skipped)."""
+    return [record for _, record in iter_prediction_files(pred_dir)]
+
+
+def select_run(records: Sequence[dict], run_id: str | None = None) -> tuple[list[dict], str | None]:
+    """The records of one run: ``run_id`` if given, else the only run present.
+
+    Raises ``ValueError`` naming the runs (and their shape counts) when records of several runs -- or
+    run-less records of an older writer next to a run -- are mixed and no ``run_id`` picks one.
+    """
+    runs: dict[str | None, int] = {}
+    for r in records:
+        runs[r.get("run_id")] = runs.get(r.get("run_id"), 0) + 1
+    if run_id is not None:
+        if run_id not in runs:
+            raise ValueError(f"no predictions of run {run_id!r}; runs present: {runs}")
+        return [r for r in records if r.get("run_id") == run_id], run_id
+    if len(runs) > 1:
+        listed = ", ".join(f"{k or '<no run id>'} ({v} shapes)" for k, v in runs.items())
+        raise ValueError(f"predictions of several runs are mixed here: {listed}; pick one with --run-id")
+    return list(records), next(iter(runs), None)
+
+
+def read_split(split: str, keypointnet_root: str | Path) -> set[str]:
+    """Model ids of a KeypointNet split: a name (``test`` -> ``<root>/splits/test.txt``) or a path;
+    lines ``<class_id>-<model_id>``, as the reference reads them."""
+    path = Path(split)
+    if not path.suffix:
+        path = Path(keypointnet_root) / "splits" / f"{split}.txt"
+    if not path.is_file():
+        raise FileNotFoundError(f"split file {path} not found")
+    return {line.strip().split("-")[-1] for line in path.read_text().splitlines() if line.strip()}
 
 
 def evaluate_predictions(
@@ -209,21 +238,32 @@ def evaluate_predictions(
     k: int = 20,
     disconnected: Literal["reference", "inf"] = "reference",
     use: Literal["keypoints", "clusters"] = "keypoints",
+    split_ids: set[str] | None = None,
 ) -> EvalResult:
     """Score prediction records (the writer's JSONs, ``xyz`` in the pcd frame) against KeypointNet.
 
     ``use="keypoints"`` scores the chosen keypoints; ``"clusters"`` every cluster in the record.
-    Records without class/model ids, annotation or pcd are skipped and listed in ``skipped``; records
-    whose prediction failed (``error``) count as shapes with no predictions (every GT missed).
+    Records without class/model ids, annotation or pcd, or (with ``split_ids``) outside the split are
+    skipped and listed in ``skipped``; records whose prediction failed (``status`` "failed") count as
+    shapes with no predictions (every GT missed) and are listed in ``skipped["failed_counted_as_miss"]``.
     """
     pcd_root = Path(pcd_root)
     per_class: dict[str, list[ShapeEval]] = {}
-    skipped: dict[str, list[str]] = {"no_ids": [], "no_annotation": [], "no_pcd": []}
+    skipped: dict[str, list[str]] = {
+        "no_ids": [],
+        "not_in_split": [],
+        "no_annotation": [],
+        "no_pcd": [],
+        "failed_counted_as_miss": [],
+    }
     unreachable = 0
     for record in records:
         class_id, model_id = record.get("class_id"), record.get("model_id")
         if not class_id or not model_id:
             skipped["no_ids"].append(record["shape_id"])
+            continue
+        if split_ids is not None and model_id not in split_ids:
+            skipped["not_in_split"].append(record["shape_id"])
             continue
         annotation = annotations.get((class_id, model_id))
         if annotation is None:
@@ -234,8 +274,15 @@ def evaluate_predictions(
             skipped["no_pcd"].append(record["shape_id"])
             continue
         pcd, _ = read_pcd(pcd_path)
-        gt = np.array([kp["pcd_info"]["point_index"] for kp in annotation["keypoints"]], dtype=np.int64)
-        if use == "clusters" and record.get("clusters"):
+        # A set, as in the reference (binary per-point label): duplicated indices count once.
+        gt = np.unique(
+            np.array([kp["pcd_info"]["point_index"] for kp in annotation["keypoints"]], dtype=np.int64)
+        )
+        failed = record.get("status", "complete") != "complete" or bool(record.get("error"))
+        if failed:
+            skipped["failed_counted_as_miss"].append(record["shape_id"])
+            xyz = []
+        elif use == "clusters" and record.get("clusters"):
             xyz = [c["xyz"] for clusters in record["clusters"].values() for c in clusters]
         else:
             xyz = [kp["xyz"] for kp in record.get("keypoints") or []]
@@ -289,6 +336,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--disconnected", choices=["reference", "inf"], default="reference")
     parser.add_argument("--use", choices=["keypoints", "clusters"], default="keypoints")
+    parser.add_argument(
+        "--split",
+        default=None,
+        help="score only this KeypointNet split: a name (test -> <pcd-root>/../splits/test.txt, as the "
+        "reference) or a split file path; default: every annotated shape found",
+    )
+    parser.add_argument("--run-id", default=None, help="score this run when a folder holds several")
     parser.add_argument("--out", help="also write the result as JSON here")
     return parser
 
@@ -298,13 +352,24 @@ def main(argv: Sequence[str] | None = None) -> EvalResult:
     records = load_prediction_dir(args.pred)
     if not records:
         raise SystemExit(f"no prediction JSONs found under {args.pred}")
+    try:
+        records, run_id = select_run(records, args.run_id)
+    except ValueError as err:
+        raise SystemExit(f"zerokey evaluate: {err}") from None
+    split_ids = read_split(args.split, Path(args.pcd_root).parent) if args.split else None
     annotations = load_keypointnet_annotations(args.annotations)
     result = evaluate_predictions(
-        records, annotations, args.pcd_root, args.thresholds, args.k, args.disconnected, args.use
+        records, annotations, args.pcd_root, args.thresholds, args.k, args.disconnected, args.use, split_ids
     )
+    if not result.shapes:
+        counts = {k: len(v) for k, v in result.skipped.items()}
+        raise SystemExit(f"zerokey evaluate: no shape could be scored (skipped: {counts})")
+    print(f"run {run_id or '<no run id>'}; split: {args.split or 'none (every annotated shape found)'}")
     print(result.table())
     if result.skipped:
-        print("skipped:", {k: len(v) for k, v in result.skipped.items()}, file=sys.stderr)
+        print("skipped / counted:", {k: len(v) for k, v in result.skipped.items()}, file=sys.stderr)
     if args.out:
-        Path(args.out).write_text(json.dumps(result.as_dict(), indent=1))
+        Path(args.out).write_text(
+            json.dumps(dict(result.as_dict(), run_id=run_id, split=args.split), indent=1)
+        )
     return result

@@ -1,4 +1,5 @@
-"""Lift 2D keypoint detections to weighted 3D surface candidates.
+"""Lift 2D keypoint detections to weighted 3D surface candidates (ZeroKey's Gaussian soft voting,
+arXiv:2412.06292, Sec. 3.2).
 
 Around each detected pixel we take an ``h x h`` patch with Gaussian weights (sigma = h/3, centred on
 the detection) and cast every foreground pixel of it to the surface: through the renderer's
@@ -59,6 +60,7 @@ def lift_points(
     faces: Tensor | None = None,
     patch_size: int = 5,
     method: Literal["auto", "barycentric", "points", "depth"] = "auto",
+    voting: Literal["gaussian", "binary"] = "gaussian",
 ) -> Candidates3D:
     """Cast an h x h Gaussian patch around every 2D detection to the surface.
 
@@ -72,7 +74,11 @@ def lift_points(
             (``first = round(uv - h/2)``), so for odd h it is centred on the pixel containing ``uv``.
         method: "barycentric" (mesh: sum of bary x face vertices), "points" (point cloud: the hit
             point), "depth" (``Cameras.unproject`` of the depth buffer at the pixel centre; works for
-            both), or "auto" (barycentric for meshes, points for clouds).
+            both), or "auto" (barycentric for meshes, depth for clouds: every pixel then gives its own
+            surface point, as the paper's ray-surface intersection does; "points" makes the pixels of
+            one patch coincide on a few cloud points, see :mod:`zerokey.cluster`).
+        voting: "gaussian" (paper's soft voting) or "binary" (the paper's ablation: every patch pixel
+            weighs 1).
 
     Returns:
         :class:`Candidates3D`; weights are ``exp(-d^2 / (2 sigma^2))`` with ``d`` the distance from the
@@ -83,7 +89,7 @@ def lift_points(
         raise ValueError(f"patch_size must be >= 1, got {patch_size}")
     device = views.depth.device
     if method == "auto":
-        method = "barycentric" if views.pix_to_face is not None else "points"
+        method = "barycentric" if views.pix_to_face is not None else "depth"
     if method == "barycentric" and (views.pix_to_face is None or views.bary is None or faces is None):
         raise ValueError("barycentric lifting needs a mesh render (pix_to_face, bary) and faces")
     if method == "points" and views.pix_to_point is None:
@@ -100,6 +106,10 @@ def lift_points(
     sigma = patch_size / 3.0
     d2 = ((pix.float() + 0.5 - uv[:, None, :]) ** 2).sum(-1)
     weight = torch.exp(-d2 / (2.0 * sigma**2))  # (P,h*h)
+    if voting == "binary":
+        weight = torch.ones_like(weight)
+    elif voting != "gaussian":
+        raise ValueError(f"voting must be 'gaussian' or 'binary', got {voting!r}")
 
     det = torch.arange(uv.shape[0], device=device)[:, None].expand_as(weight)
     det_view = view[:, None].expand_as(weight)

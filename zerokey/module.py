@@ -1,4 +1,5 @@
-"""Lightning wrappers: ``trainer.predict`` runs ZeroKey over a dataset, on one or many GPUs.
+"""Lightning wrappers: ``trainer.predict`` runs ZeroKey (arXiv:2412.06292) over a dataset, on one or
+many GPUs.
 
 The module holds no parameters; ``predict_step`` just runs :class:`ZeroKeyPipeline` on each shape of
 the batch. Multi-GPU prediction is the same Trainer with ``devices: N`` / ``strategy: ddp``: Lightning
@@ -17,34 +18,49 @@ from torch.utils.data import DataLoader
 from zerokey.cluster import ClusterConfig
 from zerokey.data import FileShapeDataset, KeypointNetDataset, ShapeSample, collate_shapes
 from zerokey.namers import Namer
+from zerokey.openai_client import CallBudget, ChatError
 from zerokey.pipeline import ShapePrediction, ZeroKeyPipeline
 from zerokey.pointers import Pointer
 from zerokey.views import ViewConfig
+from zerokey.writer import ZeroKeyRunError
 
 __all__ = ["ZeroKeyModule", "ZeroKeyDataModule"]
 
 
 class ZeroKeyModule(pl.LightningModule):
-    """Zero-shot 3D keypoints as a prediction loop.
+    """Zero-shot 3D keypoints as a prediction loop (ZeroKey, arXiv:2412.06292).
+
+    Defaults are the paper's: 26 views, Gaussian soft voting over an h x h patch, HDBSCAN with
+    minPts k = 10 counted in points, the densest cluster's centroid. Our variants are options
+    (``docs/fidelity.md``).
 
     Args:
         namer: a :class:`zerokey.namers.Namer` (``OpenAINamer``, ``KeypointNetNamer``, ``StaticNamer``).
         pointer: a :class:`zerokey.pointers.Pointer` (``MolmoPointer``, ``OpenAIPointer``, ``OraclePointer``).
-        image_size / distance / fov_deg / pole_tilt_deg: the 26-view camera layout (see ``ViewConfig``).
+        n_views: 6, 26 (paper) or 46 (the paper's ablation layouts, see :func:`zerokey.views.view_layout`).
+        image_size / distance / fov_deg / pole_tilt_deg: the cameras (see ``ViewConfig``).
         render_backend / point_backend / point_radius: renderer choices (auto = GPU rasteriser on
             CUDA, Embree / torch splatting on CPU; point radius from the point spacing).
         patch_size: h of the Gaussian patch lifted around every 2D point.
+        voting: "gaussian" (paper) or "binary" (ablation: uniform patch weights).
         lift_method: "auto" | "barycentric" | "points" | "depth".
-        min_samples / min_cluster_size / weight_resolution / allow_single_cluster /
-            cluster_selection_epsilon / min_views: weighted HDBSCAN (see ``zerokey.cluster.ClusterConfig``).
+        cluster_method: "hdbscan" (paper) or "mean" (ablation: plain weighted average per name).
+        min_samples / min_cluster_size: HDBSCAN minPts k and smallest cluster (10 / 10, in points).
+        cluster_selection: "density" (paper: densest first) or "weight" (option: heaviest first).
+        min_pts_unit: "points" (paper) or "weight" (option: HDBSCAN on weight-duplicated rows).
+        weight_resolution / allow_single_cluster / cluster_selection_epsilon / min_views: see
+            :class:`zerokey.cluster.ClusterConfig` (epsilon 0 and min_views 1 = off, the paper).
         keep_all_clusters: write every cluster per name in the JSON, not just the chosen keypoints.
         snap: "surface" (closest mesh point / nearest cloud point) or "none".
+        max_failed_call_fraction: the run stops (non-zero exit) once more than this fraction of its
+            MLLM calls failed (counted over at least 100 calls, see ``CallBudget``); 1 disables it.
     """
 
     def __init__(
         self,
         namer: Namer,
         pointer: Pointer,
+        n_views: int = 26,
         image_size: int = 448,
         distance: float = 2.5,
         fov_deg: float | None = None,
@@ -53,15 +69,20 @@ class ZeroKeyModule(pl.LightningModule):
         point_backend: Literal["auto", "cpu", "pytorch3d"] = "auto",
         point_radius: float | None = None,
         patch_size: int = 5,
+        voting: Literal["gaussian", "binary"] = "gaussian",
         lift_method: Literal["auto", "barycentric", "points", "depth"] = "auto",
+        cluster_method: Literal["hdbscan", "mean"] = "hdbscan",
         min_samples: int = 10,
         min_cluster_size: int = 10,
+        cluster_selection: Literal["density", "weight"] = "density",
+        min_pts_unit: Literal["points", "weight"] = "points",
         weight_resolution: float = 4.0,
         allow_single_cluster: bool = True,
-        cluster_selection_epsilon: float = 0.03,
-        min_views: int = 3,
+        cluster_selection_epsilon: float = 0.0,
+        min_views: int = 1,
         keep_all_clusters: bool = True,
         snap: Literal["surface", "none"] = "surface",
+        max_failed_call_fraction: float = 0.02,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["namer", "pointer"])
@@ -69,13 +90,23 @@ class ZeroKeyModule(pl.LightningModule):
             namer,
             pointer,
             ViewConfig(
-                image_size, distance, fov_deg, pole_tilt_deg, render_backend, point_backend, point_radius
+                image_size,
+                distance,
+                fov_deg,
+                pole_tilt_deg,
+                render_backend,
+                point_backend,
+                point_radius,
+                n_views=n_views,
             ),
             patch_size=patch_size,
             lift_method=lift_method,
             cluster=ClusterConfig(
+                method=cluster_method,
                 min_samples=min_samples,
                 min_cluster_size=min_cluster_size,
+                selection=cluster_selection,
+                weighting=min_pts_unit,
                 resolution=weight_resolution,
                 allow_single_cluster=allow_single_cluster,
                 cluster_selection_epsilon=cluster_selection_epsilon,
@@ -83,9 +114,46 @@ class ZeroKeyModule(pl.LightningModule):
             ),
             keep_all_clusters=keep_all_clusters,
             snap=snap,
+            voting=voting,
         )
+        #: the run's MLLM failure budget, shared by namer and pointer.
+        self.budget = CallBudget(max_failed_call_fraction)
+        namer.attach_budget(self.budget)
+        pointer.attach_budget(self.budget)
         #: set by KeypointJSONWriter when PNGs are requested: keep renders in the predictions.
         self.keep_debug = False
+        #: set by KeypointJSONWriter on resume: shapes already complete in this run folder.
+        self.done_ids: set[str] = set()
+
+    # -------------------------------------------------------------- interface used by the writer
+    def method_settings(self) -> dict[str, Any]:
+        """Everything that determines a shape's result (hashed into the run's config hash)."""
+        hparams = {k: v for k, v in self.hparams.items() if k != "max_failed_call_fraction"}
+        return {
+            "module": hparams,
+            "namer": self.pipeline.namer.settings(),
+            "pointer": self.pipeline.pointer.settings(),
+        }
+
+    def preflight(self) -> None:
+        """Check namer and pointer (one cheap server request each) before the first shape."""
+        for role, part in (("namer", self.pipeline.namer), ("pointer", self.pipeline.pointer)):
+            try:
+                part.check()
+            except (ChatError, OSError) as err:
+                raise ZeroKeyRunError(f"{role} {type(part).__name__} is not usable: {err}") from err
+
+    def run_notes(self) -> list[str]:
+        """What the user must know about this run's results (printed at the end of predict)."""
+        notes = []
+        if self.pipeline.pointer.is_oracle:
+            notes.append(
+                "the pointer was OraclePointer (projected ground truth + noise): this evaluates the 3D "
+                "half of ZeroKey, not zero-shot keypoint detection"
+            )
+        if self.pipeline.namer.is_ground_truth:
+            notes.append("names came from the benchmark's annotation (KeypointNetNamer), not from an MLLM")
+        return notes
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         # Shapes are dataclasses with strings and optional tensors; move them explicitly.
@@ -94,7 +162,13 @@ class ZeroKeyModule(pl.LightningModule):
     def predict_step(
         self, batch: list[ShapeSample], batch_idx: int, dataloader_idx: int = 0
     ) -> list[ShapePrediction]:
-        return [self.pipeline.predict(shape, self.device, keep_debug=self.keep_debug) for shape in batch]
+        out = []
+        for shape in batch:
+            if shape.shape_id in self.done_ids:
+                out.append(ShapePrediction({"shape_id": shape.shape_id, "status": "skipped"}))
+            else:
+                out.append(self.pipeline.predict(shape, self.device, keep_debug=self.keep_debug))
+        return out
 
 
 class ZeroKeyDataModule(pl.LightningDataModule):

@@ -12,7 +12,6 @@ Molmo's pointing format (coordinates are *percent* of image width / height, orig
 
 from __future__ import annotations
 
-import difflib
 import json
 import re
 from collections.abc import Sequence
@@ -24,6 +23,8 @@ __all__ = [
     "parse_molmo_points",
     "parse_labelled_points",
     "match_label",
+    "normalise_label",
+    "is_echo",
     "extract_json_list",
     "parse_name_list",
 ]
@@ -43,7 +44,13 @@ class ParseStats:
         out_of_range: coordinates outside [0, 100] percent (dropped).
         malformed: point tags / coordinates that could not be read (non-numeric, an x without its y,
             a tag cut off by the token limit, ...), dropped.
-        unmatched: points whose label matched none of the requested names (multi-name answers), dropped.
+        unmatched: points whose label is none of the requested names (multi-name answers), dropped.
+        ambiguous: points whose label names more than one requested name (two requested names that
+            normalise to the same string), dropped.
+        echoed: answers that repeat the request's prompt (their markup is the prompt's example, not an
+            answer), dropped whole.
+        duplicate: tags in one multi-name answer whose label was already used by an earlier tag of that
+            answer (kept: the label is exact; counted because Molmo puts all instances in one tag).
         failed_calls: requests that raised (network / HTTP errors after retries): no answer at all.
     """
 
@@ -55,6 +62,9 @@ class ParseStats:
     out_of_range: int = 0
     malformed: int = 0
     unmatched: int = 0
+    ambiguous: int = 0
+    echoed: int = 0
+    duplicate: int = 0
     failed_calls: int = 0
 
     def __iadd__(self, other: ParseStats) -> ParseStats:
@@ -69,6 +79,15 @@ class ParseStats:
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, int]) -> ParseStats:
+        """Inverse of :meth:`as_dict`; unknown keys (from newer writers) are an error, missing ones 0."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown ParseStats fields {unknown}")
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -163,88 +182,102 @@ def parse_molmo_points(text: str | None) -> tuple[list[ParsedPoint], ParseStats]
     return points, stats
 
 
-def _normalise(text: str) -> str:
+def normalise_label(text: str) -> str:
+    """Lower case, every run of non-alphanumerics -> one space, stripped: "Nose of the Airplane." ->
+    "nose of the airplane". The only normalisation the multi-name matcher applies."""
     return re.sub(r"[^a-z0-9]+", " ", text.lower()).strip()
 
 
-_STOPWORDS = {"the", "of", "a", "an", "on", "in", "at", "to"}
+_INDEX_LABEL = re.compile(r"^#?\s*(\d+)$")
 
 
-def _tokens(text: str) -> set[str]:
-    return {t for t in text.split() if t not in _STOPWORDS}
+def match_label(label: str | None, names: Sequence[str]) -> tuple[int | None, str]:
+    """Which requested name a point's label is, exactly -- or why none.
 
-
-def match_label(label: str | None, names: Sequence[str], cutoff: float = 0.75) -> int | None:
-    """Index of the requested name a model's point label refers to, or None.
-
-    In order: exact match after normalising case/punctuation; containment either way (the model
-    shortens or extends a name); every word of the label appearing in a name ("left wingtip" ->
-    "wingtip of the left wing of the airplane"); finally the closest name by ``difflib`` ratio if it
-    reaches ``cutoff``. Several candidates at one step are split by the ``difflib`` ratio.
+    Returns ``(index, status)`` with status ``"ok"``, ``"unmatched"`` or ``"ambiguous"``. A label
+    matches name ``i`` when (a) it equals that name after :func:`normalise_label`, or (b) it is an
+    explicit 1-based index (``"3"``, ``"#3"``) into ``names``. Nothing else: no containment, no word
+    overlap, no fuzzy ratio -- those assigned "airplane" to "nose of the airplane", "wingtip" to
+    the left wingtip and a label listing every name to the last one. A label equal to two requested
+    names (they normalise alike) is ambiguous.
     """
     if not label:
-        return None
-    key = _normalise(label)
+        return None, "unmatched"
+    key = normalise_label(label)
     if not key:
-        return None
-    norm = [_normalise(n) for n in names]
+        return None, "unmatched"
+    hits = [i for i, n in enumerate(names) if normalise_label(n) == key]
+    if len(hits) == 1:
+        return hits[0], "ok"
+    if len(hits) > 1:
+        return None, "ambiguous"
+    m = _INDEX_LABEL.match(label.strip())
+    if m and 1 <= int(m.group(1)) <= len(names):
+        return int(m.group(1)) - 1, "ok"
+    return None, "unmatched"
 
-    def closest(candidates: list[int]) -> int:
-        return max(candidates, key=lambda i: difflib.SequenceMatcher(None, key, norm[i]).ratio())
 
-    exact = [i for i, n in enumerate(norm) if n == key]
-    if exact:
-        return exact[0]
-    contained = [i for i, n in enumerate(norm) if n and (n in key or key in n)]
-    if contained:
-        return closest(contained)
-    words = _tokens(key)
-    subset = [i for i, n in enumerate(norm) if words and words <= _tokens(n)]
-    if subset:
-        return closest(subset)
-    best = closest(list(range(len(names)))) if names else None
-    if best is not None and difflib.SequenceMatcher(None, key, norm[best]).ratio() >= cutoff:
-        return best
-    return None
+def is_echo(answer: str, prompt: str, min_chars: int = 40) -> bool:
+    """True when ``answer`` repeats (the start of) ``prompt``: the first ``min_chars`` normalised
+    characters of the prompt occur in the normalised answer. Served models sometimes echo a request
+    they do not understand; a multi-name prompt's example markup must not be read as points."""
+    key = normalise_label(prompt)[:min_chars]
+    return (
+        bool(key)
+        and len(key) >= min(min_chars, len(normalise_label(prompt)))
+        and key in normalise_label(answer)
+    )
 
 
 def parse_labelled_points(
-    text: str | None, names: Sequence[str]
+    text: str | None, names: Sequence[str], prompt: str | None = None
 ) -> tuple[dict[int, list[ParsedPoint]], ParseStats]:
-    """Parse one answer that points at several names at once and assign each point to a name.
+    """Parse one answer that points at several names at once; assign each point by its exact label.
 
-    A point's name comes from its ``alt`` / tag text; failing that, from a ``name:`` prefix on the line
-    it sits on (``"nose: <point .../>"``). Points matching no requested name are counted ``unmatched``.
+    A point's label comes from its ``alt`` / tag text; a tag without one may take a ``name:`` prefix on
+    its line (``"nose: <point .../>"``), matched just as exactly. Every point whose label is not
+    exactly one requested name is dropped and counted ``unmatched`` or ``ambiguous``; a label reused by
+    a later tag of the same answer is counted ``duplicate`` (see :func:`match_label`). With ``prompt``
+    given, an answer that echoes it is dropped whole and counted ``echoed``.
     """
     per_name: dict[int, list[ParsedPoint]] = {}
     stats = ParseStats(answers=1)
     if text is None or not str(text).strip():
         stats.empty = 1
         return per_name, stats
-    total = ParseStats()
+    if prompt and is_echo(str(text), prompt):
+        stats.echoed = 1
+        return per_name, stats
     any_tag = False
+    seen: set[int] = set()
     for line in str(text).splitlines() or [str(text)]:
-        if not _TAG.search(line):
+        first = _TAG.search(line)
+        if not first:
             continue
         any_tag = True
-        points, line_stats = parse_molmo_points(line)
-        total.points += line_stats.points
-        total.out_of_range += line_stats.out_of_range
-        total.malformed += line_stats.malformed
-        prefix = line[: _TAG.search(line).start()].strip(" -*:.\t0123456789)")
-        for p in points:
-            index = match_label(p.label, names)
-            if index is None and prefix:
-                index = match_label(prefix, names)
-            if index is None:
-                total.unmatched += 1
+        prefix = line[: first.start()].strip(" -*:.\t0123456789)")
+        # One tag at a time, so each tag's points carry their own label status.
+        for tag in _TAG.finditer(line):
+            closing = re.match(r"[^<]*<\s*/\s*points?\s*>", line[tag.end() :], re.IGNORECASE)
+            chunk = line[tag.start() : tag.end() + (closing.end() if closing else 0)]
+            points, tag_stats = parse_molmo_points(chunk)
+            stats.out_of_range += tag_stats.out_of_range
+            stats.malformed += tag_stats.malformed
+            if not points:
                 continue
-            per_name.setdefault(index, []).append(p)
-    stats.out_of_range, stats.malformed, stats.unmatched = (
-        total.out_of_range,
-        total.malformed,
-        total.unmatched,
-    )
+            own_prefix = prefix if tag.start() == first.start() else ""
+            label = points[0].label if points[0].label else (own_prefix or None)
+            index, status = match_label(label, names)
+            if index is None:
+                if status == "ambiguous":
+                    stats.ambiguous += len(points)
+                else:
+                    stats.unmatched += len(points)
+                continue
+            if index in seen:
+                stats.duplicate += 1
+            seen.add(index)
+            per_name.setdefault(index, []).extend(points)
     stats.points = sum(len(v) for v in per_name.values())
     if stats.points == 0:
         if not any_tag and _DECLINE.search(str(text)):
@@ -275,9 +308,23 @@ def extract_json_list(text: str | None) -> list | None:
     return None
 
 
+def _list_item_name(item: str) -> str | None:
+    """The name in one free-text list item: "**Nose**: the front tip" / "Nose - front tip" -> "Nose"
+    (GPT-4o answers "in text" as a list of bold names with explanations)."""
+    item = item.strip()
+    bold = re.match(r"^\*\*(.+?)\*\*", item)
+    if bold:
+        item = bold.group(1)
+    else:
+        item = re.split(r"\s*(?::|\s[-\u2013\u2014]\s)\s*", item, maxsplit=1)[0]
+    item = item.strip().strip("\"'`*").rstrip(".,;:").strip()
+    return " ".join(item.split()) if item and len(item) <= 80 else None
+
+
 def parse_name_list(text: str | None, max_names: int | None = None) -> tuple[list[str], ParseStats]:
     """Keypoint names from a namer's answer: a JSON list of strings (or of objects with a ``name``);
-    failing JSON, a bulleted / numbered list, one name per line. Duplicates are kept (they mean several
+    failing JSON, a bulleted / numbered list, one name per line, each item cut at its explanation
+    ("**Nose**: the front tip" -> "Nose"). Duplicates are kept (they mean several
     instances, e.g. four chair legs); blank entries are dropped. Counts go to ``points`` (names found),
     ``malformed`` (entries that are not names) and ``empty`` / ``garbage`` for the answer."""
     stats = ParseStats(answers=1)
@@ -298,9 +345,9 @@ def parse_name_list(text: str | None, max_names: int | None = None) -> tuple[lis
         for line in str(text).splitlines():
             m = re.match(r"^\s*(?:[-*\u2022]|\d+[.)])\s+(.+?)\s*$", line)
             if m:
-                name = m.group(1).strip().strip("\"'`*").rstrip(".,;")
-                if name and len(name) <= 80:
-                    names.append(" ".join(name.split()))
+                name = _list_item_name(m.group(1))
+                if name:
+                    names.append(name)
     if max_names is not None:
         names = names[:max_names]
     stats.points = len(names)

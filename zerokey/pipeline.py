@@ -1,7 +1,12 @@
 """The ZeroKey pipeline for one shape, as plain Python/torch (Lightning only wraps it).
 
-render M views -> name keypoints -> point in 2D per view -> lift Gaussian patches to the surface ->
-weighted HDBSCAN per name -> densest cluster(s) -> weighted centroid snapped to the surface.
+Reproduces ZeroKey (Gupta et al., arXiv:2412.06292): render M views -> name keypoints -> point in 2D
+per (view, name) -> lift Gaussian patches to the surface -> HDBSCAN per name -> densest cluster(s) ->
+weighted centroid snapped to the surface.
+
+Each shape's record has ``status`` "complete" or "failed" (``error`` says why: unreadable input, a
+namer without names, MLLM calls that failed). A failed shape is never reported as "0 keypoints found":
+the writer lists it in ``failed_shapes`` and a resumed run predicts it again.
 """
 
 from __future__ import annotations
@@ -53,7 +58,8 @@ class ZeroKeyPipeline:
         views: camera / renderer settings.
         patch_size: h of the Gaussian patch cast to the surface around each 2D point.
         lift_method: "auto" | "barycentric" | "points" | "depth" (see :func:`zerokey.lift.lift_points`).
-        cluster: weighted HDBSCAN settings.
+        cluster: HDBSCAN / selection settings (:class:`zerokey.cluster.ClusterConfig`).
+        voting: "gaussian" (paper) or "binary" patch weights (ablation).
         keep_all_clusters: also write every cluster per name (not only the chosen keypoints).
         snap: "surface" snaps centroids to the closest mesh surface point / nearest cloud point;
             "none" keeps the raw weighted centroid.
@@ -69,8 +75,12 @@ class ZeroKeyPipeline:
         cluster: ClusterConfig | None = None,
         keep_all_clusters: bool = True,
         snap: Literal["surface", "none"] = "surface",
+        voting: Literal["gaussian", "binary"] = "gaussian",
     ) -> None:
+        if voting not in ("gaussian", "binary"):
+            raise ValueError(f"voting must be 'gaussian' or 'binary', got {voting!r}")
         self.namer, self.pointer = namer, pointer
+        self.voting = voting
         self.view_config = views or ViewConfig()
         self.patch_size, self.lift_method = patch_size, lift_method
         self.cluster_config = cluster or ClusterConfig()
@@ -92,6 +102,7 @@ class ZeroKeyPipeline:
             "class_id": shape.class_id,
             "model_id": shape.model_id,
             "frame": {"center": _round(shape.center), "scale": float(shape.scale)},
+            "status": "failed" if shape.error else "complete",
             "error": shape.error,
         }
 
@@ -114,19 +125,30 @@ class ZeroKeyPipeline:
                 "candidates": cluster.size,
                 "views": cluster.n_views,
                 "spread": round(cluster.spread, 6),
+                "density": round(cluster.density, 4),
             },
         }
 
     def predict(
-        self, shape: ShapeSample, device: torch.device | str = "cpu", keep_debug: bool = False
+        self,
+        shape: ShapeSample,
+        device: torch.device | str = "cpu",
+        keep_debug: bool = False,
+        views: RenderedViews | None = None,
+        points: Points2D | None = None,
     ) -> ShapePrediction:
-        """Run every stage on one shape; failures of the input are recorded, not raised."""
+        """Run every stage on one shape; failures of the input are recorded, not raised.
+
+        ``views`` / ``points`` reuse renders / 2D detections made earlier for this shape with the
+        same view layout (the bench runs several lifting / clustering ablations on one set of
+        answers); ``points`` must then match the names this pipeline's namer gives.
+        """
         device = torch.device(device)
         record = self._base_record(shape)
         timings: dict[str, float] = {}
         cpu_seconds: dict[str, float] = {}
         if shape.error is not None:
-            record.update(keypoints=[], names=[], skipped=True)
+            record.update(keypoints=[], names=[])
             return ShapePrediction(record)
 
         @contextmanager
@@ -143,12 +165,16 @@ class ZeroKeyPipeline:
 
         shape = shape.to(device)
         with timed("render"):
-            views = render_shape(shape, self.cameras(device), self.view_config)
+            if views is None:
+                views = render_shape(shape, self.cameras(device), self.view_config)
         with timed("name"):
             naming = self.namer(shape, views.images)
         names, instances = naming.names, naming.instances
+        if naming.error is None and not names:
+            naming.error = f"{type(self.namer).__name__} gave no names"
         with timed("point"):
-            points = self.pointer(shape, names, views) if names else Points2D.empty(device)
+            if points is None:
+                points = self.pointer(shape, names, views) if names else Points2D.empty(device)
         with timed("lift"):
             candidates = lift_points(
                 points.uv,
@@ -159,6 +185,7 @@ class ZeroKeyPipeline:
                 shape.faces,
                 patch_size=self.patch_size,
                 method=self.lift_method,
+                voting=self.voting,
             )
         with timed("cluster"):
             per_name = cluster_candidates(candidates, len(names), self.cluster_config)
@@ -182,12 +209,16 @@ class ZeroKeyPipeline:
             entry = {"name": names[i], "instance": k}
             entry.update(self._cluster_record(cluster, snapped_of[id(cluster)], shape))
             keypoints.append(entry)
+        error = naming.error or points.error
         record.update(
+            status="failed" if error else "complete",
+            error=error,
             names=names,
             instances=instances,
             keypoints=keypoints,
             missing=[n for i, n in enumerate(names) if not per_name[i]],
             mllm_calls={"namer": naming.calls, "pointer": points.calls},
+            failed_calls={"namer": naming.stats.failed_calls, "pointer": points.stats.failed_calls},
             parse_stats={"namer": naming.stats.as_dict(), "pointer": points.stats.as_dict()},
             counts={"views": views.n_views, "points2d": len(points), "candidates": len(candidates)},
             timings=timings,
@@ -202,6 +233,11 @@ class ZeroKeyPipeline:
             return ShapePrediction(record, views, points, shape, timings)
         return ShapePrediction(record, timings=timings)
 
+    def render(self, shape: ShapeSample, device: torch.device | str = "cpu") -> RenderedViews:
+        """Only the render stage (for reuse through ``predict(views=...)``)."""
+        device = torch.device(device)
+        return render_shape(shape.to(device), self.cameras(device), self.view_config)
+
 
 def merge_parse_stats(records: list[dict[str, Any]], key: str) -> dict[str, int]:
     """Sum the ``parse_stats[key]`` counters over shape records (for run summaries)."""
@@ -209,5 +245,5 @@ def merge_parse_stats(records: list[dict[str, Any]], key: str) -> dict[str, int]
     for r in records:
         stats = r.get("parse_stats", {}).get(key)
         if stats:
-            total += ParseStats(**stats)
+            total += ParseStats.from_dict(stats)
     return total.as_dict()

@@ -3,8 +3,9 @@
 Three implementations behind one interface:
 
 * :class:`MolmoPointer` -- Molmo in process through ``transformers`` remote code, batched over views;
-* :class:`OpenAIPointer` -- any OpenAI-compatible server (e.g. vLLM serving Molmo), one request per
-  view for all names at once;
+* :class:`OpenAIPointer` -- any OpenAI-compatible server (e.g. vLLM serving Molmo): by default one
+  request per (view, name) with the paper's prompt "Point to the {name} in this image."
+  (arXiv:2412.06292, Sec. 3; the form Molmo was trained to answer), sent from a bounded pool;
 * :class:`OraclePointer` -- an *evaluation tool*, not a detector: it projects the known ground-truth
   keypoints into the views (with a depth test for visibility) and perturbs them with seeded pixel
   noise, dropout and outliers, so the 3D half of the pipeline can be measured in isolation.
@@ -28,7 +29,7 @@ import torch
 from torch import Tensor
 
 from zerokey.data import ShapeSample
-from zerokey.openai_client import ChatClient, ChatError
+from zerokey.openai_client import BudgetExceeded, CallBudget, ChatClient, ChatError
 from zerokey.parsing import ParsedPoint, ParseStats, parse_labelled_points, parse_molmo_points
 from zerokey.views import RenderedViews
 
@@ -43,6 +44,7 @@ __all__ = [
     "build_point_prompt",
     "build_multi_point_prompt",
     "points_to_pixels",
+    "plain_settings",
     "collate_molmo_inputs",
     "load_molmo",
 ]
@@ -50,10 +52,13 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_POINT_PROMPT = "Point to the {name} in this image."
+#: ``mode="all_names"`` only (our option, not the paper's): the names are numbered and each point's
+#: ``alt`` must be the exact name or its number. The example deliberately names nothing requested, so
+#: an echoed prompt cannot be read as a point.
 DEFAULT_MULTI_POINT_PROMPT = (
-    "Point to each of the following in this image: {names}. Give every point the name it belongs to in "
-    'its alt attribute and as its text, e.g. <point x="50.0" y="50.0" alt="{first}">{first}</point>; use '
-    "<points x1=.. y1=.. x2=.. y2=.. alt=..> for several instances of one name. "
+    "Point to each of the following in this image: {names}. Give every point the exact name (or its "
+    'number) it belongs to in its alt attribute, e.g. <point x="50.0" y="50.0" alt="NAME">NAME</point>; '
+    "use one <points x1=.. y1=.. x2=.. y2=.. alt=..> tag for several instances of one name. "
     "Skip names that are not visible."
 )
 
@@ -68,6 +73,8 @@ class Points2D:
     name_index: Tensor  # (P,) long
     stats: ParseStats = field(default_factory=ParseStats)
     calls: int = 0
+    #: why this shape's pointing is incomplete (some calls failed), None when every call answered.
+    error: str | None = None
 
     @staticmethod
     def empty(device: torch.device | str = "cpu") -> Points2D:
@@ -97,10 +104,47 @@ def _pack(
 
 
 class Pointer(ABC):
-    """Interface: ``pointer(shape, names, views) -> Points2D``."""
+    """Interface: ``pointer(shape, names, views) -> Points2D``.
+
+    Besides ``__call__`` a pointer may override:
+
+    * ``check()`` -- called once before the first shape; raise with one clear line when the pointer
+      cannot work (server down, weights missing) so a run fails in seconds, not per shape;
+    * ``attach_budget(budget)`` -- the run's :class:`~zerokey.openai_client.CallBudget` for its calls;
+    * ``settings()`` -- what determines its answers (hashed into each run's config hash);
+    * ``is_oracle`` -- True for evaluation tools that read the ground truth (the run says so).
+    """
+
+    is_oracle: bool = False
 
     @abstractmethod
     def __call__(self, shape: ShapeSample, names: list[str], views: RenderedViews) -> Points2D: ...
+
+    def check(self) -> None:
+        """Pre-flight check before the first shape (default: nothing to check)."""
+        return None
+
+    def attach_budget(self, budget: CallBudget) -> None:
+        """Count this pointer's calls in the run's failure budget (default: it makes no calls)."""
+        return None
+
+    def settings(self) -> dict[str, Any]:
+        """Public plain-valued attributes (what a config sets), for the run's config hash."""
+        return plain_settings(self)
+
+
+def plain_settings(obj: Any) -> dict[str, Any]:
+    """``obj``'s public attributes that are plain values (numbers, strings, lists, dicts), plus a
+    ``ChatClient``'s own settings -- never an API key (clients do not keep one as an attribute)."""
+    out: dict[str, Any] = {"class": f"{type(obj).__module__}.{type(obj).__qualname__}"}
+    for key, value in sorted(vars(obj).items()):
+        if key.startswith("_"):
+            continue
+        if isinstance(value, ChatClient):
+            out[key] = value.settings()
+        elif value is None or isinstance(value, (bool, int, float, str, list, tuple, dict)):
+            out[key] = list(value) if isinstance(value, tuple) else value
+    return out
 
 
 def build_point_prompt(name: str, template: str = DEFAULT_POINT_PROMPT) -> str:
@@ -133,6 +177,8 @@ class OraclePointer(Pointer):
     Points pushed outside the image are dropped and counted ``out_of_range``. Randomness is seeded from
     ``seed`` and the shape id, so results do not depend on batch order or the number of GPUs.
     """
+
+    is_oracle = True
 
     def __init__(
         self,
@@ -201,12 +247,18 @@ class OraclePointer(Pointer):
 class OpenAIPointer(Pointer):
     """Point with an OpenAI-compatible multimodal server (e.g. ``vllm serve allenai/Molmo-7B-D-0924``).
 
-    ``mode="all_names"`` (default) sends ONE request per view asking for every name at once and splits
-    the answer by each point's ``alt`` label (:func:`parse_labelled_points`): V requests per shape
-    instead of V x N. With a single name it uses Molmo's native single-name prompt. ``mode="per_name"``
-    asks name by name (V x N requests) -- more reliable for models that ignore the label instruction.
-    ``fallback_per_name`` re-asks name by name in a view whose all-names answer gave no labelled point.
-    Requests run concurrently (``max_workers``); servers like vLLM batch them.
+    ``mode="per_name"`` (default, the paper's protocol): one request per (view, name) with ``prompt``
+    ("Point to the {name} in this image.", the exact form Molmo answers best), V x N requests per
+    shape, answers parsed with :func:`parse_molmo_points` (a ``<points>`` tag may carry several
+    coordinates: several instances). ``mode="all_names"`` (our option, V requests per shape) asks for
+    every name at once and keeps only points whose label is *exactly* one requested name or its number
+    (:func:`~zerokey.parsing.match_label`); unmatched, ambiguous, duplicate labels and echoed prompts
+    are counted, never guessed. ``fallback_per_name`` re-asks name by name in a view whose all-names
+    answer gave no labelled point.
+
+    Requests run from a bounded pool of ``max_workers`` threads (vLLM batches concurrent requests).
+    A failed call (after the SDK's ``max_retries``) is counted in ``failed_calls`` and makes the shape
+    incomplete (``Points2D.error``); the run's :class:`CallBudget` stops the run when they pile up.
     """
 
     def __init__(
@@ -214,49 +266,65 @@ class OpenAIPointer(Pointer):
         base_url: str,
         model: str,
         api_key_env: str | None = "OPENAI_API_KEY",
-        mode: Literal["all_names", "per_name"] = "all_names",
+        mode: Literal["per_name", "all_names"] = "per_name",
         prompt: str = DEFAULT_POINT_PROMPT,
         multi_prompt: str = DEFAULT_MULTI_POINT_PROMPT,
         fallback_per_name: bool = False,
         max_workers: int = 8,
-        timeout: float = 120.0,
+        timeout: float = 60.0,
         max_retries: int = 2,
         max_tokens: int = 512,
     ) -> None:
         if mode not in ("all_names", "per_name"):
-            raise ValueError(f"mode must be 'all_names' or 'per_name', got {mode!r}")
+            raise ValueError(f"mode must be 'per_name' or 'all_names', got {mode!r}")
+        if "{name}" not in prompt:
+            raise ValueError(f"prompt must contain '{{name}}', got {prompt!r}")
+        if max_workers < 1:
+            raise ValueError(f"max_workers must be >= 1, got {max_workers}")
         self.client = ChatClient(base_url, model, api_key_env, timeout, max_retries, max_tokens=max_tokens)
         self.mode, self.prompt, self.multi_prompt = mode, prompt, multi_prompt
         self.fallback_per_name, self.max_workers = fallback_per_name, max_workers
 
-    def _ask(self, prompt: str, image: Tensor) -> str | None:
+    def check(self) -> None:
+        self.client.ping()
+
+    def attach_budget(self, budget: CallBudget) -> None:
+        self.client.budget = budget
+
+    def _ask(self, prompt: str, image: Tensor) -> tuple[str | None, str | None]:
         try:
-            return self.client.complete(prompt, [image])
+            return self.client.complete(prompt, [image]), None
+        except BudgetExceeded as err:
+            return None, str(err)
         except ChatError as err:
             log.warning("pointer request failed: %s", err)
-            return None
+            return None, str(err)
 
-    def _single(self, view: int, name_index: int, name: str, image: Tensor) -> tuple[list, ParseStats]:
-        answer = self._ask(build_point_prompt(name, self.prompt), image)
+    def _single(
+        self, view: int, name_index: int, name: str, image: Tensor
+    ) -> tuple[list, ParseStats, str | None]:
+        answer, error = self._ask(build_point_prompt(name, self.prompt), image)
         if answer is None:
-            return [], ParseStats(failed_calls=1)
+            return [], ParseStats(failed_calls=1), error
         points, stats = parse_molmo_points(answer)
         h, w = image.shape[:2]
-        return [(u, v, view, name_index) for u, v in points_to_pixels(points, w, h)], stats
+        return [(u, v, view, name_index) for u, v in points_to_pixels(points, w, h)], stats, None
 
-    def _multi(self, view: int, names: list[str], image: Tensor) -> tuple[list, ParseStats]:
-        answer = self._ask(build_multi_point_prompt(names, self.multi_prompt), image)
+    def _multi(self, view: int, names: list[str], image: Tensor) -> tuple[list, ParseStats, str | None]:
+        prompt = build_multi_point_prompt(names, self.multi_prompt)
+        answer, error = self._ask(prompt, image)
         if answer is None:
-            return [], ParseStats(failed_calls=1)
-        per_name, stats = parse_labelled_points(answer, names)
+            return [], ParseStats(failed_calls=1), error
+        per_name, stats = parse_labelled_points(answer, names, prompt=prompt)
         h, w = image.shape[:2]
         rows = [(u, v, view, i) for i, pts in per_name.items() for u, v in points_to_pixels(pts, w, h)]
         if not rows and self.fallback_per_name:
             for i, name in enumerate(names):
-                more, more_stats = self._single(view, i, name, image)
+                more, more_stats, more_error = self._single(view, i, name, image)
                 rows += more
                 stats += more_stats
-        return rows, stats
+                error = error or more_error
+        return rows, stats, error
 
     def __call__(self, shape: ShapeSample, names: list[str], views: RenderedViews) -> Points2D:
         device = views.images.device
@@ -272,15 +340,19 @@ class OpenAIPointer(Pointer):
             ]
         else:
             jobs = [(self._multi, (v, names, images[v])) for v in range(views.n_views)]
-        with ThreadPoolExecutor(max_workers=max(1, self.max_workers)) as pool:
+        with ThreadPoolExecutor(max_workers=self.max_workers) as pool:
             results = list(pool.map(lambda job: job[0](*job[1]), jobs))
         rows: list = []
         stats = ParseStats()
-        for r, s in results:
+        errors = []
+        for r, s, e in results:
             rows += r
             stats += s
+            if e:
+                errors.append(e)
         uv, view, name_index = _pack(rows, device)
-        return Points2D(uv, view, name_index, stats, calls=self.client.calls - calls_before)
+        error = f"{len(errors)} of {len(jobs)} pointer requests failed: {errors[-1]}" if errors else None
+        return Points2D(uv, view, name_index, stats, calls=self.client.calls - calls_before, error=error)
 
 
 # ----------------------------------------------------------------------------------------- Molmo
@@ -388,6 +460,9 @@ class MolmoPointer(Pointer):
         self.prompt = prompt
         self._model: Any = None
         self._processor: Any = None
+
+    def check(self) -> None:
+        _check_molmo_dir(self.weights_dir)
 
     def _ensure_loaded(self, device: torch.device) -> None:
         if self._model is None:

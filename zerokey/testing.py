@@ -1,9 +1,18 @@
 """A local OpenAI-compatible chat server for tests and offline benchmarks (stdlib ``http.server``).
 
-It stands in for an MLLM endpoint (vLLM, OpenAI) on 127.0.0.1: every ``POST .../chat/completions``
+It stands in for an MLLM endpoint (vLLM, OpenAI) on 127.0.0.1 only: every ``POST .../chat/completions``
 is decoded (prompt text + base64 PNG images) and answered by a Python function, so the client,
 namer and pointer protocols are exercised for real -- HTTP, JSON, image encoding, answer parsing --
-without a model. Requests are recorded for assertions.
+without a model. Requests are recorded for assertions. Its loops are bounded: a request body is at
+most ``max_body_bytes``, a connection waits at most ``socket_timeout`` seconds for its bytes, and
+after ``max_requests`` answers every further request gets HTTP 503.
+
+:func:`molmo_style_answer` writes points the way served Molmo-7B-D answers "Point to the {name} in
+this image.": one ``<point>``, one ``<points>`` tag with several numbered coordinates, or a
+"Counting the <points ...>...</points> shows a total of N." sentence; "There are none." when nothing
+is there. :class:`MolmoStub` answers per (image, name) like that from a ``locate`` function, and can
+be told to answer a name with a refusal, an echoed prompt or a malformed tag instead -- the answers
+the parser must classify (the tests state the expected parse of each).
 """
 
 from __future__ import annotations
@@ -11,15 +20,16 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["ChatRequest", "FakeChatServer"]
+__all__ = ["ChatRequest", "FakeChatServer", "MolmoStub", "molmo_style_answer", "MOLMO_FAILURE_ANSWERS"]
 
 
 @dataclass
@@ -57,15 +67,30 @@ class FakeChatServer:
     to produce a 500. Use as a context manager; ``base_url`` is ``http://127.0.0.1:<port>/v1``.
     """
 
-    def __init__(self, answer: Callable[[ChatRequest], str | int]) -> None:
+    def __init__(
+        self,
+        answer: Callable[[ChatRequest], str | int],
+        max_requests: int = 100_000,
+        max_body_bytes: int = 64 << 20,
+        socket_timeout: float = 10.0,
+    ) -> None:
         self.answer = answer
         self.requests: list[ChatRequest] = []
+        self.max_requests, self.max_body_bytes = max_requests, max_body_bytes
         self._lock = threading.Lock()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = socket_timeout  # a silent client cannot hold a thread forever
+
             def log_message(self, *args) -> None:  # keep test output clean
                 pass
+
+            def do_GET(self) -> None:  # noqa: N802 (http.server API)
+                if self.path.rstrip("/").endswith("/models"):
+                    self._send(200, {"object": "list", "data": [{"id": "stub", "object": "model"}]})
+                else:
+                    self._send(404, {"error": {"message": f"no route {self.path}"}})
 
             def _send(self, status: int, payload: dict | str) -> None:
                 data = (payload if isinstance(payload, str) else json.dumps(payload)).encode()
@@ -80,6 +105,14 @@ class FakeChatServer:
                     self._send(404, {"error": {"message": f"no route {self.path}"}})
                     return
                 length = int(self.headers.get("Content-Length", 0))
+                if length > server.max_body_bytes:
+                    self._send(413, {"error": {"message": f"body over {server.max_body_bytes} bytes"}})
+                    return
+                with server._lock:
+                    over = len(server.requests) >= server.max_requests
+                if over:
+                    self._send(503, {"error": {"message": f"stub served its {server.max_requests} requests"}})
+                    return
                 try:
                     body = json.loads(self.rfile.read(length))
                     request = _decode(body, {k.lower(): v for k, v in self.headers.items()})
@@ -131,3 +164,69 @@ class FakeChatServer:
         self._httpd.shutdown()
         self._httpd.server_close()
         self._thread.join(timeout=5)
+
+
+# ------------------------------------------------------------------------------------ Molmo-like answers
+def _fmt(value: float) -> str:
+    return f"{value:.1f}"
+
+
+def molmo_style_answer(name: str, points: Sequence[tuple[float, float]], counting: bool = False) -> str:
+    """How served Molmo answers "Point to the {name} in this image." for points in percent (x, y):
+    ``<point x=".." y=".." alt="name">name</point>`` for one, ``<points x1=.. y1=.. x2=.. ...>`` for
+    several (with ``counting`` wrapped as "Counting the <points ...>name</points> shows a total of N."),
+    "There are none." for none."""
+    if not points:
+        return "There are none."
+    if len(points) == 1:
+        x, y = points[0]
+        return f'<point x="{_fmt(x)}" y="{_fmt(y)}" alt="{name}">{name}</point>'
+    coords = " ".join(f'x{i + 1}="{_fmt(x)}" y{i + 1}="{_fmt(y)}"' for i, (x, y) in enumerate(points))
+    tag = f'<points {coords} alt="{name}">{name}</points>'
+    return f"Counting the {tag} shows a total of {len(points)}." if counting else tag
+
+
+#: Answers that carry no usable point, as served models give them (the parse each must get is
+#: asserted in tests/test_zerokey_parsing.py).
+MOLMO_FAILURE_ANSWERS: dict[str, str] = {
+    "refusal_none": "There are none.",
+    "refusal_sorry": "I'm sorry, but I cannot see a {name} in this image.",
+    "echo": "Point to the {name} in this image.",
+    "malformed_coordinate": '<point x="left" y="40.5" alt="{name}">{name}</point>',
+    "truncated": '<points x1="12.5" y1="40.0" x2="61.0" y2="4',
+    "empty": "",
+}
+
+_POINT_PROMPT = re.compile(r"^\s*Point to the (.+?) in this image\.?\s*$", re.IGNORECASE | re.DOTALL)
+
+
+@dataclass
+class MolmoStub:
+    """``answer`` function for :class:`FakeChatServer` that answers per-name pointing requests like
+    served Molmo.
+
+    Args:
+        locate: ``(image (H,W,3) uint8, name) -> [(x%, y%), ...]``: where the name is in that image.
+        failures: ``{name: key of MOLMO_FAILURE_ANSWERS}``: answer that name with that failure instead.
+        counting: write several points as a "Counting the ..." sentence (as Molmo often does).
+        fail_images: answer every request that carries an image with this HTTP status (text-only
+            requests such as the pre-flight check still succeed): a server that breaks mid-run.
+    """
+
+    locate: Callable[[np.ndarray, str], Sequence[tuple[float, float]]]
+    failures: dict[str, str] = field(default_factory=dict)
+    counting: bool = True
+    fail_images: int | None = None
+
+    def __call__(self, request: ChatRequest) -> str | int:
+        if not request.images:
+            return "OK"
+        if self.fail_images is not None:
+            return self.fail_images
+        m = _POINT_PROMPT.match(request.text)
+        if m is None:
+            return "I can only point to one thing at a time."
+        name = m.group(1)
+        if name in self.failures:
+            return MOLMO_FAILURE_ANSWERS[self.failures[name]].format(name=name)
+        return molmo_style_answer(name, list(self.locate(request.images[0], name)), self.counting)

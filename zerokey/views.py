@@ -1,4 +1,16 @@
-"""Rendering a shape's views for ZeroKey (meshes and point clouds alike) on top of ``patchalign.render``."""
+"""Rendering a shape's views for ZeroKey (meshes and point clouds alike) on top of ``patchalign.render``.
+
+View layouts (:func:`view_layout`): the paper renders 26 views and ablates 6 and 46 (arXiv:2412.06292,
+Sec. 4); it gives the counts, the placements here are ours, chosen to cover the sphere evenly.
+Azimuth is about +y (0 = +z, 90 = +x), polar angle from +y; the two "pole" views sit ``pole_tilt_deg``
+off the exact poles (towards +z) because ``look_at`` with up = +y is degenerate there.
+
+* **6**: the axis views -- azimuths 0 / 90 / 180 / 270 at the equator, plus top and bottom;
+* **26** (default): 8 azimuths (0, 45, ..., 315) at polar 45 / 90 / 135, then the poles (the same
+  eyes as ``patchalign.render.zerokey_view_layout``);
+* **46**: rings at polar 30 / 60 / 90 / 120 / 150 with 6 / 10 / 12 / 10 / 6 azimuths (about
+  proportional to the ring's circumference, each ring starting at azimuth 0), then the poles.
+"""
 
 from __future__ import annotations
 
@@ -14,11 +26,44 @@ from patchalign.render import (
     look_at_cameras,
     render_mesh,
     render_points,
-    zerokey_view_layout,
+    spherical_eyes,
 )
 from zerokey.data import ShapeSample
 
-__all__ = ["RenderedViews", "ViewConfig", "make_cameras", "render_shape", "auto_point_radius"]
+__all__ = [
+    "RenderedViews",
+    "ViewConfig",
+    "VIEW_RINGS",
+    "view_layout",
+    "make_cameras",
+    "render_shape",
+    "auto_point_radius",
+]
+
+#: (polar angle, number of azimuths) rings of each layout; every layout adds the two pole views.
+VIEW_RINGS: dict[int, tuple[tuple[float, int], ...]] = {
+    6: ((90.0, 4),),
+    26: ((45.0, 8), (90.0, 8), (135.0, 8)),
+    46: ((30.0, 6), (60.0, 10), (90.0, 12), (120.0, 10), (150.0, 6)),
+}
+
+
+def view_layout(n_views: int = 26, distance: float = 2.5, pole_tilt_deg: float = 5.0) -> Tensor:
+    """(n_views, 3) eye positions of the 6 / 26 / 46-view layouts (module docstring), rings
+    polar-major, then the top and bottom views."""
+    if n_views not in VIEW_RINGS:
+        raise ValueError(f"n_views must be one of {sorted(VIEW_RINGS)} (the paper's layouts), got {n_views}")
+    if not 0.0 < pole_tilt_deg < 30.0:
+        raise ValueError(f"pole_tilt_deg must be in (0, 30), got {pole_tilt_deg}")
+    if distance <= 0:
+        raise ValueError(f"distance must be > 0, got {distance}")
+    azimuth, polar = [], []
+    for ring_polar, count in VIEW_RINGS[n_views]:
+        azimuth.append(torch.arange(count, dtype=torch.float32) * (360.0 / count))
+        polar.append(torch.full((count,), ring_polar))
+    azimuth.append(torch.zeros(2))
+    polar.append(torch.tensor([pole_tilt_deg, 180.0 - pole_tilt_deg]))
+    return spherical_eyes(torch.cat(azimuth), torch.cat(polar), distance)
 
 
 @dataclass
@@ -55,11 +100,12 @@ class ViewConfig:
             336 px crops, so ~336-512 px is the useful range; CPU render cost grows with its square.
         distance: camera distance from the origin (shapes are in the unit sphere).
         fov_deg: full field of view; None fits the unit sphere with 5% margin.
-        pole_tilt_deg: tilt of the two pole views (see ``zerokey_view_layout``).
+        pole_tilt_deg: tilt of the two pole views (see :func:`view_layout`).
         backend: mesh backend ("auto": PyTorch3D on CUDA, Embree on CPU).
         point_backend: point-cloud backend ("auto": PyTorch3D on CUDA, torch splatting otherwise).
         point_radius: disc radius for point clouds in normalised units; None picks it from the point
             spacing (see :func:`auto_point_radius`) so sparse clouds render without holes.
+        n_views: 6, 26 (paper default) or 46 (the paper's ablation), see :func:`view_layout`.
     """
 
     image_size: int = 448
@@ -69,11 +115,12 @@ class ViewConfig:
     backend: Literal["auto", "embree", "pytorch3d"] = "auto"
     point_backend: Literal["auto", "cpu", "pytorch3d"] = "auto"
     point_radius: float | None = None
+    n_views: int = 26
 
 
 def make_cameras(config: ViewConfig, device: torch.device | str = "cpu") -> Cameras:
-    """ZeroKey's 26-view layout as cameras looking at the origin."""
-    eyes = zerokey_view_layout(config.distance, config.pole_tilt_deg)
+    """The configured view layout as cameras looking at the origin."""
+    eyes = view_layout(config.n_views, config.distance, config.pole_tilt_deg)
     fov = config.fov_deg if config.fov_deg is not None else fov_to_fit_unit_sphere(config.distance)
     return look_at_cameras(eyes, fov_deg=fov, image_size=config.image_size).to(device)
 
