@@ -1,6 +1,9 @@
 """Zero-shot part-segmentation evaluation: benchmark readers, the protocol, metrics and reports.
 
-Submodules: :mod:`~patchalign.eval.datasets` (readers), :mod:`~patchalign.eval.zeroshot`
+Submodules: :mod:`~patchalign.eval.readers` (one reader per benchmark, registry),
+:mod:`~patchalign.eval.protocol` (normalisation, seeded sampling, batching),
+:mod:`~patchalign.eval.references` (the talk's numbers), :mod:`~patchalign.eval.report`
+(``python -m patchalign report``), :mod:`~patchalign.eval.zeroshot`
 (protocol), :mod:`~patchalign.eval.metrics` (torchmetrics mIoU), :mod:`~patchalign.eval.evaluator`
 (``PartSegEvaluator``, ``run_zero_shot_eval``), :mod:`~patchalign.eval.datamodule` (Lightning),
 :mod:`~patchalign.eval.bench`.
@@ -15,18 +18,18 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "PartSegDataset": "datasets",
-    "PartSegSample": "datasets",
-    "ResampledDataset": "datasets",
-    "ShapeNetPartTxt": "datasets",
-    "ShapeNetPartH5": "datasets",
-    "PartNetE": "datasets",
-    "FaustSATR": "datasets",
-    "ScanObjectNNParts": "datasets",
-    "ScanObjectNNH5": "datasets",
-    "ObjaverseFind3D": "datasets",
-    "build_dataset": "datasets",
-    "collate_part_samples": "datasets",
+    "PartSegDataset": "readers",
+    "PartSegSample": "readers",
+    "ResampledDataset": "protocol",
+    "ShapeNetPartTxt": "readers",
+    "ShapeNetPartH5": "readers",
+    "PartNetE": "readers",
+    "FaustSATR": "readers",
+    "ScanObjectNNParts": "readers",
+    "ScanObjectNNH5": "readers",
+    "ObjaverseFind3D": "readers",
+    "build_dataset": "readers",
+    "collate_part_samples": "protocol",
     "CONVENTIONS": "metrics",
     "PartSegIoU": "metrics",
     "per_shape_miou": "metrics",
@@ -37,6 +40,8 @@ _EXPORTS = {
     "EvalReport": "evaluator",
     "run_zero_shot_eval": "evaluator",
     "EvalDataModule": "datamodule",
+    "TALK_REFERENCES": "references",
+    "BestWorstPictures": "callbacks",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -17,8 +17,8 @@ from typing import get_args
 
 import torch
 
-from patchalign.eval.datasets import DatasetKind, build_dataset
 from patchalign.eval.evaluator import run_zero_shot_eval
+from patchalign.eval.readers import DatasetKind, build_dataset
 from patchalign.eval.zeroshot import PROMPT_TEMPLATES
 
 

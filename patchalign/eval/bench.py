@@ -31,14 +31,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from patchalign.eval.datasets import (
+from patchalign.eval.protocol import ResampledDataset, collate_part_samples
+from patchalign.eval.readers.shapenetpart import (
     PATCHALIGN3D_SHAPENETPART_PARTS,
     SHAPENETPART_NUM_PARTS,
     SHAPENETPART_PART_START,
     SHAPENETPART_SYNSETS,
-    ResampledDataset,
     ShapeNetPartTxt,
-    collate_part_samples,
 )
 
 DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "shapenetpart"

@@ -15,13 +15,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from patchalign.eval.datasets import (
-    DatasetKind,
-    PartSegDataset,
-    ResampledDataset,
-    build_dataset,
-    collate_part_samples,
-)
+from patchalign.eval.protocol import ResampledDataset, collate_part_samples
+from patchalign.eval.readers import DatasetKind, PartSegDataset, build_dataset
 from patchalign.eval.references import get_reference, reference_key_for
 
 

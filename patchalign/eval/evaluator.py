@@ -39,8 +39,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from patchalign.eval.datasets import PartSegDataset, ResampledDataset, collate_part_samples
 from patchalign.eval.metrics import CONVENTIONS, PartSegIoU
+from patchalign.eval.protocol import ResampledDataset, collate_part_samples
+from patchalign.eval.readers import PartSegDataset
 from patchalign.eval.references import compare_part_segmentation, get_reference
 from patchalign.eval.zeroshot import AssignMode, PartTextEmbedder, TextSource, zero_shot_predict
 
@@ -510,8 +511,6 @@ def render_best_worst(
     device = predict_kw.pop("device")
     written: list[Path] = []
     for cat, (best, worst) in report.best_worst(convention, per_category).items():
-        drawn = {rec["shape_id"] for rec in best}  # a category with few shapes: draw each once
-        worst = [rec for rec in worst if rec["shape_id"] not in drawn]
         for tag, recs in (("best", best), ("worst", worst)):
             for rank, rec in enumerate(recs):
                 sample = ds[rec["shape_id"]]
