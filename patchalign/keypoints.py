@@ -39,6 +39,7 @@ __all__ = [
     "Peak",
     "interpolate_patch_values",
     "knn_graph",
+    "symmetric_neighbours",
     "graph_geodesics",
     "name_probabilities",
     "peak_keypoints",
@@ -86,37 +87,78 @@ def knn_graph(points: Tensor, k: int = 10) -> tuple[Tensor, Tensor]:
     return idx, dist
 
 
-def graph_geodesics(points: Tensor, sources: Tensor, k: int = 10, max_iters: int | None = None) -> Tensor:
+def symmetric_neighbours(points: Tensor, k: int = 10) -> tuple[Tensor, Tensor]:
+    """Padded adjacency of the symmetrised k-NN graph: ``(N, D)`` neighbour indices and lengths.
+
+    Row ``i`` lists every ``j`` with ``j`` in kNN(i) or ``i`` in kNN(j), once; padding entries point at
+    ``i`` itself with length ``inf``. ``D`` is the largest degree (k to a few times k).
+    """
+    n = points.shape[0]
+    idx, w = knn_graph(points, k)
+    src = torch.arange(n, device=points.device).repeat_interleave(idx.shape[1])
+    a = torch.cat([src, idx.reshape(-1)])
+    b = torch.cat([idx.reshape(-1), src])
+    length = torch.cat([w.reshape(-1), w.reshape(-1)])
+    key, order = torch.sort(a * n + b, stable=True)
+    keep = torch.ones_like(key, dtype=torch.bool)
+    keep[1:] = key[1:] != key[:-1]  # the same edge listed from both ends
+    a, b, length = a[order][keep], b[order][keep], length[order][keep]
+    degree = torch.bincount(a, minlength=n)
+    start = torch.cumsum(degree, 0) - degree
+    slot = torch.arange(a.numel(), device=points.device) - start[a]
+    width = int(degree.max()) if n else 0
+    nbr = torch.arange(n, device=points.device)[:, None].expand(n, width).clone()
+    dist = torch.full((n, width), float("inf"), device=points.device)
+    nbr[a, slot], dist[a, slot] = b, length
+    return nbr, dist
+
+
+def graph_geodesics(
+    points: Tensor,
+    sources: Tensor,
+    k: int = 10,
+    method: str = "auto",
+    max_iters: int | None = None,
+    graph: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
     """Shortest-path distances from each source to every point on the symmetrised k-NN graph.
 
-    Min-plus (Bellman-Ford) relaxation over all sources at once: each round every point pulls the
-    best distance through its own neighbours and pushes it to the points that list it as a
-    neighbour (the reverse edges), until nothing changes. Points on another graph component stay
-    ``inf``.
+    Two exact methods: ``relax`` -- min-plus (Bellman-Ford) relaxation over all sources at once on
+    the padded adjacency of :func:`symmetric_neighbours` (each round every point takes the best
+    distance through any neighbour, until nothing changes; tens of rounds, cheap on a GPU), and
+    ``dijkstra`` -- SciPy's C Dijkstra on the same graph (a few ms for 2048 points on one CPU core,
+    where each relaxation round costs about as much). ``auto`` takes Dijkstra for CPU tensors and
+    relaxation on accelerators, so the work stays on the device the points are on. Points on
+    another graph component stay ``inf``.
 
     Args:
         points: ``(N, 3)``.
         sources: ``(S,)`` point indices.
+        graph: a precomputed :func:`symmetric_neighbours` of ``points`` (reused across calls).
 
     Returns:
         ``(S, N)`` distances.
     """
     n = points.shape[0]
-    idx, w = knn_graph(points, k)
+    nbr, w = graph if graph is not None else symmetric_neighbours(points, k)
+    if method == "auto":
+        method = "dijkstra" if points.device.type == "cpu" else "relax"
+    if method == "dijkstra":
+        from scipy.sparse import csr_matrix
+        from scipy.sparse.csgraph import dijkstra
+
+        finite = torch.isfinite(w)
+        rows = torch.arange(n)[:, None].expand_as(nbr)[finite].numpy()
+        graph = csr_matrix((w[finite].double().numpy(), (rows, nbr[finite].numpy())), shape=(n, n))
+        out = dijkstra(graph, directed=True, indices=sources.long().cpu().numpy())
+        return torch.from_numpy(out).to(points.device, torch.float32).reshape(sources.numel(), n)
+    if method != "relax":
+        raise ValueError(f"unknown geodesic method {method!r}: use 'auto', 'dijkstra' or 'relax'")
     s = sources.numel()
     dist = torch.full((s, n), float("inf"), device=points.device)
     dist[torch.arange(s, device=points.device), sources.long()] = 0.0
-    flat_idx = idx.reshape(-1)  # edge (i -> idx[i, j]) with length w[i, j]
-    src_of_edge = torch.arange(n, device=points.device).repeat_interleave(idx.shape[1])
-    flat_w = w.reshape(-1)
     for _ in range(max_iters or n):
-        # pull: d[i] <- min_j d[idx[i, j]] + w[i, j]
-        pulled = (dist[:, idx] + w[None]).amin(-1)
-        # push: d[idx[i, j]] <- d[i] + w[i, j]
-        pushed = torch.full_like(dist, float("inf")).scatter_reduce(
-            1, flat_idx[None].expand(s, -1), dist[:, src_of_edge] + flat_w[None], reduce="amin"
-        )
-        new = torch.minimum(dist, torch.minimum(pulled, pushed))
+        new = torch.minimum(dist, (dist[:, nbr] + w[None]).amin(-1))
         if torch.equal(new, dist):
             break
         dist = new
@@ -178,6 +220,7 @@ def peak_keypoints(
     field = scores.T.float()  # (K, N)
     neg = torch.finfo(field.dtype).min
     peaks: list[Peak] = []
+    graph = symmetric_neighbours(points, graph_k)
     for round_ in range(max(instances, default=0)):
         active = [i for i in range(kk) if instances[i] > round_ and available[i].any()]
         if not active:
@@ -185,7 +228,7 @@ def peak_keypoints(
         act = torch.tensor(active, device=points.device)
         masked = field[act].masked_fill(~available[act], neg)
         best_score, best = masked.max(-1)  # (A,)
-        geo = graph_geodesics(points, best, k=graph_k)  # (A, N)
+        geo = graph_geodesics(points, best, graph=graph)  # (A, N)
         region = geo <= region_radius
         w = field[act].clamp_min(0) * region
         w = torch.where(w.sum(-1, keepdim=True) > 0, w, region.float())

@@ -194,6 +194,15 @@ class ZeroShotFeatureKeypoints:
         self.num_points = num_points
         self.view_config = views or ViewConfig()
         self.pointer = None  # no MLLM pointing (the writer and summaries look for one)
+        self._text_cache: dict[tuple, Tensor] = {}
+
+    def text(self, names: list[str], category: str | None, device: torch.device) -> Tensor:
+        """Name embeddings, memoised per (names, category): a category's names recur on every shape."""
+        key = (tuple(names), category, str(device))
+        if key not in self._text_cache:
+            model = self.features.model(device)
+            self._text_cache[key] = model.text_embeddings(names, category=category).to(device)
+        return self._text_cache[key]
 
     def _names(self, shape: ShapeSample, device: torch.device) -> Any:
         if isinstance(self.namer, _NAMERS_WITHOUT_IMAGES):
@@ -221,7 +230,7 @@ class ZeroShotFeatureKeypoints:
         if names:
             with timer("peaks"):
                 model = self.features.model(device)
-                text = model.text_embeddings(names, category=shape.category).to(device)
+                text = self.text(names, shape.category, device)
                 scores = dense.name_scores(text, model.logit_scale_value, self.score)
                 peaks = peak_keypoints(
                     dense.points,
@@ -507,7 +516,7 @@ class UnifiedKeypoints:
         k = len(names)
         with timer("propose"):
             if k:
-                text = model.text_embeddings(names, category=shape.category).to(device)
+                text = self.zero_shot.text(names, shape.category, device)
                 scores = dense.name_scores(text, model.logit_scale_value, self.zero_shot.score)
                 per_name = [max(self.candidates_per_name, n) for n in instances]
                 peaks = peak_keypoints(
