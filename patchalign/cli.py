@@ -44,12 +44,18 @@ class PatchAlignCLI(LightningCLI):
         )
 
     def before_instantiate_classes(self) -> None:
-        """Put checkpoints in ``<default_root_dir>/checkpoints`` unless a dirpath is given.
+        """Route non-Lightning ``--ckpt_path`` files to ``init_from``; put checkpoints under the run dir.
 
-        One override (``--trainer.default_root_dir``) then moves a whole run, and the path is the same
+        ``validate/test/predict --ckpt_path`` accepts what ``init_from`` does: an export directory
+        or a released PatchAlign3D ``.pt`` cannot be restored by Lightning (no trainer state), so it
+        becomes ``model.init_args.init_from`` with ``init_head: true`` and the strict load applies.
+
+        Checkpoints go to ``<default_root_dir>/checkpoints`` unless a dirpath is given. One
+        override (``--trainer.default_root_dir``) then moves a whole run, and the path is the same
         on every Slurm requeue, so ``--ckpt_path last`` and the requeue checkpoint find their files.
         """
         cfg = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        self._route_foreign_ckpt_path(cfg)
         trainer = cfg.get("trainer")
         if trainer is None:
             return
@@ -59,6 +65,29 @@ class PatchAlignCLI(LightningCLI):
                 args = cb.get("init_args")
                 if args is not None and args.get("dirpath") is None:
                     args["dirpath"] = str(root / "checkpoints")
+
+    def _route_foreign_ckpt_path(self, cfg: Any) -> None:
+        ckpt_path = cfg.get("ckpt_path") if hasattr(cfg, "get") else None
+        if not ckpt_path or self.subcommand not in ("validate", "test", "predict"):
+            return
+        if str(ckpt_path) in ("last", "best", "hpc", "registry"):
+            return
+        from patchalign.checkpoints import detect_kind
+
+        kind = detect_kind(ckpt_path)
+        if kind == "lightning":
+            return
+        model = cfg.get("model")
+        init_args = model.get("init_args") if model is not None else None
+        if init_args is None or "init_from" not in init_args:
+            raise ValueError(
+                f"--ckpt_path {ckpt_path} is a {kind} file, which only a model with init_from "
+                "(patchalign.lit.Stage2Alignment) can load"
+            )
+        init_args["init_from"] = str(ckpt_path)
+        init_args["init_head"] = True
+        cfg["ckpt_path"] = None
+        print(f"--ckpt_path {ckpt_path}: {kind} format, loaded through model.init_args.init_from (strict)")
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> PatchAlignCLI:

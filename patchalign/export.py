@@ -1,16 +1,19 @@
-"""Export a training checkpoint to a self-contained inference directory.
+"""Export a checkpoint to a self-contained inference directory.
 
-``export_checkpoint(ckpt, out_dir)`` writes
+``export_checkpoint(ckpt, out_dir)`` reads any format :mod:`patchalign.checkpoints` accepts (a
+Lightning checkpoint, a released PatchAlign3D ``patchalign3d.pt``, or another export) and writes
 
 * ``model.safetensors``: the encoder and its projection head, nothing else (no optimizer, no
   teacher, no EMA, no Lightning state), keys ``encoder.<PatchAlignEncoder parameter>``;
 * ``config.json``: ``{"format": "patchalign-pretrained", "encoder": EncoderConfig.to_dict(),
-  "text_encoder": <spec>, "logit": {"form", "scale", "bias"}, "templates": [...], ...}``;
+  "text_encoder": <spec>, "logit": {"form", "scale", "bias", "max_scale", "multiplier"},
+  "templates": [...], ...}``. A released file records OpenCLIP ViT-bigG-14 / laion2b_s39b_b160k and
+  the ``log_scale`` form, whose multiplier is ``min(exp(temp.log_scale), 100)`` as released;
 * optionally ``encoder.pt2``: a ``torch.export`` program of the encoder for a fixed input size,
   returning ``(patch_features, centers, point_to_patch)``.
 
 The directory loads with :func:`patchalign.pretrained.load_pretrained`, which needs neither
-Lightning nor this module. Usage: ``python -m patchalign.export CKPT OUT_DIR [--torch-export]``.
+Lightning nor this module. Usage: ``python -m patchalign export CKPT OUT_DIR [--torch-export]``.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,16 +32,23 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from patchalign.model import EncoderConfig, PatchAlignEncoder
+from patchalign.checkpoints import (
+    CONFIG_NAME,
+    FORMAT,
+    FORMAT_VERSION,
+    PROGRAM_NAME,
+    WEIGHTS_NAME,
+    CheckpointError,
+    effective_multiplier,
+    load_encoder_state,
+    read_checkpoint,
+)
+from patchalign.model import PatchAlignEncoder
+from patchalign.text import DEFAULT_TEMPLATES, normalize_template
 
 log = logging.getLogger(__name__)
 
-FORMAT = "patchalign-pretrained"
-FORMAT_VERSION = 1
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-PROGRAM_NAME = "encoder.pt2"
-DEFAULT_TEMPLATES = ["{part}", "a {part}", "{part} part"]  # released PatchAlign3D part_only prompts
+__all__ = ["CONFIG_NAME", "FORMAT", "PROGRAM_NAME", "WEIGHTS_NAME", "export_checkpoint", "export_program"]
 
 
 class _ExportableEncoder(nn.Module):
@@ -52,35 +63,11 @@ class _ExportableEncoder(nn.Module):
         return out.patch_features, out.centers, out.point_to_patch
 
 
-def _load_checkpoint(path: Path) -> dict[str, Any]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as first:  # noqa: BLE001 - Lightning hparams can hold non-tensor objects
-        log.info("weights_only load of %s failed (%s); retrying with full unpickling", path, first)
-        return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def _logit_params(state: Mapping[str, Tensor], hparams: Mapping[str, Any]) -> dict[str, Any]:
-    """The patch-text logit parameters: ``sigmoid`` (``exp(scale) * cos + bias``, SigLIP loss) or
-    ``scale`` (``min(scale, 100) * cos``, the released BCE loss), from the Stage 2 ``loss`` hparam or,
-    failing that, from whether a bias was trained; ``none`` without logit parameters."""
-    scale = next((v for k, v in state.items() if k.endswith("logit_scale")), None)
-    bias = next((v for k, v in state.items() if k.endswith("logit_bias")), None)
-    by_loss = {"siglip": "sigmoid", "bce": "scale"}.get(str(hparams.get("loss")))
-    form = by_loss or ("sigmoid" if bias is not None else "scale")
-    if scale is None:
-        form = "none"
-    return {
-        "form": form,
-        "scale": float(scale) if scale is not None else None,
-        "bias": float(bias) if bias is not None else None,
-    }
-
-
-def _text_provenance(hparams: Mapping[str, Any]) -> tuple[str | None, list[str]]:
-    """Text encoder spec and prompt templates: from the hparams, else from the Stage 2 text bank's
+def _text_provenance(
+    encoder_id: str | None, templates: list[str] | None, hparams: Mapping[str, Any]
+) -> tuple[str | None, list[str]]:
+    """Text encoder spec and prompt templates: as recorded, else from the Stage 2 text bank's
     header (the bank records the encoder id and templates its vectors were made with)."""
-    encoder_id, templates = hparams.get("text_encoder"), hparams.get("text_templates")
     bank = hparams.get("text_bank")
     if (encoder_id is None or templates is None) and bank and Path(bank).is_file():
         try:
@@ -90,7 +77,7 @@ def _text_provenance(hparams: Mapping[str, Any]) -> tuple[str | None, list[str]]
             templates = templates or json.loads(meta.get("templates", "[]")) or None
         except Exception as e:  # noqa: BLE001 - provenance is best effort; the weights are what matter
             log.warning("could not read text-bank metadata from %s: %s", bank, e)
-    return encoder_id, list(templates or DEFAULT_TEMPLATES)
+    return encoder_id, [normalize_template(t) for t in (templates or DEFAULT_TEMPLATES)]
 
 
 def export_checkpoint(
@@ -98,16 +85,19 @@ def export_checkpoint(
     out_dir: str | os.PathLike,
     torch_export: bool = False,
     num_points: int = 2048,
+    strict: bool = True,
 ) -> Path:
     """Write ``model.safetensors`` + ``config.json`` (and ``encoder.pt2`` if ``torch_export``) to ``out_dir``.
 
     Args:
-        ckpt_path: a Lightning checkpoint: ``state_dict`` with ``encoder.*`` keys (others dropped),
-            ``hyper_parameters.encoder_config`` (an ``EncoderConfig`` dict) and optionally
-            ``hyper_parameters.text_encoder`` (spec string) and ``text_templates``, or a
-            ``text_bank`` path whose safetensors header supplies both (Stage 2 checkpoints).
+        ckpt_path: a Lightning checkpoint (``state_dict`` with ``encoder.*`` keys, others dropped;
+            ``hyper_parameters.encoder_config``; optionally ``text_encoder`` / ``text_templates`` or
+            a ``text_bank`` path whose safetensors header supplies both), a released
+            ``patchalign3d.pt``, or an export directory.
         out_dir: created if needed; existing files of the same names are replaced.
         torch_export: also save a ``torch.export`` program for ``(1, num_points, 3)`` inputs.
+        strict: refuse weights that do not match the architecture (default); ``False`` exports the
+            matching tensors (the rest keep their initialisation) and logs the counts.
 
     Returns:
         ``out_dir`` as a ``Path``.
@@ -117,42 +107,38 @@ def export_checkpoint(
             the config (missing/unexpected/mis-shaped tensors are listed).
     """
     ckpt_path, out = Path(ckpt_path), Path(out_dir)
-    ckpt = _load_checkpoint(ckpt_path)
-    state = ckpt.get("state_dict")
-    hp = ckpt.get("hyper_parameters") or {}
-    if not isinstance(state, Mapping):
-        raise ValueError(f"{ckpt_path}: no 'state_dict' (is this a Lightning checkpoint?)")
-    if "encoder_config" not in hp:
-        raise ValueError(f"{ckpt_path}: hyper_parameters has no 'encoder_config'")
-    enc_cfg = hp["encoder_config"]
-    config = enc_cfg if isinstance(enc_cfg, EncoderConfig) else EncoderConfig.from_dict(dict(enc_cfg))
-    enc_state = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
-    if not enc_state:
-        raise ValueError(f"{ckpt_path}: state_dict has no 'encoder.*' tensors")
-    encoder = PatchAlignEncoder(config)
-    try:
-        encoder.load_state_dict(enc_state, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"{ckpt_path}: encoder weights do not match encoder_config: {e}") from e
-    dropped = sorted({k.split(".", 1)[0] for k in state if not k.startswith("encoder.")})
+    ckpt = read_checkpoint(ckpt_path)
+    if ckpt.encoder_config is None:
+        raise CheckpointError(f"{ckpt_path}: hyper_parameters has no 'encoder_config'")
+    encoder = PatchAlignEncoder(ckpt.encoder_config)
+    load_encoder_state(encoder, ckpt.state, strict=strict, source=str(ckpt_path))
     tensors = {f"encoder.{k}": v.detach().to("cpu").contiguous() for k, v in encoder.state_dict().items()}
-    text_encoder, text_templates = _text_provenance(hp)
+    text_encoder, text_templates = _text_provenance(ckpt.text_encoder, ckpt.templates, ckpt.hparams)
+    logit = dict(ckpt.logit)
+    if logit.get("form", "none") != "none":
+        logit["multiplier"] = effective_multiplier(logit)
     cfg_json = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "encoder": config.to_dict(),
+        "encoder": ckpt.encoder_config.to_dict(),
         "text_encoder": text_encoder,
-        "logit": _logit_params(state, hp),
+        "logit": logit,
         "templates": list(text_templates),
         "source_checkpoint": ckpt_path.name,
-        "epoch": ckpt.get("epoch"),
-        "global_step": ckpt.get("global_step"),
+        "source_format": ckpt.kind,
+        "epoch": ckpt.extra.get("epoch"),
+        "global_step": ckpt.extra.get("global_step"),
     }
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": FORMAT})
     (out / CONFIG_NAME).write_text(json.dumps(cfg_json, indent=2))
+    dropped = ", ".join(ckpt.extra.get("other_modules") or []) or "nothing"
     log.info(
-        "exported %d encoder tensors to %s (dropped: %s)", len(tensors), out, ", ".join(dropped) or "nothing"
+        "exported %d encoder tensors from a %s file to %s (dropped: %s)",
+        len(tensors),
+        ckpt.kind,
+        out,
+        dropped,
     )
     if torch_export:
         export_program(encoder, out / PROGRAM_NAME, num_points)
@@ -175,19 +161,33 @@ def export_program(
     return path
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m patchalign.export", description=__doc__.split("\n")[0])
-    p.add_argument("ckpt", help="Lightning checkpoint (.ckpt)")
+    p.add_argument("ckpt", help="Lightning checkpoint (.ckpt), released patchalign3d.pt, or an export dir")
     p.add_argument("out_dir", help="output directory")
     p.add_argument("--torch-export", action="store_true", help="also write encoder.pt2 (torch.export)")
     p.add_argument("--num-points", type=int, default=2048, help="input size of the torch.export program")
+    p.add_argument(
+        "--non-strict",
+        action="store_true",
+        help="export even if tensors are missing/unexpected (logs counts)",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    out = export_checkpoint(
-        args.ckpt, args.out_dir, torch_export=args.torch_export, num_points=args.num_points
-    )
+    try:
+        out = export_checkpoint(
+            args.ckpt,
+            args.out_dir,
+            torch_export=args.torch_export,
+            num_points=args.num_points,
+            strict=not args.non_strict,
+        )
+    except (CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"exported to {out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

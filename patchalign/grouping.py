@@ -4,17 +4,36 @@ Pure, batched torch so it runs anywhere torch runs (CPU nodes, any GPU) without 
 extension. The only Python loop is FPS's loop over the ``num_centers`` *selection steps*, which is
 inherent to the greedy algorithm; every step is one vectorised op over all points of all shapes.
 
-Semantics match PyTorch3D (``pytorch3d.ops.sample_farthest_points`` with a fixed start and
-``knn_points`` sorted by distance), which the tests check index for index.
+FPS has two rules (``rule``):
+
+* ``"pointnet2"`` (default, what the released PatchAlign3D / Point-BERT weights saw): the
+  ``furthest_point_sampling_kernel`` of pointnet2_ops (erikwijmans/Pointnet2_PyTorch,
+  ``pointnet2_ops_lib/pointnet2_ops/_ext-src/src/sampling_gpu.cu``; read at the forks
+  Bekci/Pointnet2_PyTorch @ f9eae10 and others) skips every point with ``x*x + y*y + z*z <= 1e-3``
+  (``if (mag <= 1e-3) continue;``), so such a point is never chosen after the first index, which is
+  always 0. On unit-sphere clouds that excludes a ball of radius 0.032 around the origin.
+* ``"pytorch3d"``: plain greedy FPS, ``pytorch3d.ops.sample_farthest_points`` with a fixed start
+  (the tests check it index for index against PyTorch3D, as they do ``knn_points``).
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor
 
+FPSRule = Literal["pointnet2", "pytorch3d"]
+POINTNET2_SKIP_SQ_NORM = 1e-3
+"""Squared norm at or below which the pointnet2 CUDA kernel never selects a point."""
 
-def farthest_point_sample(points: Tensor, num_samples: int, start_index: Tensor | int | None = 0) -> Tensor:
+
+def farthest_point_sample(
+    points: Tensor,
+    num_samples: int,
+    start_index: Tensor | int | None = 0,
+    rule: FPSRule = "pointnet2",
+) -> Tensor:
     """Greedy farthest point sampling.
 
     Args:
@@ -23,11 +42,16 @@ def farthest_point_sample(points: Tensor, num_samples: int, start_index: Tensor 
         start_index: first index per shape: an int (same for all), a ``(B,)`` tensor, or ``None``
             for a random start (training-time jitter). ``0`` is deterministic and equals
             PyTorch3D's ``random_start_point=False`` and the pointnet2 CUDA op.
+        rule: ``"pointnet2"`` (released: points with ``|p|^2 <= 1e-3`` are never chosen after the
+            first; if every remaining candidate is such a point, index 0 is returned, as the
+            kernel's ``besti = 0`` does) or ``"pytorch3d"`` (plain greedy FPS).
 
     Returns:
         ``(B, K)`` int64 indices into ``N``. Ties are broken towards the lowest index, as
-        ``torch.argmax`` and PyTorch3D do.
+        ``torch.argmax``, PyTorch3D and the kernel's per-thread strict ``>`` do.
     """
+    if rule not in ("pointnet2", "pytorch3d"):
+        raise ValueError(f"unknown FPS rule {rule!r}; use 'pointnet2' or 'pytorch3d'")
     if points.dim() != 3 or points.shape[-1] != 3:
         raise ValueError(f"points must be (B, N, 3), got {tuple(points.shape)}")
     b, n, _ = points.shape
@@ -45,6 +69,10 @@ def farthest_point_sample(points: Tensor, num_samples: int, start_index: Tensor 
     batch = torch.arange(b, device=device)
     selected = torch.empty((b, num_samples), dtype=torch.long, device=device)
     min_dist = torch.full((b, n), float("inf"), device=device)
+    if rule == "pointnet2":  # skipped points keep -inf: never the argmax while any other remains
+        x, y, z = pts.unbind(-1)
+        skipped = (x * x + y * y + z * z) <= POINTNET2_SKIP_SQ_NORM
+        min_dist = min_dist.masked_fill(skipped, float("-inf"))
     for i in range(num_samples):
         selected[:, i] = current
         last = pts[batch, current]  # (B, 3)
@@ -101,7 +129,11 @@ def gather_points(points: Tensor, index: Tensor) -> Tensor:
 
 
 def group_points(
-    points: Tensor, num_groups: int, group_size: int, start_index: Tensor | int | None = 0
+    points: Tensor,
+    num_groups: int,
+    group_size: int,
+    start_index: Tensor | int | None = 0,
+    rule: FPSRule = "pointnet2",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Form Point-BERT patches: FPS centres, then each centre's ``group_size`` nearest points.
 
@@ -110,7 +142,7 @@ def group_points(
         centers: ``(B, G, 3)``.
         group_index: ``(B, G, S)`` indices of each patch's points in the input cloud.
     """
-    center_idx = farthest_point_sample(points, num_groups, start_index)
+    center_idx = farthest_point_sample(points, num_groups, start_index, rule=rule)
     centers = gather_points(points, center_idx)
     group_index = knn_indices(centers, points, group_size)
     neighborhoods = gather_points(points, group_index) - centers[:, :, None, :]

@@ -2,16 +2,21 @@
 
 The encoder (:class:`patchalign.model.PatchAlignEncoder`) and the losses (:mod:`patchalign.losses`)
 are plain torch; these classes only wire them to batches, optimisers, logging and checkpoints.
+Defaults reproduce the released training (dickoah/PatchAlign3D ``src/training/stage1.py`` and
+``stage2.py``, arXiv 2601.02457); every difference our configs choose is listed in
+``docs/fidelity.md``.
 
 Batches come from :class:`patchalign.data.datamodule.ShardDataModule`::
 
     points (B, P, 3)  features (B, P, C)  membership (B, P, L)  label_ids (B, L)  label_mask (B, L)
+    category list[str]   [patch_centers (B, G0, 3)  patch_features (B, G0, C)]  (released Stage 1 targets)
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from patchalign.checkpoints import Checkpoint, LoadReport, load_checkpoint_into
+from patchalign.data.schema import clean_part_name
 from patchalign.grouping import gather_points, patch_membership_fraction
 from patchalign.losses import (
     ScaleLogitParams,
@@ -68,6 +75,72 @@ def soft_text_targets(membership: Tensor, label_ids: Tensor, group_index: Tensor
     return out.scatter_reduce(2, ids, frac, reduce="amax", include_self=True)
 
 
+@dataclass
+class OptimizerConfig:
+    """AdamW, schedule and batch/learning-rate rule shared by both stages.
+
+    Defaults are the released recipe (``stage1.py`` / ``stage2.py``): ``AdamW(groups,
+    weight_decay=0.05)`` with torch's betas and eps, the encoder at ``lr`` (``--enc_learning_rate``
+    1e-4) and the head and temperature at ``head_lr`` (``--learning_rate`` 5e-4), weight decay on
+    every parameter, no schedule.
+
+    Attributes:
+        lr: learning rate of the encoder.
+        head_lr: learning rate of the projection head and the Stage 2 logit parameters.
+        weight_decay: AdamW decoupled weight decay.
+        decay_all_params: decay every parameter (released); ``False`` exempts norms, biases, the
+            CLS token/position and the logit parameters (timm / Point-BERT ``add_weight_decay``).
+        betas, eps: AdamW's.
+        schedule: ``constant`` (released) or ``cosine`` decay to ``min_lr_ratio`` after warm-up.
+        warmup_steps: linear warm-up steps (released: 0).
+        min_lr_ratio: final learning rate of the cosine schedule relative to the peak.
+        global_batch_size: the global batch (per-rank batch x ranks x gradient accumulation) the
+            learning rates are meant for; ``None``: the data module's ``batch_size``, i.e. the
+            batch as configured for one device (the released runs use one GPU).
+        ddp_rule: what happens when ranks x accumulation x per-rank batch differs from it:
+            ``keep_global_batch`` (default) sets the per-rank batch to ``global_batch_size /
+            (ranks x accumulation)``: the released batch 32 on any number of GPUs, at the same lr
+            and the same number of steps (an error if it does not divide); ``scale_lr`` keeps the
+            per-rank batch and multiplies both learning rates by ``actual / global_batch_size``
+            (linear scaling rule, Goyal et al., arXiv 1706.02677); ``none`` changes nothing
+            (the global batch grows with the GPU count at the same lr; printed as a warning).
+        The rule and the resulting global batch and learning rates are printed when ``fit`` starts.
+    """
+
+    lr: float = 1e-4
+    head_lr: float = 5e-4
+    weight_decay: float = 0.05
+    decay_all_params: bool = True
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.01
+    global_batch_size: int | None = None
+    ddp_rule: Literal["keep_global_batch", "scale_lr", "none"] = "keep_global_batch"
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.head_lr <= 0 or self.weight_decay < 0 or self.warmup_steps < 0:
+            raise ValueError(f"optimizer: lr/head_lr must be > 0, weight_decay/warmup_steps >= 0: {self}")
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"optimizer.schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+        if self.ddp_rule not in ("keep_global_batch", "scale_lr"):
+            raise ValueError(
+                f"optimizer.ddp_rule must be keep_global_batch or scale_lr, got {self.ddp_rule!r}"
+            )
+        if self.global_batch_size is not None and self.global_batch_size < 1:
+            raise ValueError("optimizer.global_batch_size must be positive")
+        self.betas = (float(self.betas[0]), float(self.betas[1]))
+
+
+def _as_optimizer_config(optim: OptimizerConfig | dict | None) -> OptimizerConfig:
+    if optim is None:
+        return OptimizerConfig()
+    if isinstance(optim, OptimizerConfig):
+        return optim
+    return OptimizerConfig(**dict(optim))
+
+
 def _param_groups(
     named: list[tuple[str, nn.Parameter]], lr: float, weight_decay: float, decay_all: bool
 ) -> list[dict]:
@@ -86,15 +159,81 @@ def _param_groups(
     return groups
 
 
+def build_optimizer(
+    body: list[tuple[str, nn.Parameter]],
+    head: list[tuple[str, nn.Parameter]],
+    cfg: OptimizerConfig,
+    total_steps: int,
+    lr_factor: float = 1.0,
+) -> dict[str, Any]:
+    """AdamW over the trainable ``body`` (encoder) and ``head`` parameters plus a per-step schedule."""
+    groups = _param_groups(body, cfg.lr * lr_factor, cfg.weight_decay, cfg.decay_all_params)
+    groups += _param_groups(head, cfg.head_lr * lr_factor, cfg.weight_decay, cfg.decay_all_params)
+    opt = torch.optim.AdamW(groups, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    total = max(1, int(total_steps))
+    warmup = min(cfg.warmup_steps, total)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
 class _StageBase(L.LightningModule):
     """Shared optimiser, schedule and encoder bookkeeping of both stages."""
 
     encoder: PatchAlignEncoder
 
-    # hyper-parameters (lr, head_lr, weight_decay, warmup_steps, cosine_schedule, min_lr_ratio,
-    # decay_all_params) are saved by the subclasses' save_hyperparameters() and read from self.hparams
-    def __init__(self) -> None:
+    def __init__(self, optim: OptimizerConfig | dict | None = None) -> None:
         super().__init__()
+        self.optim = _as_optimizer_config(optim)
+        self._lr_factor = 1.0
+
+    def _record_optimizer_config(self) -> None:
+        # a plain dict in the checkpoint: weights_only loading needs no allow-listed dataclass
+        self.hparams["optim"] = asdict(self.optim)
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self._trainer is not None:
+            self._apply_batch_rule()
+
+    def _apply_batch_rule(self) -> None:
+        """State the global batch and, with ``optim.global_batch_size``, keep it or scale the lr."""
+        trainer, cfg = self.trainer, self.optim
+        dm = getattr(trainer, "datamodule", None)
+        per_rank = getattr(dm, "batch_size", None)
+        if per_rank is None:
+            return
+        ranks = int(trainer.world_size)
+        accum = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
+        target = int(cfg.global_batch_size or per_rank)
+        actual = int(per_rank) * ranks * accum
+        if actual != target and cfg.ddp_rule == "keep_global_batch":
+            if target % (ranks * accum):
+                raise ValueError(
+                    f"global batch {target} is not divisible by {ranks} ranks x {accum} accumulation "
+                    "steps: change the allocation or the batch, or set optim.ddp_rule: scale_lr"
+                )
+            dm.batch_size = target // (ranks * accum)
+            actual = target
+        elif actual != target and cfg.ddp_rule == "scale_lr":
+            self._lr_factor = actual / target
+        msg = (
+            f"global batch {actual} = {dm.batch_size} per rank x {ranks} ranks x {accum} accumulation "
+            f"(optim.ddp_rule={cfg.ddp_rule}, reference {target}); lr {cfg.lr * self._lr_factor:g} encoder, "
+            f"{cfg.head_lr * self._lr_factor:g} head"
+        )
+        if actual != target:  # ddp_rule: none
+            msg += f" -- WARNING: not the reference batch {target}, learning rates unchanged"
+            log.warning(msg)
+        if trainer.is_global_zero:
+            print(msg)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The random state (drop-path, random FPS starts) so a requeued job continues the same run.
@@ -120,26 +259,11 @@ class _StageBase(L.LightningModule):
         raise NotImplementedError
 
     def configure_optimizers(self) -> Any:
-        hp = self.hparams
         head = self.head_parameters()
         head_ids = {id(p) for _, p in head}
         body = [(n, p) for n, p in self.named_parameters() if id(p) not in head_ids]
-        groups = _param_groups(body, hp.lr, hp.weight_decay, hp.decay_all_params)
-        groups += _param_groups(head, hp.head_lr, hp.weight_decay, hp.decay_all_params)
-        opt = torch.optim.AdamW(groups, betas=(0.9, 0.999))
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = min(hp.warmup_steps, total)
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            if not hp.cosine_schedule:
-                return 1.0
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
+        return build_optimizer(body, head, self.optim, total, self._lr_factor)
 
     def _log_skips(self) -> None:
         """Log the data module's per-reason skip counts (bad samples are counted, never silent)."""
@@ -152,14 +276,15 @@ class _StageBase(L.LightningModule):
 class Stage1Distillation(_StageBase):
     """Stage 1: distil back-projected teacher (DINOv2) features into the patches; all layers train.
 
+    Targets: when the batch carries the released compact per-shape targets (``patch_centers``
+    ``(B, G0, 3)`` + ``patch_features`` ``(B, G0, C)``), each predicted centre takes the feature of
+    its nearest stored centre (:func:`patchalign.patch_targets.match_patch_targets`, the released
+    ``train_epoch_dino``); otherwise the mean per-point teacher feature of each patch
+    (:func:`patch_feature_targets`).
+
     Args:
         encoder: the backbone with a head as wide as the teacher features (768 for DINOv2-base).
-        lr: learning rate of everything but the head.
-        head_lr: learning rate of the projection head.
-        weight_decay: AdamW decay on weight matrices (not on norms, biases and tokens).
-        warmup_steps: linear warm-up steps.
-        cosine_schedule: cosine decay to ``min_lr_ratio`` after warm-up.
-        decay_all_params: also decay norms/biases/tokens (what a plain AdamW(model.parameters()) does).
+        optim: :class:`OptimizerConfig` (default: the released AdamW recipe).
         target_widths: set by the CLI from the data (``{"features": C, "text": D}``); the head is
             rebuilt to ``features`` width if it differs, so the width is never typed twice.
     """
@@ -167,17 +292,12 @@ class Stage1Distillation(_StageBase):
     def __init__(
         self,
         encoder: PatchAlignEncoder,
-        lr: float = 1e-4,
-        head_lr: float = 5e-4,
-        weight_decay: float = 0.05,
-        warmup_steps: int = 500,
-        cosine_schedule: bool = True,
-        min_lr_ratio: float = 0.01,
-        decay_all_params: bool = False,
+        optim: OptimizerConfig | None = None,
         target_widths: dict[str, int] | None = None,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters(ignore=["encoder"])
+        super().__init__(optim)
+        self.save_hyperparameters(ignore=["encoder", "optim"])
+        self._record_optimizer_config()
         if target_widths and target_widths.get("features") not in (None, encoder.config.head_dim):
             encoder.reset_head(target_widths["features"])
         if encoder.head is None:
@@ -190,15 +310,31 @@ class Stage1Distillation(_StageBase):
     def head_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(f"encoder.head.{n}", p) for n, p in self.encoder.head.named_parameters()]
 
-    def _step(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
-        out = self.encoder(batch["points"])
-        feats = batch["features"]
-        if feats.shape[-1] != out.patch_features.shape[-1]:
+    def targets(self, batch: dict[str, Any], out: Any) -> tuple[Tensor, Tensor]:
+        """``(targets (B, G, C), mask (B, G))`` for the patches the encoder formed."""
+        width = out.patch_features.shape[-1]
+        if batch.get("patch_centers") is not None:
+            from patchalign.patch_targets import match_patch_targets
+
+            stored = batch["patch_features"]
+            if stored.shape[-1] != width:
+                raise ValueError(
+                    f"stored patch features have width {stored.shape[-1]} but the head outputs {width}"
+                )
+            return match_patch_targets(out.centers, batch["patch_centers"], stored)
+        feats = batch.get("features")
+        if feats is None:
+            raise ValueError("Stage 1 batch has neither per-point 'features' nor 'patch_centers'")
+        if feats.shape[-1] != width:
             raise ValueError(
                 f"teacher features have width {feats.shape[-1]} but the head outputs "
-                f"{out.patch_features.shape[-1]}: set the encoder's head_dim to the teacher width"
+                f"{width}: set the encoder's head_dim to the teacher width"
             )
-        target, mask = patch_feature_targets(feats, out.group_index)
+        return patch_feature_targets(feats, out.group_index)
+
+    def _step(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        out = self.encoder(batch["points"])
+        target, mask = self.targets(batch, out)
         loss = cosine_distillation_loss(out.patch_features, target, mask)
         cos = (out.patch_features.float() * target).sum(-1)[mask]
         return loss, cos
@@ -220,81 +356,85 @@ class Stage1Distillation(_StageBase):
         self.log("val/cosine", self.val_cos, on_epoch=True, batch_size=bs)
 
 
-def load_encoder_weights(encoder: PatchAlignEncoder, path: str | Path, skip_head: bool = True) -> list[str]:
-    """Load encoder weights from a Lightning checkpoint or an export directory into ``encoder``.
+def load_encoder_weights(
+    encoder: PatchAlignEncoder, path: str | Path, skip_head: bool = True, strict: bool = True
+) -> LoadReport:
+    """Load encoder weights from a Lightning checkpoint, an export directory or a released file.
 
-    The head is skipped by default (Stage 2 trains a new head of the text width). Returns the names
-    of encoder parameters that were not found in the checkpoint (logged as a warning).
+    The head is skipped by default (Stage 2 trains a new head of the text width). Strict by
+    default: every expected encoder tensor must be there with its shape, or
+    :class:`patchalign.checkpoints.CheckpointError` lists what is missing, unexpected or
+    mis-shaped; ``strict=False`` loads the matching tensors and logs the counts.
     """
-    path = Path(path)
-    if path.is_dir():
-        from safetensors.torch import load_file
+    _, report = load_checkpoint_into(encoder, path, strict=strict, skip_head=skip_head)
+    log.info("init_from %s: %d/%d encoder tensors loaded", path, report.loaded, report.expected)
+    return report
 
-        state = load_file(str(path / "model.safetensors"))
-    else:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        state = ckpt.get("state_dict", ckpt)
-    prefix = "encoder."
-    state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)} or dict(state)
-    if skip_head:
-        state = {k: v for k, v in state.items() if not k.startswith("head.")}
-    own = encoder.state_dict()
-    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    if mismatched:
-        raise ValueError(f"checkpoint {path} does not match the encoder architecture: {mismatched[:5]}")
-    result = encoder.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not (skip_head and k.startswith("head."))]
-    if missing:
-        log.warning(
-            "init_from %s: %d encoder parameters not in checkpoint: %s", path, len(missing), missing[:5]
-        )
-    return missing
+
+Trainable = Literal["released", "blocks", "all"]
+
+# The released freeze_encoder_except_last_block: besides the trained blocks, these stay trainable.
+_RELEASED_EXTRA_TRAINABLE = ("norm.", "reduce_dim.", "cls_token", "cls_pos")
 
 
 class Stage2Alignment(_StageBase):
     """Stage 2: align patch features with part-name text embeddings.
 
-    Starts from a Stage 1 checkpoint (``init_from``), freezes the first ``freeze_blocks`` blocks and
-    everything before them, and trains the last blocks, the final norm, a new head of the text width
-    and the logit parameters.
+    Starts from a Stage 1 checkpoint (``init_from``), freezes what ``trainable`` does not name, and
+    trains the rest, a new head of the text width and the logit parameters.
 
     Args:
         encoder: backbone whose ``head_dim`` equals the text-bank width (linked by the CLI).
-        init_from: Stage 1 Lightning checkpoint or export directory (``None``: random init, tests).
-        loss: ``"siglip"`` (the talk: all patch–text pairs in the batch, learnable t and b) or
-            ``"bce"`` (the released code: per-shape BCE over the shape's own labels).
-        freeze_blocks: number of leading transformer blocks to freeze (default: all but the last,
-            i.e. 11 of 12).
+        init_from: Stage 1 Lightning checkpoint, export directory or released ``.pt`` (``None``:
+            random init, tests).
+        init_strict: refuse an ``init_from`` whose tensors do not match the encoder (default);
+            ``False`` loads the matching ones and logs the counts.
+        loss: ``"bce"`` (released: per-shape BCE over the shape's own labels) or ``"siglip"`` (the
+            talk: all patch–text pairs in the batch, learnable t and b).
+        temperature: parametrisation of the BCE loss's learnable scale: ``"log"`` (released
+            ``LearnableTemp``: ``s = log(1/0.07)``, multiplier ``min(exp(s), 100)``, decayed like
+            every parameter) or ``"linear"`` (the multiplier itself is the parameter).
+        max_logit_scale: clamp of the BCE multiplier (released 100).
+        trainable: which encoder parameters train: ``"released"`` (the released
+            ``--train_last_block_only``: the blocks from ``freeze_blocks`` on, the final norm,
+            ``reduce_dim``, ``cls_token`` and ``cls_pos``), ``"blocks"`` (the blocks from
+            ``freeze_blocks`` on and the final norm), ``"all"``, or a list of encoder parameter-name
+            prefixes (e.g. ``["blocks.11.", "norm."]``). The head always trains.
+        freeze_blocks: number of leading transformer blocks frozen by ``released`` / ``blocks``
+            (default: all but the last, i.e. 11 of 12).
         frozen_train_mode: keep frozen modules in train mode (BatchNorm statistics update, drop-path
-            active) as the released code did; off by default so frozen means frozen.
+            active), as the released ``model.train()`` does (default); ``False`` puts them in eval
+            mode so frozen means frozen.
+        exclude_category_label: drop a part label equal to the shape's category name (after
+            :func:`clean_part_name`), as the released ``--exclude_category_label`` does.
         text_bank: path of the text bank (by default the data module's); the vectors are held in
             a non-persistent buffer, never in checkpoints.
+        optim: :class:`OptimizerConfig` (default: the released AdamW recipe).
         target_widths: set by the CLI from the data; the head is rebuilt to the ``text`` width.
-        init_head: also load the head from ``init_from`` (evaluating a Stage 2 checkpoint or an
-            export directory) instead of starting a new one (Stage 1 → Stage 2).
+        init_head: also load the head (and a released temperature) from ``init_from``
+            (evaluating a Stage 2 checkpoint, an export or the released file) instead of starting
+            a new one (Stage 1 → Stage 2).
         eval_text_encoder: text encoder spec for ``test`` on a benchmark (``EvalDataModule``), e.g.
             ``open_clip:ViT-bigG-14@laion2b_s39b_b160k``; it must be the encoder the head was aligned to.
         eval_templates: prompt template preset for evaluation (``part_only`` = the released one).
         eval_assign: patch → point label transfer (``nearest`` patch centre = the released one).
         eval_out_dir: where ``test`` writes its per-category table (CSV/JSON); default: the log dir.
-        Other arguments as :class:`Stage1Distillation`.
     """
 
     def __init__(
         self,
         encoder: PatchAlignEncoder,
         init_from: str | None = None,
-        loss: Literal["siglip", "bce"] = "siglip",
+        init_strict: bool = True,
+        loss: Literal["bce", "siglip"] = "bce",
+        temperature: Literal["log", "linear"] = "log",
+        max_logit_scale: float = 100.0,
+        trainable: Trainable | list[str] = "released",
         freeze_blocks: int | None = None,
-        frozen_train_mode: bool = False,
+        frozen_train_mode: bool = True,
+        exclude_category_label: bool = False,
         text_bank: str | None = None,
-        lr: float = 1e-4,
-        head_lr: float = 5e-4,
-        weight_decay: float = 0.05,
-        warmup_steps: int = 200,
-        cosine_schedule: bool = True,
-        min_lr_ratio: float = 0.01,
-        decay_all_params: bool = False,
+        optim: OptimizerConfig | None = None,
         target_widths: dict[str, int] | None = None,
         init_head: bool = False,
         eval_text_encoder: str | None = None,
@@ -302,8 +442,13 @@ class Stage2Alignment(_StageBase):
         eval_assign: Literal["nearest", "knn", "membership"] = "nearest",
         eval_out_dir: str | None = None,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters(ignore=["encoder"])
+        super().__init__(optim)
+        self.save_hyperparameters(ignore=["encoder", "optim"])
+        self._record_optimizer_config()
+        if loss not in ("bce", "siglip"):
+            raise ValueError(f"loss must be 'bce' or 'siglip', got {loss!r}")
+        if temperature not in ("log", "linear"):
+            raise ValueError(f"temperature must be 'log' or 'linear', got {temperature!r}")
         if target_widths and target_widths.get("text") not in (None, encoder.config.head_dim):
             encoder.reset_head(target_widths["text"])
         if encoder.head is None:
@@ -315,14 +460,32 @@ class Stage2Alignment(_StageBase):
         self.encoder = encoder
         self._record_encoder_config()
         self.logit_params: SigmoidLogitParams | ScaleLogitParams = (
-            SigmoidLogitParams() if loss == "siglip" else ScaleLogitParams()
+            SigmoidLogitParams()
+            if loss == "siglip"
+            else ScaleLogitParams(max_scale=max_logit_scale, log_param=temperature == "log")
         )
         if init_from:
-            load_encoder_weights(encoder, init_from, skip_head=not init_head)
+            ckpt, report = load_checkpoint_into(
+                encoder, init_from, strict=init_strict, skip_head=not init_head
+            )
+            log.info(
+                "init_from %s (%s): %d/%d encoder tensors",
+                init_from,
+                ckpt.kind,
+                report.loaded,
+                report.expected,
+            )
+            if init_head:
+                self._load_logit_params(ckpt)
         self._eval_embedder: Any = None
         self.evaluator: Any = None
-        self.frozen_modules = self._freeze(freeze_blocks)
-        self.train()  # puts the frozen modules in eval mode from the start
+        self.trainable_names = self._freeze(trainable, freeze_blocks)
+        self.frozen_modules = [
+            m
+            for m in (encoder.encoder, encoder.reduce_dim, encoder.pos_embed, *encoder.blocks, encoder.norm)
+            if not any(p.requires_grad for p in m.parameters())
+        ]
+        self.train()  # puts the frozen modules in eval mode from the start (frozen_train_mode: false)
         self.register_buffer("text_vectors", torch.empty(0), persistent=False)
         self.text_names: list[str] = []
         if text_bank:
@@ -331,16 +494,47 @@ class Stage2Alignment(_StageBase):
         self.val_acc = MeanMetric()
         self.val_miou = MeanMetric()
 
-    def _freeze(self, n: int) -> list[nn.Module]:
+    def _load_logit_params(self, ckpt: Checkpoint) -> None:
+        """Copy a trained logit scale (and bias) when the checkpoint's form is this module's."""
+        form, scale = ckpt.logit.get("form"), ckpt.logit.get("scale")
+        own = getattr(self.logit_params, "form", None)
+        if scale is None or form != own:
+            log.info(
+                "init_head: logit form %s in %s, %s here: logit parameters not loaded", form, ckpt.path, own
+            )
+            return
+        with torch.no_grad():
+            self.logit_params.logit_scale.fill_(float(scale))
+            if form == "sigmoid" and ckpt.logit.get("bias") is not None:
+                self.logit_params.logit_bias.fill_(float(ckpt.logit["bias"]))
+
+    def _freeze(self, trainable: Trainable | list[str], freeze_blocks: int) -> list[str]:
+        """Set ``requires_grad`` on the encoder per ``trainable``; returns the trainable names."""
         enc = self.encoder
-        frozen: list[nn.Module] = []
-        if n > 0:
-            frozen = [enc.encoder, enc.reduce_dim, enc.pos_embed, *enc.blocks[:n]]
-            for p in (enc.cls_token, enc.cls_pos):
-                p.requires_grad_(False)
-        for m in frozen:
-            m.requires_grad_(False)
-        return frozen
+        blocks = tuple(f"blocks.{i}." for i in range(freeze_blocks, enc.config.depth))
+        if trainable == "all":
+            prefixes: tuple[str, ...] = ("",)
+        elif trainable == "released":
+            prefixes = blocks + _RELEASED_EXTRA_TRAINABLE
+        elif trainable == "blocks":
+            prefixes = blocks + ("norm.",)
+        elif isinstance(trainable, list | tuple):
+            prefixes = tuple(trainable)
+            names = [n for n, _ in enc.named_parameters()]
+            unused = [t for t in prefixes if not any(n.startswith(t) for n in names)]
+            if unused:
+                raise ValueError(f"trainable prefixes {unused} name no encoder parameter")
+        else:
+            raise ValueError(
+                f"trainable must be released, blocks, all or a list of prefixes, got {trainable!r}"
+            )
+        out = []
+        for name, p in enc.named_parameters():
+            train = name.startswith("head.") or any(name.startswith(t) for t in prefixes)
+            p.requires_grad_(train)
+            if train:
+                out.append(name)
+        return out
 
     def train(self, mode: bool = True) -> Stage2Alignment:
         super().train(mode)
@@ -378,6 +572,7 @@ class Stage2Alignment(_StageBase):
             self.hparams["text_templates"] = list(getattr(bank, "templates", []) or [])
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         dm = getattr(self.trainer, "datamodule", None)
         if stage in ("test", "predict") and getattr(dm, "test_dataset", None) is not None:
             return  # benchmark evaluation: part names are encoded by the eval text encoder instead
@@ -399,12 +594,40 @@ class Stage2Alignment(_StageBase):
         named anywhere in the batch (sorted), ``local_ids`` each shape's labels as columns of ``targets``.
         Restricting the columns to the batch's names keeps the tensor small whatever the bank's size.
         """
+        if self.hparams.exclude_category_label:
+            batch.update(self._drop_category_labels(batch))
         out = self.encoder(batch["points"])
         label_ids = batch["label_ids"]
         used = torch.unique(label_ids[label_ids >= 0])
         local = torch.where(label_ids >= 0, torch.searchsorted(used, label_ids.clamp_min(0)), -1)
         targets = soft_text_targets(batch["membership"], local, out.group_index, max(1, used.numel()))
         return out, targets[..., : used.numel()], local, used
+
+    def _drop_category_labels(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """``label_ids`` / ``label_mask`` / ``membership`` without labels named like the shape's category.
+
+        The released ``--exclude_category_label``: a "chair" part of a chair says nothing about parts.
+        """
+        categories = batch.get("category")
+        if categories is None:
+            raise ValueError(
+                "exclude_category_label needs the batch's 'category' (ShardDataModule provides it)"
+            )
+        label_ids = batch["label_ids"].clone()
+        drop = torch.zeros_like(label_ids, dtype=torch.bool)
+        for i, cat in enumerate(categories):
+            key = clean_part_name(str(cat))
+            for j, t in enumerate(label_ids[i].tolist()):
+                if t >= 0 and self.text_names[t] == key:
+                    drop[i, j] = True
+        if not drop.any():
+            return {}
+        label_ids[drop] = -1
+        return {
+            "label_ids": label_ids,
+            "label_mask": batch["label_mask"] & ~drop,
+            "membership": batch["membership"] * (~drop)[:, None, :].to(batch["membership"].dtype),
+        }
 
     @staticmethod
     def _own_targets(targets: Tensor, local_ids: Tensor) -> Tensor:
@@ -433,7 +656,13 @@ class Stage2Alignment(_StageBase):
         text = self.text_vectors[batch["label_ids"].clamp_min(0)]  # (B, L, C)
         y = self._own_targets(targets, local_ids)
         return per_shape_bce_loss(
-            z, text, y, batch["label_mask"], self.logit_params.logit_scale, self.logit_params.max_scale
+            z,
+            text,
+            y,
+            batch["label_mask"],
+            self.logit_params.logit_scale,
+            self.logit_params.max_scale,
+            form=self.logit_params.form,
         )
 
     def shape_scores(self, patch_features: Tensor, label_ids: Tensor) -> Tensor:
@@ -477,13 +706,7 @@ class Stage2Alignment(_StageBase):
         self.train_acc(acc)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("train/patch_acc", self.train_acc, on_step=True, on_epoch=True, batch_size=bs)
-        self.log(
-            "train/logit_scale",
-            self.logit_params.logit_scale.detach().exp()
-            if self.hparams.loss == "siglip"
-            else self.logit_params.logit_scale.detach(),
-            batch_size=bs,
-        )
+        self.log("train/logit_scale", self.logit_params.multiplier().detach(), batch_size=bs)
         if self.hparams.loss == "siglip":
             self.log("train/logit_bias", self.logit_params.logit_bias.detach(), batch_size=bs)
         self._log_skips()
@@ -498,8 +721,7 @@ class Stage2Alignment(_StageBase):
                     "zero-shot evaluation needs the text encoder the head was aligned to: set "
                     "model.init_args.eval_text_encoder (e.g. open_clip:ViT-bigG-14@laion2b_s39b_b160k)"
                 )
-            from patchalign.eval.zeroshot import PartTextEmbedder
-            from patchalign.text import load_text_encoder
+            from patchalign.text import PartTextEmbedder, load_text_encoder
 
             self._eval_embedder = PartTextEmbedder(load_text_encoder(spec), self.hparams.eval_templates)
         return self._eval_embedder

@@ -1,11 +1,17 @@
 """Training losses for both stages: plain functions and small parameter holders, torch only.
 
-* Stage 1 (distillation): :func:`cosine_distillation_loss`.
+* Stage 1 (distillation): :func:`cosine_distillation_loss` (released ``stage1.py``: ``1 - cos``).
 * Stage 2 (text alignment), two variants selectable by config so they can be compared:
-  - :func:`sigmoid_patch_text_loss` + :class:`SigmoidLogitParams`: the talk's SigLIP loss over all
-    patch–text pairs in the batch, fractional targets, learnable temperature and bias.
+  - :func:`sigmoid_patch_text_loss` + :class:`SigmoidLogitParams`: the talk's SigLIP loss (Zhai et
+    al., arXiv 2303.15343) over all patch–text pairs in the batch, fractional targets, learnable
+    temperature and bias.
   - :func:`per_shape_bce_loss` + :class:`ScaleLogitParams`: the released code's per-shape BCE over
-    the shape's own labels with ``pos_weight = max(1, K-1)``.
+    the shape's own labels with ``pos_weight = max(1, K-1)`` and its ``LearnableTemp``
+    (dickoah/PatchAlign3D ``src/training/stage2.py``, arXiv 2601.02457): a learnable **log** scale
+    initialised to ``log(1/0.07)``, multiplier ``min(exp(s), 100)``.
+
+Every patch–text logit in the project (training, export, inference) is computed by
+:func:`patch_text_logits` / :func:`logit_multiplier`, so the forms cannot drift apart.
 """
 
 from __future__ import annotations
@@ -17,7 +23,40 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-Stage2Loss = Literal["siglip", "bce"]
+LogitForm = Literal["sigmoid", "scale", "log_scale", "none"]
+"""``sigmoid``: ``exp(t) cos + b`` (SigLIP); ``log_scale``: ``min(exp(s), max) cos`` (released);
+``scale``: ``min(s, max) cos`` (the released ``LearnableTemp(mode="linear")``); ``none``: no trained
+parameters (``cos / 0.07``, the released ``--clip_tau`` default)."""
+
+DEFAULT_TAU = 0.07
+
+
+def logit_multiplier(form: LogitForm, scale: Tensor | float | None, max_scale: float = 100.0) -> Tensor:
+    """The factor that multiplies cosine similarities for a logit ``form`` (see :data:`LogitForm`)."""
+    if form == "none" or scale is None:
+        return torch.tensor(1.0 / DEFAULT_TAU)
+    s = torch.as_tensor(scale, dtype=torch.float32) if not isinstance(scale, Tensor) else scale
+    if form == "sigmoid":
+        return s.exp()
+    if form == "log_scale":
+        return s.exp().clamp(max=max_scale)
+    if form == "scale":
+        return s.clamp(max=max_scale)
+    raise ValueError(f"unknown logit form {form!r}; use sigmoid, log_scale, scale or none")
+
+
+def patch_text_logits(
+    cosine: Tensor,
+    form: LogitForm,
+    scale: Tensor | float | None,
+    bias: Tensor | float | None = None,
+    max_scale: float = 100.0,
+) -> Tensor:
+    """``multiplier * cosine (+ bias for the sigmoid form)``: the one definition of a patch–text logit."""
+    out = logit_multiplier(form, scale, max_scale).to(cosine) * cosine
+    if form == "sigmoid" and bias is not None:
+        out = out + torch.as_tensor(bias).to(cosine)
+    return out
 
 
 def cosine_distillation_loss(pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -43,25 +82,45 @@ def cosine_distillation_loss(pred: Tensor, target: Tensor, mask: Tensor | None =
 class SigmoidLogitParams(nn.Module):
     """Learnable ``logit = exp(t) * cos + b`` with SigLIP's initialisation ``t = log 10, b = -10``."""
 
+    form: LogitForm = "sigmoid"
+    max_scale = float("inf")
+
     def __init__(self, init_logit_scale: float = math.log(10.0), init_logit_bias: float = -10.0) -> None:
         super().__init__()
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
         self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias)))
 
+    def multiplier(self) -> Tensor:
+        return logit_multiplier(self.form, self.logit_scale)
+
     def forward(self, similarity: Tensor) -> Tensor:
-        return self.logit_scale.exp() * similarity + self.logit_bias
+        return patch_text_logits(similarity, self.form, self.logit_scale, self.logit_bias)
 
 
 class ScaleLogitParams(nn.Module):
-    """Released code's ``logit = min(s, max_scale) * cos``, ``s`` initialised to ``1 / 0.07``, no bias."""
+    """The released ``LearnableTemp``: no bias, multiplier clamped at ``max_scale``.
 
-    def __init__(self, init_scale: float = 1.0 / 0.07, max_scale: float = 100.0) -> None:
+    Args:
+        init_scale: initial multiplier ``1 / tau`` (released ``1 / 0.07``).
+        max_scale: clamp of the multiplier (released 100).
+        log_param: ``True`` (released ``mode="exp"``): the parameter is ``s = log(multiplier)``, so
+            AdamW's steps and weight decay act on the log; ``False``: the parameter is the multiplier.
+    """
+
+    def __init__(
+        self, init_scale: float = 1.0 / DEFAULT_TAU, max_scale: float = 100.0, log_param: bool = True
+    ) -> None:
         super().__init__()
-        self.logit_scale = nn.Parameter(torch.tensor(float(init_scale)))
+        self.form: LogitForm = "log_scale" if log_param else "scale"
+        init = math.log(init_scale) if log_param else init_scale
+        self.logit_scale = nn.Parameter(torch.tensor(float(init)))
         self.max_scale = max_scale
 
+    def multiplier(self) -> Tensor:
+        return logit_multiplier(self.form, self.logit_scale, self.max_scale)
+
     def forward(self, similarity: Tensor) -> Tensor:
-        return self.logit_scale.clamp(max=self.max_scale) * similarity
+        return patch_text_logits(similarity, self.form, self.logit_scale, None, self.max_scale)
 
 
 def sigmoid_patch_text_loss(
@@ -93,7 +152,7 @@ def sigmoid_patch_text_loss(
             f"targets {tuple(targets.shape)} must be (patches, texts) = "
             f"({patch_features.shape[0]}, {text_features.shape[0]})"
         )
-    logits = logit_scale.exp() * patch_features @ text_features.T + logit_bias
+    logits = patch_text_logits(patch_features @ text_features.T, "sigmoid", logit_scale, logit_bias)
     y = targets.to(logits.dtype)
     # y*log σ(l) + (1-y)*log σ(-l) = log σ(-l) + y*l  → stable via logsigmoid
     loglik = F.logsigmoid(-logits) + y * logits
@@ -111,22 +170,26 @@ def per_shape_bce_loss(
     label_mask: Tensor,
     logit_scale: Tensor,
     max_scale: float = 100.0,
+    form: LogitForm = "scale",
 ) -> Tensor:
     """The released code's Stage 2 loss: per-shape BCE over that shape's own ``K`` labels only.
 
     Each shape is scored against its own part names (padded to ``L``), with
     ``pos_weight = max(1, K - 1)`` to balance one positive against ``K - 1`` negatives, and logits
-    ``min(scale, max_scale) * cos`` without a bias. The loss is averaged per shape over its valid
-    (patch, label) pairs, then over shapes.
+    ``multiplier * cos`` without a bias (``form``: ``log_scale`` = released ``min(exp(s), 100)``,
+    ``scale`` = ``min(s, 100)``). The loss is averaged per shape over its valid (patch, label)
+    pairs, then over shapes (the released ``F.binary_cross_entropy_with_logits`` mean, then the
+    batch mean over shapes with labels).
 
     Args:
         patch_features: ``(B, G, C)`` L2-normalised.
         text_features: ``(B, L, C)`` L2-normalised text features of each shape's labels (padded).
         targets: ``(B, G, L)`` soft labels in ``[0, 1]``.
         label_mask: ``(B, L)`` bool, ``True`` for a shape's real labels.
-        logit_scale: scalar learnable scale (clamped at ``max_scale``).
+        logit_scale: scalar learnable parameter of ``form`` (the multiplier is clamped at ``max_scale``).
     """
-    logits = logit_scale.clamp(max=max_scale) * torch.einsum("bgc,blc->bgl", patch_features, text_features)
+    cos = torch.einsum("bgc,blc->bgl", patch_features, text_features)
+    logits = patch_text_logits(cos, form, logit_scale, None, max_scale)
     k = label_mask.sum(dim=1).to(logits.dtype)  # (B,)
     pos_weight = (k - 1).clamp_min(1.0)[:, None, None]
     y = targets.to(logits.dtype)

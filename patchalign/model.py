@@ -1,5 +1,11 @@
 """The PatchAlign3D encoder: a Point-BERT-style point transformer with a patch projection head.
 
+Reproduces PatchAlign3D (Hadgi et al., arXiv 2601.02457; released code dickoah/PatchAlign3D @
+655561b, ``src/models/point_transformer.py`` ``get_model.forward_patches`` + ``PatchToTextProj``),
+itself Point-BERT's transformer (Yu et al., arXiv 2111.14819). ``tests/test_released_checkpoint.py``
+checks the parameter names and the forward against an independent re-implementation of the
+released module structure.
+
 Plain ``nn.Module``s that import only torch (and timm's transformer ``Block``, itself plain torch),
 so an exported checkpoint loads and runs without Lightning.
 
@@ -13,15 +19,19 @@ Pipeline (defaults reproduce the released model, 22.35 M parameters with the 128
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Literal
+import logging
+from dataclasses import asdict, dataclass, fields
+from functools import partial
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from patchalign.grouping import group_points, nearest_center
+from patchalign.grouping import FPSRule, group_points, nearest_center
+
+log = logging.getLogger(__name__)
 
 UpAxis = Literal["x", "y", "z"]
 
@@ -66,6 +76,12 @@ class EncoderConfig:
         up_axis: which input axis points up; inputs are permuted into the model frame once, in
             :meth:`PatchAlignEncoder.forward`.
         fps_start: FPS start index (``None`` = random start, a training-time augmentation).
+        fps_rule: ``"pointnet2"`` (released: the pointnet2_ops CUDA kernel never picks a point with
+            ``|p|^2 <= 1e-3`` after the first) or ``"pytorch3d"`` (plain greedy FPS, as
+            ``pytorch3d.ops.sample_farthest_points``). See :func:`patchalign.grouping.farthest_point_sample`.
+        norm_eps: LayerNorm epsilon inside the transformer blocks. The released model uses
+            PyTorch's default ``1e-5``; timm's ``Block`` would default to ``1e-6``, which moves the
+            released model's features by up to ~5e-4. The final norm always uses ``1e-5`` (both).
     """
 
     num_groups: int = 128
@@ -80,15 +96,30 @@ class EncoderConfig:
     head_dim: int = 1280
     up_axis: UpAxis = "y"
     fps_start: int | None = 0
-    extra: dict = field(default_factory=dict)
+    fps_rule: FPSRule = "pointnet2"
+    norm_eps: float = 1e-5
+
+    # Values that configs written before a field existed were trained with: such a model must be
+    # rebuilt exactly as it was trained, not with today's (released) default.
+    LEGACY_DEFAULTS: ClassVar[dict[str, object]] = {"norm_eps": 1e-6, "fps_rule": "pytorch3d"}
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> EncoderConfig:
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        """Rebuild a saved config. Keys from a newer version are ignored with a warning naming them;
+        fields the dict predates take the value that model was trained with (:attr:`LEGACY_DEFAULTS`)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known - {"extra"})  # "extra": an unused field of old configs
+        if unknown:
+            log.warning("ignoring EncoderConfig fields this version does not know: %s", unknown)
+        values = {k: v for k, v in d.items() if k in known}
+        for k, v in cls.LEGACY_DEFAULTS.items():
+            if k not in values:
+                log.info("encoder config predates %r: using %r, the value it was trained with", k, v)
+                values[k] = v
+        return cls(**values)
 
     @classmethod
     def tiny(cls, head_dim: int = 16) -> EncoderConfig:
@@ -249,6 +280,7 @@ class PatchAlignEncoder(nn.Module):
                     mlp_ratio=cfg.mlp_ratio,
                     qkv_bias=cfg.qkv_bias,
                     drop_path=dpr[i],
+                    norm_layer=partial(nn.LayerNorm, eps=cfg.norm_eps),
                 )
                 for i in range(cfg.depth)
             ]
@@ -280,23 +312,20 @@ class PatchAlignEncoder(nn.Module):
         """
         cfg = self.config
         start = None if (self.training and cfg.fps_start is None) else (cfg.fps_start or 0)
-        neighborhoods, centers, group_index = group_points(points, cfg.num_groups, cfg.group_size, start)
+        neighborhoods, centers, group_index = group_points(
+            points, cfg.num_groups, cfg.group_size, start, rule=cfg.fps_rule
+        )
         tokens = self.reduce_dim(self.encoder(neighborhoods))
         return tokens, centers, group_index
 
-    def forward_blocks(
-        self, tokens: Tensor, centers: Tensor, return_all: bool = False
-    ) -> Tensor | list[Tensor]:
+    def forward_blocks(self, tokens: Tensor, centers: Tensor) -> Tensor:
         """Run CLS + tokens through the transformer; the positional MLP is added before every block."""
         b = tokens.shape[0]
         x = torch.cat([self.cls_token.expand(b, -1, -1), tokens], dim=1)
         pos = torch.cat([self.cls_pos.expand(b, -1, -1), self.pos_embed(centers)], dim=1)
-        outs = []
         for block in self.blocks:
             x = block(x + pos)
-            if return_all:
-                outs.append(x)
-        return outs if return_all else x
+        return x
 
     def forward(self, points: Tensor) -> EncoderOutput:
         """Encode ``(B, N, 3)`` points (in the configured ``up_axis`` frame) into patch features."""

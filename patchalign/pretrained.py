@@ -10,35 +10,147 @@
     seg.scores        # (N, K) per-point probabilities over the names
     feats = model.encode(points)                                     # EncoderOutput (patch features...)
 
-Plain ``nn.Module`` + safetensors: importing and using this module never imports Lightning. Names
-are encoded with the text encoder recorded at export time (``patchalign.text.load_text_encoder``),
-averaged over the exported prompt templates; pass ``text_encoder=`` (an encoder or precomputed
-embeddings) or an embeddings tensor to avoid loading it.
+Plain ``nn.Module`` + safetensors: importing and using this module never imports Lightning (nor
+the evaluation package). ``load_pretrained`` takes an export directory, a Lightning checkpoint or
+the released ``patchalign3d.pt`` (dickoah/PatchAlign3D, arXiv 2601.02457; read by
+:mod:`patchalign.checkpoints`). Names are encoded with the text encoder recorded at export time
+(``patchalign.text.load_text_encoder``), averaged over the exported prompt templates; pass
+``text_encoder=`` (an encoder or precomputed embeddings) or an embeddings tensor to avoid loading it.
+
+The patch -> point label transfer (:func:`assign_point_labels`) lives here because inference needs
+it; :mod:`patchalign.eval.zeroshot` re-exports it. The default (``nearest``) is the released
+``assign_points_from_patches`` / ``PatchAlignSegmenter.segment`` rule.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from patchalign.eval.zeroshot import AssignMode, PartTextEmbedder, assign_point_labels
-from patchalign.model import EncoderConfig, EncoderOutput, PatchAlignEncoder
+from patchalign.checkpoints import CheckpointError, effective_multiplier, load_encoder_state, read_checkpoint
+from patchalign.grouping import squared_distances
+from patchalign.model import EncoderOutput, PatchAlignEncoder
+from patchalign.text import DEFAULT_TEMPLATES, PartTextEmbedder
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-FORMAT = "patchalign-pretrained"
 MIN_POINTS = 32  # one full patch (the released group size); fewer points cannot form a patch
+
+AssignMode = Literal["nearest", "knn", "membership"]
+
+
+@dataclass
+class PointPrediction:
+    """Zero-shot output for a batch.
+
+    Attributes:
+        labels: ``(B, N)`` local part id per point (``-1`` where below ``none_threshold``).
+        point_scores: ``(B, N, K)`` per-point probabilities over the shape's parts (0 on padding).
+        patch_logits: ``(B, G, K)`` cosine similarity of each patch with each part (``-inf`` on padding).
+    """
+
+    labels: Tensor
+    point_scores: Tensor
+    patch_logits: Tensor
+    encoding: Any = None  # the EncoderOutput the labels came from (set by zero_shot_predict)
+
+
+def assign_point_labels(
+    patch_features: Tensor,
+    text: Tensor,
+    points: Tensor,
+    centers: Tensor,
+    point_to_patch: Tensor,
+    part_mask: Tensor | None = None,
+    group_index: Tensor | None = None,
+    assign: AssignMode = "nearest",
+    k: int = 3,
+    logit_scale: float = 1.0 / 0.07,
+    none_threshold: float | None = None,
+) -> PointPrediction:
+    """Score patches against part names and turn them into per-point labels (batched, no point loops).
+
+    Args:
+        patch_features: ``(B, G, D)`` L2-normalised.
+        text: ``(K, D)`` shared by the batch or ``(B, K, D)`` per shape, L2-normalised.
+        points: ``(B, N, 3)`` the points to label (same frame as ``centers``).
+        centers: ``(B, G, 3)`` patch centres.
+        point_to_patch: ``(B, N)`` nearest centre per point (used by ``nearest``).
+        part_mask: ``(B, K)`` which of the ``K`` names belong to each shape (default: all).
+        group_index: ``(B, G, S)`` patch members (needed by ``membership``).
+        assign: ``nearest`` (released default), ``knn`` (inverse-distance vote of the ``k``
+            nearest centres over softmax probabilities) or ``membership``.
+        logit_scale: multiplies cosines before the softmax that gives ``point_scores`` (and the
+            ``knn`` vote); it does not change ``nearest`` labels.
+        none_threshold: label ``-1`` where the best cosine is below this. ``0.0`` reproduces Find3D's
+            non-panoptic rule (a zero "no label" logit prepended before the softmax wins exactly
+            when every part logit is negative); ``None`` (default) always picks a part.
+    """
+    b, g, d = patch_features.shape
+    if text.dim() == 2:
+        text = text[None].expand(b, -1, -1)
+    if text.shape[0] != b or text.shape[-1] != d:
+        raise ValueError(
+            f"text embeddings {tuple(text.shape)} do not match patch features {tuple(patch_features.shape)}"
+        )
+    feats = patch_features.float()
+    cos = torch.einsum("bgd,bkd->bgk", feats, text.to(feats))
+    if part_mask is None:
+        part_mask = torch.ones(b, text.shape[1], dtype=torch.bool, device=cos.device)
+    neg_inf = torch.finfo(cos.dtype).min
+    cos = cos.masked_fill(~part_mask[:, None, :], neg_inf)
+    kk = cos.shape[-1]
+    if assign == "nearest":
+        point_cos = torch.gather(cos, 1, point_to_patch[..., None].expand(-1, -1, kk))
+        scores = torch.softmax(point_cos * logit_scale, dim=-1)
+        best_cos, labels = point_cos.max(-1)
+    elif assign == "knn":
+        k_eff = min(k, g)
+        dist2, idx = squared_distances(points, centers).topk(k_eff, dim=-1, largest=False)  # (B, N, k)
+        w = 1.0 / (dist2.sqrt() + 1e-6)
+        w = w / w.sum(-1, keepdim=True)
+        probs = torch.softmax(cos * logit_scale, dim=-1)  # (B, G, K)
+        gathered = torch.gather(probs, 1, idx.reshape(b, -1)[..., None].expand(-1, -1, kk)).reshape(
+            b, -1, k_eff, kk
+        )
+        scores = (gathered * w[..., None]).sum(2)
+        labels = scores.argmax(-1)
+        point_cos = torch.gather(cos, 1, point_to_patch[..., None].expand(-1, -1, kk))
+        best_cos = point_cos.max(-1).values
+    elif assign == "membership":
+        if group_index is None:
+            raise ValueError("assign='membership' needs group_index")
+        n = points.shape[1]
+        s = group_index.shape[-1]
+        flat = group_index.reshape(b, g * s)
+        src = (
+            cos.masked_fill(~part_mask[:, None, :], 0.0)[:, :, None, :]
+            .expand(-1, -1, s, -1)
+            .reshape(b, g * s, kk)
+        )
+        summed = cos.new_zeros(b, n, kk).scatter_add_(1, flat[..., None].expand(-1, -1, kk), src)
+        counts = cos.new_zeros(b, n).scatter_add_(1, flat, torch.ones_like(flat, dtype=cos.dtype))
+        nearest = torch.gather(cos, 1, point_to_patch[..., None].expand(-1, -1, kk))
+        # Points in no kNN group fall back to their nearest patch (the released code gave them 0 logits).
+        point_cos = torch.where(counts[..., None] > 0, summed / counts.clamp_min(1)[..., None], nearest)
+        point_cos = point_cos.masked_fill(~part_mask[:, None, :], neg_inf)
+        scores = torch.softmax(point_cos * logit_scale, dim=-1)
+        best_cos, labels = point_cos.max(-1)
+    else:
+        raise ValueError(f"unknown assign mode {assign!r}; use nearest, knn or membership")
+    if none_threshold is not None:
+        labels = torch.where(best_cos < none_threshold, torch.full_like(labels, -1), labels)
+    return PointPrediction(
+        labels=labels,
+        point_scores=scores,
+        patch_logits=cos.masked_fill(~part_mask[:, None, :], float("-inf")),
+    )
 
 
 @dataclass
@@ -75,7 +187,7 @@ class PretrainedPatchAlign(nn.Module):
         self.encoder = encoder.eval()
         self.config = config
         self.text_encoder_id: str | None = config.get("text_encoder")
-        self.templates: list[str] = list(config.get("templates") or ["{part}", "a {part}", "{part} part"])
+        self.templates: list[str] = list(config.get("templates") or DEFAULT_TEMPLATES)
         self.logit: dict[str, Any] = dict(config.get("logit") or {"form": "none"})
         self._text_encoder: Any = None
 
@@ -86,12 +198,7 @@ class PretrainedPatchAlign(nn.Module):
     @property
     def logit_scale_value(self) -> float:
         """Multiplier of cosine similarities used for probabilities (temperature inverse)."""
-        form, scale = self.logit.get("form"), self.logit.get("scale")
-        if form == "sigmoid" and scale is not None:
-            return math.exp(scale)
-        if form == "scale" and scale is not None:
-            return min(scale, 100.0)
-        return 1.0 / 0.07
+        return effective_multiplier(self.logit)
 
     # ---------------------------------------------------------------- input checking
 
@@ -242,26 +349,44 @@ class PretrainedPatchAlign(nn.Module):
         return Segmentation(labels=labels, scores=scores, patch_logits=logits, part_names=names, encoding=out)
 
 
-def load_pretrained(out_dir: str | os.PathLike, device: str | torch.device = "cpu") -> PretrainedPatchAlign:
-    """Load a directory written by :func:`patchalign.export.export_checkpoint`.
+def load_pretrained(
+    path: str | os.PathLike, device: str | torch.device = "cpu", strict: bool = True
+) -> PretrainedPatchAlign:
+    """Load an export directory (:func:`patchalign.export.export_checkpoint`), a Lightning
+    checkpoint or a released PatchAlign3D ``patchalign3d.pt`` file.
+
+    Args:
+        strict: refuse weights that do not match the architecture exactly (default); ``False``
+            loads the matching tensors and logs the counts.
 
     Raises:
-        FileNotFoundError: ``config.json`` or ``model.safetensors`` is missing.
-        ValueError: the files are not a patchalign export or the weights do not fit the config.
+        FileNotFoundError: nothing at ``path``, or an export directory lacks ``config.json`` or
+            ``model.safetensors``.
+        ValueError: not a known format, no projection head, or (strict) the weights do not fit
+            the config; missing / unexpected / mis-shaped tensors are listed
+            (:class:`patchalign.checkpoints.CheckpointError`).
     """
-    out = Path(out_dir)
-    cfg_file, weights = out / CONFIG_NAME, out / WEIGHTS_NAME
-    for f in (cfg_file, weights):
-        if not f.is_file():
-            raise FileNotFoundError(f"{f} not found: {out} is not an exported patchalign model")
-    config = json.loads(cfg_file.read_text())
-    if config.get("format") != FORMAT:
-        raise ValueError(f"{cfg_file} is not a patchalign export (format={config.get('format')!r})")
-    encoder = PatchAlignEncoder(EncoderConfig.from_dict(config["encoder"]))
-    state = load_file(str(weights))
-    enc_state = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
-    try:
-        encoder.load_state_dict(enc_state, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"{weights} does not match {cfg_file}: {e}") from e
+    from pathlib import Path
+
+    p = Path(path)
+    if p.is_dir():
+        from patchalign.checkpoints import CONFIG_NAME, WEIGHTS_NAME
+
+        for f in (p / CONFIG_NAME, p / WEIGHTS_NAME):
+            if not f.is_file():
+                raise FileNotFoundError(f"{f} not found: {p} is not an exported patchalign model")
+    ckpt = read_checkpoint(p)
+    if ckpt.encoder_config is None:
+        raise CheckpointError(f"{p}: no encoder config recorded; cannot rebuild the encoder")
+    if not ckpt.has_head:
+        raise CheckpointError(f"{p}: no projection head ({ckpt.kind} file); nothing to segment with")
+    encoder = PatchAlignEncoder(ckpt.encoder_config)
+    load_encoder_state(encoder, ckpt.state, strict=strict, source=str(p))
+    config = {
+        "encoder": ckpt.encoder_config.to_dict(),
+        "text_encoder": ckpt.text_encoder,
+        "logit": ckpt.logit,
+        "templates": ckpt.templates,
+        "source": ckpt.kind,
+    }
     return PretrainedPatchAlign(encoder, config).to(device).eval()

@@ -3,11 +3,18 @@
 The text bank (``patchalign.data.textbank``) holds one L2-normalised vector per cleaned part name.
 How a name becomes a vector is fixed here so that every producer and consumer agrees:
 
-1. the name is cleaned (:func:`patchalign.data.schema.clean_part_name`: lower case, underscores to
-   spaces, single spaces);
-2. it is put into each prompt template (default ``"{}"``, ``"a {}"``, ``"{} part"``);
+1. the name is cleaned (:func:`patchalign.data.schema.clean_part_name`, the released ``_clean_text``:
+   lower case, underscores and punctuation to spaces, single spaces);
+2. it is put into each prompt template (:data:`PROMPT_TEMPLATES`; default ``part_only``:
+   ``"{part}"``, ``"a {part}"``, ``"{part} part"``, the released PART_ONLY_TEMPLATES);
 3. each prompt is encoded and L2-normalised, the template vectors are averaged and re-normalised
-   (the usual CLIP prompt-ensembling recipe: averaging unit vectors weights every template equally).
+   (the usual CLIP prompt-ensembling recipe, and the released ``encode_label``) by
+   :func:`embed_prompt_sets`, the one routine both the text-bank builder (:func:`encode_part_names`)
+   and evaluation / inference (:class:`PartTextEmbedder`) use.
+
+Templates have one placeholder syntax, ``{part}`` and ``{category}``. Positional templates as the
+released code and older text banks store them (``"{}"``, ``"a {} of a {}"``: part, then category)
+are converted on entry by :func:`normalize_template`.
 
 Encoders are chosen with a spec string (:func:`load_text_encoder`)::
 
@@ -26,8 +33,9 @@ from __future__ import annotations
 import logging
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,22 +47,90 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TEXT_ENCODER = "open_clip:ViT-bigG-14@laion2b_s39b_b160k"
 DEMO_TEXT_ENCODER = "sentence-transformers:all-MiniLM-L6-v2"
-DEFAULT_TEMPLATES: tuple[str, ...] = ("{}", "a {}", "{} part")
+PROMPT_TEMPLATES: dict[str, tuple[str, ...]] = {
+    # Released PatchAlign3D (PART_ONLY_TEMPLATES / PART_PLUS_CAT_TEMPLATES of stage2.py and eval.py).
+    "part_only": ("{part}", "a {part}", "{part} part"),
+    "part_plus_cat": (
+        "a {part} of a {category}",
+        "the {part} of a {category}",
+        "{part} of {category}",
+        "a {part} part of a {category}",
+    ),
+    "ensemble": (
+        "a {part} of a {category}",
+        "the {part} of a {category}",
+        "{part} of {category}",
+        "a {part} part of a {category}",
+        "{part}",
+        "a {part}",
+        "{part} part",
+    ),
+    # Find3D's decorated query: f"{part} of a {classname}" with the lower-case class name, uncleaned.
+    "find3d": ("{part} of a {category}",),
+}
+RAW_PRESETS = frozenset({"find3d"})  # presets whose names are used verbatim (no cleaning)
+DEFAULT_TEMPLATES: tuple[str, ...] = PROMPT_TEMPLATES["part_only"]
 
 __all__ = [
     "DEFAULT_TEMPLATES",
     "DEFAULT_TEXT_ENCODER",
     "DEMO_TEXT_ENCODER",
+    "PROMPT_TEMPLATES",
     "HFTextEncoder",
     "OpenCLIPTextEncoder",
+    "PartTextEmbedder",
     "SentenceTransformerEncoder",
     "TextEmbeddingCache",
     "TextEncoder",
     "TextEncoderNotFoundError",
+    "build_prompts",
     "clean_part_name",
+    "embed_prompt_sets",
     "encode_part_names",
     "load_text_encoder",
+    "normalize_template",
 ]
+
+
+def normalize_template(template: str) -> str:
+    """One placeholder syntax: positional ``{}`` slots become ``{part}`` then ``{category}``."""
+    if "{}" not in template:
+        return template
+    head, _, rest = template.partition("{}")
+    if "{}" in rest:
+        mid, _, tail = rest.partition("{}")
+        if "{}" in tail:
+            raise ValueError(f"template {template!r} has more than two '{{}}' slots")
+        return f"{head}{{part}}{mid}{{category}}{tail}"
+    return f"{head}{{part}}{rest}"
+
+
+def resolve_templates(templates: str | Sequence[str]) -> tuple[str, ...]:
+    """A preset name (:data:`PROMPT_TEMPLATES`) or explicit templates, in the ``{part}`` syntax."""
+    if isinstance(templates, str):
+        if templates not in PROMPT_TEMPLATES:
+            raise ValueError(f"unknown template preset {templates!r}; use one of {list(PROMPT_TEMPLATES)}")
+        return PROMPT_TEMPLATES[templates]
+    return tuple(normalize_template(t) for t in templates)
+
+
+def build_prompts(part: str, category: str | None, templates: str | Sequence[str]) -> list[str]:
+    """The prompts for one part name.
+
+    Templates use ``{part}`` and ``{category}`` (positional ``{}`` slots are converted); templates
+    needing a category are dropped when there is none (the released code falls back to
+    ``part_only`` then too). Names are cleaned with :func:`clean_part_name`, except for the raw
+    presets (Find3D's queries use the name verbatim and the lower-case class name).
+    """
+    tpls = resolve_templates(templates)
+    if isinstance(templates, str) and templates in RAW_PRESETS:
+        part_t, cat_t = part, (category.lower() if category else None)
+    else:
+        part_t, cat_t = clean_part_name(part), (clean_part_name(category) if category else None)
+    out = [t.format(part=part_t, category=cat_t) for t in tpls if cat_t or "{category}" not in t]
+    if not out:
+        out = [t.format(part=part_t) for t in PROMPT_TEMPLATES["part_only"]]
+    return out
 
 
 class TextEncoderNotFoundError(FileNotFoundError):
@@ -236,7 +312,7 @@ class TextEmbeddingCache:
         self, encoder_id: str, templates: Sequence[str], path: str | os.PathLike | None = None
     ) -> None:
         self.encoder_id = encoder_id
-        self.templates = tuple(templates)
+        self.templates = tuple(normalize_template(t) for t in templates)
         self.path = Path(path) if path is not None else None
         self.vectors: dict[str, Tensor] = {}
         if self.path is not None and self.path.is_file():
@@ -255,7 +331,8 @@ class TextEmbeddingCache:
         except Exception as e:  # corrupt cache: rebuild rather than fail the stage
             log.warning("ignoring unreadable text cache %s (%s)", self.path, e)
             return
-        if d.get("encoder_id") != self.encoder_id or tuple(d.get("templates", ())) != self.templates:
+        stored = tuple(normalize_template(t) for t in d.get("templates", ()))
+        if d.get("encoder_id") != self.encoder_id or stored != self.templates:
             log.warning(
                 "ignoring text cache %s: made by %s with other templates", self.path, d.get("encoder_id")
             )
@@ -278,6 +355,31 @@ class TextEmbeddingCache:
         os.replace(tmp, self.path)
 
 
+def embed_prompt_sets(encoder: Any, prompt_sets: Sequence[Sequence[str]], batch_size: int = 256) -> Tensor:
+    """``(len(prompt_sets), D)``: every prompt encoded and L2-normalised, each set averaged and re-normalised.
+
+    The one prompt-ensembling routine (text banks, evaluation, inference). ``encoder`` is anything
+    with ``encode(list[str]) -> (n, D)`` (a :class:`TextEncoder` or a test double).
+    """
+    flat = [p for ps in prompt_sets for p in ps]
+    if any(len(ps) == 0 for ps in prompt_sets):
+        raise ValueError("every name needs at least one prompt")
+    with torch.no_grad():
+        try:
+            emb = encoder.encode(flat, batch_size=batch_size)
+        except TypeError:  # encoders without a batch_size argument
+            emb = encoder.encode(flat)
+    emb = torch.as_tensor(emb).float()
+    if emb.dim() != 2 or emb.shape[0] != len(flat):
+        raise ValueError(f"text encoder returned {tuple(emb.shape)} for {len(flat)} prompts")
+    emb = F.normalize(emb, dim=-1)
+    out, start = [], 0
+    for ps in prompt_sets:
+        out.append(F.normalize(emb[start : start + len(ps)].mean(0), dim=0))
+        start += len(ps)
+    return torch.stack(out) if out else emb.new_zeros(0, emb.shape[-1])
+
+
 def encode_part_names(
     encoder: TextEncoder,
     names: Sequence[str],
@@ -285,30 +387,31 @@ def encode_part_names(
     cache: TextEmbeddingCache | None = None,
     batch_size: int = 256,
 ) -> tuple[list[str], Tensor]:
-    """Template-ensembled embeddings of part names.
+    """Template-ensembled embeddings of part names (for text banks: no category in the prompts).
 
     Args:
         encoder: any :class:`TextEncoder`.
         names: raw part names; cleaned and de-duplicated (first occurrence order kept).
-        templates: prompt templates, each with one ``{}``.
+        templates: prompt templates, each with exactly one ``{part}`` (or legacy ``{}``) slot.
         cache: memo; only names missing from it are encoded (and then added).
         batch_size: prompts per encoder call.
 
     Returns:
         ``(clean_names, vectors)`` with ``vectors`` ``(len(clean_names), dim)`` float32 unit rows.
     """
-    if not templates or any(t.count("{}") != 1 for t in templates):
-        raise ValueError(f"every template needs exactly one '{{}}', got {list(templates)}")
-    if cache is not None and (cache.encoder_id != encoder.encoder_id or cache.templates != tuple(templates)):
+    tpls = tuple(normalize_template(t) for t in templates) if templates else ()
+    if not tpls or any(t.count("{part}") != 1 or "{category}" in t for t in tpls):
+        raise ValueError(
+            f"every template needs exactly one '{{part}}' slot and no category, got {list(templates)}"
+        )
+    if cache is not None and (cache.encoder_id != encoder.encoder_id or cache.templates != tpls):
         raise ValueError("the cache was made for another encoder or template set")
     clean = list(dict.fromkeys(n for n in (clean_part_name(x) for x in names) if n))
     memo = cache.vectors if cache is not None else {}
     todo = [n for n in clean if n not in memo]
     if todo:
-        prompts = [t.format(n) for n in todo for t in templates]
-        emb = encoder.encode(prompts, batch_size=batch_size).view(len(todo), len(templates), -1)
-        ensembled = F.normalize(emb.mean(1), dim=-1)
-        fresh = dict(zip(todo, ensembled.unbind(0), strict=True))
+        vectors = embed_prompt_sets(encoder, [build_prompts(n, None, tpls) for n in todo], batch_size)
+        fresh = dict(zip(todo, vectors.unbind(0), strict=True))
         if cache is not None:
             cache.vectors.update(fresh)
         else:
@@ -316,3 +419,110 @@ def encode_part_names(
     if not clean:
         return [], torch.zeros(0, encoder.dim)
     return clean, torch.stack([memo[n] for n in clean])
+
+
+def _is_text_bank(obj: Any) -> bool:
+    return hasattr(obj, "vectors") and hasattr(obj, "lookup") and hasattr(obj, "names")
+
+
+class PartTextEmbedder:
+    """Per-part text embeddings with prompt averaging and a cache keyed by ``(part, category)``.
+
+    Args:
+        source: a text encoder (``.encode(list[str])``), a ``{name: (D,) tensor}`` mapping, or a
+            ``TextBank``. Precomputed embeddings are looked up per *name* (as given, then cleaned),
+            i.e. they are taken to already include whatever prompt averaging their producer did.
+        templates: preset name (:data:`PROMPT_TEMPLATES`) or explicit templates.
+        device: where the returned embeddings live.
+    """
+
+    def __init__(
+        self,
+        source: Any,
+        templates: str | Sequence[str] = "part_only",
+        device: torch.device | str | None = None,
+    ) -> None:
+        resolve_templates(templates)  # unknown presets fail here, not at the first batch
+        self.source = source
+        self.templates = templates
+        self.device = torch.device(device) if device is not None else None
+        self._cache: dict[tuple[str, str | None], Tensor] = {}
+        if isinstance(source, Mapping) or _is_text_bank(source):
+            self.kind = "bank"
+        elif hasattr(source, "encode"):
+            self.kind = "encoder"
+        else:
+            raise TypeError(
+                f"text source must be a text encoder, a name->vector dict or a TextBank, not {type(source)}"
+            )
+
+    @property
+    def id(self) -> str:
+        """Identifier of the text model behind the embeddings (for reports and exports)."""
+        for attr in ("id", "encoder_id"):
+            v = getattr(self.source, attr, None)
+            if isinstance(v, str) and v:
+                return v
+        return "precomputed"
+
+    @property
+    def template_list(self) -> list[str]:
+        return list(resolve_templates(self.templates))
+
+    @property
+    def uses_category(self) -> bool:
+        """Whether prompts depend on the category (then embeddings are cached per category)."""
+        return self.kind == "encoder" and any("{category}" in t for t in self.template_list)
+
+    def _lookup(self, name: str) -> Tensor:
+        src = self.source
+        # as given, cleaned, and the pre-punctuation-stripping cleaner of older text banks
+        keys = (name, clean_part_name(name), " ".join(name.lower().replace("_", " ").split()))
+        if _is_text_bank(src):
+            for key in keys:
+                if key in src.lookup:
+                    return src.vectors[src.lookup[key]]
+        else:
+            for key in keys:
+                if key in src:
+                    return torch.as_tensor(src[key])
+        raise KeyError(f"part name {name!r} has no precomputed text embedding")
+
+    def embed(self, part_names: Sequence[str], category: str | None = None) -> Tensor:
+        """``(K, D)`` L2-normalised float32 embeddings of ``part_names`` (in order)."""
+        if len(part_names) == 0:
+            raise ValueError("part_names is empty: give at least one part name")
+        todo = [n for n in dict.fromkeys(part_names) if (n, category) not in self._cache]
+        if todo:
+            if self.kind == "bank":
+                for n in todo:
+                    self._cache[(n, category)] = F.normalize(self._lookup(n).float().reshape(-1), dim=0)
+            else:
+                prompts = [build_prompts(n, category, self.templates) for n in todo]
+                vectors = embed_prompt_sets(self.source, prompts)
+                for n, v in zip(todo, vectors.unbind(0), strict=True):
+                    self._cache[(n, category)] = v
+        out = torch.stack([self._cache[(n, category)] for n in part_names])
+        return out.to(self.device) if self.device is not None else out
+
+    def batch(
+        self,
+        part_names: Sequence[Sequence[str]],
+        categories: Sequence[str | None],
+        per_category_prompts: bool | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Padded text for a batch: ``(B, K_max, D)`` embeddings and a ``(B, K_max)`` validity mask.
+
+        The category enters the prompts only for templates that use it, so part-only embeddings are
+        shared across categories in the cache.
+        """
+        uses_cat = self.uses_category if per_category_prompts is None else per_category_prompts
+        embs = [self.embed(n, c if uses_cat else None) for n, c in zip(part_names, categories, strict=True)]
+        k_max = max(e.shape[0] for e in embs)
+        d = embs[0].shape[1]
+        text = embs[0].new_zeros(len(embs), k_max, d)
+        mask = torch.zeros(len(embs), k_max, dtype=torch.bool, device=text.device)
+        for i, e in enumerate(embs):
+            text[i, : e.shape[0]] = e
+            mask[i, : e.shape[0]] = True
+        return text, mask

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import types
@@ -72,7 +73,13 @@ def test_export_writes_encoder_only_and_config(exported: tuple[Path, PatchAlignE
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["encoder"] == EncoderConfig.tiny(16).to_dict()
     assert cfg["text_encoder"] == "openclip:ViT-B-16"
-    assert cfg["logit"] == {"form": "sigmoid", "scale": 2.0, "bias": -10.0}
+    logit = cfg["logit"]
+    assert {k: logit[k] for k in ("form", "scale", "bias")} == {
+        "form": "sigmoid",
+        "scale": 2.0,
+        "bias": -10.0,
+    }
+    assert logit["multiplier"] == pytest.approx(math.exp(2.0))  # SigLIP: exp(t)
     assert cfg["templates"] == ["{part}", "a {part}", "{part} part"]
     assert cfg["epoch"] == 7
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
@@ -192,7 +199,7 @@ def test_export_errors(tmp_path: Path) -> None:
         {"state_dict": state, "hyper_parameters": {"encoder_config": EncoderConfig.tiny(32).to_dict()}},
         tmp_path / "b.ckpt",
     )
-    with pytest.raises(ValueError, match="do not match"):
+    with pytest.raises(ValueError, match="does not match the encoder.*2 mis-shaped.*head.proj.weight"):
         export_checkpoint(tmp_path / "b.ckpt", tmp_path / "o")
     torch.save(
         {"state_dict": {"teacher.w": torch.ones(1)}, "hyper_parameters": {"encoder_config": cfg.to_dict()}},
@@ -259,6 +266,22 @@ def test_export_takes_text_provenance_from_the_stage2_text_bank(tmp_path: Path) 
     cfg_json = json.loads(
         (export_checkpoint(tmp_path / "s2.ckpt", tmp_path / "out") / "config.json").read_text()
     )
-    assert cfg_json["text_encoder"] == "open_clip:ViT-B-16" and cfg_json["templates"] == ["a {}", "{}"]
-    assert cfg_json["logit"] == {"form": "scale", "scale": 14.0, "bias": None}
+    # one placeholder syntax: the bank's positional templates are recorded as {part} templates
+    assert cfg_json["text_encoder"] == "open_clip:ViT-B-16" and cfg_json["templates"] == [
+        "a {part}",
+        "{part}",
+    ]
+    # a checkpoint from before the `temperature` option: the linear scale it was trained with
+    assert {k: cfg_json["logit"][k] for k in ("form", "scale", "bias", "multiplier")} == {
+        "form": "scale",
+        "scale": 14.0,
+        "bias": None,
+        "multiplier": 14.0,
+    }
+    hp["temperature"] = "log"  # the released LearnableTemp: multiplier min(exp(s), 100)
+    torch.save({"state_dict": state, "hyper_parameters": hp}, tmp_path / "s2log.ckpt")
+    logit = json.loads(
+        (export_checkpoint(tmp_path / "s2log.ckpt", tmp_path / "o2") / "config.json").read_text()
+    )["logit"]
+    assert logit["form"] == "log_scale" and logit["multiplier"] == 100.0  # exp(14) clamped
     assert load_pretrained(tmp_path / "out").logit_scale_value == pytest.approx(14.0)

@@ -11,6 +11,7 @@ from patchalign.losses import (
     ScaleLogitParams,
     SigmoidLogitParams,
     cosine_distillation_loss,
+    logit_multiplier,
     per_shape_bce_loss,
     sigmoid_patch_text_loss,
 )
@@ -83,7 +84,7 @@ def test_per_shape_bce_matches_torch_reference_loop() -> None:
     t = F.normalize(torch.randn(bsz, labels, c, generator=g), dim=-1)
     y = torch.rand(bsz, groups, labels, generator=g)
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
-    params = ScaleLogitParams()
+    params = ScaleLogitParams(log_param=False)
     assert params.logit_scale.item() == pytest.approx(1 / 0.07)
     got = per_shape_bce_loss(z, t, y, mask, params.logit_scale)
     per_shape = []
@@ -95,8 +96,33 @@ def test_per_shape_bce_matches_torch_reference_loop() -> None:
     assert got.item() == pytest.approx(torch.stack(per_shape).mean().item(), rel=1e-5)
 
 
+def test_released_log_scale_temperature() -> None:
+    # Released LearnableTemp(init_tau=0.07, mode="exp"): log_scale = log(1/0.07), scale = exp(.).clamp(100).
+    params = ScaleLogitParams()
+    assert params.form == "log_scale"
+    assert params.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
+    assert params.multiplier().item() == pytest.approx(1 / 0.07, rel=1e-6)
+    cos = torch.tensor([0.5, -0.25])
+    torch.testing.assert_close(params(cos), cos / 0.07)
+    assert ScaleLogitParams(init_scale=500.0).multiplier().item() == 100.0
+    # the loss with form="log_scale" equals the linear form at the exponentiated value
+    g = torch.Generator().manual_seed(5)
+    z = F.normalize(torch.randn(2, 4, 8, generator=g), dim=-1)
+    t = F.normalize(torch.randn(2, 3, 8, generator=g), dim=-1)
+    y = torch.rand(2, 4, 3, generator=g)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    s = torch.tensor(math.log(20.0), requires_grad=True)
+    a = per_shape_bce_loss(z, t, y, mask, s, form="log_scale")
+    b = per_shape_bce_loss(z, t, y, mask, torch.tensor(20.0), form="scale")
+    assert a.item() == pytest.approx(b.item(), rel=1e-6)
+    a.backward()
+    assert s.grad is not None and s.grad.abs() > 0
+    with pytest.raises(ValueError, match="unknown logit form"):
+        logit_multiplier("exp", 1.0)  # type: ignore[arg-type]
+
+
 def test_scale_is_clamped_at_100() -> None:
-    params = ScaleLogitParams(init_scale=500.0)
+    params = ScaleLogitParams(init_scale=500.0, log_param=False)
     assert params(torch.tensor(1.0)).item() == 100.0
     z = F.normalize(torch.randn(1, 2, 4), dim=-1)
     t = z[:, :1].clone()
