@@ -204,3 +204,29 @@ def test_report_on_real_shapenetpart_shapes(shared_data: Path, tmp_path: Path) -
     assert sum(ln.startswith("![Skateboard_") for ln in md.splitlines()) == 2
     assert sum(ln.startswith("![Table_") for ln in md.splitlines()) == 2
     assert np.isclose(rep.info["comparison"][0]["ours"], ours)
+
+
+def _bench_row(name: str, iou: tuple[float, float, float], sps: float) -> dict:
+    iou_by_t = dict(zip(("0.01", "0.05", "0.10"), iou, strict=True))
+    return {"row": name, "iou": iou_by_t, "seconds_per_shape": sps, "mllm_calls_per_shape": 0}
+
+
+def test_feature_bench_rows_are_the_patchalign3d_keypoint_rows(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """``zerokey.feature_bench --json_out`` rows: PatchAlign3D rows compared, oracle rows skipped."""
+    rows = [
+        _bench_row("patchalign zero-shot", (0.01, 0.1, 0.3), 0.5),
+        _bench_row("patchalign few-shot K=5", (0.1, 0.4, 0.6), 0.7),
+        _bench_row("zerokey (oracle)", (0.2, 0.5, 0.9), 2.0),
+    ]
+    (tmp_path / "fb").mkdir()
+    (tmp_path / "fb" / "feature_bench.json").write_text(json.dumps(rows))
+    out = tmp_path / "r"
+    assert patchalign_main(["report", str(tmp_path / "fb"), "--out", str(out)]) == 0
+    assert "skipped 1 oracle-pointer rows" in capsys.readouterr().out
+    md = (out / "report.md").read_text()
+    zs = "(zero-shot) [patchalign zero-shot] | IoU@0.10 |  | 30.00 | 32.88 | -2.88 | - | 0.5000 |"
+    fs = "(few-shot) [patchalign few-shot K=5] | IoU@0.10 |  | 60.00 | 64.07 | -4.07 | - | 0.7000 |"
+    assert zs in md and fs in md
+    assert "| KeypointNet, ZeroKey (zero-shot) | IoU@0.10 |  | - | 79.43 |" in md  # the oracle is not ZeroKey

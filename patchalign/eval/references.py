@@ -151,7 +151,10 @@ TALK_REFERENCES: dict[str, Reference] = {
             "keypointnet_patchalign3d_zeroshot",
             "KeypointNet, PatchAlign3D features (zero-shot)",
             {"IoU@0.10": 32.88},
-            command="(no command in this repository yet)",
+            command=(
+                "python -m zerokey.feature_bench --model patchalign3d.pt --root KEYPOINTNET "
+                "--json_out outputs/feature_bench.json"
+            ),
             needs="KeypointNet annotations + pcds; " + _WEIGHTS,
             extra={"method": "patchalign3d_zeroshot"},
         ),
@@ -159,7 +162,11 @@ TALK_REFERENCES: dict[str, Reference] = {
             "keypointnet_patchalign3d_fewshot",
             "KeypointNet, PatchAlign3D features (few-shot)",
             {"IoU@0.10": 64.07},
-            command="(no command in this repository yet)",
+            command=(
+                "python -m zerokey.feature_bench --model patchalign3d.pt --root KEYPOINTNET "
+                "--json_out outputs/feature_bench.json"
+            ),
+            notes="the talk does not state the support size; feature_bench reports K=1 and K=5",
             needs="KeypointNet annotations + pcds; " + _WEIGHTS,
             extra={"method": "patchalign3d_fewshot"},
         ),

@@ -7,7 +7,10 @@ Gathers the result files evaluation runs already write and puts them in one Mark
   names the talk row; ours is read under that row's metric convention.
 * keypoints: every JSON that ``python -m zerokey evaluate --out`` writes (``thresholds``,
   ``mean_iou``, ``iou``). That file records no method, so it is reported as the ZeroKey row unless
-  it carries a ``"method"`` field naming another row (``patchalign3d_zeroshot`` / ``_fewshot``).
+  it carries a ``"method"`` field naming another row (``patchalign3d_zeroshot`` / ``_fewshot``);
+  and the rows ``python -m zerokey.feature_bench --json_out`` writes (``patchalign zero-shot`` and
+  ``patchalign few-shot K=k`` are the PatchAlign3D keypoint rows; its oracle-pointer rows are
+  skipped with a printed count, the talk's ZeroKey row uses Molmo).
 
 The report has one table with every row of the talk (rows without a result say "not run" and give
 the command), then per benchmark a per-category bar chart (ours per category; ours and the talk's
@@ -63,6 +66,8 @@ class KeypointResult:
     mean_iou: list[float]
     iou: dict[str, list[float]]
     shapes: dict[str, int]
+    label: str = ""
+    seconds_per_shape: float | None = None
 
     def at(self, threshold: float) -> float | None:
         for t, v in zip(self.thresholds, self.mean_iou, strict=True):
@@ -74,34 +79,74 @@ class KeypointResult:
 Result = PartSegResult | KeypointResult
 
 
-def _load(path: Path) -> Result | None:
-    """Parse ``path`` if it is a result file (``None``: some other JSON, e.g. a prediction)."""
+def _feature_bench_rows(path: Path, rows: list[dict[str, Any]]) -> list[Result]:
+    """``python -m zerokey.feature_bench --json_out`` rows (IoU 0..1 keyed by threshold string): the
+    PatchAlign3D-feature rows become keypoint results; the oracle-pointer rows are not the talk's
+    protocol (no Molmo) and are skipped with a printed count."""
+    out: list[Result] = []
+    skipped = []
+    for row in rows:
+        name = str(row["row"])
+        key = (
+            "keypointnet_patchalign3d_zeroshot"
+            if name.startswith("patchalign zero-shot")
+            else "keypointnet_patchalign3d_fewshot"
+            if name.startswith("patchalign few-shot")
+            else None
+        )
+        if key is None:
+            skipped.append(name)
+            continue
+        thresholds = sorted(row["iou"], key=float)
+        values = [float(row["iou"][t]) for t in thresholds]
+        out.append(
+            KeypointResult(
+                path, key, [float(t) for t in thresholds], values, {}, {}, name, row.get("seconds_per_shape")
+            )
+        )
+    if skipped:
+        print(
+            f"report: {path}: skipped {len(skipped)} oracle-pointer rows (not the talk's protocol): {skipped}"
+        )
+    return out
+
+
+def _load(path: Path) -> list[Result]:
+    """Parse ``path`` if it is a result file (``[]``: some other JSON, e.g. a prediction)."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise ValueError(f"{path}: unreadable result file ({err})") from err
+    if (
+        isinstance(data, list)
+        and data
+        and all(isinstance(r, dict) and {"row", "iou"} <= set(r) for r in data)
+    ):
+        return _feature_bench_rows(path, data)
     if not isinstance(data, dict):
-        return None
+        return []
     if {"scalars", "rows", "info"} <= set(data):
         info = dict(data["info"] or {})
         bench = info.get("benchmark")
         if bench is not None:
             get_reference(bench)
         pictures = sorted((path.parent / "viz").glob("*_parts.png")) if (path.parent / "viz").is_dir() else []
-        return PartSegResult(path, bench, dict(data["scalars"]), list(data["rows"]), info, pictures)
+        return [PartSegResult(path, bench, dict(data["scalars"]), list(data["rows"]), info, pictures)]
     if {"thresholds", "mean_iou", "iou"} <= set(data):
         method = data.get("method", "zerokey")
         if method not in KEYPOINT_METHODS:
             raise ValueError(f"{path}: unknown keypoint method {method!r}; known: {sorted(KEYPOINT_METHODS)}")
-        return KeypointResult(
-            path,
-            KEYPOINT_METHODS[method],
-            [float(t) for t in data["thresholds"]],
-            [float(v) for v in data["mean_iou"]],
-            {k: [float(x) for x in v] for k, v in data["iou"].items()},
-            {k: int(v) for k, v in (data.get("shapes") or {}).items()},
-        )
-    return None
+        return [
+            KeypointResult(
+                path,
+                KEYPOINT_METHODS[method],
+                [float(t) for t in data["thresholds"]],
+                [float(v) for v in data["mean_iou"]],
+                {k: [float(x) for x in v] for k, v in data["iou"].items()},
+                {k: int(v) for k, v in (data.get("shapes") or {}).items()},
+            )
+        ]
+    return []
 
 
 def collect_results(run_dirs: Sequence[str | os.PathLike]) -> list[Result]:
@@ -113,7 +158,7 @@ def collect_results(run_dirs: Sequence[str | os.PathLike]) -> list[Result]:
         if not run.exists():
             raise FileNotFoundError(f"run directory {run} does not exist")
         files = [run] if run.is_file() else sorted(run.rglob("*.json"))
-        found = [r for r in (_load(f) for f in files) if r is not None]
+        found = [r for f in files for r in _load(f)]
         if not found:
             raise FileNotFoundError(
                 f"{run}: no result file (results.json of `patchalign test`, or `zerokey evaluate --out`)"
@@ -156,7 +201,8 @@ def summary_rows(results: Sequence[Result]) -> list[dict[str, Any]]:
                 rows.append(
                     {
                         "benchmark": key,
-                        "title": ref.title,
+                        "title": ref.title
+                        + (f" [{run.label}]" if isinstance(run, KeypointResult) and run.label else ""),
                         "metric": metric,
                         "convention": ref.convention or "",
                         "ours": ours,
@@ -165,10 +211,16 @@ def summary_rows(results: Sequence[Result]) -> list[dict[str, Any]]:
                         "num_shapes": (
                             run.info.get("num_shapes")
                             if isinstance(run, PartSegResult)
-                            else (sum(run.shapes.values()) if isinstance(run, KeypointResult) else None)
+                            else (
+                                sum(run.shapes.values())
+                                if isinstance(run, KeypointResult) and run.shapes
+                                else None
+                            )
                         ),
                         "seconds_per_shape": (
-                            run.info.get("seconds_per_shape") if isinstance(run, PartSegResult) else None
+                            run.info.get("seconds_per_shape")
+                            if isinstance(run, PartSegResult)
+                            else (run.seconds_per_shape if isinstance(run, KeypointResult) else None)
                         ),
                         "result": str(run.path) if run is not None else "",
                         "command": ref.command,
@@ -370,8 +422,9 @@ def write_report(
                     f"IoU@{t:.2f} {100 * v:.2f}" for t, v in zip(r.thresholds, r.mean_iou, strict=True)
                 ),
                 "",
-                "`zerokey evaluate` records no seconds per shape; see `python -m zerokey bench`.",
             ]
+        if any(r.seconds_per_shape is None for r in keypoint_runs):
+            lines.append("`zerokey evaluate` records no seconds per shape; see `python -m zerokey bench`.")
     md_path.write_text("\n".join(lines) + "\n")
     return md_path
 
