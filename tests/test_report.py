@@ -154,6 +154,11 @@ def test_report_refuses_quiet_failures(tmp_path: Path, capsys: pytest.CaptureFix
     assert patchalign_main(["report", str(run), "--out", str(tmp_path / "r")]) == 2  # an earlier report
     assert "exists" in capsys.readouterr().err and (tmp_path / "r" / "report.md").read_text() == before
     assert patchalign_main(["report", str(run), "--out", str(tmp_path / "r"), "--overwrite"]) == 0
+    # a run named twice (e.g. through a symlink) is gathered once
+    (tmp_path / "link").symlink_to(run)
+    assert patchalign_main(["report", str(run), str(tmp_path / "link"), "--out", str(tmp_path / "r3")]) == 0
+    md = (tmp_path / "r3" / "report.md").read_text()
+    assert md.count("| ShapeNetPart | instance_mIoU |") == 1
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "results.json").write_text("{not json")

@@ -11,8 +11,11 @@ the released ``patchalign3d/inference/eval.py`` skips parts absent from a shape'
 script for the other benchmarks, so for them the convention is the one of the benchmark's own
 released evaluation (Find3D's ``compute_3d_iou_upsample`` for the Objaverse splits,
 ziqi-ma/Find3D ``model/evaluation/benchmark/eval_benchmark.py``), or ``released`` where no such
-code exists; ``confirmed=False`` marks those, and reports print it. All three conventions are
-always computed and written, so a reader can compare under another one.
+code exists; ``confirmed=False`` marks those, and reports print it. PartNetE uses Find3D's
+convention: its "not a part" points (label -1) must count in a part's union, as in PartSLIP's
+``compute_iou`` (Colin97/PartSLIP) and Find3D's ``compute_3d_iou_upsample``; under ``released`` they
+are ignored, and a category with one part (Bottle: "lid") scores 100% whatever the model does.
+All three conventions are always computed and written, so a reader can compare under another one.
 """
 
 from __future__ import annotations
@@ -90,7 +93,7 @@ TALK_REFERENCES: dict[str, Reference] = {
             "partnete",
             "PartNetE",
             {"instance_mIoU": 41.4, "category_mIoU": 42.2},
-            convention="released",
+            convention="find3d",
             config="configs/eval/partnete.yaml",
             command=_test_cmd("partnete", "DATA/PartNetE"),
             needs="PartSLIP's PartNetE test.zip + PartNetE_meta.json (1906 shapes, 45 categories); "

@@ -153,12 +153,19 @@ def collect_results(run_dirs: Sequence[str | os.PathLike]) -> list[Result]:
     """Every result file under each run directory (or the file itself); a run directory without
     one is an error naming it."""
     results: list[Result] = []
+    seen: set[Path] = set()
     for run in run_dirs:
         run = Path(run)
         if not run.exists():
             raise FileNotFoundError(f"run directory {run} does not exist")
         files = [run] if run.is_file() else sorted(run.rglob("*.json"))
+        dupes = [f for f in files if f.resolve() in seen]  # a run named twice (or via a link)
+        files = [f for f in files if f.resolve() not in seen]
+        seen.update(f.resolve() for f in files)
         found = [r for f in files for r in _load(f)]
+        if dupes and not found:
+            print(f"report: {run}: its result files are already gathered from another run argument")
+            continue
         if not found:
             raise FileNotFoundError(
                 f"{run}: no result file (results.json of `patchalign test`, or `zerokey evaluate --out`)"
