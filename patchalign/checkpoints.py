@@ -199,11 +199,14 @@ def released_encoder_config(state: Mapping[str, Tensor], args: Mapping[str, Any]
     the released ones: block LayerNorm eps 1e-5 and the pointnet2 FPS rule.
     """
     args = dict(args or {})
-    need = ["reduce_dim.weight", "blocks.0.mlp.fc1.weight", "pos_embed.0.weight"]
+    need = ["norm.weight", "encoder.second_conv.3.weight", "blocks.0.mlp.fc1.weight"]
     absent = [k for k in need if k not in state]
     if absent:
         raise CheckpointError(f"released checkpoint lacks {absent}: cannot infer its architecture")
-    trans_dim, encoder_dims = state["reduce_dim.weight"].shape
+    # widths from the tensors that define them (not from reduce_dim, so a broken reduce_dim is
+    # reported as mis-shaped by the strict load instead of silently changing the architecture)
+    trans_dim = state["norm.weight"].shape[0]
+    encoder_dims = state["encoder.second_conv.3.weight"].shape[0]
     depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
     head = state.get("head.proj.weight")
     return EncoderConfig(
