@@ -38,7 +38,8 @@ def test_prompts():
     assert build_point_prompt("nose of the airplane") == "Point to the nose of the airplane in this image."
     assert build_point_prompt(" leg\tend ", "Where is the {name}?") == "Where is the leg end?"
     multi = build_multi_point_prompt(["nose", "left wing tip"])
-    assert '"nose"; "left wing tip"' in multi and 'alt="nose"' in multi
+    assert '1. "nose"; 2. "left wing tip"' in multi
+    assert 'alt="NAME"' in multi and 'alt="nose"' not in multi  # the example names nothing requested
     with pytest.raises(ValueError):
         build_multi_point_prompt([])
 

@@ -211,9 +211,11 @@ class OpenAINamer(Namer):
         try:
             answer = self.client.complete(prompt, [images[i] for i in views])
         except ChatError as err:
-            if not isinstance(err, BudgetExceeded):
+            if isinstance(err, BudgetExceeded):
+                stats = ParseStats(unsent=1)
+            else:
                 log.warning("namer request failed for %s: %s", shape.shape_id, err)
-            stats = ParseStats(failed_calls=1)
+                stats = ParseStats(failed_calls=1)
             names: list[str] = []
             error = f"namer request failed: {err}"
         else:

@@ -52,6 +52,7 @@ class ParseStats:
         duplicate: tags in one multi-name answer whose label was already used by an earlier tag of that
             answer (kept: the label is exact; counted because Molmo puts all instances in one tag).
         failed_calls: requests that raised (network / HTTP errors after retries): no answer at all.
+        unsent: requests not sent because the run's failure budget was already spent.
     """
 
     answers: int = 0
@@ -66,6 +67,7 @@ class ParseStats:
     echoed: int = 0
     duplicate: int = 0
     failed_calls: int = 0
+    unsent: int = 0
 
     def __iadd__(self, other: ParseStats) -> ParseStats:
         for f in fields(self):

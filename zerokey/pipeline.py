@@ -243,7 +243,7 @@ def merge_parse_stats(records: list[dict[str, Any]], key: str) -> dict[str, int]
     """Sum the ``parse_stats[key]`` counters over shape records (for run summaries)."""
     total = ParseStats()
     for r in records:
-        stats = r.get("parse_stats", {}).get(key)
+        stats = (r.get("parse_stats") or {}).get(key)
         if stats:
             total += ParseStats.from_dict(stats)
     return total.as_dict()

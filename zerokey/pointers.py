@@ -153,11 +153,12 @@ def build_point_prompt(name: str, template: str = DEFAULT_POINT_PROMPT) -> str:
 
 
 def build_multi_point_prompt(names: list[str], template: str = DEFAULT_MULTI_POINT_PROMPT) -> str:
-    """One prompt asking for all names at once; answers carry the name in ``alt`` for matching."""
+    """One prompt asking for all names at once, numbered (``1. "nose"; 2. "tail"``); answers carry the
+    exact name or its number in ``alt`` (:func:`zerokey.parsing.match_label`)."""
     if not names:
         raise ValueError("need at least one name")
-    listed = "; ".join(f'"{" ".join(n.split())}"' for n in names)
-    return template.format(names=listed, first=" ".join(names[0].split()))
+    listed = "; ".join(f'{i + 1}. "{" ".join(n.split())}"' for i, n in enumerate(names))
+    return template.format(names=listed)
 
 
 # ---------------------------------------------------------------------------------------- Oracle
@@ -291,30 +292,31 @@ class OpenAIPointer(Pointer):
     def attach_budget(self, budget: CallBudget) -> None:
         self.client.budget = budget
 
-    def _ask(self, prompt: str, image: Tensor) -> tuple[str | None, str | None]:
+    def _ask(self, prompt: str, image: Tensor) -> tuple[str | None, ParseStats | None, str | None]:
+        """(answer, None, None), or (None, stats of the failure, error text)."""
         try:
-            return self.client.complete(prompt, [image]), None
+            return self.client.complete(prompt, [image]), None, None
         except BudgetExceeded as err:
-            return None, str(err)
+            return None, ParseStats(unsent=1), str(err)
         except ChatError as err:
             log.warning("pointer request failed: %s", err)
-            return None, str(err)
+            return None, ParseStats(failed_calls=1), str(err)
 
     def _single(
         self, view: int, name_index: int, name: str, image: Tensor
     ) -> tuple[list, ParseStats, str | None]:
-        answer, error = self._ask(build_point_prompt(name, self.prompt), image)
+        answer, failure, error = self._ask(build_point_prompt(name, self.prompt), image)
         if answer is None:
-            return [], ParseStats(failed_calls=1), error
+            return [], failure, error
         points, stats = parse_molmo_points(answer)
         h, w = image.shape[:2]
         return [(u, v, view, name_index) for u, v in points_to_pixels(points, w, h)], stats, None
 
     def _multi(self, view: int, names: list[str], image: Tensor) -> tuple[list, ParseStats, str | None]:
         prompt = build_multi_point_prompt(names, self.multi_prompt)
-        answer, error = self._ask(prompt, image)
+        answer, failure, error = self._ask(prompt, image)
         if answer is None:
-            return [], ParseStats(failed_calls=1), error
+            return [], failure, error
         per_name, stats = parse_labelled_points(answer, names, prompt=prompt)
         h, w = image.shape[:2]
         rows = [(u, v, view, i) for i, pts in per_name.items() for u, v in points_to_pixels(pts, w, h)]
@@ -351,7 +353,12 @@ class OpenAIPointer(Pointer):
             if e:
                 errors.append(e)
         uv, view, name_index = _pack(rows, device)
-        error = f"{len(errors)} of {len(jobs)} pointer requests failed: {errors[-1]}" if errors else None
+        error = None
+        if errors:
+            error = f"{stats.failed_calls} of {len(jobs)} pointer requests failed"
+            if stats.unsent:
+                error += f", {stats.unsent} not sent (failure budget spent)"
+            error += f": {errors[0]}"
         return Points2D(uv, view, name_index, stats, calls=self.client.calls - calls_before, error=error)
 
 
