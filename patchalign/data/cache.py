@@ -50,6 +50,7 @@ from patchalign.data.pipeline import (
 from patchalign.data.schema import ObjectSample, ShardFormatError
 
 _BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)  # np.packbits order (MSB first)
+_BYTE_TABLE = ((torch.arange(256, dtype=torch.uint8)[:, None] & _BITS) != 0).float()  # byte -> 8 bits
 
 
 @dataclass
@@ -120,12 +121,11 @@ def _compact(
             f"sample {s.uid!r}: meta up_axis {s.meta.get('up_axis')!r} is not x/y/z", "bad_meta"
         )
     n = s.num_points
-    if cache_points is not None and n > cache_points:  # a fixed subset per object, seeded by uid
-        idx = np.sort(
-            np.random.default_rng(stable_seed(seed, "cache-subset", s.uid)).choice(n, cache_points, False)
-        )
-    else:
-        idx = slice(None)
+    # Stored in a random order per object (seeded by uid): batches then take one random index set
+    # for all shapes (see make_cached_batch); a fixed subset when cache_points < N.
+    idx = np.random.default_rng(stable_seed(seed, "cache-order", s.uid)).permutation(n)
+    if cache_points is not None and n > cache_points:
+        idx = idx[:cache_points]
     feats = None
     if cfg.load_features and s.features.shape[1] > 0:
         feats = np.ascontiguousarray(s.features[idx])
@@ -263,8 +263,8 @@ def _stack(items: list[_Compact]) -> DecodedCache:
         pfeats = np.zeros((n, g0, items[0].patch_features.shape[1]), np.float16)
     for i, c in enumerate(items):
         k = c.points.shape[0]
-        # objects with more than n_store points keep an evenly strided subset (cache_points=None: all equal)
-        take = slice(None) if k == n_store else np.linspace(0, k - 1, n_store).round().astype(np.int64)
+        # objects with more points keep their first n_store (randomly ordered) points
+        take = slice(None) if k == n_store else slice(0, n_store)
         points[i] = c.points[take]
         membership[i, :, : c.membership.shape[1]] = c.membership[take]
         label_ids[i, : c.label_ids.shape[0]] = c.label_ids
@@ -304,10 +304,13 @@ def rotation_about_axes(angles: Tensor, axes: Tensor) -> Tensor:
     return c * eye + s * cross + (1 - c) * e[:, :, None] * e[:, None, :]
 
 
-def unpack_bits(packed: Tensor, count: int) -> Tensor:
-    """Inverse of ``np.packbits(..., axis=-1)``: ``(..., ceil(count/8))`` uint8 -> ``(..., count)`` bool."""
-    bits = (packed[..., None] & _BITS.to(packed.device)) != 0
-    return bits.flatten(-2)[..., :count]
+def unpack_bits(packed: Tensor, count: int, dtype: torch.dtype = torch.bool) -> Tensor:
+    """Inverse of ``np.packbits(..., axis=-1)``: ``(..., ceil(count/8))`` uint8 -> ``(..., count)``.
+
+    One table lookup per byte (256 x 8 table), no per-bit arithmetic.
+    """
+    table = _BYTE_TABLE.to(device=packed.device, dtype=dtype)
+    return table[packed.long()].flatten(-2)[..., :count]
 
 
 def make_cached_batch(
@@ -324,13 +327,19 @@ def make_cached_batch(
     p = cfg.num_points
     if p > n_store:
         raise ValueError(f"num_points={p} but the cache keeps {n_store} points per object")
-    sel = torch.rand(b, n_store, generator=gen, device=dev).argsort(dim=1)[:, :p]  # without replacement
-    flat = (idx[:, None] * n_store + sel).reshape(-1)
-    points = cache.points.reshape(-1, 3)[flat].reshape(b, p, 3)
+    # Without replacement: one random index set per batch applied to every shape's stored points,
+    # which the build shuffled independently per object, so each shape's subset is still a fresh
+    # uniform draw every time (a per-shape argsort of B x N keys costs ~10x more on a CPU).
+    sel = torch.randperm(n_store, generator=gen, device=dev)[:p]
+    flat = (idx[:, None] * n_store + sel[None, :]).reshape(-1)  # one gather of B x P rows per array
+
+    def gather(t: Tensor) -> Tensor:
+        return t.reshape(-1, t.shape[-1]).index_select(0, flat).reshape(b, p, t.shape[-1])
+
+    points = gather(cache.points)
     n_parts = cache.n_parts[idx]
     l_max = max(1, int(n_parts.max()))
-    packed = cache.membership.reshape(-1, cache.membership.shape[-1])[flat].reshape(b, p, -1)
-    membership = unpack_bits(packed, l_max).float()
+    membership = unpack_bits(gather(cache.membership), l_max, torch.float32)
     label_ids = cache.label_ids[idx, :l_max]
     label_mask = torch.arange(l_max, device=dev)[None, :] < n_parts[:, None]
     centers = cache.patch_centers[idx] if cache.patch_centers is not None else None
@@ -347,8 +356,7 @@ def make_cached_batch(
         if centers is not None:
             centers = centers @ tf.transpose(1, 2)  # NaN padding rows stay NaN
     if cache.features is not None:
-        c = cache.features.shape[-1]
-        feats = cache.features.reshape(-1, c)[flat].reshape(b, p, c)
+        feats = gather(cache.features)
         feature_mask = (feats != 0).any(-1)
         feats = feats.to(features_dtype)
     else:
