@@ -201,9 +201,11 @@ def test_eval_cli_with_export_and_text_bank(snp_root: Path, tmp_path: Path) -> N
     save_text_bank(tmp_path / "bank.safetensors", names, torch.randn(6, 8), "rand", ["{}"])
     main(["--model", str(tmp_path / "model"), "--dataset", "shapenetpart", "--root", str(snp_root),
           "--split", "trainval", "--text-bank", str(tmp_path / "bank.safetensors"), "--num-workers", "0",
-          "--device", "cpu", "--out", str(tmp_path / "res")])  # fmt: skip
+          "--device", "cpu", "--out", str(tmp_path / "res"), "--benchmark", "shapenetpart"])  # fmt: skip
     js = json.loads((tmp_path / "res" / "results.json").read_text())
     assert js["info"]["num_shapes"] == 3 and js["info"]["text_encoder"] == "rand"
+    assert js["info"]["reference"]["metrics"] == {"instance_mIoU": 56.9, "category_mIoU": 53.1}
+    assert js["info"]["seconds_per_shape"] > 0 and (tmp_path / "res" / "comparison.csv").is_file()
 
 
 def test_shard_sampler_covers_every_shape_once() -> None:

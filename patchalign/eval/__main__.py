@@ -46,7 +46,27 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--amp", action="store_true")
     p.add_argument("--out", default=None, help="write results.csv / results.json (and pictures) here")
     p.add_argument("--viz-per-category", type=int, default=0)
+    p.add_argument(
+        "--benchmark",
+        default="auto",
+        help="talk row printed beside ours (a patchalign.eval.references key); "
+        "auto: from --dataset/--split; none: no row",
+    )
     args = p.parse_args(argv)
+    from patchalign.eval.references import get_reference, reference_key_for
+
+    benchmark = (
+        reference_key_for(args.dataset, args.split)
+        if args.benchmark == "auto"
+        else None
+        if args.benchmark == "none"
+        else args.benchmark
+    )
+    if benchmark is not None:
+        try:
+            get_reference(benchmark)
+        except ValueError as err:
+            p.error(str(err))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     from patchalign.pretrained import load_pretrained
@@ -80,6 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         amp=args.amp,
         out_dir=args.out,
         viz_per_category=args.viz_per_category,
+        benchmark=benchmark,
     )
 
 
