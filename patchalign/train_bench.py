@@ -30,28 +30,13 @@ import dataclasses
 import json
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from patchalign.data.bench_loader import one_thread
 from patchalign.model import EncoderConfig, PatchAlignEncoder
-
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Run the block with one torch thread, as a DataLoader worker process does.
-
-    The cached loader builds batches in the training process; timing it with one thread makes its
-    samples/s comparable with one streaming worker's (and immune to other processes' load).
-    """
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def _time_loader(dm: Any, n_batches: int) -> tuple[float, dict[str, Any]]:

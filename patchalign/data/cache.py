@@ -402,8 +402,6 @@ class CachedTrainLoader:
         epoch_fn: Callable[[], int] | None = None,
         position_fn: Callable[[], tuple[int, int]] | None = None,
     ) -> None:
-        if batch_size > len(cache):
-            raise ValueError(f"batch_size {batch_size} exceeds the {len(cache)} objects in this rank's cache")
         self.cache, self.batch_size, self.batches_per_epoch = cache, batch_size, batches_per_epoch
         self.cfg, self.seed, self.rank, self.counter = cfg, seed, rank, counter
         self.epoch_fn, self.position_fn = epoch_fn, position_fn
