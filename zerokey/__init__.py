@@ -1,8 +1,11 @@
-"""ZeroKey: zero-shot 3D keypoints from multimodal LLM pointing, as a Lightning prediction loop.
+"""ZeroKey (Gupta et al., arXiv:2412.06292): zero-shot 3D keypoints from multimodal LLM pointing, as a
+Lightning prediction loop.
 
-render 26 views -> name keypoints (LLM / config / KeypointNet) -> point at them in 2D (Molmo, an
-OpenAI-compatible server, or the OraclePointer evaluation tool) -> lift Gaussian pixel patches to the
-surface -> weighted HDBSCAN per name -> densest cluster's centroid snapped to the surface.
+render 26 views -> name keypoints (GPT-4o "List possible salient key points (in text).", or config /
+KeypointNet names) -> point at each name in each view ("Point to the {name} in this image.": Molmo in
+process, an OpenAI-compatible server such as vLLM, or the OraclePointer evaluation tool) -> lift
+Gaussian pixel patches to the surface -> HDBSCAN per name (minPts 10) -> the densest cluster's centroid
+snapped to the surface. Where our defaults differ from the paper, ``docs/fidelity.md`` says so.
 
 Entry point: ``python -m zerokey {predict,evaluate,bench}``. Submodules are imported lazily so that
 ``import zerokey`` stays cheap.
@@ -31,6 +34,10 @@ _EXPORTS = {
     "FileShapeDataset": "zerokey.data",
     "KeypointNetDataset": "zerokey.data",
     "ClusterConfig": "zerokey.cluster",
+    "CallBudget": "zerokey.openai_client",
+    "ChatClient": "zerokey.openai_client",
+    "ZeroKeyRunError": "zerokey.writer",
+    "view_layout": "zerokey.views",
     "ViewConfig": "zerokey.views",
     "evaluate_predictions": "zerokey.evaluate",
 }

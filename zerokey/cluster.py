@@ -1,6 +1,6 @@
 """Per-name clustering of the lifted 3D candidates, choice of the densest cluster, snapping to the surface.
 
-Reproduces ZeroKey (arXiv:2412.06292, Sec. 3.3): the candidates of one name are clustered with HDBSCAN
+Reproduces ZeroKey (arXiv:2412.06292): the candidates of one name are clustered with HDBSCAN
 (minPts k = 10) and the keypoint is the centroid of the *densest* cluster. Defaults follow the paper;
 everything else is an option, off by default (``docs/fidelity.md`` lists them):
 

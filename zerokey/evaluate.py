@@ -1,7 +1,7 @@
 """KeypointNet keypoint-saliency evaluation (mIoU over geodesic thresholds), as the reference code does it.
 
-Follows qq456cvb/KeypointNet ``benchmark_scripts`` (``metrics.eval_det_cls_iou``, ``utils.gen_geo_dists``,
-``test.py``):
+Follows qq456cvb/KeypointNet@33dd3874e285896fda97e4a2775b5903ea39d772 ``benchmark_scripts``
+(``metrics.eval_det_cls_iou``, ``utils.gen_geo_dists``, ``test.py``, ``dataset.py``):
 
 * each prediction is snapped to the nearest of the shape's 2048 pcd points (the reference predicts
   per pcd point, so predictions *are* pcd indices);

@@ -1,5 +1,5 @@
 """Lift 2D keypoint detections to weighted 3D surface candidates (ZeroKey's Gaussian soft voting,
-arXiv:2412.06292, Sec. 3.2).
+arXiv:2412.06292).
 
 Around each detected pixel we take an ``h x h`` patch with Gaussian weights (sigma = h/3, centred on
 the detection) and cast every foreground pixel of it to the surface: through the renderer's

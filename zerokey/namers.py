@@ -1,6 +1,6 @@
 """Namers: which keypoints to look for on a shape.
 
-ZeroKey (arXiv:2412.06292, Sec. 3) asks GPT-4o "List possible salient key points (in text)." with
+ZeroKey (arXiv:2412.06292) asks GPT-4o "List possible salient key points (in text)." with
 rendered views of the shape and gets 6-10 names per shape: :class:`OpenAINamer`'s defaults. For
 benchmarks the names can instead come from the config (:class:`StaticNamer`) or from KeypointNet's
 per-category semantic names (:class:`KeypointNetNamer`) -- with the OraclePointer that evaluates the
@@ -135,7 +135,7 @@ class KeypointNetNamer(Namer):
         return NamingResult(unique, counts)
 
 
-#: The paper's namer prompt (arXiv:2412.06292, Sec. 3.1), sent with the rendered views.
+#: The paper's namer prompt (arXiv:2412.06292), sent with the rendered views.
 DEFAULT_NAMER_PROMPT = "List possible salient key points (in text)."
 
 #: Our earlier prompt, kept as an option (``prompt: ...``): JSON, sides, repeats per instance.

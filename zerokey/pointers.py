@@ -5,7 +5,7 @@ Three implementations behind one interface:
 * :class:`MolmoPointer` -- Molmo in process through ``transformers`` remote code, batched over views;
 * :class:`OpenAIPointer` -- any OpenAI-compatible server (e.g. vLLM serving Molmo): by default one
   request per (view, name) with the paper's prompt "Point to the {name} in this image."
-  (arXiv:2412.06292, Sec. 3; the form Molmo was trained to answer), sent from a bounded pool;
+  (arXiv:2412.06292; the form Molmo was trained to answer), sent from a bounded pool;
 * :class:`OraclePointer` -- an *evaluation tool*, not a detector: it projects the known ground-truth
   keypoints into the views (with a depth test for visibility) and perturbs them with seeded pixel
   noise, dropout and outliers, so the 3D half of the pipeline can be measured in isolation.

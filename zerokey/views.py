@@ -1,7 +1,7 @@
 """Rendering a shape's views for ZeroKey (meshes and point clouds alike) on top of ``patchalign.render``.
 
-View layouts (:func:`view_layout`): the paper renders 26 views and ablates 6 and 46 (arXiv:2412.06292,
-Sec. 4); it gives the counts, the placements here are ours, chosen to cover the sphere evenly.
+View layouts (:func:`view_layout`): the paper renders 26 views and ablates 6 and 46 (arXiv:2412.06292);
+the view placements here are ours, chosen to cover the sphere evenly (docs/fidelity.md).
 Azimuth is about +y (0 = +z, 90 = +x), polar angle from +y; the two "pole" views sit ``pole_tilt_deg``
 off the exact poles (towards +z) because ``look_at`` with up = +y is degenerate there.
 
