@@ -124,9 +124,9 @@ class OptimizerConfig:
             raise ValueError(f"optimizer: lr/head_lr must be > 0, weight_decay/warmup_steps >= 0: {self}")
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"optimizer.schedule must be 'constant' or 'cosine', got {self.schedule!r}")
-        if self.ddp_rule not in ("keep_global_batch", "scale_lr"):
+        if self.ddp_rule not in ("keep_global_batch", "scale_lr", "none"):
             raise ValueError(
-                f"optimizer.ddp_rule must be keep_global_batch or scale_lr, got {self.ddp_rule!r}"
+                f"optimizer.ddp_rule must be keep_global_batch, scale_lr or none, got {self.ddp_rule!r}"
             )
         if self.global_batch_size is not None and self.global_batch_size < 1:
             raise ValueError("optimizer.global_batch_size must be positive")
@@ -229,7 +229,7 @@ class _StageBase(L.LightningModule):
             f"(optim.ddp_rule={cfg.ddp_rule}, reference {target}); lr {cfg.lr * self._lr_factor:g} encoder, "
             f"{cfg.head_lr * self._lr_factor:g} head"
         )
-        if actual != target:  # ddp_rule: none
+        if actual != target and cfg.ddp_rule == "none":
             msg += f" -- WARNING: not the reference batch {target}, learning rates unchanged"
             log.warning(msg)
         if trainer.is_global_zero:

@@ -113,6 +113,28 @@ def test_config_round_trip() -> None:
     assert EncoderConfig.from_dict({**cfg.to_dict(), "unknown_future_key": 1}) == cfg
 
 
+def test_released_numerics_are_the_defaults_and_legacy_configs_keep_theirs() -> None:
+    cfg = EncoderConfig()
+    assert (cfg.norm_eps, cfg.fps_rule, cfg.fps_start) == (1e-5, "pointnet2", 0)
+    enc = PatchAlignEncoder(EncoderConfig.tiny())
+    assert all(b.norm1.eps == 1e-5 and b.norm2.eps == 1e-5 for b in enc.blocks) and enc.norm.eps == 1e-5
+    old = {k: v for k, v in EncoderConfig.tiny().to_dict().items() if k not in ("norm_eps", "fps_rule")}
+    legacy = EncoderConfig.from_dict(old)  # written before the fields existed: trained with these
+    assert (legacy.norm_eps, legacy.fps_rule) == (1e-6, "pytorch3d")
+    assert PatchAlignEncoder(legacy).blocks[0].norm1.eps == 1e-6
+    # the FPS rule reaches the grouping: a cloud with points in the skipped ball picks other centres
+    g = torch.Generator().manual_seed(0)
+    pts = torch.randn(1, 256, 3, generator=g) * 0.005  # |p|^2 ~ 1e-4: inside the skipped ball
+    pts[0, :8] = torch.randn(8, 3, generator=g) + 2.0  # 8 far points for 16 patches
+    a = PatchAlignEncoder(EncoderConfig.tiny()).eval()
+    b = PatchAlignEncoder(EncoderConfig(**{**EncoderConfig.tiny().to_dict(), "fps_rule": "pytorch3d"})).eval()
+    ca, cb = a(pts).centers, b(pts).centers
+    # pointnet2: the 8 far points, then index 0 (far too) once only skipped points remain;
+    # pytorch3d goes on into the ball
+    assert bool(((ca[0] ** 2).sum(-1) > 1e-3).all())
+    assert int(((cb[0] ** 2).sum(-1) <= 1e-3).sum()) == 8
+
+
 @pytest.mark.parametrize("train", [False, True])
 def test_fast_tokenizer_equals_point_bert_formulation(train: bool) -> None:
     from patchalign.model import MiniPointNet

@@ -458,3 +458,89 @@ def test_stage2_loss_uses_only_the_batch_columns_and_matches_full_bank_targets(l
                 z, bank[ids], y, label_ids >= 0, module.logit_params.logit_scale, form="log_scale"
             )
     assert got.item() == pytest.approx(ref.item(), rel=1e-6)
+
+
+def test_stage1_uses_released_patch_targets_when_the_batch_has_them() -> None:
+    """Each predicted centre takes the stored feature of its nearest stored centre (released matching)."""
+    torch.manual_seed(0)
+    module = Stage1Distillation(
+        PatchAlignEncoder(EncoderConfig(**{**TINY, "drop_path_rate": 0.0}, head_dim=6))
+    )
+    module.eval()
+    g = torch.Generator().manual_seed(1)
+    points = torch.randn(2, 128, 3, generator=g)
+    stored_c = torch.randn(2, 10, 3, generator=g)
+    stored_f = torch.randn(2, 10, 6, generator=g).half()
+    batch = {"points": points, "patch_centers": stored_c, "patch_features": stored_f}
+    out = module.encoder(points)
+    target, mask = module.targets(batch, out)
+    for b in range(2):  # a plain loop over predicted centres as the reference
+        for i in range(out.centers.shape[1]):
+            j = int(((stored_c[b] - out.centers[b, i]) ** 2).sum(-1).argmin())
+            torch.testing.assert_close(
+                target[b, i], torch.nn.functional.normalize(stored_f[b, j].float(), dim=0)
+            )
+    assert bool(mask.all())
+    loss, _ = module._step(batch)
+    ref = (1 - (torch.nn.functional.normalize(out.patch_features, dim=-1) * target).sum(-1)).mean()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)  # released: mean over patches and shapes
+    per_point = {"points": points, "features": torch.randn(2, 128, 6, generator=g)}
+    t2, _ = module.targets(per_point, out)  # without patch_centers: the per-point mean, as before
+    torch.testing.assert_close(t2, patch_feature_targets(per_point["features"], out.group_index)[0])
+    with pytest.raises(ValueError, match="width"):
+        module.targets({**batch, "patch_features": stored_f[..., :4]}, out)
+
+
+def test_exclude_category_label_drops_the_category_named_part() -> None:
+    enc = PatchAlignEncoder(EncoderConfig(**{**TINY, "drop_path_rate": 0.0}, head_dim=8))
+    module = Stage2Alignment(enc, exclude_category_label=True)
+    bank = type("Bank", (), {"vectors": torch.randn(3, 8), "names": ["chair", "leg", "seat"]})()
+    module.set_text_bank(bank)
+    membership = torch.zeros(2, 64, 3)
+    membership[:, :20, 0], membership[:, 20:40, 1], membership[:, 40:, 2] = 1, 1, 1
+    batch = {
+        "points": torch.randn(2, 64, 3),
+        "membership": membership,
+        "label_ids": torch.tensor([[0, 1, 2], [0, 1, 2]]),
+        "label_mask": torch.ones(2, 3, dtype=torch.bool),
+        "category": ["Chair", "table"],  # the released comparison is on cleaned names
+    }
+    _, _, local, used = module._scores(batch)
+    assert batch["label_ids"].tolist() == [[-1, 1, 2], [0, 1, 2]]
+    assert batch["label_mask"].tolist() == [[False, True, True], [True, True, True]]
+    assert batch["membership"][0, :, 0].sum() == 0 and batch["membership"][1, :, 0].sum() == 20
+    assert used.tolist() == [0, 1, 2] and local[0, 0] == -1
+
+
+class _FakeTrainer:
+    def __init__(self, world_size: int, accumulate: int, dm: object) -> None:
+        self.world_size, self.accumulate_grad_batches, self.datamodule = world_size, accumulate, dm
+        self.is_global_zero, self.estimated_stepping_batches = True, 10
+
+
+def test_ddp_batch_rule_keeps_the_global_batch_or_scales_the_lr(capsys: pytest.CaptureFixture[str]) -> None:
+    def run(world: int, per_rank: int, **optim: object) -> tuple[Stage1Distillation, object]:
+        module = Stage1Distillation(
+            PatchAlignEncoder(EncoderConfig(**TINY, head_dim=4)), optim=OptimizerConfig(**optim)
+        )
+        dm = type("DM", (), {"batch_size": per_rank})()
+        module._trainer = _FakeTrainer(world, 1, dm)
+        module.setup("fit")
+        return module, dm
+
+    _, dm = run(8, 32, global_batch_size=32)  # the Slurm 2 x 4 allocation with the released batch
+    assert dm.batch_size == 4  # 32 per step over 8 ranks, lr unchanged
+    assert "global batch 32 = 4 per rank x 8 ranks" in capsys.readouterr().out
+    _, dm = run(8, 32)  # global_batch_size null: data.batch_size is the global batch
+    assert dm.batch_size == 4
+    module, dm = run(8, 32, global_batch_size=32, ddp_rule="scale_lr")
+    assert dm.batch_size == 32 and module._lr_factor == 8.0
+    opt = module.configure_optimizers()["optimizer"]
+    assert sorted({g["lr"] for g in opt.param_groups}) == pytest.approx([8e-4, 4e-3])  # linear scaling
+    module, dm = run(8, 32, ddp_rule="none")
+    assert dm.batch_size == 32 and module._lr_factor == 1.0
+    assert "WARNING: not the reference batch 32" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="not divisible"):
+        run(3, 32, global_batch_size=32)
+    _, dm = run(1, 32, global_batch_size=32)  # one GPU, the released setting: nothing changes
+    assert dm.batch_size == 32
