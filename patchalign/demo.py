@@ -278,14 +278,16 @@ def _pictures(
     out: Path, heldout: dict[str, Any], stage1_ckpt: Path, model: Any, n_per_cat: int = 2
 ) -> list[Path]:
     """Held-out shapes: parts, and PCA-RGB of the patch features after Stage 1 and after Stage 2."""
-    from patchalign.lit import load_encoder_weights
-    from patchalign.model import EncoderConfig, PatchAlignEncoder
+    from patchalign.checkpoints import load_checkpoint_into, read_checkpoint
+    from patchalign.model import PatchAlignEncoder
     from patchalign.viz import plot_feature_pca
 
     written = _part_pictures(out, heldout, "heldout", n_per_cat)
-    ckpt = torch.load(stage1_ckpt, map_location="cpu", weights_only=False)
-    enc1 = PatchAlignEncoder(EncoderConfig.from_dict(ckpt["hyper_parameters"]["encoder_config"])).eval()
-    load_encoder_weights(enc1, stage1_ckpt, skip_head=False)
+    config = read_checkpoint(stage1_ckpt).encoder_config  # weights_only reader, strict load below
+    if config is None:
+        raise RuntimeError(f"{stage1_ckpt} records no encoder config")
+    enc1 = PatchAlignEncoder(config).eval()
+    load_checkpoint_into(enc1, stage1_ckpt, strict=True)
     for s in _best_per_category(heldout, n_per_cat):
         pts = torch.from_numpy(s["points"])[None]
         with torch.no_grad():
