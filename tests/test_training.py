@@ -184,6 +184,59 @@ def test_print_config_documents_itself(tmp_path: Path) -> None:
     assert printed["model"]["init_args"]["loss"] == "siglip"
 
 
+@pytest.mark.parametrize("stage", [1, 2])
+def test_reference_configs_print_the_released_recipe(tmp_path: Path, stage: int) -> None:
+    """``fit --config configs/reference/stage{1,2}.yaml --print_config``: the released values, resolved."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "patchalign",
+        "fit",
+        "--config",
+        str(REPO / f"configs/reference/stage{stage}.yaml"),
+    ]
+    out = subprocess.run(cmd + ["--print_config"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    cfg = yaml.safe_load(out.stdout)
+    tr, m = cfg["trainer"], cfg["model"]["init_args"]
+    assert cfg["seed_everything"] == 42 and tr["max_epochs"] == 100 and tr["gradient_clip_val"] is None
+    assert tr["precision"] == ("16-mixed" if stage == 1 else "32-true")
+    assert m["optim"] == {
+        "lr": 1e-4,
+        "head_lr": 5e-4,
+        "weight_decay": 0.05,
+        "decay_all_params": True,
+        "betas": [0.9, 0.999],
+        "eps": 1e-8,
+        "schedule": "constant",
+        "warmup_steps": 0,
+        "min_lr_ratio": 0.01,
+        "global_batch_size": 32,
+        "ddp_rule": "keep_global_batch",
+    }
+    enc = m["encoder"]["init_args"]["config"]
+    assert (enc["norm_eps"], enc["fps_rule"], enc["fps_start"], enc["drop_path_rate"]) == (
+        1e-5,
+        "pointnet2",
+        0,
+        0.1,
+    )
+    data = cfg["data"]["init_args"]
+    assert data["batch_size"] == 32 and data["rotate_up"] is False and data["scale_range"] is None
+    if stage == 2:
+        assert (m["loss"], m["temperature"], m["max_logit_scale"], m["trainable"]) == (
+            "bce",
+            "log",
+            100.0,
+            "released",
+        )
+        assert (
+            m["frozen_train_mode"] is True
+            and m["exclude_category_label"] is True
+            and m["init_strict"] is True
+        )
+
+
 def _sbatch_header(script: Path) -> dict[str, str]:
     header = {}
     for line in script.read_text().splitlines():
