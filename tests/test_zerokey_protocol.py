@@ -16,6 +16,7 @@ from zerokey.openai_client import BudgetExceeded, CallBudget, ChatClient, ChatEr
 from zerokey.pointers import OpenAIPointer, build_point_prompt
 from zerokey.testing import FakeChatServer, MolmoStub
 from zerokey.views import RenderedViews
+from zerokey.writer import config_hash
 
 SIZE = 40
 
@@ -308,3 +309,16 @@ def test_openai_pointer_fallback_per_name_and_failed_calls():
         points = pointer(_shape(), NAMES, _views(2))
     assert len(points) == 0 and points.stats.failed_calls == 4
     assert points.error.startswith("4 of 4 pointer requests failed") and "HTTP 500" in points.error
+
+
+def test_run_settings_identify_answers_not_plumbing(monkeypatch):
+    monkeypatch.setenv("ZK_SECRET", "sk-never-recorded")
+    a = OpenAIPointer("http://127.0.0.1:1/v1", "molmo", api_key_env="ZK_SECRET", max_workers=2)
+    b = OpenAIPointer("http://10.0.0.5:8000/v1", "molmo", api_key_env="ZK_SECRET", max_workers=16, timeout=5)
+    assert a.settings() == b.settings()  # host, pool size, timeout: same answers
+    assert "sk-never-recorded" not in repr(a.settings())
+    c = OpenAIPointer("http://127.0.0.1:1/v1", "molmo", api_key_env=None, prompt="Where is the {name}?")
+    d = OpenAIPointer("http://127.0.0.1:1/v1", "molmo-72b", api_key_env=None)
+    assert len({config_hash(p.settings()) for p in (a, c, d)}) == 3
+    with pytest.raises(ValueError, match="name"):
+        OpenAIPointer("http://127.0.0.1:1/v1", "m", prompt="Point at it.")

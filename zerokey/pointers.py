@@ -292,6 +292,10 @@ class OpenAIPointer(Pointer):
     def attach_budget(self, budget: CallBudget) -> None:
         self.client.budget = budget
 
+    def settings(self) -> dict[str, Any]:
+        # The pool size changes speed, not answers: a resume may use another one.
+        return {k: v for k, v in plain_settings(self).items() if k != "max_workers"}
+
     def _ask(self, prompt: str, image: Tensor) -> tuple[str | None, ParseStats | None, str | None]:
         """(answer, None, None), or (None, stats of the failure, error text)."""
         try:
@@ -470,6 +474,9 @@ class MolmoPointer(Pointer):
 
     def check(self) -> None:
         _check_molmo_dir(self.weights_dir)
+
+    def settings(self) -> dict[str, Any]:
+        return {k: v for k, v in plain_settings(self).items() if k != "batch_size"}
 
     def _ensure_loaded(self, device: torch.device) -> None:
         if self._model is None:
