@@ -1,4 +1,4 @@
-"""Benchmarks that print numbers: ``python -m patchalign.bench {encoder,loader,train,render}``.
+"""Benchmarks that print numbers: ``python -m patchalign.bench {encoder,loader,train,render,gpu}``.
 
 Performance targets live here, not in timed unit tests. Each figure is measured on the current
 device in the same run as its reference (e.g. the encoder's GFLOP/s next to a matmul peak).
@@ -118,11 +118,12 @@ def main(argv: list[str] | None = None) -> int:
         ("loader", "shard loader throughput vs raw tar read"),
         ("train", "training samples/s per stage, data and model timed separately"),
         ("render", "Embree vs PyTorch3D rendering time per view"),
+        ("gpu", "the prepared one-GPU check (imports, render parity, encoder, fits, loader, ZeroKey)"),
     ]:
         p = sub.add_parser(name, help=help_)
         p.add_argument("rest", nargs=argparse.REMAINDER)
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("loader", "train", "render"):
+    if argv and argv[0] in ("loader", "train", "render", "gpu"):
         # these forward all their options to their own parsers
         args = argparse.Namespace(what=argv[0], rest=argv[1:])
     else:
@@ -139,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         from patchalign.train_bench import main as train_main
 
         return train_main(args.rest) or 0
+    if args.what == "gpu":
+        from patchalign.gpu_check import main as gpu_main
+
+        return gpu_main(args.rest)
     if args.what == "render":
         from patchalign.render.bench import main as render_main
 
