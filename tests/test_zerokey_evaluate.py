@@ -181,3 +181,32 @@ def test_unknown_shapes_are_skipped_and_reported():
     result = evaluate_predictions(records, annotations, KPN / "pcds")
     assert {k: len(v) for k, v in result.skipped.items()} == {"no_ids": 1, "no_annotation": 1, "no_pcd": 1}
     assert result.iou == {}
+
+
+def test_duplicated_gt_indices_count_once_as_in_the_reference(tmp_path):
+    points, _ = _horseshoe()
+    top_left, top_right = 0, len(points) - 1
+    (tmp_path / "c").mkdir()
+    header = (
+        f"VERSION .7\nFIELDS x y z\nSIZE 4 4 4\nTYPE F F F\nCOUNT 1 1 1\nPOINTS {len(points)}\nDATA ascii\n"
+    )
+    body = "\n".join(" ".join(f"{v:.6f}" for v in p) for p in points)
+    (tmp_path / "c" / "m.pcd").write_text(header + body + "\n")
+    gt = [top_left, top_left, top_right]  # the left top annotated twice
+    annotations = {("c", "m"): {"keypoints": [{"pcd_info": {"point_index": i}} for i in gt]}}
+    record = {"shape_id": "c/m", "class_id": "c", "model_id": "m", "keypoints": [{"xyz": points[0].tolist()}]}
+    result = evaluate_predictions([record], annotations, tmp_path, thresholds=[0.05], k=2)
+    # GT set {left, right}: left found, right missed, nothing false -> (2 - 1) / 2. Counting the
+    # duplicate would give (3 - 1) / 3.
+    assert result.iou["c"] == [pytest.approx(0.5)]
+
+
+@pytest.mark.skipif(not KPN.is_dir(), reason="shared KeypointNet data not available")
+def test_chair_annotations_with_duplicated_indices():
+    annotations = load_keypointnet_annotations([KPN / "annotations" / "chair.json"])
+    dup = [
+        key
+        for key, a in annotations.items()
+        if len({kp["pcd_info"]["point_index"] for kp in a["keypoints"]}) < len(a["keypoints"])
+    ]
+    assert len(annotations) == 999 and len(dup) == 6

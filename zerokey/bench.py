@@ -235,11 +235,12 @@ def format_table(result: dict) -> str:
     ]
     ts = [f"IoU@{t:.2f}" for t in result["thresholds"]]
     cols = f"{'ablation':<44}{'views':>6}" + "".join(f"{t:>10}" for t in ts)
-    cols += f"{'kp/shape':>10}{'render s':>10}{'lift+cl s':>11}{'calls/shape':>13}"
+    cols += f"{'kp/shape':>10}{'render s':>10}{'point s':>9}{'lift+cl s':>11}{'calls/shape':>13}"
     lines = head + [cols]
     for r in result["rows"]:
         line = f"{r['ablation']:<44}{r['views']:>6}" + "".join(f"{v:>10.3f}" for v in r["iou"].values())
-        line += f"{r['keypoints_per_shape']:>10.1f}{r['render_s']:>10.3f}{r['lift_cluster_s']:>11.3f}"
+        line += f"{r['keypoints_per_shape']:>10.1f}{r['render_s']:>10.3f}{r['point_s']:>9.3f}"
+        line += f"{r['lift_cluster_s']:>11.3f}"
         line += f"{r['pointer_calls_per_shape_per_name_protocol']:>13.0f}"
         lines.append(line)
     lines.append(
