@@ -244,6 +244,7 @@ def format_table(result: dict) -> str:
         line += f"{r['pointer_calls_per_shape_per_name_protocol']:>13.0f}"
         lines.append(line)
     lines.append(
+        "s = seconds per shape (point s: the oracle, or with --pointer server the HTTP round trips); "
         "calls/shape: requests a per-(view, name) MLLM pointer sends (V x N); the oracle sends none."
     )
     return "\n".join(lines)
