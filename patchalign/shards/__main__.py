@@ -88,17 +88,17 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--teacher-resize",
         choices=["bilinear-antialias", "bicubic-crop"],
-        help="teacher input resize (default bilinear-antialias; released: bicubic-crop with size 518)",
+        help="teacher input resize (default = released bicubic-crop, 518 px for DINOv2; bilinear-antialias)",
     )
     g.add_argument(
         "--upsample",
         choices=["bilinear", "bicubic"],
-        help="token upsampling (default bilinear; released bicubic)",
+        help="token upsampling (default = released bicubic)",
     )
     g.add_argument(
         "--view-average",
         choices=["pixel", "view"],
-        help="face feature: mean over all its pixels (default pixel) or of per-view means (released view)",
+        help="face feature: mean of per-view means (default = released view) or over all its pixels (pixel)",
     )
     g.add_argument(
         "--find3d-frame",

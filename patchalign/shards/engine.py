@@ -101,9 +101,11 @@ class EngineConfig:
     Defaults follow Find3D / PatchAlign3D: 5000 points, 10 views, DINOv2-base teacher, OpenCLIP
     ViT-bigG-14 text encoder. The demo uses smaller values (see ``patchalign.shards.demo``).
 
-    The released teacher settings (issue 9 item 5) are ``teacher_input_size=518``,
-    ``teacher_resize="bicubic-crop"``, ``upsample="bicubic"``, ``view_average="view"``,
-    ``k_unseen=20`` and, for Find3D inputs, ``find3d_frame="raw"`` (:data:`RELEASED_TEACHER_SETTINGS`).
+    The teacher pipeline defaults to the released settings (issue 9 item 5): DINOv2 input 518 px
+    (``teacher_input_size=None`` resolves to it for DINOv2 teachers), ``teacher_resize="bicubic-crop"``,
+    ``upsample="bicubic"``, ``view_average="view"``, ``k_unseen=20``. Find3D inputs are re-normalised
+    to the unit sphere unless ``find3d_frame="raw"`` (released, "when asked"; every setting is in
+    :data:`RELEASED_TEACHER_SETTINGS`). The demo overrides the cost-heavy ones (``DEMO_CONFIG``).
     """
 
     n_points: int = 5000  # cache
@@ -112,11 +114,11 @@ class EngineConfig:
     camera_distance: float = 2.5  # cache
     seed: int = 0  # cache: point sampling seed (mixed with the uid)
     teacher: str = DEFAULT_TEACHER  # cache
-    teacher_input_size: int | None = None  # cache: None = the teacher's default (224 for DINOv2)
+    teacher_input_size: int | None = None  # cache: None = released 518 for DINOv2 with "bicubic-crop"
     allow_random_teacher: bool = False
-    teacher_resize: str = "bilinear-antialias"  # cache: released "bicubic-crop" (with teacher_input_size 518)
-    upsample: str = "bilinear"  # cache: token upsampling; released "bicubic"
-    view_average: str = "pixel"  # cache: released "view" (see patchalign.shards.backproject)
+    teacher_resize: str = "bicubic-crop"  # cache: released; "bilinear-antialias" (224) is the cheap one
+    upsample: str = "bicubic"  # cache: token upsampling, released; "bilinear" is ours
+    view_average: str = "view"  # cache: released (see patchalign.shards.backproject); "pixel" is ours
     k_unseen: int = 20  # cache
     find3d_frame: str = "unit_sphere"  # cache: Find3D points re-normalised; "raw" keeps Find3D's frame
     up_axis: str = "y"
@@ -168,8 +170,9 @@ class EngineConfig:
 
 
 # The released PatchAlign3D teacher pipeline (issue 9 item 5), as EngineConfig overrides.
+RELEASED_DINOV2_INPUT = 518
 RELEASED_TEACHER_SETTINGS: dict[str, Any] = dict(
-    teacher_input_size=518,
+    teacher_input_size=RELEASED_DINOV2_INPUT,
     teacher_resize="bicubic-crop",
     upsample="bicubic",
     view_average="view",
@@ -590,12 +593,15 @@ _TEACHERS: dict[tuple, Teacher] = {}
 def get_teacher(cfg: EngineConfig) -> Teacher:
     """The configured teacher, loaded once per process."""
     device = cfg.resolved_device()
-    key = (cfg.teacher, cfg.teacher_input_size, cfg.teacher_resize, cfg.allow_random_teacher, str(device))
+    input_size = cfg.teacher_input_size
+    if input_size is None and cfg.teacher_resize == "bicubic-crop" and cfg.teacher.startswith("dinov2"):
+        input_size = RELEASED_DINOV2_INPUT  # released Resize(518) + CenterCrop(518)
+    key = (cfg.teacher, input_size, cfg.teacher_resize, cfg.allow_random_teacher, str(device))
     if key not in _TEACHERS:
         _TEACHERS[key] = load_teacher(
             cfg.teacher,
             device=device,
-            input_size=cfg.teacher_input_size,
+            input_size=input_size,
             allow_random=cfg.allow_random_teacher,
             resize=cfg.teacher_resize,
         )
