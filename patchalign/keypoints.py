@@ -1,8 +1,8 @@
 """Keypoints from PatchAlign3D's dense features: zero-shot (from text) and few-shot (from prototypes).
 
 Reproduces the two keypoint uses of the encoder that the PatchAlign3D talk reports on KeypointNet
-(IoU@0.10: 32.88 zero-shot, 64.07 few-shot; "PatchAlign3D: Local Feature Alignment for Dense 3D Shape
-Understanding", code dickoah/PatchAlign3D@655561b83a99e8c5631e8e3e29c064a446faf66c). The released code
+(IoU@0.10: 32.88 zero-shot, 64.07 few-shot; PatchAlign3D, Hadgi et al., arXiv:2601.02457; code
+dickoah/PatchAlign3D@655561b83a99e8c5631e8e3e29c064a446faf66c). The released code
 ships no keypoint detector, so the rules below are ours and documented here:
 
 * **Per-point fields.** Patch values (cosines to a name's text embedding, or patch features) are

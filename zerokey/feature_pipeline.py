@@ -1,5 +1,7 @@
 """Keypoint detectors built on PatchAlign3D's dense features, with ZeroKey's interface and JSONs.
 
+PatchAlign3D: Hadgi et al., arXiv:2601.02457 (dickoah/PatchAlign3D); ZeroKey: arXiv:2412.06292.
+
 Three detectors, each a drop-in for :class:`zerokey.pipeline.ZeroKeyPipeline` (``predict(shape,
 device, keep_debug) -> ShapePrediction``), so the same Lightning prediction loop, writer and
 ``python -m zerokey evaluate`` serve them:
