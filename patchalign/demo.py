@@ -408,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--shapenetpart",
-        default=str(SHARED_DATA / "shapenetpart"),
+        default=str(SHARED_DATA / "shapenetpart" / "shapenetcore_partanno_segmentation_benchmark_v0_normal"),
         help="ShapeNetPart txt root scored zero-shot if present (optional)",
     )
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate at most this many shapes per split")
