@@ -49,7 +49,8 @@ class _StepRecorder(L.LightningModule):
 
 @pytest.mark.ddp
 @pytest.mark.timeout(120)
-def test_ddp_uneven_shards_equal_steps_disjoint_samples(tmp_path: Path) -> None:
+@pytest.mark.parametrize("cache", ["off", "host"])
+def test_ddp_uneven_shards_equal_steps_disjoint_samples(tmp_path: Path, cache: str) -> None:
     write_synthetic_shards(tmp_path / "train", [7, 1, 3, 2, 6], feature_dim=4)  # 19 samples
     write_synthetic_shards(tmp_path / "val", [3, 1], feature_dim=4, uid_prefix="val")
     dm = ShardDataModule(
@@ -61,6 +62,7 @@ def test_ddp_uneven_shards_equal_steps_disjoint_samples(tmp_path: Path) -> None:
         val_path=str(tmp_path / "val"),
         val_batch_size=2,
         val_num_workers=0,
+        cache=cache,
     )
     model = _StepRecorder(str(tmp_path))
     trainer = L.Trainer(
@@ -91,3 +93,5 @@ def test_ddp_uneven_shards_equal_steps_disjoint_samples(tmp_path: Path) -> None:
     val_uids = [u for r in ranks for s in r["val"] for u in s]
     assert sorted(val_uids) == [f"val-{i:05d}" for i in range(4)]
     assert all(r["skips"]["train"]["skipped"] == 0 for r in ranks)
+    if cache == "host":  # each rank decoded exactly its own partition once
+        assert sorted(r["skips"]["train"]["seen"] for r in ranks) == [9, 10]
