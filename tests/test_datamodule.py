@@ -397,3 +397,13 @@ def test_streamed_patch_targets_move_with_the_points(tmp_path: Path) -> None:
                 batch["patch_features"][i].numpy(), s.patch_features.astype(np.float32)
             )
             assert not np.allclose(batch["patch_centers"][i].numpy(), s.patch_centers, atol=1e-3)
+
+
+def test_validation_pads_carry_no_patch_targets(tmp_path: Path) -> None:
+    write_synthetic_shards(tmp_path / "v", [3], feature_dim=6, targets="patches", n_patches=16)
+    dm = _dm(tmp_path / "v", val_path=str(tmp_path / "v"), val_num_workers=0)
+    batches = list(dm.val_dataloader())
+    assert [b["valid"].tolist() for b in batches] == [[True, True], [True, False]]
+    pad = batches[1]
+    assert torch.isfinite(pad["patch_centers"][0]).all() and torch.isnan(pad["patch_centers"][1]).all()
+    assert (pad["patch_features"][1] == 0).all()

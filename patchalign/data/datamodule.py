@@ -225,6 +225,11 @@ class ShardDataModule(L.LightningDataModule):
         self._require_setup()
         return int(self.manifest.feature_dim or 0)
 
+    def _per_point_features(self) -> bool:
+        """Whether the training set stores per-point features (compact sets store only patch targets)."""
+        targets = self.manifest.targets
+        return targets is None or "points" in targets
+
     def _require_setup(self) -> None:
         if self.manifest is None:
             raise RuntimeError("call setup() first (the Trainer does this)")
@@ -358,7 +363,7 @@ class ShardDataModule(L.LightningDataModule):
             plans=plans,
             batch_size=self.val_batch_size,
             batches_per_slot=batches_per_slot,
-            feature_dim=self.feature_dim if self.load_features else 0,
+            feature_dim=self.feature_dim if self.load_features and self._per_point_features() else 0,
             example=self.example_config,
             lookup=self._lookup(),
         )
