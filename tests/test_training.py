@@ -597,3 +597,31 @@ def test_ddp_batch_rule_keeps_the_global_batch_or_scales_the_lr(capsys: pytest.C
         run(3, 32, global_batch_size=32)
     _, dm = run(1, 32, global_batch_size=32)  # one GPU, the released setting: nothing changes
     assert dm.batch_size == 32
+
+
+def test_stage1_fits_on_compact_released_targets_through_the_cli(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shards with only the released per-shape patch targets (no per-point features) train Stage 1."""
+    import patchalign.patch_targets as pt
+
+    calls: list[tuple[int, ...]] = []
+    real = pt.match_patch_targets
+
+    def spy(centers: torch.Tensor, stored_c: torch.Tensor, stored_f: torch.Tensor):
+        calls.append(tuple(stored_c.shape))
+        return real(centers, stored_c, stored_f)
+
+    monkeypatch.setattr(pt, "match_patch_targets", spy)
+    train = write_synthetic_shards(
+        tmp_path / "c_train", [6], num_points=2048, feature_dim=12, targets="patches"
+    )
+    val = write_synthetic_shards(
+        tmp_path / "c_val", [4], num_points=2048, feature_dim=12, targets="patches", uid_prefix="val"
+    )
+    cfg = _config(tmp_path, 1, {"train": Path(train), "val": Path(val)})
+    cli = cli_main(["fit", "--config", str(cfg)])
+    assert cli.trainer.global_step == 4
+    assert cli.model.encoder.config.head_dim == 12
+    assert 0.0 <= float(cli.trainer.callback_metrics["val/loss"]) <= 2.0
+    assert calls and all(c[1:] == (128, 3) for c in calls)  # the released matching made every target
