@@ -7,6 +7,7 @@ known exactly (a support shape queried with its own prototypes finds its own ann
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -156,3 +157,96 @@ def test_unified_asks_fewer_pointer_calls_than_full_zerokey(
     assert len(u["keypoints"]) >= 1
     result = _evaluate([u, f], shared_data)
     assert result.shapes == {"airplane": 2}
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cli_args(config: str, run_dir: Path, model: Path, kpn: Path, *extra: str) -> list[str]:
+    return [
+        "predict",
+        "--config",
+        str(REPO / "configs" / config),
+        "--trainer.default_root_dir",
+        str(run_dir),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.accelerator",
+        "cpu",
+        "--model.detector.init_args.model",
+        str(model),
+        "--data.keypointnet_root",
+        str(kpn),
+        "--data.categories",
+        '["airplane"]',
+        "--data.model_ids",
+        json.dumps(AIRPLANES),
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize(
+    "config, extra",
+    [
+        ("keypoints_zeroshot.yaml", ["--model.detector.init_args.namer.init_args.semantic_names", "{names}"]),
+        (
+            "keypoints_fewshot.yaml",
+            [
+                "--model.detector.init_args.keypointnet_root",
+                "{kpn}",
+                "--model.detector.init_args.support_split",
+                "null",
+            ],
+        ),
+        (
+            "keypoints_unified.yaml",
+            [
+                "--model.detector.init_args.namer.init_args.semantic_names",
+                "{names}",
+                "--model.detector.init_args.views.image_size",
+                "96",
+            ],
+        ),
+    ],
+)
+def test_configs_run_through_the_zerokey_cli_and_evaluate(
+    config: str, extra: list[str], export_dir: Path, shared_data: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    import json
+
+    from zerokey.__main__ import main
+    from zerokey.evaluate import load_prediction_dir
+
+    monkeypatch.chdir(tmp_path)
+    kpn = shared_data / "keypointnet"
+    extra = [e.format(names=kpn / "semantic_names.json", kpn=kpn) for e in extra]
+    run = tmp_path / "run"
+    main(_cli_args(config, run, export_dir, kpn, *extra))
+    printed = capsys.readouterr().out
+    assert "2 done, 0 skipped (complete before), 0 failed" in printed
+    records = load_prediction_dir(run)
+    assert len(records) == 2 and all(r["status"] == "complete" and r["keypoints"] for r in records)
+    manifest = json.loads((run / "run.json").read_text())
+    assert manifest["status"] == "finished" and (run / "config.yaml").exists()
+    assert _evaluate(records, shared_data).shapes == {"airplane": 2}
+    # a rerun resumes: nothing is predicted again and the files are untouched
+    before = {p: p.read_bytes() for p in run.glob("02691156/*.json")}
+    assert len(before) == 2
+    main(_cli_args(config, run, export_dir, kpn, *extra))
+    assert "0 done, 2 skipped" in capsys.readouterr().out
+    assert all(p.read_bytes() == b for p, b in before.items())
+
+
+def test_detector_with_a_missing_model_fails_before_the_first_shape(
+    shared_data: Path, tmp_path: Path, monkeypatch
+):
+    from zerokey.__main__ import main
+
+    monkeypatch.chdir(tmp_path)
+    kpn = shared_data / "keypointnet"
+    args = _cli_args("keypoints_fewshot.yaml", tmp_path / "run", tmp_path / "nope", kpn)
+    args += ["--model.detector.init_args.keypointnet_root", str(kpn)]
+    with pytest.raises(SystemExit) as err:
+        main(args)
+    assert err.value.code == 2
+    assert not list((tmp_path / "run").rglob("02691156/*.json"))

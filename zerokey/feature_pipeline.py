@@ -46,7 +46,7 @@ from zerokey.cluster import ClusterConfig, closest_point_on_mesh, cluster_candid
 from zerokey.data import KEYPOINTNET_CLASSES, ShapeSample, load_keypointnet_annotations, load_shape
 from zerokey.lift import Candidates3D, lift_points
 from zerokey.namers import KeypointNetNamer, Namer, StaticNamer
-from zerokey.pipeline import ShapePrediction, ZeroKeyPipeline
+from zerokey.pipeline import KeypointDetector, ShapePrediction, ZeroKeyPipeline
 from zerokey.pointers import Pointer, Points2D
 from zerokey.views import RenderedViews, ViewConfig, make_cameras, render_shape
 
@@ -121,6 +121,18 @@ class FeatureModel:
             self._model = self._model.to(device)
         return self._model
 
+    def settings(self) -> dict[str, Any]:
+        path = Path(self.path)
+        weights = path / "model.safetensors" if path.is_dir() else path
+        stat = weights.stat() if weights.exists() else None
+        # the file's size and mtime stand in for its content (hashing 90 MB per run is not worth it)
+        return {
+            "path": str(path.resolve()),
+            "size": stat and stat.st_size,
+            "mtime": stat and stat.st_mtime,
+            "interp_k": self.interp_k,
+        }
+
     def dense(self, points: Tensor, device: torch.device) -> DenseFeatures:
         model = self.model(device)
         out = model.encode(points.to(device), normalize=True)
@@ -158,7 +170,7 @@ class _Timer:
         self.timings[stage] = round(time.perf_counter() - start, 5)
 
 
-class ZeroShotFeatureKeypoints:
+class ZeroShotFeatureKeypoints(KeypointDetector):
     """Zero-shot keypoints from text: the peaks of each name's similarity field.
 
     Args:
@@ -206,6 +218,20 @@ class ZeroShotFeatureKeypoints:
             self._text_cache[key] = model.text_embeddings(names, category=category).to(device)
         return self._text_cache[key]
 
+    def settings(self) -> dict[str, Any]:
+        return super().settings() | {
+            "model": self.features.settings(),
+            "score": self.score,
+            "region_radius": self.region_radius,
+            "nms_radius": self.nms_radius,
+            "min_score": self.min_score,
+            "graph_k": self.graph_k,
+            "num_points": self.num_points,
+        }
+
+    def check(self) -> None:
+        self.features.model(torch.device("cpu"))  # the weights load (strictly) before the first shape
+
     def _names(self, shape: ShapeSample, device: torch.device) -> Any:
         if isinstance(self.namer, _NAMERS_WITHOUT_IMAGES):
             return self.namer(shape, torch.zeros(0, 1, 1, 3, device=device))
@@ -218,13 +244,15 @@ class ZeroShotFeatureKeypoints:
         device = torch.device(device)
         record = ZeroKeyPipeline._base_record(shape)
         if shape.error is not None:
-            record.update(keypoints=[], names=[], skipped=True)
+            record.update(keypoints=[], names=[])
             return ShapePrediction(record)
         timer = _Timer(device)
         shape = shape.to(device)
         with timer("name"):
             naming = self._names(shape, device)
         names, instances = naming.names, naming.instances
+        if naming.error is None and not names:
+            naming.error = f"{type(self.namer).__name__} gave no names"
         keypoints: list[dict[str, Any]] = []
         missing = list(names)
         with timer("encode"):
@@ -257,6 +285,8 @@ class ZeroShotFeatureKeypoints:
                 )
         timer.timings["total"] = round(sum(timer.timings.values()), 5)
         record.update(
+            status="failed" if naming.error else "complete",
+            error=naming.error,
             detector="patchalign_zeroshot",
             names=names,
             instances=instances,
@@ -270,7 +300,7 @@ class ZeroShotFeatureKeypoints:
         return ShapePrediction(record, shape=shape if keep_debug else None, timings=timer.timings)
 
 
-class FewShotFeatureKeypoints:
+class FewShotFeatureKeypoints(KeypointDetector):
     """Few-shot keypoints: one prototype per semantic id from ``shots`` annotated support shapes.
 
     Support shapes are KeypointNet models of the query's category, taken in sorted order from
@@ -307,6 +337,21 @@ class FewShotFeatureKeypoints:
         self._annotations: dict[tuple[str, str], dict] | None = None
         self._cache: dict[tuple[str, str], Tensor] = {}
         self._names: dict[str, dict[int, str]] | None = None
+
+    def settings(self) -> dict[str, Any]:
+        return super().settings() | {
+            "model": self.features.settings(),
+            "root": str(self.root.resolve()),
+            "shots": self.shots,
+            "support_split": self.support_split,
+            "support_ids": self.support_ids,
+            "exclude_query": self.exclude_query,
+            "min_support_fraction": self.min_support_fraction,
+        }
+
+    def check(self) -> None:
+        self.features.model(torch.device("cpu"))
+        self.annotations()
 
     def annotations(self) -> dict[tuple[str, str], dict]:
         if self._annotations is None:
@@ -378,7 +423,7 @@ class FewShotFeatureKeypoints:
         device = torch.device(device)
         record = ZeroKeyPipeline._base_record(shape)
         if shape.error is not None:
-            record.update(keypoints=[], names=[], skipped=True)
+            record.update(keypoints=[], names=[])
             return ShapePrediction(record)
         if not shape.class_id:
             raise ValueError(f"few-shot keypoints need the shape's KeypointNet class id ({shape.shape_id})")
@@ -446,7 +491,7 @@ def _subset_views(views: RenderedViews, index: Tensor) -> RenderedViews:
     )
 
 
-class UnifiedKeypoints:
+class UnifiedKeypoints(KeypointDetector):
     """PatchAlign3D proposes, the MLLM pointer confirms in a few views, weighted HDBSCAN decides.
 
     Per name: the ``candidates_per_name`` strongest feature peaks (geodesic NMS) are projected into
@@ -490,6 +535,25 @@ class UnifiedKeypoints:
         self.region_radius = region_radius
         self._cameras: dict[str, Any] = {}
 
+    def settings(self) -> dict[str, Any]:
+        zs = self.zero_shot
+        return super().settings() | {
+            "model": zs.features.settings(),
+            "views": vars(self.view_config),
+            "candidates_per_name": self.candidates_per_name,
+            "views_per_name": self.views_per_name,
+            "feature_weight": self.feature_weight,
+            "fallback_to_features": self.fallback_to_features,
+            "patch_size": self.patch_size,
+            "cluster": vars(self.cluster_config),
+            "score": zs.score,
+            "region_radius": self.region_radius,
+            "nms_radius": zs.nms_radius,
+        }
+
+    def check(self) -> None:
+        self.zero_shot.check()
+
     def cameras(self, device: torch.device):
         key = str(device)
         if key not in self._cameras:
@@ -502,7 +566,7 @@ class UnifiedKeypoints:
         device = torch.device(device)
         record = ZeroKeyPipeline._base_record(shape)
         if shape.error is not None:
-            record.update(keypoints=[], names=[], skipped=True)
+            record.update(keypoints=[], names=[])
             return ShapePrediction(record)
         timer = _Timer(device)
         shape = shape.to(device)
@@ -511,6 +575,8 @@ class UnifiedKeypoints:
         with timer("name"):
             naming = self.namer(shape, views.images)
         names, instances = naming.names, naming.instances
+        if naming.error is None and not names:
+            naming.error = f"{type(self.namer).__name__} gave no names"
         feats = self.zero_shot.features
         with timer("encode"):
             dense = feats.dense(surface_points(shape, self.zero_shot.num_points), device)
@@ -606,7 +672,10 @@ class UnifiedKeypoints:
                 support = {"source": "cluster", "weight": round(c.weight, 4), "views": c.n_views}
                 keypoints.append(_keypoint_entry(name, j, snapped, shape, support))
         timer.timings["total"] = round(sum(timer.timings.values()), 5)
+        error = naming.error or ("; ".join(failed) if failed else None)
         record.update(
+            status="failed" if error else "complete",
+            error=error,
             detector="unified",
             names=names,
             instances=instances,

@@ -19,7 +19,7 @@ from zerokey.cluster import ClusterConfig
 from zerokey.data import FileShapeDataset, KeypointNetDataset, ShapeSample, collate_shapes
 from zerokey.namers import Namer
 from zerokey.openai_client import CallBudget, ChatError
-from zerokey.pipeline import ShapePrediction, ZeroKeyPipeline
+from zerokey.pipeline import KeypointDetector, ShapePrediction, ZeroKeyPipeline
 from zerokey.pointers import Pointer
 from zerokey.views import ViewConfig
 from zerokey.writer import ZeroKeyRunError
@@ -37,6 +37,10 @@ class ZeroKeyModule(pl.LightningModule):
     Args:
         namer: a :class:`zerokey.namers.Namer` (``OpenAINamer``, ``KeypointNetNamer``, ``StaticNamer``).
         pointer: a :class:`zerokey.pointers.Pointer` (``MolmoPointer``, ``OpenAIPointer``, ``OraclePointer``).
+        detector: instead of namer + pointer, any :class:`zerokey.pipeline.KeypointDetector` with its
+            own settings (e.g. the PatchAlign3D-feature detectors of :mod:`zerokey.feature_pipeline`:
+            ``configs/keypoints_{zeroshot,fewshot,unified}.yaml``); the ZeroKey arguments below are
+            then unused. The writer, run folders, failure budget and evaluation are the same.
         n_views: 6, 26 (paper) or 46 (the paper's ablation layouts, see :func:`zerokey.views.view_layout`).
         image_size / distance / fov_deg / pole_tilt_deg: the cameras (see ``ViewConfig``).
         render_backend / point_backend / point_radius: renderer choices (auto = GPU rasteriser on
@@ -58,8 +62,9 @@ class ZeroKeyModule(pl.LightningModule):
 
     def __init__(
         self,
-        namer: Namer,
-        pointer: Pointer,
+        namer: Namer | None = None,
+        pointer: Pointer | None = None,
+        detector: KeypointDetector | None = None,
         n_views: int = 26,
         image_size: int = 448,
         distance: float = 2.5,
@@ -85,7 +90,17 @@ class ZeroKeyModule(pl.LightningModule):
         max_failed_call_fraction: float = 0.02,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["namer", "pointer"])
+        self.save_hyperparameters(ignore=["namer", "pointer", "detector"])
+        if detector is not None:
+            if namer is not None or pointer is not None:
+                raise ValueError(
+                    "give either namer + pointer (ZeroKey) or detector (its own namer / pointer), not both"
+                )
+            self.pipeline: KeypointDetector = detector
+            self._attach_budget(max_failed_call_fraction)
+            return
+        if namer is None or pointer is None:
+            raise ValueError("ZeroKey needs a namer and a pointer (or a detector)")
         self.pipeline = ZeroKeyPipeline(
             namer,
             pointer,
@@ -116,28 +131,41 @@ class ZeroKeyModule(pl.LightningModule):
             snap=snap,
             voting=voting,
         )
+        self._attach_budget(max_failed_call_fraction)
+
+    def _attach_budget(self, max_failed_call_fraction: float) -> None:
         #: the run's MLLM failure budget, shared by namer and pointer.
         self.budget = CallBudget(max_failed_call_fraction)
-        namer.attach_budget(self.budget)
-        pointer.attach_budget(self.budget)
+        for _, part in self._parts():
+            part.attach_budget(self.budget)
         #: set by KeypointJSONWriter when PNGs are requested: keep renders in the predictions.
         self.keep_debug = False
         #: set by KeypointJSONWriter on resume: shapes already complete in this run folder.
         self.done_ids: set[str] = set()
 
+    def _parts(self) -> list[tuple[str, Any]]:
+        """The pipeline's namer and pointer, where it has them."""
+        return [
+            (role, part)
+            for role, part in (("namer", self.pipeline.namer), ("pointer", self.pipeline.pointer))
+            if part is not None
+        ]
+
     # -------------------------------------------------------------- interface used by the writer
     def method_settings(self) -> dict[str, Any]:
         """Everything that determines a shape's result (hashed into the run's config hash)."""
         hparams = {k: v for k, v in self.hparams.items() if k != "max_failed_call_fraction"}
-        return {
-            "module": hparams,
-            "namer": self.pipeline.namer.settings(),
-            "pointer": self.pipeline.pointer.settings(),
-        }
+        if not isinstance(self.pipeline, ZeroKeyPipeline):  # the module's ZeroKey settings are unused
+            hparams = {"detector": self.pipeline.settings()}
+        return {"module": hparams} | {role: part.settings() for role, part in self._parts()}
 
     def preflight(self) -> None:
         """Check namer and pointer (one cheap server request each) before the first shape."""
-        for role, part in (("namer", self.pipeline.namer), ("pointer", self.pipeline.pointer)):
+        try:
+            self.pipeline.check()
+        except (OSError, ValueError) as err:
+            raise ZeroKeyRunError(f"detector {type(self.pipeline).__name__} is not usable: {err}") from err
+        for role, part in self._parts():
             try:
                 part.check()
             except (ChatError, OSError) as err:
@@ -146,12 +174,13 @@ class ZeroKeyModule(pl.LightningModule):
     def run_notes(self) -> list[str]:
         """What the user must know about this run's results (printed at the end of predict)."""
         notes = []
-        if self.pipeline.pointer.is_oracle:
+        pointer, namer = self.pipeline.pointer, self.pipeline.namer
+        if pointer is not None and pointer.is_oracle:
             notes.append(
                 "the pointer was OraclePointer (projected ground truth + noise): this evaluates the 3D "
                 "half of ZeroKey, not zero-shot keypoint detection"
             )
-        if self.pipeline.namer.is_ground_truth:
+        if namer is not None and namer.is_ground_truth:
             notes.append("names came from the benchmark's annotation (KeypointNetNamer), not from an MLLM")
         return notes
 

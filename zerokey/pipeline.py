@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -28,7 +29,7 @@ from zerokey.parsing import ParseStats
 from zerokey.pointers import Pointer, Points2D
 from zerokey.views import RenderedViews, ViewConfig, make_cameras, render_shape
 
-__all__ = ["ShapePrediction", "ZeroKeyPipeline"]
+__all__ = ["KeypointDetector", "ShapePrediction", "ZeroKeyPipeline"]
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,32 @@ def _round(values: Tensor | list[float], digits: int = 6) -> list[float]:
     return [round(float(v), digits) for v in (values.tolist() if isinstance(values, Tensor) else values)]
 
 
-class ZeroKeyPipeline:
+class KeypointDetector(ABC):
+    """What :class:`zerokey.module.ZeroKeyModule` runs on each shape: ``predict(shape, device,
+    keep_debug) -> ShapePrediction`` with a record in the format above (``status``, ``error``,
+    ``names``, ``keypoints`` with ``xyz`` in the input frame, ``mllm_calls``, ``timings``).
+
+    ``namer`` / ``pointer`` (``None`` when a detector has none) get the run's call budget and
+    pre-flight check; ``settings()`` is hashed into the run's config hash (everything that changes a
+    result); ``check()`` runs once before the first shape (load weights, fail in one clear line).
+    """
+
+    namer: Namer | None = None
+    pointer: Pointer | None = None
+
+    @abstractmethod
+    def predict(
+        self, shape: ShapeSample, device: torch.device | str = "cpu", keep_debug: bool = False
+    ) -> ShapePrediction: ...
+
+    def settings(self) -> dict[str, Any]:
+        return {"class": f"{type(self).__module__}.{type(self).__name__}"}
+
+    def check(self) -> None:  # noqa: B027 - optional hook; most detectors have nothing to check
+        """Pre-flight check of the detector itself (namer and pointer are checked separately)."""
+
+
+class ZeroKeyPipeline(KeypointDetector):
     """Zero-shot keypoints for one shape at a time (all work inside is batched over views / pixels).
 
     Args:
