@@ -268,6 +268,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--json", default=None, help="also write the full result as JSON here")
+    parser.add_argument(
+        "--feature-model",
+        default=None,
+        help="also print the PatchAlign3D-feature keypoint rows (zero-shot, few-shot leave-one-out, unified) "
+        "for this export dir / released checkpoint (see zerokey.feature_bench)",
+    )
+    parser.add_argument("--feature-category", default="airplane", help="KeypointNet category of those rows")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -290,6 +297,26 @@ def main(argv: Sequence[str] | None = None) -> dict:
         limit=args.limit,
     )
     print(format_table(result))
+    if args.feature_model:
+        from zerokey.feature_bench import feature_rows, format_rows
+
+        if not Path(args.feature_model).exists():
+            raise SystemExit(
+                f"--feature-model {args.feature_model} not found (make demo writes outputs/demo/export)"
+            )
+        rows = feature_rows(
+            args.feature_model,
+            root,
+            args.feature_category,
+            noise_px=args.noise_px,
+            dropout=args.dropout,
+            outlier_rate=args.outlier_rate,
+            limit=args.limit,
+        )
+        cat, model = args.feature_category, args.feature_model
+        print(f"\nPatchAlign3D-feature keypoints ({cat}, model {model}; oracle as above)")
+        print(format_rows(rows))
+        result["feature_rows"] = rows
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1, default=str))
     return result
