@@ -18,9 +18,9 @@ Three formats are accepted wherever weights are read (``init_from``, ``export``,
 
 Policy:
 
-* Every ``torch.load`` is ``weights_only=True``. Lightning checkpoints hold a few non-tensor
-  objects; the ones they need are allow-listed (:func:`safe_torch_load`), and anything else is refused
-  with the type's name: there is no fallback to full unpickling.
+* Every ``torch.load`` is ``weights_only=True``. The non-tensor objects the accepted files hold
+  (``OrderedDict`` / ``defaultdict``) are allow-listed (:func:`safe_torch_load`), and anything else
+  is refused with the type's name: there is no fallback to full unpickling.
 * Loads are strict: every tensor the encoder expects must be present with its shape, and nothing
   else may be there (:func:`load_encoder_state`). ``strict=False`` loads what matches and logs the
   counts.
@@ -69,43 +69,29 @@ def _base_safe_globals() -> list[Any]:
     return [collections.OrderedDict, collections.defaultdict]
 
 
-def _lightning_safe_globals() -> list[Any]:
-    """Non-tensor types in this project's Lightning checkpoints (hparams, loop and callback state).
-
-    Imported only when a file needs them, so reading exports and released files never imports Lightning.
-    """
-    from lightning.fabric.utilities.data import AttributeDict
-
-    return [AttributeDict]
-
-
 def safe_torch_load(path: str | os.PathLike) -> Any:
     """``torch.load(path, weights_only=True)`` with the allow-list; a refused type is named.
 
-    The allow-list is :func:`_base_safe_globals`, plus :func:`_lightning_safe_globals` when the
-    file asks for a Lightning type. Nothing else is ever unpickled.
+    The allow-list is :func:`_base_safe_globals`; nothing else is ever unpickled. Lightning (>= 2)
+    saves ``hyper_parameters`` as a plain ``dict`` and its loop/callback state as plain containers,
+    so its checkpoints need no Lightning type and reading one never imports Lightning (core does not
+    depend on the training layer; ``tests/test_architecture.py``). Allow-listing Lightning's
+    ``AttributeDict`` would not help anyway: the weights-only unpickler fills only ``dict`` /
+    ``OrderedDict`` / ``Counter`` items (``SETITEMS``), whatever the allow-list says.
 
     Raises:
         CheckpointError: the file needs a type outside the allow-list.
     """
-    allowed = _base_safe_globals()
-    for attempt in range(2):
-        try:
-            with torch.serialization.safe_globals(allowed):
-                return torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            msg = str(e)
-            if attempt == 0 and "lightning" in msg:
-                allowed = allowed + _lightning_safe_globals()
-                continue
-            first = next(
-                (line for line in msg.splitlines() if "GLOBAL" in line or "Unsupported" in line), msg
-            )
-            raise CheckpointError(
-                f"{path}: refusing to unpickle with weights_only=True (no fallback to full unpickling): "
-                f"{first.strip()[:300]}"
-            ) from e
-    raise AssertionError("unreachable")
+    try:
+        with torch.serialization.safe_globals(_base_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        msg = str(e)
+        first = next((line for line in msg.splitlines() if "GLOBAL" in line or "Unsupported" in line), msg)
+        raise CheckpointError(
+            f"{path}: refusing to unpickle with weights_only=True (no fallback to full unpickling): "
+            f"{first.strip()[:300]}"
+        ) from e
 
 
 @dataclass

@@ -20,7 +20,7 @@ from patchalign.render import (
     look_at_cameras,
     render_mesh,
     render_points,
-    zerokey_view_layout,
+    ring_view_layout,
 )
 from patchalign.render import mesh as mesh_module
 from patchalign.render import points as points_module
@@ -28,6 +28,11 @@ from patchalign.render.bench import bench_points, bench_render
 from patchalign.render.io import MeshNormalization
 
 BACKENDS = ["embree", "pytorch3d"]
+SPHERE_26 = ((45.0, 8), (90.0, 8), (135.0, 8))  # the 26-view sphere (ZeroKey's default layout)
+
+
+def _sphere26(distance: float = 2.5, pole_tilt_deg: float = 5.0) -> torch.Tensor:
+    return ring_view_layout(SPHERE_26, distance, pole_tilt_deg)
 
 
 def _meshes_dir(shared_data: Path) -> Path:
@@ -84,7 +89,7 @@ def test_project_hand_worked_values() -> None:
 
 
 def test_unproject_inverts_project() -> None:
-    eyes = torch.cat([zerokey_view_layout(), torch.tensor([[0.3, -2.0, 1.0]])])
+    eyes = torch.cat([_sphere26(), torch.tensor([[0.3, -2.0, 1.0]])])
     cams = look_at_cameras(eyes, at=torch.tensor([0.1, 0.2, -0.1]), fov_deg=50.0, image_size=64)
     pts = torch.rand(200, 3) * 2 - 1
     uv, depth = cams.project(pts)
@@ -95,7 +100,7 @@ def test_unproject_inverts_project() -> None:
 
 @pytest.mark.parametrize("layout", ["find3d", "zerokey"])
 def test_look_at_targets_image_centre_and_is_a_rotation(layout: str) -> None:
-    eyes = find3d_view_layout() if layout == "find3d" else zerokey_view_layout()
+    eyes = find3d_view_layout() if layout == "find3d" else _sphere26()
     cams = look_at_cameras(eyes, image_size=64)
     uv, depth = cams.project(torch.zeros(1, 3))
     assert torch.allclose(uv[:, 0], torch.full((len(cams), 2), 32.0), atol=1e-4)
@@ -134,8 +139,8 @@ def test_camera_input_errors() -> None:
 
 
 # ------------------------------------------------------------------------------------- layouts
-def test_zerokey_layout_26_distinct_views() -> None:
-    eyes = zerokey_view_layout(distance=2.5, pole_tilt_deg=5.0)
+def test_ring_layout_26_distinct_views() -> None:
+    eyes = _sphere26(distance=2.5, pole_tilt_deg=5.0)
     assert eyes.shape == (26, 3)
     assert torch.allclose(eyes.norm(dim=-1), torch.full((26,), 2.5), atol=1e-5)
     polar = torch.rad2deg(torch.acos(eyes[:, 1] / 2.5))
@@ -149,6 +154,23 @@ def test_zerokey_layout_26_distinct_views() -> None:
     assert math.degrees(math.acos(float(cosine.max()))) == pytest.approx(31.4, abs=0.1)
     cams = look_at_cameras(eyes)
     assert bool(torch.isfinite(cams.R).all()) and bool(torch.isfinite(cams.T).all())
+
+
+def test_ring_layout_hand_worked_eyes_and_errors() -> None:
+    """Azimuth about +y from +z, polar from +y: (polar 90, az 90) is +x, (polar 60, az 0) is
+    (0, cos 60, sin 60) d; no poles without a tilt."""
+    eyes = ring_view_layout(((90.0, 4), (60.0, 1)), distance=2.0, pole_tilt_deg=None)
+    expected = torch.tensor([[0, 0, 2.0], [2, 0, 0], [0, 0, -2], [-2, 0, 0], [0, 1.0, math.sqrt(3)]])
+    assert torch.allclose(eyes, expected, atol=1e-6)
+    with_poles = ring_view_layout(((90.0, 4),), distance=2.0, pole_tilt_deg=10.0)
+    tilt = math.radians(10.0)
+    poles = torch.tensor(
+        [[0, 2 * math.cos(tilt), 2 * math.sin(tilt)], [0, -2 * math.cos(tilt), 2 * math.sin(tilt)]]
+    )
+    assert torch.allclose(with_poles[4:], poles, atol=1e-6)
+    for bad in (dict(distance=0.0), dict(pole_tilt_deg=0.0), dict(rings=((90.0, 0),))):
+        with pytest.raises(ValueError):
+            ring_view_layout(**{"rings": ((90.0, 4),), **bad})
 
 
 def test_find3d_layout_matches_their_elev_azim() -> None:
@@ -248,7 +270,7 @@ def test_embree_and_pytorch3d_agree_on_real_mesh(
     shared_data: Path, name: str, size: int, n_views: int
 ) -> None:
     vertices, faces = load_mesh_normalized(_meshes_dir(shared_data) / name)
-    eyes = zerokey_view_layout()[torch.linspace(0, 25, n_views).long()]
+    eyes = _sphere26()[torch.linspace(0, 25, n_views).long()]
     cams = look_at_cameras(eyes, fov_deg=fov_to_fit_unit_sphere(2.5), image_size=size)
     ray = render_mesh(vertices, faces, cams, backend="embree")
     rast = render_mesh(vertices, faces, cams, backend="pytorch3d")
@@ -340,7 +362,7 @@ def test_embree_ray_culling_and_chunking_change_nothing(
     shared_data: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     vertices, faces = load_mesh_normalized(_meshes_dir(shared_data) / "cow.obj")
-    eyes = torch.cat([zerokey_view_layout()[::5], torch.tensor([[0.05, 0.1, 0.02], [0.0, 0.0, 1.05]])])
+    eyes = torch.cat([_sphere26()[::5], torch.tensor([[0.05, 0.1, 0.02], [0.0, 0.0, 1.05]])])
     # 50 px is not a multiple of the tile size; the last two cameras sit inside / at the shape, so faces
     # lie behind them and straddle their image plane.
     cams = look_at_cameras(eyes, at=torch.tensor([0.3, 0.1, 0.0]), fov_deg=80.0, image_size=50)
@@ -398,7 +420,7 @@ def test_single_point_disc_known_answer() -> None:
 def test_points_cpu_matches_pytorch3d(shared_data: Path) -> None:
     vertices, _ = load_mesh_normalized(_meshes_dir(shared_data) / "bunny.ply")
     pts = vertices[torch.randperm(vertices.shape[0], generator=torch.Generator().manual_seed(0))[:2000]]
-    cams = look_at_cameras(zerokey_view_layout()[::3], fov_deg=fov_to_fit_unit_sphere(2.5), image_size=48)
+    cams = look_at_cameras(_sphere26()[::3], fov_deg=fov_to_fit_unit_sphere(2.5), image_size=48)
     for radius in (0.015, 0.04):
         cpu = render_points(pts, cams, radius=radius, backend="cpu")
         p3d = render_points(pts, cams, radius=radius, backend="pytorch3d")
@@ -445,7 +467,7 @@ def test_points_behind_camera_and_bad_input() -> None:
 # ------------------------------------------------------------------------ GPU bin sizing (on CPU)
 def _views_for_bins(size: int) -> Cameras:
     # Off-centre look-at and a tight fov so parts of the shape fall outside the image too.
-    eyes = zerokey_view_layout()[[0, 9, 25]] * 0.9
+    eyes = _sphere26()[[0, 9, 25]] * 0.9
     return look_at_cameras(eyes, at=torch.tensor([0.2, 0.1, 0.0]), fov_deg=40.0, image_size=size)
 
 

@@ -422,10 +422,18 @@ def test_binary_voting_gives_every_patch_pixel_weight_one():
 
 
 def test_view_layouts_6_26_46():
-    from patchalign.render import zerokey_view_layout
     from zerokey.views import view_layout
 
-    assert torch.allclose(view_layout(26), zerokey_view_layout())
+    # 26: 8 azimuths at polar 45 / 90 / 135 (azimuth 0 = +z, 90 = +x; polar from +y), then poles
+    # 5 degrees off +y / -y towards +z; hand-worked eyes at distance 2:
+    e26, r = view_layout(26, distance=2.0), math.sqrt(2.0)
+    assert torch.allclose(e26[0], torch.tensor([0.0, r, r]), atol=1e-6)  # polar 45, azimuth 0
+    assert torch.allclose(e26[2], torch.tensor([r, r, 0.0]), atol=1e-6)  # polar 45, azimuth 90
+    assert torch.allclose(e26[8], torch.tensor([0.0, 0.0, 2.0]), atol=1e-6)  # equator, azimuth 0
+    assert torch.allclose(e26[22], torch.tensor([-r, -r, 0.0]), atol=1e-6)  # polar 135, azimuth 270
+    tilt = math.radians(5.0)
+    assert torch.allclose(e26[24], 2 * torch.tensor([0.0, math.cos(tilt), math.sin(tilt)]), atol=1e-6)
+    assert torch.allclose(e26[25], 2 * torch.tensor([0.0, -math.cos(tilt), math.sin(tilt)]), atol=1e-6)
     for n in (6, 26, 46):
         eyes = view_layout(n, distance=2.5)
         assert eyes.shape == (n, 3)

@@ -6,8 +6,7 @@ Azimuth is about +y (0 = +z, 90 = +x), polar angle from +y; the two "pole" views
 off the exact poles (towards +z) because ``look_at`` with up = +y is degenerate there.
 
 * **6**: the axis views -- azimuths 0 / 90 / 180 / 270 at the equator, plus top and bottom;
-* **26** (default): 8 azimuths (0, 45, ..., 315) at polar 45 / 90 / 135, then the poles (the same
-  eyes as ``patchalign.render.zerokey_view_layout``);
+* **26** (default): 8 azimuths (0, 45, ..., 315) at polar 45 / 90 / 135, then the poles;
 * **46**: rings at polar 30 / 60 / 90 / 120 / 150 with 6 / 10 / 12 / 10 / 6 azimuths (about
   proportional to the ring's circumference, each ring starting at azimuth 0), then the poles.
 """
@@ -26,7 +25,7 @@ from patchalign.render import (
     look_at_cameras,
     render_mesh,
     render_points,
-    spherical_eyes,
+    ring_view_layout,
 )
 from zerokey.data import ShapeSample
 
@@ -50,20 +49,12 @@ VIEW_RINGS: dict[int, tuple[tuple[float, int], ...]] = {
 
 def view_layout(n_views: int = 26, distance: float = 2.5, pole_tilt_deg: float = 5.0) -> Tensor:
     """(n_views, 3) eye positions of the 6 / 26 / 46-view layouts (module docstring), rings
-    polar-major, then the top and bottom views."""
+    polar-major, then the top and bottom views (:func:`patchalign.render.ring_view_layout`)."""
     if n_views not in VIEW_RINGS:
         raise ValueError(f"n_views must be one of {sorted(VIEW_RINGS)} (the paper's layouts), got {n_views}")
     if not 0.0 < pole_tilt_deg < 30.0:
         raise ValueError(f"pole_tilt_deg must be in (0, 30), got {pole_tilt_deg}")
-    if distance <= 0:
-        raise ValueError(f"distance must be > 0, got {distance}")
-    azimuth, polar = [], []
-    for ring_polar, count in VIEW_RINGS[n_views]:
-        azimuth.append(torch.arange(count, dtype=torch.float32) * (360.0 / count))
-        polar.append(torch.full((count,), ring_polar))
-    azimuth.append(torch.zeros(2))
-    polar.append(torch.tensor([pole_tilt_deg, 180.0 - pole_tilt_deg]))
-    return spherical_eyes(torch.cat(azimuth), torch.cat(polar), distance)
+    return ring_view_layout(VIEW_RINGS[n_views], distance, pole_tilt_deg)
 
 
 @dataclass

@@ -10,8 +10,8 @@ from patchalign.render.cameras import (
     find3d_view_layout,
     fov_to_fit_unit_sphere,
     look_at_cameras,
+    ring_view_layout,
     spherical_eyes,
-    zerokey_view_layout,
 )
 from patchalign.render.io import (
     MeshFileNotFoundError,
@@ -38,8 +38,8 @@ __all__ = [
     "look_at_cameras",
     "render_mesh",
     "render_points",
+    "ring_view_layout",
     "shade_faces",
     "spherical_eyes",
     "unit_sphere_normalization",
-    "zerokey_view_layout",
 ]

@@ -29,7 +29,7 @@ from patchalign.render.cameras import (
     find3d_cameras,
     fov_to_fit_unit_sphere,
     look_at_cameras,
-    zerokey_view_layout,
+    ring_view_layout,
 )
 from patchalign.render.io import load_mesh_normalized
 from patchalign.render.mesh import RenderOutput, render_mesh
@@ -38,6 +38,10 @@ from patchalign.render.points import PointRenderOutput, render_points
 DEFAULT_MESH = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "meshes" / "cow.obj"
 
 Layout = Literal["find3d", "zerokey"]
+
+#: The 26-view sphere ZeroKey renders (8 azimuths at polar 45 / 90 / 135 degrees + two poles; the same
+#: rings as ``zerokey.views.VIEW_RINGS[26]``, which this lower layer does not import).
+SPHERE_26_RINGS = ((45.0, 8), (90.0, 8), (135.0, 8))
 
 
 def _timed(fn: Callable[[], object], repeats: int, sync_cuda: bool = False) -> tuple[float, float, object]:
@@ -82,7 +86,9 @@ def bench_cameras(layout: Layout, n_views: int, image_size: int) -> Cameras:
         return find3d_cameras(n_views=n_views, image_size=image_size)
     if layout == "zerokey":
         return look_at_cameras(
-            zerokey_view_layout(), fov_deg=fov_to_fit_unit_sphere(2.5), image_size=image_size
+            ring_view_layout(SPHERE_26_RINGS, distance=2.5, pole_tilt_deg=5.0),
+            fov_deg=fov_to_fit_unit_sphere(2.5),
+            image_size=image_size,
         )
     raise ValueError(f"unknown layout {layout!r}; expected 'find3d' or 'zerokey'")
 

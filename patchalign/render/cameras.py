@@ -27,7 +27,7 @@ __all__ = [
     "Cameras",
     "look_at_cameras",
     "find3d_view_layout",
-    "zerokey_view_layout",
+    "ring_view_layout",
     "spherical_eyes",
     "fov_to_fit_unit_sphere",
     "find3d_cameras",
@@ -254,25 +254,33 @@ def find3d_view_layout(n_views: int = 10, distance: float = 2.5) -> Tensor:
     return spherical_eyes(azimuth, 90.0 - elevation, distance)
 
 
-def zerokey_view_layout(distance: float = 2.5, pole_tilt_deg: float = 5.0) -> Tensor:
-    """ZeroKey's 26 views: (26,3) eye positions on a sphere of radius ``distance`` around the origin.
+def ring_view_layout(
+    rings: Sequence[tuple[float, int]], distance: float = 2.5, pole_tilt_deg: float | None = 5.0
+) -> Tensor:
+    """Eyes on rings of a sphere of radius ``distance`` around the origin, then (optionally) two poles.
 
-    8 azimuths (0, 45, ..., 315 degrees about +y) at polar angles 45, 90 and 135 degrees from +y
-    (24 views, ordered polar-major), then the two poles. An exact pole makes ``look_at`` with up = +y
-    degenerate, so the top/bottom views sit ``pole_tilt_deg`` away from the poles (towards +z); they
-    still see the shape from (almost) straight above / below and stay distinct from the 45/135 rings.
+    ``rings`` is ``((polar_deg, count), ...)``: ``count`` azimuths evenly spaced from 0 (about +y,
+    0 = +z, 90 = +x) at polar angle ``polar_deg`` from +y, rings in the given order. With
+    ``pole_tilt_deg`` the top and bottom views follow, ``pole_tilt_deg`` away from the exact poles
+    (towards +z): ``look_at`` with up = +y is degenerate at a pole. Returns (sum(count) [+ 2], 3).
+
+    A generic layout: consumers name their own rings (ZeroKey's 6 / 26 / 46 views live in
+    :func:`zerokey.views.view_layout`; the 26-view sphere is ``((45, 8), (90, 8), (135, 8))``).
     """
-    if not 0.0 < pole_tilt_deg < 45.0:
-        raise ValueError(f"pole_tilt_deg must be in (0, 45), got {pole_tilt_deg}")
     if distance <= 0:
         raise ValueError(f"distance must be > 0, got {distance}")
-    azimuth = torch.arange(8, dtype=torch.float32) * 45.0
-    polar = torch.tensor([45.0, 90.0, 135.0])
-    az_grid = azimuth.repeat(3)
-    polar_grid = polar.repeat_interleave(8)
-    ring = spherical_eyes(az_grid, polar_grid, distance)
-    poles = spherical_eyes(torch.zeros(2), torch.tensor([pole_tilt_deg, 180.0 - pole_tilt_deg]), distance)
-    return torch.cat([ring, poles], dim=0)
+    if pole_tilt_deg is not None and not 0.0 < pole_tilt_deg < 90.0:
+        raise ValueError(f"pole_tilt_deg must be in (0, 90), got {pole_tilt_deg}")
+    if any(count < 1 for _, count in rings):
+        raise ValueError(f"every ring needs >= 1 view, got {list(rings)}")
+    azimuth = [torch.arange(count, dtype=torch.float32) * (360.0 / count) for _, count in rings]
+    polar = [torch.full((count,), float(ring_polar)) for ring_polar, count in rings]
+    if pole_tilt_deg is not None:
+        azimuth.append(torch.zeros(2))
+        polar.append(torch.tensor([pole_tilt_deg, 180.0 - pole_tilt_deg]))
+    if not azimuth:
+        raise ValueError("a layout needs at least one ring or the pole views")
+    return spherical_eyes(torch.cat(azimuth), torch.cat(polar), distance)
 
 
 def fov_to_fit_unit_sphere(distance: float, margin: float = 1.05) -> float:
