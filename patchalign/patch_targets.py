@@ -1,6 +1,6 @@
 """Stage 1 targets from compact per-shape patch features, matched as the released code does.
 
-Reproduces the target lookup of PatchAlign3D's Stage 1 (Hadgi et al. 2026; released code
+Reproduces the target lookup of PatchAlign3D's Stage 1 (Hadgi et al., arXiv 2601.02457; released code
 dickoah/PatchAlign3D, ``patchalign3d/training/stage1.py`` ``train_epoch_dino``, read from a public
 copy of that file; the stored repository snapshot has no commit of it): each object carries
 ``G0`` stored patch centres with one DINOv2 feature each (``patch_features.pt``: ``centers_xyz (G0, 3)``,

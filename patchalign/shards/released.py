@@ -1,7 +1,7 @@
 """Shards from PatchAlign3D's released training data, reusing its DINOv2 patch targets as stored.
 
-Reproduces the data side of the released Stage 1 (dickoah/PatchAlign3D: ``patchalign3d/datasets/
-trainset.py``, ``patchalign3d/tools/precompute_dino_patch_features.py``,
+Reproduces the data side of PatchAlign3D's released Stage 1 (arXiv 2601.02457; dickoah/PatchAlign3D:
+``patchalign3d/datasets/trainset.py``, ``patchalign3d/tools/precompute_dino_patch_features.py``,
 ``patchalign3d/training/stage1.py``; read from a public copy of those files, the stored repository
 snapshot has none of them at a commit) so no DINOv2 forward is recomputed. Layout under
 ``DATA_ROOT/labeled`` (the Find3D data engine's, ziqi-ma/Find3D @ 44e6d65, see
