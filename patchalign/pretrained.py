@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from patchalign.checkpoints import CheckpointError, effective_multiplier, load_encoder_state, read_checkpoint
+from patchalign.geometry import normalize_unit_sphere_centroid
 from patchalign.grouping import squared_distances
 from patchalign.model import EncoderOutput, PatchAlignEncoder
 from patchalign.text import DEFAULT_TEMPLATES, PartTextEmbedder
@@ -224,12 +225,8 @@ class PretrainedPatchAlign(nn.Module):
         bad = ~torch.isfinite(points)
         if bad.any():
             raise ValueError(f"points contain {int(bad.any(-1).sum())} non-finite (NaN/Inf) coordinates")
-        if normalize:
-            points = points - points.mean(1, keepdim=True)
-            radius = points.norm(dim=-1).amax(1, keepdim=True)[..., None]
-            if (radius == 0).any():
-                raise ValueError("a shape has all its points at one location; it cannot be normalised")
-            points = points / radius
+        if normalize:  # the model's input convention: centroid, farthest point at radius 1
+            points = normalize_unit_sphere_centroid(points)
         # FPS needs num_groups distinct candidates: repeat the cloud cyclically if it is smaller.
         if n < self.encoder.config.num_groups:
             reps = math.ceil(self.encoder.config.num_groups / n)

@@ -30,6 +30,7 @@ CORE_MODULES = (
     "patchalign.pretrained",
     "patchalign.text",
     "patchalign.io",
+    "patchalign.geometry",
 )
 CORE_PACKAGES = ("patchalign.render",)
 #: What core must not import: evaluation, training, Lightning, ZeroKey.

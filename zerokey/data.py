@@ -24,12 +24,13 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from patchalign.geometry import normalize_unit_sphere_bbox
+
 __all__ = [
     "KEYPOINTNET_CLASSES",
     "ShapeSample",
     "read_pcd",
     "load_mesh_file",
-    "normalize_unit_sphere",
     "load_shape",
     "FileShapeDataset",
     "KeypointNetDataset",
@@ -185,28 +186,14 @@ def load_mesh_file(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
     return vertices, faces
 
 
-def normalize_unit_sphere(points: Tensor, faces: Tensor | None = None) -> tuple[Tensor, Tensor, float]:
-    """Centre the bounding box at the origin and scale the farthest point to radius 1.
-
-    Same convention as :func:`patchalign.render.load_mesh_normalized` (bounding box of the vertices
-    used by faces), but also returns the transform, which we need to write keypoints in the input frame.
-    Returns ``(normalised, center, scale)`` with ``normalised = (points - center) / scale``.
-    """
-    used = points if faces is None else points[torch.unique(faces)]
-    center = (used.min(0).values + used.max(0).values) / 2
-    scale = float((used - center).norm(dim=-1).max())
-    if not scale > 0:
-        raise ValueError("cannot normalise a shape with all points at one location")
-    return (points - center) / scale, center, scale
-
-
 def load_shape(
     path: str | Path,
     shape_id: str | None = None,
     category: str | None = None,
     names: list[str] | None = None,
 ) -> ShapeSample:
-    """Load a mesh or point-cloud file and normalise it (see :func:`normalize_unit_sphere`)."""
+    """Load a mesh or point-cloud file and normalise it about its bounding-box centre
+    (:func:`patchalign.geometry.normalize_unit_sphere_bbox`, the renderer's convention)."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".pcd":
@@ -222,14 +209,14 @@ def load_shape(
             f"{path}: unsupported file type {suffix!r} (meshes {MESH_SUFFIXES}, points {POINT_SUFFIXES})"
         )
     faces_t = None if faces is None else torch.from_numpy(faces).long()
-    vertices, center, scale = normalize_unit_sphere(torch.from_numpy(np.ascontiguousarray(xyz)), faces_t)
+    vertices, transform = normalize_unit_sphere_bbox(torch.from_numpy(np.ascontiguousarray(xyz)), faces_t)
     return ShapeSample(
         shape_id=shape_id or path.stem,
         source=str(path),
         vertices=vertices.float(),
         faces=faces_t,
-        center=center.float(),
-        scale=scale,
+        center=transform.centre.float(),
+        scale=transform.scale,
         category=category,
         names=names,
     )

@@ -18,13 +18,14 @@ import torch
 from torch.utils.data import Dataset
 
 from patchalign.eval.readers.base import PartSegDataset
+from patchalign.geometry import normalize_unit_sphere_centroid
 
 
 def normalize_unit_sphere(points: np.ndarray) -> np.ndarray:
-    """Centre on the centroid and scale the farthest point to radius 1 (Point-BERT's ``pc_normalize``)."""
-    centred = points - points.mean(axis=0, keepdims=True)
-    scale = float(np.sqrt((centred**2).sum(axis=1)).max())
-    return (centred / scale if scale > 0 else centred).astype(np.float32)
+    """The protocol's normalisation: :func:`patchalign.geometry.normalize_unit_sphere_centroid`
+    (centroid, farthest point at radius 1; a one-point shape stays centred). Kept under this name
+    for callers that import it from here."""
+    return normalize_unit_sphere_centroid(points, allow_degenerate=True)
 
 
 def shape_rng(seed: int, uid: str) -> np.random.Generator:

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal, NamedTuple, overload
+from typing import Literal, overload
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from patchalign.geometry import DegenerateShapeError, UnitSphereTransform, unit_sphere_bbox
 
 __all__ = [
     "MeshLoadError",
     "MeshFileNotFoundError",
     "MeshNormalization",
     "load_mesh_normalized",
-    "normalize_to_unit_sphere",
     "unit_sphere_normalization",
 ]
 
@@ -28,44 +29,23 @@ class MeshFileNotFoundError(MeshLoadError, FileNotFoundError):
     """The mesh path does not exist (catchable as ``ValueError`` and as ``FileNotFoundError``)."""
 
 
-class MeshNormalization(NamedTuple):
-    """The similarity that :func:`normalize_to_unit_sphere` undid: ``original = normalised * scale + centre``.
-
-    A tuple, so it unpacks as ``centre, scale``; ``centre`` is (3,) float64 (the precision of the
-    computation, so the record does not lose digits to float32), ``scale`` a Python float > 0.
-    """
-
-    centre: Tensor
-    scale: float
-
-    def to_original(self, points: Tensor) -> Tensor:
-        """Map (..., 3) points from the normalised frame back to the file's frame."""
-        return points * self.scale + self.centre.to(points)
-
-    def to_normalized(self, points: Tensor) -> Tensor:
-        """Map (..., 3) points from the file's frame into the normalised (unit-sphere) frame."""
-        return (points - self.centre.to(points)) / self.scale
+#: The similarity :func:`load_mesh_normalized` undid (``original = normalised * scale + centre``);
+#: the one bounding-box convention of :mod:`patchalign.geometry`, under the name this module has
+#: always exported.
+MeshNormalization = UnitSphereTransform
 
 
 def unit_sphere_normalization(vertices: Tensor, faces: Tensor) -> MeshNormalization:
-    """Bounding-box centre and farthest-vertex radius of the vertices that faces use.
+    """Bounding-box centre and farthest-vertex radius of the vertices that faces use
+    (:func:`patchalign.geometry.unit_sphere_bbox`; a zero-extent mesh is a :class:`MeshLoadError`).
 
     The bounding box (not the vertex mean) is the centre because vertex density is arbitrary on
-    meshes (a detailed handle would drag the mean). Only vertices referenced by a face count, so stray
-    unreferenced vertices in a file cannot shrink the shape.
+    meshes (a detailed handle would drag the mean).
     """
-    used = vertices[torch.unique(faces)].to(torch.float64)
-    centre = (used.min(dim=0).values + used.max(dim=0).values) / 2
-    scale = float((used - centre).norm(dim=-1).max())
-    if not scale > 0:
-        raise MeshLoadError("mesh has zero extent (all face vertices coincide)")
-    return MeshNormalization(centre=centre, scale=scale)
-
-
-def normalize_to_unit_sphere(vertices: Tensor, faces: Tensor) -> Tensor:
-    """Centre on the bounding-box centre and scale so the farthest used vertex is at distance 1 (see
-    :func:`unit_sphere_normalization`); returns vertices in their input dtype."""
-    return unit_sphere_normalization(vertices, faces).to_normalized(vertices)
+    try:
+        return unit_sphere_bbox(vertices, faces)
+    except DegenerateShapeError as e:
+        raise MeshLoadError("mesh has zero extent (all face vertices coincide)") from e
 
 
 @overload
