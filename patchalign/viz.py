@@ -27,6 +27,9 @@ import torch  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from patchalign.geometry import normalize_unit_sphere_centroid  # noqa: E402
+from patchalign.io import POINT_SUFFIXES, load_geometry, read_point_file  # noqa: E402
+
 UNLABELLED_COLOR = (0.75, 0.75, 0.75)
 
 
@@ -182,23 +185,18 @@ def load_points(path: str | os.PathLike, num_points: int = 2048, seed: int = 0) 
     point file (``.npy``, ``.txt``/``.xyz`` first 3 columns, ``.pcd``, point-cloud ``.ply``)."""
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix == ".npy":
-        return np.load(path)[:, :3].astype(np.float32)
-    if suffix in (".txt", ".xyz", ".pts"):
-        return np.loadtxt(path, dtype=np.float32, ndmin=2)[:, :3]
-    if suffix == ".pcd":
-        from patchalign.eval.datasets import read_pcd_xyz
+    if suffix in POINT_SUFFIXES:
+        return read_point_file(path)
+    vertices, faces = load_geometry(path)  # the one mesh reader (file order, scenes merged)
+    if faces is not None and len(faces) > 0:
+        import trimesh
 
-        return read_pcd_xyz(path)
-    import trimesh
-
-    loaded = trimesh.load(str(path), force="mesh" if suffix not in (".ply",) else None)
-    if isinstance(loaded, trimesh.Scene):
-        loaded = loaded.dump(concatenate=True)
-    if isinstance(loaded, trimesh.Trimesh) and len(loaded.faces) > 0:
-        pts, _ = trimesh.sample.sample_surface(loaded, num_points, seed=seed)
+        mesh = trimesh.Trimesh(vertices, faces, process=False)
+        pts, _ = trimesh.sample.sample_surface(mesh, num_points, seed=seed)
         return np.asarray(pts, dtype=np.float32)
-    return np.asarray(loaded.vertices, dtype=np.float32)
+    if len(vertices) == 0:
+        raise ValueError(f"{path}: no points or triangles")
+    return vertices.astype(np.float32)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -233,8 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     seg = model.segment(pts, names, text_encoder=text, assign=args.assign)
     enc = seg.encoding
     # Show the normalised cloud the model saw.
-    shown = pts - pts.mean(0)
-    shown = shown / np.linalg.norm(shown, axis=1).max()
+    shown = normalize_unit_sphere_centroid(pts)
     stem = Path(args.out) / Path(args.input).stem
     written = save_shape_figures(
         stem,

@@ -25,6 +25,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from patchalign.geometry import normalize_unit_sphere_bbox
+from patchalign.io import load_geometry, read_point_file
 
 __all__ = [
     "KEYPOINTNET_CLASSES",
@@ -139,51 +140,25 @@ def collate_shapes(batch: list[ShapeSample]) -> list[ShapeSample]:
 def read_pcd(path: str | Path) -> tuple[np.ndarray, None]:
     """(N,3) float32 ``x y z`` of a PCD file and None (kept as a pair for callers that unpack it).
 
-    The project has one PCD reader, :func:`patchalign.eval.datasets.read_pcd_xyz` (ASCII and binary
-    PCD); this adds only a check for non-finite coordinates. Colours are not read: nothing in ZeroKey
-    uses them.
+    The project's one PCD reader (:func:`patchalign.io.read_point_file`: ASCII and binary PCD,
+    empty and non-finite files refused). Colours are not read: nothing in ZeroKey uses them.
     """
-    from patchalign.eval.datasets import read_pcd_xyz
-
-    xyz = read_pcd_xyz(path)
-    if len(xyz) == 0:
-        raise ValueError(f"{path}: PCD has no points")
-    if not np.isfinite(xyz).all():
-        raise ValueError(f"{path}: PCD contains non-finite coordinates")
-    return xyz, None
+    return read_point_file(path), None
 
 
 def load_mesh_file(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """Load a mesh (.obj/.ply/.glb/...) with trimesh, scenes merged with their transforms applied.
+    """Load a mesh (.obj/.ply/.glb/...) through :func:`patchalign.io.load_geometry` (the one mesh
+    reader: scenes merged with their transforms applied, file order kept).
 
     Returns (N,3) float32 vertices and (F,3) int64 faces; faces is None when the file is a point cloud
     (e.g. a .ply without faces). Empty geometry is a clear error.
     """
-    import trimesh
-
-    loaded = trimesh.load(str(path), force=None, process=False)
-    if isinstance(loaded, trimesh.Scene):
-        meshes = [g for g in loaded.dump() if isinstance(g, trimesh.Trimesh) and len(g.faces)]
-        if not meshes:
-            clouds = [g for g in loaded.dump() if isinstance(g, trimesh.PointCloud)]
-            if clouds:
-                return np.concatenate([np.asarray(c.vertices) for c in clouds]).astype(np.float32), None
-            raise ValueError(f"{path}: scene contains no triangle geometry")
-        loaded = trimesh.util.concatenate(meshes)
-    if isinstance(loaded, trimesh.PointCloud):
-        vertices = np.asarray(loaded.vertices, dtype=np.float32)
-        if len(vertices) == 0:
-            raise ValueError(f"{path}: empty point cloud")
-        return vertices, None
-    if not isinstance(loaded, trimesh.Trimesh):
-        raise ValueError(f"{path}: unsupported geometry type {type(loaded).__name__}")
-    vertices = np.asarray(loaded.vertices, dtype=np.float32)
-    faces = np.asarray(loaded.faces, dtype=np.int64)
-    if len(vertices) == 0 or len(faces) == 0:
-        raise ValueError(f"{path}: empty mesh ({len(vertices)} vertices, {len(faces)} faces)")
-    if not np.isfinite(vertices).all():
-        raise ValueError(f"{path}: mesh has non-finite vertices")
-    return vertices, faces
+    vertices, faces = load_geometry(path)
+    if len(vertices) == 0:
+        raise ValueError(f"{path}: empty geometry (no vertices)")
+    if faces is not None and len(faces) == 0:
+        raise ValueError(f"{path}: empty mesh ({len(vertices)} vertices, 0 faces)")
+    return vertices.astype(np.float32), faces
 
 
 def load_shape(
@@ -196,12 +171,8 @@ def load_shape(
     (:func:`patchalign.geometry.normalize_unit_sphere_bbox`, the renderer's convention)."""
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix == ".pcd":
-        xyz, faces = read_pcd(path)[0], None
-    elif suffix == ".npy":
-        xyz, faces = np.load(path).astype(np.float32)[:, :3], None
-    elif suffix == ".xyz":
-        xyz, faces = np.loadtxt(path, dtype=np.float32, ndmin=2)[:, :3], None
+    if suffix in POINT_SUFFIXES:
+        xyz, faces = read_point_file(path), None
     elif suffix in MESH_SUFFIXES:
         xyz, faces = load_mesh_file(path)
     else:

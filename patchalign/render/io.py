@@ -1,4 +1,8 @@
-"""Mesh loading for rendering: any trimesh-readable file as one triangle mesh in the unit sphere."""
+"""Mesh loading for rendering: any trimesh-readable file as one triangle mesh in the unit sphere.
+
+The file is read by :func:`patchalign.io.load_geometry` (the one mesh reader) and normalised about
+its bounding-box centre (:func:`patchalign.geometry.unit_sphere_bbox`).
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,11 @@ import os
 from pathlib import Path
 from typing import Literal, overload
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from patchalign.geometry import DegenerateShapeError, UnitSphereTransform, unit_sphere_bbox
+from patchalign.io import GeometryLoadError, load_geometry
 
 __all__ = [
     "MeshLoadError",
@@ -84,25 +88,18 @@ def load_mesh_normalized(
         MeshLoadError: the file holds no triangles (empty file, empty scene, a point cloud) or
             non-finite vertices, or trimesh cannot parse it.
     """
-    import trimesh
-
     path = Path(path)
     if not path.is_file():
         raise MeshFileNotFoundError(2, "mesh file not found", str(path))
     try:
-        mesh = trimesh.load(path, force="mesh", process=False)
-    except Exception as error:  # trimesh raises many types for unreadable files
-        raise MeshLoadError(f"could not load mesh {path}: {error}") from error
-    faces_np = np.asarray(getattr(mesh, "faces", np.zeros((0, 3))), dtype=np.int64).reshape(-1, 3)
-    vertices_np = np.asarray(getattr(mesh, "vertices", np.zeros((0, 3))), dtype=np.float64).reshape(-1, 3)
-    if faces_np.shape[0] == 0 or vertices_np.shape[0] == 0:
+        vertices_np, faces_np = load_geometry(path)
+    except GeometryLoadError as error:
+        raise MeshLoadError(f"could not load mesh {error}") from error
+    n_faces = 0 if faces_np is None else faces_np.shape[0]
+    if n_faces == 0 or vertices_np.shape[0] == 0:
         raise MeshLoadError(
-            f"mesh {path} has no triangles ({vertices_np.shape[0]} vertices, {faces_np.shape[0]} faces)"
+            f"mesh {path} has no triangles ({vertices_np.shape[0]} vertices, {n_faces} faces)"
         )
-    if not np.isfinite(vertices_np).all():
-        raise MeshLoadError(f"mesh {path} has NaN or inf vertex coordinates")
-    if faces_np.min() < 0 or faces_np.max() >= vertices_np.shape[0]:
-        raise MeshLoadError(f"mesh {path} has face indices outside its {vertices_np.shape[0]} vertices")
     faces = torch.from_numpy(faces_np)
     vertices = torch.from_numpy(vertices_np)
     transform = unit_sphere_normalization(vertices, faces)
