@@ -95,7 +95,6 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> PatchAlignCLI:
     return PatchAlignCLI(
         # A requeued Slurm job re-runs the same command into the same log dir: overwrite its config.
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"parser_mode": "omegaconf"},
         args=args,
         run=run,
     )

@@ -170,8 +170,7 @@ def test_config_runs_end_to_end_through_the_cli(
          "--model.init_args.init_from", str(tiny_export),
          "--model.init_args.encoder.init_args.config", json.dumps(enc_cfg),
          "--model.init_args.eval_text_encoder", "demo",
-         "--model.init_args.eval_out_dir", str(out),
-         "--trainer.default_root_dir", str(out), "--trainer.accelerator", "cpu",
+         "--trainer.default_root_dir", str(out), "--trainer.accelerator", "cpu",  # results follow it
          "--trainer.enable_progress_bar", "false"]
     )  # fmt: skip
     printed = capsys.readouterr().out
