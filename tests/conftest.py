@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -24,6 +26,37 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared benchmark data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def snp_root(shared_data: Path) -> Path:
+    """The real ShapeNetPart txt layout (``v0_normal``) under the shared data, else a skip."""
+    root = shared_data / "shapenetpart" / "shapenetcore_partanno_segmentation_benchmark_v0_normal"
+    if not root.is_dir():
+        pytest.skip("real ShapeNetPart shapes not available")
+    return root
+
+
+def save_lightning_checkpoint(
+    path: Path,
+    encoder: nn.Module,
+    hparams: dict[str, Any] | None = None,
+    state: dict[str, torch.Tensor] | None = None,
+    **extra: Any,
+) -> Path:
+    """Write what a LightningModule holding ``encoder`` saves, minus the trainer state.
+
+    ``state_dict`` holds the encoder's tensors under ``encoder.`` (plus ``state``'s extra entries)
+    and ``hyper_parameters`` defaults to ``{"encoder_config": encoder.config.to_dict()}``; ``extra``
+    adds top-level keys (``epoch``, ``global_step``, ...). The one hand-built Lightning file of the
+    test suite (tests that need a *real* one train through the CLI).
+    """
+    full = {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
+    full.update(state or {})
+    hp = {"encoder_config": encoder.config.to_dict()} if hparams is None else hparams
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": full, "hyper_parameters": hp, **extra}, path)
+    return path
 
 
 @pytest.fixture(autouse=True)

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, save_lightning_checkpoint
 
 CORE_MODULES = (
     "patchalign.model",
@@ -246,15 +245,11 @@ def test_reading_a_lightning_checkpoint_does_not_import_lightning(tmp_path: Path
     """The direction rule holds at run time too: core reads a Lightning-format checkpoint alone."""
     from patchalign.model import EncoderConfig, PatchAlignEncoder
 
-    cfg = EncoderConfig(trans_dim=16, depth=1, num_heads=2, num_groups=8, group_size=4, encoder_dims=16, head_dim=8)
-    enc = PatchAlignEncoder(cfg)
-    state = {f"encoder.{k}": v for k, v in enc.state_dict().items()}
-    from dataclasses import asdict
-
-    torch.save(
-        {"state_dict": state, "hyper_parameters": {"encoder_config": asdict(cfg)}, "global_step": 3},
-        tmp_path / "last.ckpt",
+    cfg = EncoderConfig(
+        trans_dim=16, depth=1, num_heads=2, num_groups=8, group_size=4, encoder_dims=16, head_dim=8
     )
+    enc = PatchAlignEncoder(cfg)
+    save_lightning_checkpoint(tmp_path / "last.ckpt", enc, global_step=3)
     code = (
         "import sys\nfrom patchalign.checkpoints import read_checkpoint\n"
         f"c = read_checkpoint({str(tmp_path / 'last.ckpt')!r})\n"

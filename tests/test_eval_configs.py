@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import REPO_ROOT as REPO
+from conftest import SHARED_DATA, save_lightning_checkpoint
 from test_eval_datasets import _write_pcd, _write_ply
 
 from patchalign.__main__ import main as patchalign_main
@@ -26,9 +28,7 @@ from patchalign.eval.datamodule import EvalDataModule
 from patchalign.eval.evaluator import run_zero_shot_eval
 from patchalign.model import EncoderConfig, PatchAlignEncoder
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "eval"
-SHARED_DATA = (REPO / ".." / "shared" / "data").resolve()  # real data beside the checkout, if any
 
 # The talk's rows, typed from the issue text (percent): (instance, category); single-number rows
 # give the talk's number once.
@@ -50,9 +50,7 @@ def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("tiny_export")
     torch.manual_seed(0)
     cfg = EncoderConfig(**TINY, head_dim=384, drop_path_rate=0.0)
-    enc = PatchAlignEncoder(cfg)
-    state = {f"encoder.{k}": v for k, v in enc.state_dict().items()}
-    torch.save({"state_dict": state, "hyper_parameters": {"encoder_config": cfg.to_dict()}}, d / "m.ckpt")
+    save_lightning_checkpoint(d / "m.ckpt", PatchAlignEncoder(cfg))
     export_checkpoint(d / "m.ckpt", d / "model")
     return d / "model"
 

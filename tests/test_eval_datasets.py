@@ -28,14 +28,6 @@ from patchalign.eval.datasets import (
 TABLE = "04379243/1a2abbc9712e2fffc3bd24f986301745"
 
 
-@pytest.fixture(scope="module")
-def snp_root(shared_data: Path) -> Path:
-    root = shared_data / "shapenetpart" / "shapenetcore_partanno_segmentation_benchmark_v0_normal"
-    if not root.is_dir():
-        pytest.skip("real ShapeNetPart shapes not available")
-    return root
-
-
 # ------------------------------------------------------------------------------ ShapeNetPart (real)
 
 

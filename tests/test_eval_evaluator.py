@@ -13,6 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from conftest import REPO_ROOT as REPO
+from conftest import save_lightning_checkpoint
 from test_eval_zeroshot import FakeTextEncoder
 
 from patchalign.eval.datamodule import EvalDataModule
@@ -20,16 +22,6 @@ from patchalign.eval.datasets import ResampledDataset, ShapeNetPartTxt
 from patchalign.eval.evaluator import PartSegEvaluator, run_zero_shot_eval
 from patchalign.eval.zeroshot import PartTextEmbedder, zero_shot_predict
 from patchalign.model import EncoderConfig, PatchAlignEncoder
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def snp_root(shared_data: Path) -> Path:
-    root = shared_data / "shapenetpart" / "shapenetcore_partanno_segmentation_benchmark_v0_normal"
-    if not root.is_dir():
-        pytest.skip("real ShapeNetPart shapes not available")
-    return root
 
 
 def _reference(encoder: PatchAlignEncoder, ds: ResampledDataset, text: FakeTextEncoder) -> dict[str, float]:
@@ -190,12 +182,7 @@ def test_eval_cli_with_export_and_text_bank(snp_root: Path, tmp_path: Path) -> N
     from patchalign.eval.__main__ import main
     from patchalign.export import export_checkpoint
 
-    cfg = EncoderConfig.tiny(8)
-    enc = PatchAlignEncoder(cfg)
-    state = {f"encoder.{k}": v for k, v in enc.state_dict().items()}
-    torch.save(
-        {"state_dict": state, "hyper_parameters": {"encoder_config": cfg.to_dict()}}, tmp_path / "m.ckpt"
-    )
+    save_lightning_checkpoint(tmp_path / "m.ckpt", PatchAlignEncoder(EncoderConfig.tiny(8)))
     export_checkpoint(tmp_path / "m.ckpt", tmp_path / "model")
     names = ["wheel", "deck", "belt for foot", "desktop", "leg or support", "drawer"]
     save_text_bank(tmp_path / "bank.safetensors", names, torch.randn(6, 8), "rand", ["{}"])

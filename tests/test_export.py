@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import REPO_ROOT as REPO
+from conftest import save_lightning_checkpoint
 from safetensors import safe_open
 
 from patchalign.export import export_checkpoint
 from patchalign.model import EncoderConfig, PatchAlignEncoder
 from patchalign.pretrained import load_pretrained
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _lightning_ckpt(
@@ -191,13 +191,11 @@ def test_pretrained_small_clouds_are_repeated_up_to_num_groups(tmp_path: Path) -
 def test_export_errors(tmp_path: Path) -> None:
     cfg = EncoderConfig.tiny(16)
     enc = PatchAlignEncoder(cfg)
-    state = {f"encoder.{k}": v for k, v in enc.state_dict().items()}
-    torch.save({"state_dict": state, "hyper_parameters": {}}, tmp_path / "a.ckpt")
+    save_lightning_checkpoint(tmp_path / "a.ckpt", enc, hparams={})
     with pytest.raises(ValueError, match="encoder_config"):
         export_checkpoint(tmp_path / "a.ckpt", tmp_path / "o")
-    torch.save(
-        {"state_dict": state, "hyper_parameters": {"encoder_config": EncoderConfig.tiny(32).to_dict()}},
-        tmp_path / "b.ckpt",
+    save_lightning_checkpoint(
+        tmp_path / "b.ckpt", enc, hparams={"encoder_config": EncoderConfig.tiny(32).to_dict()}
     )
     with pytest.raises(ValueError, match="does not match the encoder.*2 mis-shaped.*head.proj.weight"):
         export_checkpoint(tmp_path / "b.ckpt", tmp_path / "o")

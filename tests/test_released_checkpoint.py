@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import REPO_ROOT as REPO
 from torch import Tensor, nn
 
 from patchalign.checkpoints import CheckpointError, read_checkpoint
@@ -26,8 +27,6 @@ from patchalign.export import export_checkpoint
 from patchalign.lit import Stage2Alignment, load_encoder_weights
 from patchalign.model import EncoderConfig, PatchAlignEncoder
 from patchalign.pretrained import load_pretrained
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 # ----------------------------------------------------------------------------- released structure

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import save_lightning_checkpoint
 from PIL import Image
 
 from patchalign.viz import main, part_palette, pca_rgb, plot_feature_pca, plot_part_labels
@@ -58,13 +59,7 @@ def test_viz_cli_with_exported_model_and_text_bank(tmp_path: Path, capsys: pytes
 
     cfg = EncoderConfig.tiny(16)
     enc = PatchAlignEncoder(cfg)
-    torch.save(
-        {
-            "state_dict": {f"encoder.{k}": v for k, v in enc.state_dict().items()},
-            "hyper_parameters": {"encoder_config": cfg.to_dict()},
-        },
-        tmp_path / "m.ckpt",
-    )
+    save_lightning_checkpoint(tmp_path / "m.ckpt", enc)
     export_checkpoint(tmp_path / "m.ckpt", tmp_path / "model")
     save_text_bank(
         tmp_path / "bank.safetensors", ["wing", "tail", "body"], torch.randn(3, 16), "rand", ["{}"]

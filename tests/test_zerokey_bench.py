@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+from conftest import SHARED_DATA
 
 from zerokey.bench import ABLATIONS, format_table, run_bench
 
-KPN = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "keypointnet"
+KPN = SHARED_DATA / "keypointnet"
 needs_data = pytest.mark.skipif(not KPN.is_dir(), reason="shared KeypointNet data not available")
 
 

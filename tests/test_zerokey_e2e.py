@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from conftest import REPO_ROOT as REPO
 
 from zerokey.__main__ import main
 from zerokey.data import FileShapeDataset, KeypointNetDataset, load_shape, read_pcd
@@ -19,7 +20,6 @@ from zerokey.namers import KeypointNetNamer, StaticNamer
 from zerokey.pointers import OraclePointer
 from zerokey.writer import KeypointJSONWriter
 
-REPO = Path(__file__).resolve().parents[1]
 KPN = REPO / ".." / "shared" / "data" / "keypointnet"
 CHAIR = "88382b877be91b2a572f8e1c1caad99e"
 PLANES = ["1b300fd9ad4050e6301fa0a0663ee996", "1d6afc44b053ab07941d71475449eb25"]

@@ -4,10 +4,10 @@ re-implementation of the reference (full all-pairs matrices) on the real Keypoin
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SHARED_DATA
 from scipy.sparse.csgraph import shortest_path
 
 from zerokey.data import load_keypointnet_annotations, read_pcd
@@ -22,7 +22,7 @@ from zerokey.evaluate import (
     shape_counts,
 )
 
-KPN = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "keypointnet"
+KPN = SHARED_DATA / "keypointnet"
 
 
 def _horseshoe(step: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
