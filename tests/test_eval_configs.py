@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 from conftest import REPO_ROOT as REPO
-from conftest import SHARED_DATA, save_lightning_checkpoint
+from conftest import SHARED_DATA, TALK_PART_SEGMENTATION, save_lightning_checkpoint
 from test_eval_datasets import _write_pcd, _write_ply
 
 from patchalign.__main__ import main as patchalign_main
@@ -30,16 +30,9 @@ from patchalign.model import EncoderConfig, PatchAlignEncoder
 
 CONFIGS = REPO / "configs" / "eval"
 
-# The talk's rows, typed from the issue text (percent): (instance, category); single-number rows
+# The talk's rows (tests/conftest.py, typed from the issue text, percent); single-number rows
 # give the talk's number once.
-TALK = {
-    "shapenetpart": {"instance_mIoU": 56.9, "category_mIoU": 53.1},
-    "partnete": {"instance_mIoU": 41.4, "category_mIoU": 42.2},
-    "faust": {"instance_mIoU": 67.8, "category_mIoU": 67.8},
-    "scanobjectnn": {"instance_mIoU": 22.7, "category_mIoU": 25.3},
-    "objaverse_seen": {"instance_mIoU": 37.5},
-    "objaverse_unseen": {"instance_mIoU": 35.6},
-}
+TALK = TALK_PART_SEGMENTATION
 TINY = {"num_groups": 16, "group_size": 8, "encoder_dims": 32, "trans_dim": 32, "depth": 2, "num_heads": 2}
 
 

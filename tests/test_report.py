@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TALK_PART_SEGMENTATION
 
 from patchalign.__main__ import main as patchalign_main
 from patchalign.eval.evaluator import EvalReport
@@ -21,12 +22,7 @@ from patchalign.eval.report import PartSegResult, collect_results, per_category_
 
 # The talk's rows as printed (issue text), percent.
 TALK = {
-    "shapenetpart": {"instance_mIoU": 56.9, "category_mIoU": 53.1},
-    "partnete": {"instance_mIoU": 41.4, "category_mIoU": 42.2},
-    "faust": {"instance_mIoU": 67.8, "category_mIoU": 67.8},
-    "scanobjectnn": {"instance_mIoU": 22.7, "category_mIoU": 25.3},
-    "objaverse_seen": {"instance_mIoU": 37.5},
-    "objaverse_unseen": {"instance_mIoU": 35.6},
+    **TALK_PART_SEGMENTATION,
     "keypointnet_zerokey": {"IoU@0.01": 13.16, "IoU@0.05": 56.60, "IoU@0.10": 79.43},
     "keypointnet_patchalign3d_zeroshot": {"IoU@0.10": 32.88},
     "keypointnet_patchalign3d_fewshot": {"IoU@0.10": 64.07},
