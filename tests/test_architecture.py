@@ -152,6 +152,17 @@ def test_core_imports_no_evaluation_training_lightning_or_zerokey() -> None:
     assert not bad, "core must not import evaluation/training/Lightning/ZeroKey:\n" + "\n".join(bad)
 
 
+def test_zerokey_and_viz_read_files_without_the_evaluation_package() -> None:
+    """Point/mesh readers are core (``patchalign.io``): ZeroKey and the pictures tool need no evaluation."""
+    bad = [
+        str(i)
+        for i in _all_imports()
+        if (i.module.startswith("zerokey") or i.module == "patchalign.viz")
+        and _names(i.target, ("patchalign.eval",))
+    ]
+    assert not bad, "\n".join(bad)
+
+
 def test_render_does_not_name_zerokey() -> None:
     """The renderer is a lower layer: no import of ZeroKey and no ZeroKey-named API."""
     bad = [

@@ -8,8 +8,10 @@ Submodules: :mod:`~patchalign.eval.readers` (one reader per benchmark, registry)
 (``PartSegEvaluator``, ``run_zero_shot_eval``), :mod:`~patchalign.eval.datamodule` (Lightning),
 :mod:`~patchalign.eval.bench`.
 
-Names are resolved lazily so that importing one light submodule (the inference API uses
-``zeroshot``) does not pull in torchmetrics or Lightning.
+Names are resolved lazily so that importing one light submodule (the training loop imports
+``metrics``) does not import every reader, torchmetrics and the Lightning data module. Nothing in the
+core imports this package (``tests/test_architecture.py``); file readers shared with other rooms live
+in :mod:`patchalign.io`.
 """
 
 from __future__ import annotations
