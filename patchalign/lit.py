@@ -418,7 +418,8 @@ class Stage2Alignment(_StageBase):
             ``open_clip:ViT-bigG-14@laion2b_s39b_b160k``; it must be the encoder the head was aligned to.
         eval_templates: prompt template preset for evaluation (``part_only`` = the released one).
         eval_assign: patch → point label transfer (``nearest`` patch centre = the released one).
-        eval_out_dir: where ``test`` writes its per-category table (CSV/JSON); default: the log dir.
+        eval_out_dir: where ``test`` writes its per-category table (CSV/JSON) under ``eval/``;
+            default (what the shipped eval configs use): ``trainer.default_root_dir``.
     """
 
     def __init__(
