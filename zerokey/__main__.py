@@ -36,7 +36,12 @@ class RunConfigCallback(SaveConfigCallback):
 
 def cli_main(argv: Sequence[str] | None = None):
     """LightningCLI over :class:`ZeroKeyModule` / :class:`ZeroKeyDataModule`."""
+    from jsonargparse import set_parsing_settings
     from lightning.pytorch.cli import LightningCLI
+
+    # ``${data.keypointnet_root}`` in a config means the top-level key, although LightningCLI parses
+    # the config under its ``predict`` subcommand.
+    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
 
     from zerokey.module import ZeroKeyDataModule, ZeroKeyModule
 
@@ -46,6 +51,10 @@ def cli_main(argv: Sequence[str] | None = None):
         args=list(argv) if argv is not None else None,
         save_config_callback=RunConfigCallback,
         save_config_kwargs={"overwrite": False},
+        # OmegaConf interpolation, resolved after the command line is applied ("omegaconf+"), so a
+        # path given once (e.g. ``data.keypointnet_root``) feeds every place that needs it and an
+        # override on the command line moves them all.
+        parser_kwargs={"parser_mode": "omegaconf+"},
     )
 
 
