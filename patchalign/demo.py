@@ -516,6 +516,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     for split, label in EVAL_SPLITS:
         print(_row(label, results[split], baseline.get(split)))
+    if not baseline:
+        print(
+            "no Stage 1: not run (--no-baseline, as `make demo` does to stay near 12 min on 2 cores; "
+            "`make demo-full` runs it: the same Stage 2 budget from a random encoder)"
+        )
     if snp:
         print(_row("ShapeNetPart shapes in ../shared/data (zero-shot)", snp, None))
     else:
