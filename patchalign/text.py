@@ -3,7 +3,7 @@
 The text bank (``patchalign.data.textbank``) holds one L2-normalised vector per cleaned part name.
 How a name becomes a vector is fixed here so that every producer and consumer agrees:
 
-1. the name is cleaned (:func:`patchalign.data.schema.clean_part_name`, the released ``_clean_text``:
+1. the name is cleaned (:func:`clean_part_name`, the released ``_clean_text``:
    lower case, underscores and punctuation to spaces, single spaces);
 2. it is put into each prompt template (:data:`PROMPT_TEMPLATES`; default ``part_only``:
    ``"{part}"``, ``"a {part}"``, ``"{part} part"``, the released PART_ONLY_TEMPLATES);
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -41,9 +42,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from patchalign.data.schema import clean_part_name
-
 log = logging.getLogger(__name__)
+
+_SPACES = re.compile(r"\s+")
+_PUNCT = re.compile(r"[^\w\s]", flags=re.UNICODE)
+
+
+def clean_part_name(name: str) -> str:
+    """Canonical part name: lower case, underscores and punctuation as spaces, single spaces, stripped.
+
+    The released PatchAlign3D ``_clean_text`` (``src/training/stage2.py`` and its evaluation), shared
+    by training and evaluation here. Text-bank lookups are exact string matches, so every producer
+    must pass names through this one function; ``"Arm_Rest "``, ``"arm  rest"`` and ``"arm-rest"``
+    all become ``"arm rest"``.
+    """
+    s = _PUNCT.sub(" ", name.strip().lower().replace("_", " "))
+    return _SPACES.sub(" ", s).strip()
+
 
 DEFAULT_TEXT_ENCODER = "open_clip:ViT-bigG-14@laion2b_s39b_b160k"
 DEMO_TEXT_ENCODER = "sentence-transformers:all-MiniLM-L6-v2"

@@ -136,10 +136,6 @@ def test_the_parser_sees_relative_lazy_and_guarded_imports() -> None:
 #: ``(importing module, imported prefix) -> reason``. Each is xfailed, not ignored: when the file is
 #: fixed the strict xfail turns into a failure and the entry must go.
 KNOWN_CORE_TO_DATA = {
-    ("patchalign.text", "patchalign.data"): (
-        "text.py imports clean_part_name from data/schema.py; the cleaner belongs in core "
-        "(text.py) with data/schema re-exporting it, but patchalign/data/* is being edited elsewhere"
-    ),
     ("patchalign.text", "patchalign.teachers"): (
         "text.py builds OpenCLIP through teachers.create_open_clip_model (lazy); the shared OpenCLIP "
         "loader belongs in core, but teachers.py is being edited elsewhere"

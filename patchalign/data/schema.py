@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from patchalign.text import clean_part_name  # the one cleaner lives in core (re-exported here)
+
 SCHEMA_VERSION: int = 2
 """Bumped whenever the member set or a dtype changes; readers reject versions not in
 :data:`READABLE_SCHEMA_VERSIONS`. Version 2 added the optional patch-target members and allowed
@@ -59,8 +61,6 @@ PATCH_MEMBERS: tuple[str, ...] = ("patch_centers.npy", "patch_features.npy")
 """Optional members (schema 2): the compact per-shape Stage 1 targets, both or neither."""
 
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
-_SPACES = re.compile(r"\s+")
-_PUNCT = re.compile(r"[^\w\s]", flags=re.UNICODE)
 
 
 class ShardFormatError(ValueError):
@@ -73,18 +73,6 @@ class ShardFormatError(ValueError):
     def __init__(self, message: str, reason: str = "schema") -> None:
         super().__init__(message)
         self.reason = reason
-
-
-def clean_part_name(name: str) -> str:
-    """Canonical part name: lower case, underscores and punctuation as spaces, single spaces, stripped.
-
-    The released PatchAlign3D ``_clean_text`` (``src/training/stage2.py`` and its evaluation), shared
-    by training and evaluation here. Text-bank lookups are exact string matches, so every producer
-    must pass names through this one function; ``"Arm_Rest "``, ``"arm  rest"`` and ``"arm-rest"``
-    all become ``"arm rest"``.
-    """
-    s = _PUNCT.sub(" ", name.strip().lower().replace("_", " "))
-    return _SPACES.sub(" ", s).strip()
 
 
 def sample_key(uid: str) -> str:
