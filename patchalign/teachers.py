@@ -531,34 +531,10 @@ class OpenCLIPVisionTeacher(Teacher):
 
 
 def create_open_clip_model(model: str, pretrained: str | None) -> nn.Module:
-    """Build an OpenCLIP model from a built-in name, a config JSON path, or ``local-dir:``/``hf-hub:``.
+    """:func:`patchalign.text.create_open_clip_model` raising :class:`TeacherNotFoundError`."""
+    from patchalign.text import create_open_clip_model as create
 
-    A ``model`` ending in ``.json`` is registered with ``open_clip.add_model_config`` (its stem is
-    the model name), which is how custom architectures -- and the tests' tiny random ones -- load
-    through the same path as the released ones. ``pretrained`` is a tag (resolved from the local
-    cache by open_clip) or a weights file.
-    """
-    import open_clip
-
-    if model.endswith(".json"):
-        cfg_path = Path(model)
-        if not cfg_path.is_file():
-            raise FileNotFoundError(f"OpenCLIP model config {cfg_path} does not exist")
-        open_clip.add_model_config(cfg_path)
-        model = cfg_path.stem
-    if pretrained is not None and (
-        "/" in pretrained or pretrained.endswith((".bin", ".pt", ".pth", ".safetensors"))
-    ):
-        if not Path(pretrained).is_file():
-            raise TeacherNotFoundError(f"OpenCLIP weights file {pretrained} does not exist")
-    try:
-        return open_clip.create_model(model, pretrained=pretrained, device="cpu")
-    except RuntimeError as e:
-        if "download" in str(e).lower() or "not a known tag" in str(e):
-            raise TeacherNotFoundError(
-                f"OpenCLIP weights for {model}@{pretrained} are not available locally: {e}"
-            ) from e
-        raise
+    return create(model, pretrained, not_found=TeacherNotFoundError)
 
 
 def _split_at(rest: str) -> tuple[str, str | None]:

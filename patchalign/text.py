@@ -184,18 +184,47 @@ class TextEncoder(ABC):
         return F.normalize(torch.cat(out, 0), dim=-1)
 
 
+def create_open_clip_model(
+    model: str, pretrained: str | None, not_found: type[Exception] = FileNotFoundError
+) -> torch.nn.Module:
+    """Build an OpenCLIP model from a built-in name, a config JSON path, or ``local-dir:``/``hf-hub:``.
+
+    A ``model`` ending in ``.json`` is registered with ``open_clip.add_model_config`` (its stem is
+    the model name), which is how custom architectures -- and the tests' tiny random ones -- load
+    through the same path as the released ones. ``pretrained`` is a tag (resolved from the local
+    cache by open_clip) or a weights file. Missing weights raise ``not_found`` (the caller's error type:
+    text encoders and teachers share this loader).
+    """
+    import open_clip
+
+    if model.endswith(".json"):
+        cfg_path = Path(model)
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"OpenCLIP model config {cfg_path} does not exist")
+        open_clip.add_model_config(cfg_path)
+        model = cfg_path.stem
+    if pretrained is not None and (
+        "/" in pretrained or pretrained.endswith((".bin", ".pt", ".pth", ".safetensors"))
+    ):
+        if not Path(pretrained).is_file():
+            raise not_found(f"OpenCLIP weights file {pretrained} does not exist")
+    try:
+        return open_clip.create_model(model, pretrained=pretrained, device="cpu")
+    except RuntimeError as e:
+        if "download" in str(e).lower() or "not a known tag" in str(e):
+            raise not_found(
+                f"OpenCLIP weights for {model}@{pretrained} are not available locally: {e}"
+            ) from e
+        raise
+
+
 class OpenCLIPTextEncoder(TextEncoder):
     """OpenCLIP text tower (``model.encode_text``), e.g. ViT-bigG-14 / laion2b_s39b_b160k (PatchAlign3D)."""
 
     def __init__(self, model_name: str, pretrained: str | None, device: str | torch.device = "cpu") -> None:
         import open_clip
 
-        from patchalign.teachers import TeacherNotFoundError, create_open_clip_model
-
-        try:
-            model = create_open_clip_model(model_name, pretrained)
-        except TeacherNotFoundError as e:
-            raise TextEncoderNotFoundError(str(e)) from e
+        model = create_open_clip_model(model_name, pretrained, not_found=TextEncoderNotFoundError)
         # Only the text tower is needed; drop the vision tower's memory (bigG's is ~1.8B params).
         model.visual = None
         self.model = model.to(device).eval().requires_grad_(False)

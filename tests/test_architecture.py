@@ -135,12 +135,7 @@ def test_the_parser_sees_relative_lazy_and_guarded_imports() -> None:
 #: Known violations inside files this issue could not edit (owned by other rooms at the time):
 #: ``(importing module, imported prefix) -> reason``. Each is xfailed, not ignored: when the file is
 #: fixed the strict xfail turns into a failure and the entry must go.
-KNOWN_CORE_TO_DATA = {
-    ("patchalign.text", "patchalign.teachers"): (
-        "text.py builds OpenCLIP through teachers.create_open_clip_model (lazy); the shared OpenCLIP "
-        "loader belongs in core, but teachers.py is being edited elsewhere"
-    ),
-}
+KNOWN_CORE_TO_DATA: dict[tuple[str, str], str] = {}  # none left
 
 
 def test_core_imports_no_evaluation_training_lightning_or_zerokey() -> None:
