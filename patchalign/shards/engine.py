@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from patchalign.data import ObjectSample, ShardSetWriter, save_text_bank
 from patchalign.data.schema import sample_key
+from patchalign.geometry import normalize_unit_sphere_bbox
 from patchalign.render import (
     find3d_view_layout,
     fov_to_fit_unit_sphere,
@@ -519,11 +520,9 @@ def _sample_one(cfg: EngineConfig, rec: ObjectRecord, stats: StageStats) -> dict
                 )
             # Find3D points live in a 0.75 half-box around the vertex mean; bring them to our convention.
             points64 = points.to(torch.float64)
-            centre = (points64.min(0).values + points64.max(0).values) / 2
-            scale = float((points64 - centre).norm(dim=1).max())
-            pts = ((points64 - centre) / scale).to(torch.float32)
+            pts64, (centre, scale) = normalize_unit_sphere_bbox(points64)
             return dict(
-                points=pts.numpy(),
+                points=pts64.to(torch.float32).numpy(),
                 face_ids=face_ids.numpy(),
                 normalization=json.dumps({"centre": centre.tolist(), "scale": scale, "frame": "find3d"}),
             )
