@@ -71,12 +71,14 @@ class PartSegDataset(Dataset):
     def __len__(self) -> int:
         return len(self._items)
 
+    # Default item layout: ``_items`` holds ``(category, uid, ...)`` tuples; readers that store
+    # something else (FAUST, the h5 readers) override these two.
     def category_of(self, index: int) -> str:
         """Category of item ``index`` without reading its file."""
-        raise NotImplementedError
+        return self._items[index][0]
 
     def uid_of(self, index: int) -> str:
-        raise NotImplementedError
+        return self._items[index][1]
 
     def _report_missing(self, what: str) -> None:
         if self.missing:

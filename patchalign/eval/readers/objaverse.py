@@ -67,12 +67,6 @@ class ObjaverseFind3D(PartSegDataset):
         except KeyError as e:
             raise ValueError(f"{d / 'label_map.json'}: keys must be '1'..'{len(label_map)}'") from e
 
-    def category_of(self, index: int) -> str:
-        return self._items[index][0]
-
-    def uid_of(self, index: int) -> str:
-        return self._items[index][1]
-
     def __getitem__(self, index: int) -> PartSegSample:
         cat, uid, d = self._items[index]
         names = self._read_names(d)

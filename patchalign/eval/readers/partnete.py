@@ -76,12 +76,6 @@ class PartNetE(PartSegDataset):
                     self.missing.append(uid)
         self._report_missing(f"{split_dir}")
 
-    def category_of(self, index: int) -> str:
-        return self._items[index][0]
-
-    def uid_of(self, index: int) -> str:
-        return self._items[index][1]
-
     def __getitem__(self, index: int) -> PartSegSample:
         cat, uid, d = self._items[index]
         points = read_ply_xyz(d / "pc.ply")

@@ -112,12 +112,6 @@ class ScanObjectNNParts(PartSegDataset):
                 self.missing.append(uid)
         self._report_missing(str(split_file))
 
-    def category_of(self, index: int) -> str:
-        return self._items[index][0]
-
-    def uid_of(self, index: int) -> str:
-        return self._items[index][1]
-
     @staticmethod
     def _read_bin(path: Path, width: int) -> np.ndarray:
         raw = np.fromfile(path, dtype=np.float32)

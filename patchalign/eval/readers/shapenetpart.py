@@ -210,12 +210,6 @@ class ShapeNetPartTxt(PartSegDataset):
         self._items = sorted(items, key=lambda t: (order[t[0]], t[1]))
         self._report_missing(f"the {split} split")
 
-    def category_of(self, index: int) -> str:
-        return self._items[index][0]
-
-    def uid_of(self, index: int) -> str:
-        return self._items[index][1]
-
     def __getitem__(self, index: int) -> PartSegSample:
         cat, uid, path = self._items[index]
         # np.fromstring's text mode is a C parser: ~20x faster than np.loadtxt on these files.
