@@ -256,13 +256,12 @@ def _load_dinov2(name_or_path: str, input_size: int, allow_random: bool, random_
                 "Download them once (huggingface-cli download facebook/dinov2-base) or pass a local path; "
                 "use the teacher spec 'dinov2-random' for a non-semantic smoke-test teacher."
             ) from e
-        msg = (
+        return _random_fallback(
             f"no DINOv2 weights found ({name_or_path!r}): using a randomly initialised DINOv2 "
-            f"(seed {random_seed}) -- features are NOT semantic"
+            f"(seed {random_seed}) -- features are NOT semantic",
+            random_seed,
+            input_size,
         )
-        log.warning(msg)
-        print(msg, flush=True)
-        return _random_teacher(random_seed, input_size)
     if config.model_type not in ("dinov2", "dinov2_with_registers"):
         raise ValueError(f"{name_or_path!r} is a {config.model_type!r} model, not DINOv2")
     teacher_id = f"dinov2:{name_or_path}"
@@ -270,6 +269,13 @@ def _load_dinov2(name_or_path: str, input_size: int, allow_random: bool, random_
     if source.is_file():  # a converted directory says where its weights came from
         teacher_id = f"{teacher_id} [{json.loads(source.read_text())['teacher']}]"
     return Dinov2Teacher(model, teacher_id=teacher_id, input_size=input_size)
+
+
+def _random_fallback(msg: str, seed: int, input_size: int) -> Dinov2Teacher:
+    """The announced demo fallback: say ``msg`` (log and stdout), then build the random DINOv2."""
+    log.warning(msg)
+    print(msg, flush=True)
+    return _random_teacher(seed, input_size)
 
 
 def _random_teacher(seed: int, input_size: int) -> Dinov2Teacher:
@@ -577,12 +583,12 @@ def load_teacher(
         except TeacherNotFoundError as e:
             if not allow_random:
                 raise
-            msg = (
-                f"{e}\n-> using a randomly initialised DINOv2 (seed {random_seed}): features are NOT semantic"
+            teacher = _random_fallback(
+                f"{e}\n-> using a randomly initialised DINOv2 (seed {random_seed}): "
+                "features are NOT semantic",
+                random_seed,
+                input_size or 224,
             )
-            log.warning(msg)
-            print(msg, flush=True)
-            teacher = _random_teacher(random_seed, input_size or 224)
     elif kind == "dinov2":
         teacher: Teacher = _load_dinov2(
             rest or "facebook/dinov2-base", input_size or 224, allow_random, random_seed
