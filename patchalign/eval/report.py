@@ -452,13 +452,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"report: error: {err}", file=sys.stderr)
         return 2
-    for r in summary_rows(results):
+    rows = summary_rows(results)
+    for r in rows:
         if r["ours"] is not None:
             print(
                 f"{r['benchmark']:<36}{r['metric']:<15}ours {_pct(r['ours']):>7}  talk {_pct(r['talk']):>7}"
                 f"  delta {_pct(r['delta']):>7}"
             )
-    missing = sorted({r["benchmark"] for r in summary_rows(results) if r["ours"] is None})
+    missing = sorted({r["benchmark"] for r in rows if r["ours"] is None})
     if missing:
         print(f"not run ({len(missing)} talk rows): {', '.join(missing)}")
     print(f"report: {md}")
