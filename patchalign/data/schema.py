@@ -307,6 +307,8 @@ def encode_sample(s: ObjectSample) -> dict[str, bytes | str]:
         feature_dim=s.feature_dim,
         targets=s.targets,
     )
+    if s.has_patch_targets:
+        meta["n_patches"] = int(s.patch_centers.shape[0])
     out: dict[str, bytes | str] = {
         "__key__": sample_key(s.uid),
         "points.npy": npy_to_bytes(s.points),
@@ -316,8 +318,6 @@ def encode_sample(s: ObjectSample) -> dict[str, bytes | str]:
         "meta.json": json.dumps(meta, sort_keys=True).encode(),
     }
     if s.has_patch_targets:
-        meta["n_patches"] = int(s.patch_centers.shape[0])
-        out["meta.json"] = json.dumps(meta, sort_keys=True).encode()
         out["patch_centers.npy"] = npy_to_bytes(s.patch_centers)
         out["patch_features.npy"] = npy_to_bytes(s.patch_features)
     return out
