@@ -28,7 +28,9 @@ import sys
 import time
 from pathlib import Path
 
+from patchalign.shards.backproject import VIEW_AVERAGE_MODES
 from patchalign.shards.engine import (
+    FIND3D_FRAMES,
     STAGES,
     StageStats,
     WorkDir,
@@ -40,6 +42,7 @@ from patchalign.shards.engine import (
     run_build,
     save_records,
 )
+from patchalign.teachers import RESIZE_MODES, UPSAMPLE_MODES
 
 CONFIG_KEYS = (
     "n_points",
@@ -87,22 +90,22 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--teacher-resize",
-        choices=["bilinear-antialias", "bicubic-crop"],
+        choices=RESIZE_MODES,
         help="teacher input resize (default = released bicubic-crop, 518 px for DINOv2; bilinear-antialias)",
     )
     g.add_argument(
         "--upsample",
-        choices=["bilinear", "bicubic"],
+        choices=UPSAMPLE_MODES,
         help="token upsampling (default = released bicubic)",
     )
     g.add_argument(
         "--view-average",
-        choices=["pixel", "view"],
+        choices=VIEW_AVERAGE_MODES,
         help="face feature: mean of per-view means (default = released view) or over all its pixels (pixel)",
     )
     g.add_argument(
         "--find3d-frame",
-        choices=["unit_sphere", "raw"],
+        choices=FIND3D_FRAMES,
         help="Find3D points re-normalised to the unit sphere (default) or kept as stored (released raw)",
     )
     g.add_argument(

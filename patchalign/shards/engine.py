@@ -69,6 +69,7 @@ log = logging.getLogger(__name__)
 MESH_SUFFIXES = (".glb", ".gltf", ".obj", ".ply", ".off", ".stl")
 TEXT_BANK_FILE = "text_bank.safetensors"
 STAGES = ("sample", "render", "features", "backproject", "views", "labels", "textbank", "write")
+FIND3D_FRAMES = ("unit_sphere", "raw")
 
 __all__ = [
     "RELEASED_TEACHER_SETTINGS",
@@ -156,7 +157,7 @@ class EngineConfig:
             ("teacher_resize", RESIZE_MODES),
             ("upsample", UPSAMPLE_MODES),
             ("view_average", VIEW_AVERAGE_MODES),
-            ("find3d_frame", ("unit_sphere", "raw")),
+            ("find3d_frame", FIND3D_FRAMES),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}: choose from {allowed}")
