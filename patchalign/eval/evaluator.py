@@ -276,11 +276,16 @@ class PartSegEvaluator(nn.Module):
 
     @classmethod
     def from_dataset(
-        cls, dataset: PartSegDataset | ResampledDataset, keep_per_shape: bool = True
+        cls,
+        dataset: PartSegDataset | ResampledDataset,
+        keep_per_shape: bool = True,
+        benchmark: str | None = None,
     ) -> PartSegEvaluator:
+        """``benchmark`` defaults to the dataset's ``benchmark`` attribute (set by EvalDataModule)."""
         base = dataset.dataset if isinstance(dataset, ResampledDataset) else dataset
         uids = [base.uid_of(i) for i in range(len(base))]
-        benchmark = getattr(dataset, "benchmark", None)  # set by EvalDataModule
+        if benchmark is None:
+            benchmark = getattr(dataset, "benchmark", None)
         return cls(base.categories, base.part_names_by_category, uids, keep_per_shape, benchmark)
 
     def reset(self) -> None:
@@ -414,10 +419,7 @@ def run_zero_shot_eval(
     for cat, names in base.part_names_by_category.items():
         if cat in present:
             embedder.embed(names, cat if embedder.uses_category else None)
-    evaluator = PartSegEvaluator.from_dataset(ds).to(device)
-    if benchmark is not None:
-        get_reference(benchmark)
-        evaluator.benchmark = benchmark
+    evaluator = PartSegEvaluator.from_dataset(ds, benchmark=benchmark).to(device)
     loader = DataLoader(
         ds,
         batch_size=batch_size,
