@@ -32,9 +32,8 @@ from typing import Any
 
 import torch
 
-from patchalign.data.schema import clean_part_name
 from patchalign.pretrained import AssignMode, PointPrediction, assign_point_labels
-from patchalign.text import PROMPT_TEMPLATES, PartTextEmbedder, build_prompts
+from patchalign.text import PROMPT_TEMPLATES, PartTextEmbedder, build_prompts, clean_part_name
 
 log = logging.getLogger(__name__)
 
