@@ -35,7 +35,6 @@ import webdataset as wds
 from torch import Tensor
 
 from patchalign.data.pipeline import (
-    _AXIS,
     DataQualityError,
     ExampleConfig,
     SkipCounter,
@@ -46,6 +45,7 @@ from patchalign.data.pipeline import (
     stable_seed,
     tar_samples,
     track_shards,
+    up_axis_index,
 )
 from patchalign.data.schema import ObjectSample, ShardFormatError
 
@@ -115,11 +115,7 @@ class _Compact:
 def _compact(
     s: ObjectSample, ids: np.ndarray, cfg: ExampleConfig, cache_points: int | None, seed: int
 ) -> _Compact:
-    up = str(s.meta.get("up_axis", cfg.default_up_axis)).lower()[-1:]
-    if up not in _AXIS:
-        raise ShardFormatError(
-            f"sample {s.uid!r}: meta up_axis {s.meta.get('up_axis')!r} is not x/y/z", "bad_meta"
-        )
+    up_axis = up_axis_index(s, cfg)
     n = s.num_points
     # Stored in a random order per object (seeded by uid): batches then take one random index set
     # for all shapes (see make_cached_batch); a fixed subset when cache_points < N.
@@ -139,7 +135,7 @@ def _compact(
         points=np.ascontiguousarray(s.points[idx], dtype=np.float32),
         membership=np.packbits(s.membership[idx], axis=1),
         label_ids=np.asarray(ids, np.int64),
-        up_axis=_AXIS[up],
+        up_axis=up_axis,
         features=feats,
         patch_centers=np.array(s.patch_centers, np.float32) if with_patches else None,
         patch_features=np.array(s.patch_features) if with_patches else None,

@@ -443,16 +443,20 @@ def _finish_example(
     return ex
 
 
+def up_axis_index(s: ObjectSample, cfg: ExampleConfig) -> int:
+    """The sample's up axis (meta ``up_axis``, else ``cfg.default_up_axis``) as 0/1/2 for x/y/z."""
+    up = str(s.meta.get("up_axis", cfg.default_up_axis)).lower()[-1:]
+    if up not in _AXIS:
+        raise ShardFormatError(
+            f"sample {s.uid!r}: meta up_axis {s.meta.get('up_axis')!r} is not x/y/z", "bad_meta"
+        )
+    return _AXIS[up]
+
+
 def _augment(s: ObjectSample, points: np.ndarray, cfg: ExampleConfig, rng: np.random.Generator) -> np.ndarray:
     """Random rotation about the shape's up axis, then a random isotropic scale (as configured)."""
     if cfg.rotate_up:
-        up = str(s.meta.get("up_axis", cfg.default_up_axis)).lower()[-1:]
-        if up not in _AXIS:
-            raise ShardFormatError(
-                f"sample {s.uid!r}: meta up_axis {s.meta.get('up_axis')!r} is not x/y/z", "bad_meta"
-            )
-        axis = _AXIS[up]
-        points = rotate_about_axis(points, rng.uniform(0.0, 2.0 * math.pi), axis)
+        points = rotate_about_axis(points, rng.uniform(0.0, 2.0 * math.pi), up_axis_index(s, cfg))
     if cfg.scale_range is not None:
         points = points * np.float32(rng.uniform(*cfg.scale_range))
     return points
