@@ -235,3 +235,20 @@ def test_detector_with_a_missing_model_fails_before_the_first_shape(
         main(args)
     assert err.value.code == 2
     assert not list((tmp_path / "run").rglob("02691156/*.json"))
+
+
+def test_feature_bench_rows_count_calls_like_the_records(export_dir: Path, shared_data: Path) -> None:
+    from zerokey.feature_bench import feature_rows, format_rows
+
+    rows = feature_rows(str(export_dir), shared_data / "keypointnet", shots=[1], image_size=64, limit=2)
+    assert [r["row"] for r in rows] == [
+        "patchalign zero-shot",
+        "patchalign few-shot K=1",
+        "unified (oracle)",
+        "zerokey (oracle)",
+    ]
+    assert all(r["shapes"] == 2 for r in rows)
+    assert rows[0]["mllm_calls_per_shape"] == rows[1]["mllm_calls_per_shape"] == 0
+    full, unified = rows[3]["mllm_calls_per_shape"], rows[2]["mllm_calls_per_shape"]
+    assert full % 26 == 0 and 0 < unified <= 3 * full / 26  # 3 views per name instead of 26
+    assert "zerokey (oracle)" in format_rows(rows)

@@ -24,7 +24,6 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -32,7 +31,7 @@ from zerokey.data import KeypointNetDataset, load_keypointnet_annotations
 from zerokey.evaluate import evaluate_predictions
 from zerokey.feature_pipeline import FewShotFeatureKeypoints, UnifiedKeypoints, ZeroShotFeatureKeypoints
 from zerokey.namers import KeypointNetNamer
-from zerokey.pipeline import ZeroKeyPipeline
+from zerokey.pipeline import KeypointDetector, ZeroKeyPipeline
 from zerokey.pointers import OraclePointer
 from zerokey.views import ViewConfig
 
@@ -41,18 +40,29 @@ __all__ = ["feature_rows", "main"]
 THRESHOLDS = (0.01, 0.05, 0.10)
 
 
+def _mllm_calls(record: dict) -> int:
+    """The MLLM requests a record says its detector made."""
+    return sum(record.get("mllm_calls", {}).get(k, 0) for k in ("namer", "pointer"))
+
+
 def _run(
-    label: str, predict: Callable[[Any], dict], dataset: KeypointNetDataset, annotations: dict, root: Path
+    label: str,
+    detector: KeypointDetector,
+    dataset: KeypointNetDataset,
+    annotations: dict,
+    root: Path,
+    device: torch.device,
+    calls_of: Callable[[dict], int] = _mllm_calls,
 ) -> dict:
     records, seconds = [], []
     for i in range(len(dataset)):
         shape = dataset[i]
         start = time.perf_counter()
-        records.append(predict(shape))
+        records.append(detector.predict(shape, device).record)
         if i > 0 or len(dataset) == 1:  # the first shape pays for model / text-encoder loading
             seconds.append(time.perf_counter() - start)
     result = evaluate_predictions(records, annotations, root / "pcds", thresholds=THRESHOLDS)
-    calls = [sum(r.get("mllm_calls", {}).get(k, 0) for k in ("namer", "pointer")) for r in records]
+    calls = [calls_of(r) for r in records]
     return {
         "row": label,
         "iou": dict(
@@ -82,35 +92,37 @@ def feature_rows(
     annotations = load_keypointnet_annotations(sorted((root / "annotations").glob("*.json")))
     namer = KeypointNetNamer(str(root / "semantic_names.json"))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rows = []
-    zs = ZeroShotFeatureKeypoints(model, namer)
-    rows.append(
-        _run("patchalign zero-shot", lambda s: zs.predict(s, device).record, dataset, annotations, root)
-    )
-    for k in shots:
-        fs = FewShotFeatureKeypoints(model, str(root), shots=k, support_split=None, exclude_query=True)
-        rows.append(
-            _run(
-                f"patchalign few-shot K={k}",
-                lambda s, fs=fs: fs.predict(s, device).record,
-                dataset,
-                annotations,
-                root,
-            )
-        )
     views = ViewConfig(image_size=image_size)
     oracle = OraclePointer(noise_px, dropout, outlier_rate, seed=0)
-    unified = UnifiedKeypoints(model, namer, oracle, views=views, views_per_name=views_per_name)
-    rows.append(
-        _run("unified (oracle)", lambda s: unified.predict(s, device).record, dataset, annotations, root)
+    detectors: list[tuple[str, KeypointDetector]] = [
+        ("patchalign zero-shot", ZeroShotFeatureKeypoints(model, namer))
+    ]
+    detectors += [
+        (
+            f"patchalign few-shot K={k}",
+            FewShotFeatureKeypoints(model, str(root), shots=k, support_split=None, exclude_query=True),
+        )
+        for k in shots
+    ]
+    detectors.append(
+        (
+            "unified (oracle)",
+            UnifiedKeypoints(model, namer, oracle, views=views, views_per_name=views_per_name),
+        )
     )
-    full = ZeroKeyPipeline(namer, oracle, views)
-    row = _run("zerokey (oracle)", lambda s: full.predict(s, device).record, dataset, annotations, root)
+    rows = [_run(label, det, dataset, annotations, root, device) for label, det in detectors]
     # full ZeroKey asks once per (view, name); the oracle itself makes no network call
-    row["mllm_calls_per_shape"] = round(
-        sum(26 * len(namer(dataset[i], torch.zeros(0)).names) for i in range(len(dataset))) / len(dataset), 2
+    rows.append(
+        _run(
+            "zerokey (oracle)",
+            ZeroKeyPipeline(namer, oracle, views),
+            dataset,
+            annotations,
+            root,
+            device,
+            calls_of=lambda r: r["counts"]["views"] * len(r["names"]),
+        )
     )
-    rows.append(row)
     return rows
 
 

@@ -25,9 +25,7 @@ that frame; records carry ``xyz`` in the input file's frame like ZeroKey's.
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from abc import abstractmethod
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,13 +40,20 @@ from patchalign.keypoints import (
     name_probabilities,
     peak_keypoints,
 )
-from zerokey.cluster import ClusterConfig, closest_point_on_mesh, cluster_candidates, nearest_point
+from zerokey.cluster import ClusterConfig, cluster_candidates
 from zerokey.data import KEYPOINTNET_CLASSES, ShapeSample, load_keypointnet_annotations, load_shape
 from zerokey.lift import Candidates3D, lift_points
 from zerokey.namers import KeypointNetNamer, Namer, StaticNamer
-from zerokey.pipeline import KeypointDetector, ShapePrediction, ZeroKeyPipeline
+from zerokey.pipeline import (
+    KeypointDetector,
+    ShapePrediction,
+    StageTimer,
+    ZeroKeyPipeline,
+    naming_error,
+    snap_to_surface,
+)
 from zerokey.pointers import Pointer, Points2D
-from zerokey.views import RenderedViews, ViewConfig, make_cameras, render_shape
+from zerokey.views import RenderedViews, ViewConfig, project_visible, render_shape
 
 __all__ = [
     "DenseFeatures",
@@ -153,24 +158,34 @@ def _keypoint_entry(
     }
 
 
-class _Timer:
-    """Wall seconds per stage (CUDA-synchronised), the ``timings`` block of every record."""
+class _FeatureDetector(KeypointDetector):
+    """The frame every detector here shares: the record header, input failures, stage timings.
 
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.timings = device, {}
+    Subclasses implement :meth:`_predict` on a readable shape already on ``device`` and return the
+    record's own fields; ``predict`` merges them into the header and adds the timings.
+    """
 
-    @contextmanager
-    def __call__(self, stage: str) -> Iterator[None]:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        start = time.perf_counter()
-        yield
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.timings[stage] = round(time.perf_counter() - start, 5)
+    def predict(
+        self, shape: ShapeSample, device: torch.device | str = "cpu", keep_debug: bool = False
+    ) -> ShapePrediction:
+        device = torch.device(device)
+        record = ZeroKeyPipeline._base_record(shape)
+        if shape.error is not None:
+            record.update(keypoints=[], names=[])
+            return ShapePrediction(record)
+        timer = StageTimer(device)
+        pred = self._predict(shape.to(device), device, timer, keep_debug)
+        pred.record = record | pred.record | {"timings": timer.total(), "cpu_seconds": timer.cpu_seconds}
+        pred.timings = timer.timings
+        return pred
+
+    @abstractmethod
+    def _predict(
+        self, shape: ShapeSample, device: torch.device, timer: StageTimer, keep_debug: bool
+    ) -> ShapePrediction: ...
 
 
-class ZeroShotFeatureKeypoints(KeypointDetector):
+class ZeroShotFeatureKeypoints(_FeatureDetector):
     """Zero-shot keypoints from text: the peaks of each name's similarity field.
 
     Args:
@@ -235,24 +250,16 @@ class ZeroShotFeatureKeypoints(KeypointDetector):
     def _names(self, shape: ShapeSample, device: torch.device) -> Any:
         if isinstance(self.namer, _NAMERS_WITHOUT_IMAGES):
             return self.namer(shape, torch.zeros(0, 1, 1, 3, device=device))
-        views = render_shape(shape, make_cameras(self.view_config, device), self.view_config)
+        views = render_shape(shape, self.cameras(device), self.view_config)
         return self.namer(shape, views.images)
 
-    def predict(
-        self, shape: ShapeSample, device: torch.device | str = "cpu", keep_debug: bool = False
+    def _predict(
+        self, shape: ShapeSample, device: torch.device, timer: StageTimer, keep_debug: bool
     ) -> ShapePrediction:
-        device = torch.device(device)
-        record = ZeroKeyPipeline._base_record(shape)
-        if shape.error is not None:
-            record.update(keypoints=[], names=[])
-            return ShapePrediction(record)
-        timer = _Timer(device)
-        shape = shape.to(device)
         with timer("name"):
             naming = self._names(shape, device)
         names, instances = naming.names, naming.instances
-        if naming.error is None and not names:
-            naming.error = f"{type(self.namer).__name__} gave no names"
+        naming.error = naming_error(self.namer, naming)
         keypoints: list[dict[str, Any]] = []
         missing = list(names)
         with timer("encode"):
@@ -283,8 +290,7 @@ class ZeroShotFeatureKeypoints(KeypointDetector):
                         {"score": round(p.score, 5), "region_points": p.region_size},
                     )
                 )
-        timer.timings["total"] = round(sum(timer.timings.values()), 5)
-        record.update(
+        record = dict(
             status="failed" if naming.error else "complete",
             error=naming.error,
             detector="patchalign_zeroshot",
@@ -295,12 +301,11 @@ class ZeroShotFeatureKeypoints(KeypointDetector):
             mllm_calls={"namer": naming.calls, "pointer": 0},
             parse_stats={"namer": naming.stats.as_dict()},
             counts={"points": int(dense.points.shape[0]), "patches": int(dense.centers.shape[0])},
-            timings=timer.timings,
         )
-        return ShapePrediction(record, shape=shape if keep_debug else None, timings=timer.timings)
+        return ShapePrediction(record, shape=shape if keep_debug else None)
 
 
-class FewShotFeatureKeypoints(KeypointDetector):
+class FewShotFeatureKeypoints(_FeatureDetector):
     """Few-shot keypoints: one prototype per semantic id from ``shots`` annotated support shapes.
 
     Support shapes are KeypointNet models of the query's category, taken in sorted order from
@@ -417,18 +422,11 @@ class FewShotFeatureKeypoints(KeypointDetector):
             sids.append(torch.tensor([s for _, s in pairs], device=device))
         return build_prototypes(feats, idx, sids)
 
-    def predict(
-        self, shape: ShapeSample, device: torch.device | str = "cpu", keep_debug: bool = False
+    def _predict(
+        self, shape: ShapeSample, device: torch.device, timer: StageTimer, keep_debug: bool
     ) -> ShapePrediction:
-        device = torch.device(device)
-        record = ZeroKeyPipeline._base_record(shape)
-        if shape.error is not None:
-            record.update(keypoints=[], names=[])
-            return ShapePrediction(record)
         if not shape.class_id:
             raise ValueError(f"few-shot keypoints need the shape's KeypointNet class id ({shape.shape_id})")
-        timer = _Timer(device)
-        shape = shape.to(device)
         with timer("support"):
             protos = self.prototypes(shape.class_id, shape.model_id, device)
         with timer("encode"):
@@ -453,8 +451,7 @@ class FewShotFeatureKeypoints(KeypointDetector):
                     },
                 )
             )
-        timer.timings["total"] = round(sum(timer.timings.values()), 5)
-        record.update(
+        record = dict(
             detector="patchalign_fewshot",
             names=[k["name"] for k in keypoints],
             instances=[1] * len(keypoints),
@@ -462,20 +459,13 @@ class FewShotFeatureKeypoints(KeypointDetector):
             missing=[],
             mllm_calls={"namer": 0, "pointer": 0},
             counts={"support_shapes": protos.n_shapes, "prototypes": len(protos.ids), "points": len(points)},
-            timings=timer.timings,
         )
-        return ShapePrediction(record, shape=shape if keep_debug else None, timings=timer.timings)
+        return ShapePrediction(record, shape=shape if keep_debug else None)
 
 
 def visible_views(xyz: Tensor, views: RenderedViews, depth_tolerance: float = 0.03) -> Tensor:
-    """``(V, P)`` whether each 3D point is inside each view and not hidden (depth test vs the render)."""
-    uv, z = views.cameras.project(xyz)
-    size = views.image_size
-    inside = (z > 0) & (uv >= 0).all(-1) & (uv < size).all(-1)
-    pix = torch.where(inside[..., None], uv.floor().long(), torch.zeros_like(uv, dtype=torch.long))
-    view_ids = torch.arange(views.n_views, device=xyz.device)[:, None].expand_as(z)
-    rendered = views.depth[view_ids, pix[..., 1], pix[..., 0]]
-    return inside & ((rendered - z).abs() <= depth_tolerance)
+    """``(V, P)`` whether each 3D point is inside each view and not hidden (the oracle's depth test)."""
+    return project_visible(xyz, views, depth_tolerance)[1]
 
 
 def _subset_views(views: RenderedViews, index: Tensor) -> RenderedViews:
@@ -491,7 +481,7 @@ def _subset_views(views: RenderedViews, index: Tensor) -> RenderedViews:
     )
 
 
-class UnifiedKeypoints(KeypointDetector):
+class UnifiedKeypoints(_FeatureDetector):
     """PatchAlign3D proposes, the MLLM pointer confirms in a few views, weighted HDBSCAN decides.
 
     Per name: the ``candidates_per_name`` strongest feature peaks (geodesic NMS) are projected into
@@ -533,7 +523,6 @@ class UnifiedKeypoints(KeypointDetector):
         self.patch_size = patch_size
         self.cluster_config = cluster or ClusterConfig(min_views=1)
         self.region_radius = region_radius
-        self._cameras: dict[str, Any] = {}
 
     def settings(self) -> dict[str, Any]:
         zs = self.zero_shot
@@ -554,29 +543,15 @@ class UnifiedKeypoints(KeypointDetector):
     def check(self) -> None:
         self.zero_shot.check()
 
-    def cameras(self, device: torch.device):
-        key = str(device)
-        if key not in self._cameras:
-            self._cameras[key] = make_cameras(self.view_config, device)
-        return self._cameras[key]
-
-    def predict(
-        self, shape: ShapeSample, device: torch.device | str = "cpu", keep_debug: bool = False
+    def _predict(
+        self, shape: ShapeSample, device: torch.device, timer: StageTimer, keep_debug: bool
     ) -> ShapePrediction:
-        device = torch.device(device)
-        record = ZeroKeyPipeline._base_record(shape)
-        if shape.error is not None:
-            record.update(keypoints=[], names=[])
-            return ShapePrediction(record)
-        timer = _Timer(device)
-        shape = shape.to(device)
         with timer("render"):
             views = render_shape(shape, self.cameras(device), self.view_config)
         with timer("name"):
             naming = self.namer(shape, views.images)
         names, instances = naming.names, naming.instances
-        if naming.error is None and not names:
-            naming.error = f"{type(self.namer).__name__} gave no names"
+        naming.error = naming_error(self.namer, naming)
         feats = self.zero_shot.features
         with timer("encode"):
             dense = feats.dense(surface_points(shape, self.zero_shot.num_points), device)
@@ -663,17 +638,11 @@ class UnifiedKeypoints(KeypointDetector):
             if not found:
                 missing.append(name)
             for j, c in enumerate(found):
-                centroid = c.centroid[None].to(device)
-                snapped = (
-                    closest_point_on_mesh(centroid, shape.vertices, shape.faces)
-                    if shape.is_mesh
-                    else nearest_point(centroid, shape.vertices)[0]
-                )[0]
+                snapped = snap_to_surface(c.centroid[None].to(device), shape)[0]
                 support = {"source": "cluster", "weight": round(c.weight, 4), "views": c.n_views}
                 keypoints.append(_keypoint_entry(name, j, snapped, shape, support))
-        timer.timings["total"] = round(sum(timer.timings.values()), 5)
         error = naming.error or ("; ".join(failed) if failed else None)
-        record.update(
+        record = dict(
             status="failed" if error else "complete",
             error=error,
             detector="unified",
@@ -685,12 +654,7 @@ class UnifiedKeypoints(KeypointDetector):
             pointer_views=chosen_views,
             pointer_failures=failed,
             counts={"views": views.n_views, "points2d": len(pts), "candidates": len(lifted)},
-            timings=timer.timings,
         )
-        return ShapePrediction(
-            record,
-            views if keep_debug else None,
-            pts if keep_debug else None,
-            shape if keep_debug else None,
-            timer.timings,
-        )
+        if keep_debug:
+            return ShapePrediction(record, views, pts, shape)
+        return ShapePrediction(record)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -24,12 +25,19 @@ from torch import Tensor
 from zerokey.cluster import Cluster, ClusterConfig, closest_point_on_mesh, cluster_candidates, nearest_point
 from zerokey.data import ShapeSample
 from zerokey.lift import lift_points
-from zerokey.namers import Namer
+from zerokey.namers import Namer, NamingResult
 from zerokey.parsing import ParseStats
 from zerokey.pointers import Pointer, Points2D
 from zerokey.views import RenderedViews, ViewConfig, make_cameras, render_shape
 
-__all__ = ["KeypointDetector", "ShapePrediction", "ZeroKeyPipeline"]
+__all__ = [
+    "KeypointDetector",
+    "ShapePrediction",
+    "StageTimer",
+    "ZeroKeyPipeline",
+    "naming_error",
+    "snap_to_surface",
+]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +58,51 @@ def _round(values: Tensor | list[float], digits: int = 6) -> list[float]:
     return [round(float(v), digits) for v in (values.tolist() if isinstance(values, Tensor) else values)]
 
 
+class StageTimer:
+    """Wall and process-CPU seconds per stage (CUDA-synchronised): a record's ``timings`` / ``cpu_seconds``.
+
+    Process CPU time (all threads) is robust to other jobs sharing the machine, unlike wall time.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.timings: dict[str, float] = {}
+        self.cpu_seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.timings[stage] = round(time.perf_counter() - start, 5)
+        self.cpu_seconds[stage] = round(time.process_time() - cpu_start, 5)
+
+    def total(self) -> dict[str, float]:
+        """``timings`` with their sum added as ``total``."""
+        self.timings["total"] = round(sum(self.timings.values()), 5)
+        return self.timings
+
+
+def naming_error(namer: Namer, naming: NamingResult) -> str | None:
+    """Why a shape's naming failed: the namer's own error, or that it gave no names at all (a failed
+    shape, never "0 keypoints found")."""
+    if naming.error is None and not naming.names:
+        return f"{type(namer).__name__} gave no names"
+    return naming.error
+
+
+def snap_to_surface(xyz: Tensor, shape: ShapeSample) -> Tensor:
+    """Closest point on the mesh surface, or the nearest point of a point cloud."""
+    if xyz.numel() == 0:
+        return xyz
+    if shape.is_mesh:
+        return closest_point_on_mesh(xyz, shape.vertices, shape.faces)
+    return nearest_point(xyz, shape.vertices)[0]
+
+
 class KeypointDetector(ABC):
     """What :class:`zerokey.module.ZeroKeyModule` runs on each shape: ``predict(shape, device,
     keep_debug) -> ShapePrediction`` with a record in the format above (``status``, ``error``,
@@ -68,8 +121,18 @@ class KeypointDetector(ABC):
         self, shape: ShapeSample, device: torch.device | str = "cpu", keep_debug: bool = False
     ) -> ShapePrediction: ...
 
+    view_config: ViewConfig
+
     def settings(self) -> dict[str, Any]:
         return {"class": f"{type(self).__module__}.{type(self).__name__}"}
+
+    def cameras(self, device: torch.device):
+        """The ``view_config`` cameras on ``device``, built once per device."""
+        cache = self.__dict__.setdefault("_cameras", {})
+        key = str(device)
+        if key not in cache:
+            cache[key] = make_cameras(self.view_config, device)
+        return cache[key]
 
     def check(self) -> None:  # noqa: B027 - optional hook; most detectors have nothing to check
         """Pre-flight check of the detector itself (namer and pointer are checked separately)."""
@@ -111,13 +174,6 @@ class ZeroKeyPipeline(KeypointDetector):
         self.patch_size, self.lift_method = patch_size, lift_method
         self.cluster_config = cluster or ClusterConfig()
         self.keep_all_clusters, self.snap = keep_all_clusters, snap
-        self._cameras: dict[str, Any] = {}
-
-    def cameras(self, device: torch.device):
-        key = str(device)
-        if key not in self._cameras:
-            self._cameras[key] = make_cameras(self.view_config, device)
-        return self._cameras[key]
 
     @staticmethod
     def _base_record(shape: ShapeSample) -> dict[str, Any]:
@@ -133,11 +189,7 @@ class ZeroKeyPipeline(KeypointDetector):
         }
 
     def _snap(self, xyz: Tensor, shape: ShapeSample) -> Tensor:
-        if self.snap == "none" or xyz.numel() == 0:
-            return xyz
-        if shape.is_mesh:
-            return closest_point_on_mesh(xyz, shape.vertices, shape.faces)
-        return nearest_point(xyz, shape.vertices)[0]
+        return xyz if self.snap == "none" else snap_to_surface(xyz, shape)
 
     def _cluster_record(self, cluster: Cluster, snapped: Tensor, shape: ShapeSample) -> dict[str, Any]:
         return {
@@ -171,24 +223,10 @@ class ZeroKeyPipeline(KeypointDetector):
         """
         device = torch.device(device)
         record = self._base_record(shape)
-        timings: dict[str, float] = {}
-        cpu_seconds: dict[str, float] = {}
         if shape.error is not None:
             record.update(keypoints=[], names=[])
             return ShapePrediction(record)
-
-        @contextmanager
-        def timed(stage: str):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start, cpu_start = time.perf_counter(), time.process_time()
-            yield
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            timings[stage] = round(time.perf_counter() - start, 5)
-            # Process CPU time (all threads): robust to other jobs sharing the machine, unlike wall time.
-            cpu_seconds[stage] = round(time.process_time() - cpu_start, 5)
-
+        timed = StageTimer(device)
         shape = shape.to(device)
         with timed("render"):
             if views is None:
@@ -196,8 +234,7 @@ class ZeroKeyPipeline(KeypointDetector):
         with timed("name"):
             naming = self.namer(shape, views.images)
         names, instances = naming.names, naming.instances
-        if naming.error is None and not names:
-            naming.error = f"{type(self.namer).__name__} gave no names"
+        naming.error = naming_error(self.namer, naming)
         with timed("point"):
             if points is None:
                 points = self.pointer(shape, names, views) if names else Points2D.empty(device)
@@ -228,7 +265,7 @@ class ZeroKeyPipeline(KeypointDetector):
             centroids = torch.stack([c.centroid for c in all_clusters]) if all_clusters else torch.zeros(0, 3)
             snapped = self._snap(centroids.to(device), shape)
             snapped_of = {id(c): snapped[j] for j, c in enumerate(all_clusters)}
-        timings["total"] = round(sum(timings.values()), 5)
+        timings, cpu_seconds = timed.total(), timed.cpu_seconds
 
         keypoints = []
         for i, k, cluster in chosen:

@@ -31,7 +31,7 @@ from torch import Tensor
 from zerokey.data import ShapeSample
 from zerokey.openai_client import BudgetExceeded, CallBudget, ChatClient, ChatError
 from zerokey.parsing import ParsedPoint, ParseStats, parse_labelled_points, parse_molmo_points
-from zerokey.views import RenderedViews
+from zerokey.views import RenderedViews, project_visible
 
 __all__ = [
     "Points2D",
@@ -210,15 +210,10 @@ class OraclePointer(Pointer):
             return Points2D.empty(device)
         keypoints = shape.keypoints.to(device)[keep.to(device)]
         name_of_kp = torch.tensor(kp_name, dtype=torch.long)[keep].to(device)
-        uv, z = views.cameras.project(keypoints)  # (V,K,2), (V,K)
-        inside = (z > 0) & (uv >= 0).all(-1) & (uv < size).all(-1)
-        pix = torch.where(inside[..., None], uv.floor().long(), torch.zeros_like(uv, dtype=torch.long))
-        view_ids = torch.arange(n_views, device=device)[:, None].expand_as(z)
-        rendered = views.depth[view_ids, pix[..., 1], pix[..., 0]]
-        visible = inside & ((rendered - z).abs() <= self.depth_tolerance)
+        uv, visible = project_visible(keypoints, views, self.depth_tolerance)  # (V,K,2), (V,K)
 
         gen = torch.Generator(device="cpu").manual_seed(zlib.crc32(f"{self.seed}:{shape.shape_id}".encode()))
-        shape_vk = z.shape
+        shape_vk = visible.shape
         kept = visible & (torch.rand(shape_vk, generator=gen) >= self.dropout).to(device)
         noisy = uv + self.noise_px * torch.randn(*shape_vk, 2, generator=gen).to(device)
         outlier = (torch.rand(shape_vk, generator=gen) < self.outlier_rate).to(device)

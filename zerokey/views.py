@@ -30,6 +30,7 @@ from patchalign.render import (
 from zerokey.data import ShapeSample
 
 __all__ = [
+    "project_visible",
     "RenderedViews",
     "ViewConfig",
     "VIEW_RINGS",
@@ -150,3 +151,21 @@ def render_shape(shape: ShapeSample, cameras: Cameras, config: ViewConfig) -> Re
     return RenderedViews(
         images=out.image, cameras=cameras, depth=out.depth, mask=out.mask, pix_to_point=out.pix_to_point
     )
+
+
+def project_visible(
+    xyz: Tensor, views: RenderedViews, depth_tolerance: float = 0.03
+) -> tuple[Tensor, Tensor]:
+    """Project 3D points into every view: ``uv (V, P, 2)`` pixels and ``visible (V, P)``.
+
+    A point is visible in a view when it is in front of the camera, inside the image, and passes a
+    depth test against the rendered depth at its pixel (``|depth_render - depth_point| <= depth_tolerance``,
+    i.e. no other surface hides it).
+    """
+    uv, z = views.cameras.project(xyz)
+    size = views.image_size
+    inside = (z > 0) & (uv >= 0).all(-1) & (uv < size).all(-1)
+    pix = torch.where(inside[..., None], uv.floor().long(), torch.zeros_like(uv, dtype=torch.long))
+    view_ids = torch.arange(views.n_views, device=xyz.device)[:, None].expand_as(z)
+    rendered = views.depth[view_ids, pix[..., 1], pix[..., 0]]
+    return uv, inside & ((rendered - z).abs() <= depth_tolerance)
