@@ -55,6 +55,14 @@ class PartSegResult:
     def reference(self) -> Reference | None:
         return get_reference(self.benchmark) if self.benchmark else None
 
+    @property
+    def num_shapes(self) -> int | None:
+        return self.info.get("num_shapes")
+
+    @property
+    def seconds_per_shape(self) -> float | None:
+        return self.info.get("seconds_per_shape")
+
 
 @dataclass
 class KeypointResult:
@@ -68,6 +76,10 @@ class KeypointResult:
     shapes: dict[str, int]
     label: str = ""
     seconds_per_shape: float | None = None
+
+    @property
+    def num_shapes(self) -> int | None:
+        return sum(self.shapes.values()) if self.shapes else None
 
     def at(self, threshold: float) -> float | None:
         for t, v in zip(self.thresholds, self.mean_iou, strict=True):
@@ -215,20 +227,8 @@ def summary_rows(results: Sequence[Result]) -> list[dict[str, Any]]:
                         "ours": ours,
                         "talk": float(talk),
                         "delta": None if ours is None else ours - float(talk),
-                        "num_shapes": (
-                            run.info.get("num_shapes")
-                            if isinstance(run, PartSegResult)
-                            else (
-                                sum(run.shapes.values())
-                                if isinstance(run, KeypointResult) and run.shapes
-                                else None
-                            )
-                        ),
-                        "seconds_per_shape": (
-                            run.info.get("seconds_per_shape")
-                            if isinstance(run, PartSegResult)
-                            else (run.seconds_per_shape if isinstance(run, KeypointResult) else None)
-                        ),
+                        "num_shapes": None if run is None else run.num_shapes,
+                        "seconds_per_shape": None if run is None else run.seconds_per_shape,
                         "result": str(run.path) if run is not None else "",
                         "command": ref.command,
                     }
@@ -245,8 +245,8 @@ def summary_rows(results: Sequence[Result]) -> list[dict[str, Any]]:
                     "ours": None if v is None else 100.0 * float(v),
                     "talk": None,
                     "delta": None,
-                    "num_shapes": r.info.get("num_shapes"),
-                    "seconds_per_shape": r.info.get("seconds_per_shape"),
+                    "num_shapes": r.num_shapes,
+                    "seconds_per_shape": r.seconds_per_shape,
                     "result": str(r.path),
                     "command": "",
                 }
