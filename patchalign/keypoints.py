@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from patchalign.grouping import knn_indices
+
 __all__ = [
     "Peak",
     "interpolate_patch_values",
@@ -78,13 +80,16 @@ def interpolate_patch_values(points: Tensor, centers: Tensor, values: Tensor, k:
 
 
 def knn_graph(points: Tensor, k: int = 10) -> tuple[Tensor, Tensor]:
-    """``(N, k)`` neighbour indices and Euclidean edge lengths of the k-NN graph (self excluded)."""
+    """``(N, k)`` neighbour indices and Euclidean edge lengths of the k-NN graph (self excluded).
+
+    The encoder's own exact kNN (:func:`patchalign.grouping.knn_indices`) with one extra neighbour,
+    the point itself (distance 0, ranked first), dropped.
+    """
     n = points.shape[0]
     k = min(k, n - 1)
-    d = torch.cdist(points.float(), points.float())
-    d.fill_diagonal_(float("inf"))
-    dist, idx = d.topk(k, dim=-1, largest=False)
-    return idx, dist
+    pts = points.float()
+    idx = knn_indices(pts[None], pts[None], k + 1)[0, :, 1:]
+    return idx, (pts[idx] - pts[:, None]).norm(dim=-1)
 
 
 def symmetric_neighbours(points: Tensor, k: int = 10) -> tuple[Tensor, Tensor]:
