@@ -41,6 +41,7 @@ from patchalign.data.pipeline import (
     SlotPlan,
     StreamStats,
     decode_objects,
+    finite_fp16_row_max,
     keep_keys,
     stable_seed,
     tar_samples,
@@ -125,9 +126,7 @@ def _compact(
     feats = None
     if cfg.load_features and s.features.shape[1] > 0:
         feats = np.ascontiguousarray(s.features[idx])
-        row_max = (feats.view(np.uint16) & np.uint16(0x7FFF)).max(axis=1)
-        if (row_max >= 0x7C00).any():
-            raise ShardFormatError(f"sample {s.uid!r}: features contain NaN/Inf", "non_finite")
+        finite_fp16_row_max(s.uid, feats)
     with_patches = cfg.load_features and s.patch_centers is not None
     return _Compact(
         uid=s.uid,

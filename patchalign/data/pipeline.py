@@ -386,6 +386,19 @@ def rotate_about_axis(points: np.ndarray, angle: float, axis: int) -> np.ndarray
     return out
 
 
+def finite_fp16_row_max(uid: str, feats: np.ndarray) -> np.ndarray:
+    """Largest ``|x|`` bit pattern per row of fp16 ``feats``; raises if any value is NaN/Inf.
+
+    One pass over the fp16 bit patterns: the largest |x| per row (sign bit cleared) is >= 0x7C00
+    exactly when the row has an Inf/NaN, and 0 exactly when the row is all zero (no teacher feature).
+    ~10x cheaper than casting to float32 for np.isfinite. Unit norms were checked by the writer.
+    """
+    row_max = (feats.view(np.uint16) & np.uint16(0x7FFF)).max(axis=1)
+    if (row_max >= 0x7C00).any():
+        raise ShardFormatError(f"sample {uid!r}: features contain NaN/Inf", "non_finite")
+    return row_max
+
+
 def make_example(
     s: ObjectSample, label_ids: np.ndarray, cfg: ExampleConfig, rng: np.random.Generator, augment: bool
 ) -> Example:
@@ -399,13 +412,7 @@ def make_example(
         feature_mask = np.ones(cfg.num_points, bool)
         return _finish_example(s, points, feats, feature_mask, label_ids, cfg, rng, augment, idx)
     feats = s.features[idx]
-    # One pass over the fp16 bit patterns: the largest |x| per row (sign bit cleared) is >= 0x7C00
-    # exactly when the row has an Inf/NaN, and 0 exactly when the row is all zero (no teacher feature).
-    # ~10x cheaper than casting to float32 for np.isfinite. Unit norms were checked by the writer.
-    row_max = (feats.view(np.uint16) & np.uint16(0x7FFF)).max(axis=1)
-    if (row_max >= 0x7C00).any():
-        raise ShardFormatError(f"sample {s.uid!r}: features contain NaN/Inf", "non_finite")
-    feature_mask = row_max > 0
+    feature_mask = finite_fp16_row_max(s.uid, feats) > 0
     return _finish_example(s, points, feats, feature_mask, label_ids, cfg, rng, augment, idx)
 
 
