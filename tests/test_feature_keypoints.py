@@ -252,3 +252,15 @@ def test_feature_bench_rows_count_calls_like_the_records(export_dir: Path, share
     full, unified = rows[3]["mllm_calls_per_shape"], rows[2]["mllm_calls_per_shape"]
     assert full % 26 == 0 and 0 < unified <= 3 * full / 26  # 3 views per name instead of 26
     assert "zerokey (oracle)" in format_rows(rows)
+
+
+def test_bad_detector_settings_are_one_clear_error(shared_data: Path) -> None:
+    namer = KeypointNetNamer(str(shared_data / "keypointnet/semantic_names.json"))
+    with pytest.raises(ValueError, match=r"must be > 0: region_radius=0"):
+        ZeroShotFeatureKeypoints("m", namer, region_radius=0)
+    with pytest.raises(ValueError, match="score must be 'softmax' or 'cosine'"):
+        ZeroShotFeatureKeypoints("m", namer, score="dot")
+    with pytest.raises(ValueError, match=r"views_per_name=0"):
+        UnifiedKeypoints("m", namer, OraclePointer(), views_per_name=0)
+    with pytest.raises(ValueError, match="shots must be >= 1"):
+        FewShotFeatureKeypoints("m", str(shared_data / "keypointnet"), shots=0)

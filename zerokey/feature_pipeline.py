@@ -70,6 +70,13 @@ log = logging.getLogger(__name__)
 _NAMERS_WITHOUT_IMAGES = (KeypointNetNamer, StaticNamer)
 
 
+def _require_positive(**values: float) -> None:
+    """One clear line for a radius / count that must be > 0 (instead of an empty or NaN result later)."""
+    bad = {k: v for k, v in values.items() if not v > 0}
+    if bad:
+        raise ValueError(f"must be > 0: {', '.join(f'{k}={v!r}' for k, v in bad.items())}")
+
+
 def surface_points(shape: ShapeSample, n: int, seed: int = 0) -> Tensor:
     """The cloud the encoder sees: the shape's own points, or ``n`` area-weighted samples of its mesh."""
     if not shape.is_mesh:
@@ -212,6 +219,10 @@ class ZeroShotFeatureKeypoints(_FeatureDetector):
         num_points: int = 2048,
         views: ViewConfig | None = None,
     ) -> None:
+        _require_positive(interp_k=interp_k, region_radius=region_radius, nms_radius=nms_radius)
+        _require_positive(graph_k=graph_k, num_points=num_points)
+        if score not in ("softmax", "cosine"):
+            raise ValueError(f"score must be 'softmax' or 'cosine', got {score!r}")
         self.features = FeatureModel(model, interp_k)
         self.namer, self.score = namer, score
         self.region_radius, self.nms_radius, self.min_score, self.graph_k = (
@@ -513,6 +524,8 @@ class UnifiedKeypoints(_FeatureDetector):
         interp_k: int = 3,
         num_points: int = 2048,
     ) -> None:
+        _require_positive(candidates_per_name=candidates_per_name, views_per_name=views_per_name)
+        _require_positive(feature_weight=feature_weight, patch_size=patch_size)
         self.zero_shot = ZeroShotFeatureKeypoints(
             model, namer, score, interp_k, region_radius, nms_radius, None, 10, num_points, views
         )
