@@ -103,10 +103,7 @@ def write_bench_shards(
     root: Path, n_stream: int, n_cache: int, feature_dim: int, text_dim: int, stored_points: int = 5000
 ) -> dict[str, Path]:
     """The three synthetic shard sets the bench reads (see module docstring) plus a text bank."""
-    from patchalign.data.synthetic import write_synthetic_shards, write_synthetic_text_bank
-
-    def shard_sizes(n: int, per: int) -> list[int]:
-        return [per] * (n // per) + ([n % per] if n % per else [])
+    from patchalign.data.synthetic import shard_sizes, write_synthetic_shards, write_synthetic_text_bank
 
     sets = {
         "stage1_stream": ("points", n_stream, 16),

@@ -35,7 +35,7 @@ import torch
 import webdataset as wds
 
 from patchalign.data.datamodule import ShardDataModule
-from patchalign.data.synthetic import write_synthetic_shards
+from patchalign.data.synthetic import shard_sizes, write_synthetic_shards
 from patchalign.data.writer import read_manifest
 
 MB = 1e6
@@ -167,15 +167,11 @@ def run_loader_bench(
         tmp = tempfile.TemporaryDirectory(prefix="patchalign-bench-")
         shard_dir = Path(tmp.name) / "per_point"
         per_shard = 16
-        sizes = [per_shard] * (n_objects // per_shard) + (
-            [n_objects % per_shard] if n_objects % per_shard else []
-        )
+        sizes = shard_sizes(n_objects, per_shard)
         write_synthetic_shards(shard_dir, sizes, num_points=stored_points, feature_dim=feature_dim)
         if compact_objects:
             compact_dir = Path(tmp.name) / "compact"
-            sizes = [128] * (compact_objects // 128) + (
-                [compact_objects % 128] if compact_objects % 128 else []
-            )
+            sizes = shard_sizes(compact_objects, 128)
             write_synthetic_shards(
                 compact_dir, sizes, num_points=stored_points, feature_dim=feature_dim, targets="patches"
             )

@@ -73,6 +73,11 @@ def write_synthetic_text_bank(path: str | Path, names: Sequence[str] = DEFAULT_P
     return Path(path)
 
 
+def shard_sizes(n_objects: int, per_shard: int) -> list[int]:
+    """``n_objects`` split into shards of ``per_shard`` samples, the last one holding the remainder."""
+    return [per_shard] * (n_objects // per_shard) + ([n_objects % per_shard] if n_objects % per_shard else [])
+
+
 def write_synthetic_shards(
     out_dir: str | Path,
     shard_sizes: Sequence[int],
