@@ -122,39 +122,22 @@ def test_lift_point_cloud_returns_cloud_points():
     out = render_points(cloud, cams, radius=0.04, backend="cpu")
     views = RenderedViews(out.image, cams, out.depth, out.mask, pix_to_point=out.pix_to_point)
     uv = torch.tensor([[32.5, 32.5], [40.5, 20.5]])
-    c = lift_points(
-        uv,
-        torch.zeros(2, dtype=torch.long),
-        torch.zeros(2, dtype=torch.long),
-        views,
-        cloud,
-        None,
-        1,
-        "points",
-    )
+    zeros = torch.zeros(2, dtype=torch.long)
+
+    def lift(*mode: str):
+        return lift_points(uv, zeros, zeros, views, cloud, None, 1, *mode)
+
+    c = lift("points")
     assert torch.cdist(c.xyz, cloud).min(1).values.max() == 0  # exactly cloud points
-    auto = lift_points(
-        uv, torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), views, cloud, None, 1
-    )
+    auto = lift()
     assert torch.allclose(auto.xyz, _analytic_front(uv), atol=1e-4)  # auto = depth for clouds
     assert torch.allclose(c.xyz, _analytic_front(uv), atol=0.05 + 1e-6)  # within one grid step
-    d = lift_points(
-        uv, torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), views, cloud, None, 1, "depth"
-    )
+    d = lift("depth")
     assert torch.allclose(
         d.xyz, _analytic_front(uv), atol=1e-4
     )  # depth of the winning point, at the pixel ray
     with pytest.raises(ValueError, match="barycentric"):
-        lift_points(
-            uv,
-            torch.zeros(2, dtype=torch.long),
-            torch.zeros(2, dtype=torch.long),
-            views,
-            cloud,
-            None,
-            1,
-            "barycentric",
-        )
+        lift("barycentric")
 
 
 # --------------------------------------------------------------------------------------------- oracle
