@@ -455,3 +455,48 @@ def test_cli_stage_by_stage_matches_build(tmp_path, shared_data):
         # fp16 grid cache (stage by stage) vs fp32 in memory (fused): equal to fp16 precision.
         cos = (a[uid].features.astype(np.float32) * b[uid].features.astype(np.float32)).sum(1)
         assert cos.min() > 0.995
+
+
+def test_cli_flags_are_derived_from_engine_config():
+    """Every EngineConfig setting (but ``progress``) has one kebab-case flag with the field's type and
+    choices, and parsed flags rebuild the config the engine receives."""
+    import dataclasses
+
+    from patchalign.shards.__main__ import CONFIG_KEYS, build_parser
+    from patchalign.shards.engine import EngineConfig, config_from_dict
+
+    names = {f.name for f in dataclasses.fields(EngineConfig)} - {"progress"}
+    assert set(CONFIG_KEYS) == names
+    parser = build_parser()
+    args = parser.parse_args(
+        [
+            "build",
+            "--work",
+            "w",
+            "--out",
+            "o",
+            "--n-points",
+            "1024",
+            "--camera-distance",
+            "3.5",
+            "--templates",
+            "{part}",
+            "the {part}",
+            "--teacher-resize",
+            "bilinear-antialias",
+            "--keep-renders",
+        ]
+    )
+    overrides = {k: getattr(args, k) for k in CONFIG_KEYS if getattr(args, k) is not None}
+    assert overrides == {
+        "n_points": 1024,
+        "camera_distance": 3.5,
+        "templates": ["{part}", "the {part}"],
+        "teacher_resize": "bilinear-antialias",
+        "keep_renders": True,
+    }
+    cfg = config_from_dict(overrides)
+    assert cfg.templates == ("{part}", "the {part}") and cfg.n_views == EngineConfig().n_views
+    with pytest.raises(SystemExit):  # choices come from the field's metadata
+        parser.parse_args(["build", "--work", "w", "--out", "o", "--upsample", "nearest"])
+    assert "teacher" in EngineConfig.cache_fields() and "device" not in EngineConfig.cache_fields()

