@@ -36,8 +36,9 @@ import numpy as np
 import torch
 
 from patchalign.data.schema import ObjectSample, decode_sample
+from patchalign.paths import REPO_ROOT, SHARED_DATA
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = REPO_ROOT
 
 # A reduced encoder for 2 CPU cores: same architecture family, fewer/narrower blocks and patches.
 DEMO_ENCODER = {
@@ -311,7 +312,6 @@ EVAL_SPLITS: tuple[tuple[str, str], ...] = (
     ("heldout", "held-out categories, shared part names (zero-shot)"),
     ("unseen_names", "held-out categories, unseen part names (zero-shot)"),
 )
-SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 def _shards_ready(shards: Path, teacher: str) -> bool:

@@ -154,6 +154,24 @@ def test_zerokey_and_viz_read_files_without_the_evaluation_package() -> None:
     assert not bad, "\n".join(bad)
 
 
+#: The tools layer: benchmarks, the demo and their default paths. Only tools (and the
+#: ``python -m patchalign`` entry point, which dispatches ``demo``) import tools.
+TOOLS = ("patchalign.bench", "patchalign.demo", "patchalign.paths")
+ENTRY_POINTS = ("patchalign.__main__",)
+
+
+def test_only_tools_import_the_benchmarks_and_the_demo() -> None:
+    """Every benchmark lives in ``patchalign.bench``; no library module depends on a tool."""
+    bad = [
+        str(i)
+        for i in _all_imports()
+        if _names(i.target, TOOLS) and not _names(i.module, TOOLS + ENTRY_POINTS)
+    ]
+    bench_files = sorted(p.name for p in (REPO_ROOT / "patchalign").rglob("*bench*.py"))
+    assert not bad, "\n".join(bad)
+    assert bench_files == [], f"benchmark modules outside patchalign/bench/: {bench_files}"
+
+
 def test_render_does_not_name_zerokey() -> None:
     """The renderer is a lower layer: no import of ZeroKey and no ZeroKey-named API."""
     bad = [

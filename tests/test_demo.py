@@ -53,7 +53,7 @@ def test_demo_end_to_end_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 @pytest.mark.timeout(900)
 def test_demo_bench_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The ablation bench trains each arm on the same budget and prints held-out mIoU per arm."""
-    from patchalign.demo_bench import main as bench_main
+    from patchalign.bench.demo import main as bench_main
 
     args = ["--shards", str(tmp_path / "real"), "--random-shards", str(tmp_path / "rand"),
             "--out", str(tmp_path / "bench"), "--n-objects", "51", "--stage1-steps", "2",

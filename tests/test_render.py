@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from patchalign.bench.render import bench_points, bench_render
 from patchalign.render import (
     Cameras,
     MeshLoadError,
@@ -24,7 +25,6 @@ from patchalign.render import (
 )
 from patchalign.render import mesh as mesh_module
 from patchalign.render import points as points_module
-from patchalign.render.bench import bench_points, bench_render
 from patchalign.render.io import MeshNormalization
 
 BACKENDS = ["embree", "pytorch3d"]

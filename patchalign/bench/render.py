@@ -1,6 +1,6 @@
 """Render-speed benchmark: Embree vs PyTorch3D meshes and the CPU point splatter, on real data.
 
-Run ``python -m patchalign.render.bench [--image-size 448] [--layout zerokey] [--mesh PATH]
+Run ``python -m patchalign.bench render [--image-size 448] [--layout zerokey] [--mesh PATH]
 [--points 2048] [--no-pytorch3d-cpu]``. It prints per-view milliseconds (best and median of
 ``--repeats``: the best is the least disturbed by other processes on a shared machine) for
 
@@ -24,6 +24,7 @@ from typing import Literal
 
 import torch
 
+from patchalign.paths import SHARED_DATA
 from patchalign.render.cameras import (
     Cameras,
     find3d_cameras,
@@ -35,7 +36,7 @@ from patchalign.render.io import load_mesh_normalized
 from patchalign.render.mesh import RenderOutput, render_mesh
 from patchalign.render.points import PointRenderOutput, render_points
 
-DEFAULT_MESH = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "meshes" / "cow.obj"
+DEFAULT_MESH = SHARED_DATA / "meshes" / "cow.obj"
 
 Layout = Literal["find3d", "zerokey"]
 

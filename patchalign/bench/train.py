@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from patchalign.data.bench_loader import one_thread
+from patchalign.bench.loader import one_thread
 from patchalign.model import EncoderConfig, PatchAlignEncoder
 
 

@@ -14,8 +14,8 @@ splits of the demo (seen val, held-out categories with shared names, unseen name
 teacher differs between the first two arms (same objects, points, renders, labels, text bank, seeds
 and steps), so their difference is the teacher's.
 
-    python -m patchalign.demo_bench                       # ~15 min on 2 CPU cores
-    python -m patchalign.demo_bench --seeds 0 1 2         # repeat the training over seeds
+    python -m patchalign.bench demo                       # ~15 min on 2 CPU cores
+    python -m patchalign.bench demo --seeds 0 1 2         # repeat the training over seeds
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     from patchalign.shards.demo import DEMO_TEACHER
 
     p = argparse.ArgumentParser(
-        prog="python -m patchalign.demo_bench",
+        prog="python -m patchalign.bench demo",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -11,7 +11,7 @@
 4. ``fit stage1`` / ``fit stage2``: 50 Lightning steps each in ``bf16-mixed`` from synthetic shards
    through the decoded device cache (Stage 1 on released-style patch targets that are a learnable
    function of position): loss finite and falling.
-5. ``loader vs step``: :mod:`patchalign.train_bench` at batch 256 bf16, <= 8 workers, streaming
+5. ``loader vs step``: :mod:`patchalign.bench.train` at batch 256 bf16, <= 8 workers, streaming
    and cached (target: loader >= 1.5x the step rate with the cache).
 6. ``zerokey``: ``python -m zerokey predict`` on the shared KeypointNet chair with the PyTorch3D
    CUDA renderer and the oracle pointer (zero noise): every annotated keypoint has a prediction
@@ -43,8 +43,10 @@ import lightning as L
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO / ".." / "shared" / "data"
+from patchalign.paths import REPO_ROOT, SHARED_DATA
+
+REPO = REPO_ROOT
+SHARED = SHARED_DATA
 CHAIR_ID = "88382b877be91b2a572f8e1c1caad99e"
 CHAIR_MESH = SHARED / "keypointnet" / "meshes" / "03001627" / f"{CHAIR_ID}.ply"
 TINY_ENCODER = {
@@ -335,8 +337,8 @@ def _fit(stage: str, sz: Sizes, root: Path) -> Row:
 
 
 def check_loader_vs_step(sz: Sizes, root: Path) -> Row:
+    from patchalign.bench.train import run_train_bench
     from patchalign.model import EncoderConfig
-    from patchalign.train_bench import run_train_bench
 
     r = run_train_bench(
         batch_sizes=(sz.bench_batch,),

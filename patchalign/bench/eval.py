@@ -1,6 +1,6 @@
 """Evaluation benchmark: end-to-end zero-shot throughput and per-shape inference latency.
 
-``python -m patchalign.eval.bench [--shapes 2874] [--batch-size 32] [--num-workers 2]``
+``python -m patchalign.bench eval [--shapes 2874] [--batch-size 32] [--num-workers 2]``
 
 1. **Throughput.** Builds a ShapeNetPart directory in the official txt layout with as many shapes as
    the real test split (2874, same uids and categories as ``shuffled_test_file_list.json``) from the
@@ -39,8 +39,9 @@ from patchalign.eval.readers.shapenetpart import (
     SHAPENETPART_SYNSETS,
     ShapeNetPartTxt,
 )
+from patchalign.paths import SHARED_DATA
 
-DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "shapenetpart"
+DATA = SHARED_DATA / "shapenetpart"
 
 
 def _source_shapes(data_root: Path) -> list[tuple[np.ndarray, np.ndarray, int]]:
@@ -144,7 +145,7 @@ def time_latency(model_dir: Path, device: torch.device, runs: int, head_dim: int
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(
-        prog="python -m patchalign.eval.bench", description="Zero-shot evaluation benchmark."
+        prog="python -m patchalign.bench eval", description="Zero-shot evaluation benchmark."
     )
     p.add_argument(
         "--shapes", type=int, default=2874, help="shapes in the synthetic test split (real split: 2874)"

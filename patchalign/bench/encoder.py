@@ -1,8 +1,5 @@
-"""Benchmarks that print numbers: ``python -m patchalign.bench {encoder,loader,train,render,gpu}``.
-
-Performance targets live here, not in timed unit tests. Each figure is measured on the current
-device in the same run as its reference (e.g. the encoder's GFLOP/s next to a matmul peak).
-"""
+"""``python -m patchalign.bench encoder``: forward time of the full-size encoder and its GFLOP/s next
+to a matmul peak measured in the same run on the same device."""
 
 from __future__ import annotations
 
@@ -107,48 +104,15 @@ def _print_encoder(res: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m patchalign.bench", description=__doc__)
-    sub = parser.add_subparsers(dest="what", required=True)
-    enc = sub.add_parser("encoder", help="encoder forward time and GFLOP/s vs matmul peak")
-    enc.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
-    enc.add_argument("--device", default=None)
-    enc.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    enc.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    for name, help_ in [
-        ("loader", "shard loader throughput vs raw tar read"),
-        ("train", "training samples/s per stage, data and model timed separately"),
-        ("render", "Embree vs PyTorch3D rendering time per view"),
-        ("gpu", "the prepared one-GPU check (imports, render parity, encoder, fits, loader, ZeroKey)"),
-    ]:
-        p = sub.add_parser(name, help=help_)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("loader", "train", "render", "gpu"):
-        # these forward all their options to their own parsers
-        args = argparse.Namespace(what=argv[0], rest=argv[1:])
-    else:
-        args = parser.parse_args(argv)
-    if args.what == "encoder":
-        res = bench_encoder(tuple(args.batch_sizes), args.device, dtype=args.dtype)
-        print(json.dumps(res, indent=2)) if args.json else _print_encoder(res)
-        return 0
-    if args.what == "loader":
-        from patchalign.data.bench_loader import main as loader_main
-
-        return loader_main(args.rest) or 0
-    if args.what == "train":
-        from patchalign.train_bench import main as train_main
-
-        return train_main(args.rest) or 0
-    if args.what == "gpu":
-        from patchalign.gpu_check import main as gpu_main
-
-        return gpu_main(args.rest)
-    if args.what == "render":
-        from patchalign.render.bench import main as render_main
-
-        return render_main(args.rest) or 0
-    return 1
+    parser = argparse.ArgumentParser(prog="python -m patchalign.bench encoder", description=__doc__)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(argv)
+    res = bench_encoder(tuple(args.batch_sizes), args.device, dtype=args.dtype)
+    print(json.dumps(res, indent=2)) if args.json else _print_encoder(res)
+    return 0
 
 
 if __name__ == "__main__":
