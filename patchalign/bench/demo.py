@@ -14,7 +14,7 @@ splits of the demo (seen val, held-out categories with shared names, unseen name
 teacher differs between the first two arms (same objects, points, renders, labels, text bank, seeds
 and steps), so their difference is the teacher's.
 
-    python -m patchalign.bench demo                       # ~15 min on 2 CPU cores
+    python -m patchalign.bench demo                       # ~25 min on 2 CPU cores (one seed)
     python -m patchalign.bench demo --seeds 0 1 2         # repeat the training over seeds
 """
 
@@ -31,6 +31,9 @@ import numpy as np
 import torch
 
 from patchalign.demo import (
+    DEMO_BATCH_SIZE,
+    DEMO_STAGE1_STEPS,
+    DEMO_STAGE2_STEPS,
     EVAL_SPLITS,
     REPO,
     _fit,
@@ -111,9 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-objects", type=int, default=340)
     p.add_argument("--teacher", default=DEMO_TEACHER)
     p.add_argument("--random-teacher", default="dinov2-random")
-    p.add_argument("--stage1-steps", type=int, default=120)
-    p.add_argument("--stage2-steps", type=int, default=80)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--stage1-steps", type=int, default=DEMO_STAGE1_STEPS)
+    p.add_argument("--stage2-steps", type=int, default=DEMO_STAGE2_STEPS)
+    p.add_argument("--batch-size", type=int, default=DEMO_BATCH_SIZE)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     p.add_argument("--eval-limit", type=int, default=None)
