@@ -20,11 +20,11 @@ from patchalign.shards.engine import (
     WorkDir,
     chunk_records,
     discover_meshes,
-    find3d_records,
     load_records,
     run_build,
     save_records,
 )
+from patchalign.shards.find3d import find3d_records
 from patchalign.shards.sampling import SurfaceSample, sample_surface
 
 __all__ = [

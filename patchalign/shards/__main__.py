@@ -39,11 +39,11 @@ from patchalign.shards.engine import (
     chunk_records,
     config_from_dict,
     discover_meshes,
-    find3d_records,
     load_records,
     run_build,
     save_records,
 )
+from patchalign.shards.find3d import find3d_records
 
 # The CLI-settable engine settings: every EngineConfig field but ``progress`` (--no-progress).
 CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(EngineConfig) if f.name != "progress")

