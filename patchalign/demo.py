@@ -372,7 +372,7 @@ def shapenetpart_eval(model: Any, root: Path, text_bank: Any) -> dict[str, Any]:
     """Zero-shot scores on every ShapeNetPart txt-layout shape under ``root`` (all split lists), part
     names from the released list, encoded like the demo's text bank (same encoder and templates)."""
     from patchalign.data.schema import clean_part_name
-    from patchalign.eval.datasets import ShapeNetPartTxt
+    from patchalign.eval.readers import ShapeNetPartTxt
     from patchalign.text import encode_part_names, load_text_encoder
 
     items, uids = [], set()

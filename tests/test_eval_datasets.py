@@ -9,19 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from patchalign.eval.datasets import (
+from patchalign.eval.protocol import ResampledDataset, collate_part_samples
+from patchalign.eval.readers import (
     FaustSATR,
     ObjaverseFind3D,
     PartNetE,
     PartSegDataset,
     PartSegSample,
-    ResampledDataset,
     ScanObjectNNH5,
     ScanObjectNNParts,
     ShapeNetPartH5,
     ShapeNetPartTxt,
     build_dataset,
-    collate_part_samples,
     read_pcd_xyz,
 )
 
@@ -355,7 +354,6 @@ def test_objaverse_find3d_layout(tmp_path: Path) -> None:
 def test_registry_builds_every_kind_and_matches_the_type(tmp_path: Path) -> None:
     from typing import get_args
 
-    from patchalign.eval import datasets as facade
     from patchalign.eval.readers import READERS, DatasetKind, register_reader
 
     assert set(get_args(DatasetKind)) == set(READERS)
@@ -363,15 +361,6 @@ def test_registry_builds_every_kind_and_matches_the_type(tmp_path: Path) -> None
         build_dataset("modelnet", tmp_path)
     with pytest.raises(ValueError, match="registered twice"):
         register_reader("faust")(lambda *a, **k: None)
-    # the old module keeps every name it had (other code imports from it)
-    for name in (
-        "ShapeNetPartTxt",
-        "ResampledDataset",
-        "read_pcd_xyz",
-        "SHAPENETPART_PART_START",
-        "DatasetKind",
-    ):
-        assert hasattr(facade, name), name
     # a kind goes to its reader with the reader's own arguments
     (tmp_path / "scans").mkdir()
     (tmp_path / "scans" / "a.obj").write_text("v 0 0 0\nv 0 1 0\n")

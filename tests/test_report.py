@@ -179,8 +179,8 @@ def test_report_on_real_shapenetpart_shapes(shared_data: Path, tmp_path: Path) -
     """Script-path evaluation with pictures on the real shapes beside the checkout, then the report."""
     from test_eval_zeroshot import FakeTextEncoder
 
-    from patchalign.eval.datasets import ShapeNetPartTxt
     from patchalign.eval.evaluator import run_zero_shot_eval
+    from patchalign.eval.readers import ShapeNetPartTxt
     from patchalign.model import EncoderConfig, PatchAlignEncoder
 
     root = shared_data / "shapenetpart" / "shapenetcore_partanno_segmentation_benchmark_v0_normal"

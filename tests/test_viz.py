@@ -98,8 +98,8 @@ def test_evaluation_writes_best_and_worst_pictures(shared_data: Path, tmp_path: 
     root = shared_data / "shapenetpart" / "shapenetcore_partanno_segmentation_benchmark_v0_normal"
     if not root.is_dir():
         pytest.skip("real ShapeNetPart shapes not available")
-    from patchalign.eval.datasets import ShapeNetPartTxt
     from patchalign.eval.evaluator import run_zero_shot_eval
+    from patchalign.eval.readers import ShapeNetPartTxt
     from patchalign.model import EncoderConfig, PatchAlignEncoder
 
     bank = {

@@ -1,6 +1,6 @@
 """Lightning data module over the benchmark readers, for ``patchalign test/validate/predict``.
 
-Batches are :func:`~patchalign.eval.datasets.collate_part_samples` dicts: ``points (B, N, 3)``,
+Batches are :func:`~patchalign.eval.protocol.collate_part_samples` dicts: ``points (B, N, 3)``,
 ``labels (B, N)``, ``index (B,)`` and the lists ``uid``, ``category``, ``part_names``. The module
 exposes ``categories`` / ``part_names_by_category`` / ``test_dataset`` for the LightningModule to
 build its :class:`~patchalign.eval.evaluator.PartSegEvaluator` and text embeddings.
