@@ -214,3 +214,43 @@ def test_lightning_preempt_and_resume_with_cache(tmp_path: Path, stop_at: int) -
     b = _fit(tmp_path / "s", 7, ckpt=ckpt)
     assert getattr(a, "preempted", False) and len(full.uids) == 7
     assert a.uids[:stop_at] + b.uids == full.uids
+
+
+def test_fp16_finiteness_check_matches_numpy() -> None:
+    """The bit-pattern check the cache and make_example share: the per-row max |x| equals numpy's
+    (compared as fp16 values), and any NaN or +-Inf is refused with the sample's uid."""
+    from patchalign.data.pipeline import finite_fp16_row_max
+    from patchalign.data.schema import ShardFormatError
+
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(64, 16)).astype(np.float16)
+    feats[3] = 0.0  # a point no view saw: row max 0
+    row_max = finite_fp16_row_max("ok", feats)
+    np.testing.assert_array_equal(row_max.view(np.float16), np.abs(feats).max(1))
+    assert row_max[3] == 0
+    for bad in (np.nan, np.inf, -np.inf):
+        broken = feats.copy()
+        broken[10, 5] = bad
+        with pytest.raises(ShardFormatError, match="'obj-7': features contain NaN/Inf"):
+            finite_fp16_row_max("obj-7", broken)
+
+
+def test_up_axis_meta_is_read_or_refused() -> None:
+    """``meta["up_axis"]`` picks the rotation axis (sign ignored, any case); a missing one falls back to
+    the configured default; anything else is a counted ``bad_meta`` format error, not a guess."""
+    from patchalign.data.pipeline import ExampleConfig, up_axis_index
+    from patchalign.data.schema import ShardFormatError
+    from patchalign.data.synthetic import random_object_sample
+
+    s = random_object_sample("u", np.random.default_rng(0), num_points=64)
+    cfg = ExampleConfig(default_up_axis="z")
+    for value, axis in (("x", 0), ("y", 1), ("+Z", 2), ("-y", 1)):
+        s.meta["up_axis"] = value
+        assert up_axis_index(s, cfg) == axis, value
+    del s.meta["up_axis"]
+    assert up_axis_index(s, cfg) == 2
+    for value in ("w", ""):
+        s.meta["up_axis"] = value
+        with pytest.raises(ShardFormatError, match="is not x/y/z") as err:
+            up_axis_index(s, cfg)
+        assert err.value.reason == "bad_meta"
