@@ -6,12 +6,15 @@ Everything runs offline: the hub is disabled so a test that would download fails
 from __future__ import annotations
 
 import os
+import tarfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from torch import nn
+
+from patchalign.data import decode_sample, read_manifest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -82,3 +85,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+def read_shards(split_dir: Path) -> list:
+    """Decode every sample of a shard set with plain tarfile (independent of the data module)."""
+    samples = []
+    for url in read_manifest(split_dir).shard_urls():
+        with tarfile.open(url) as tar:
+            groups: dict[str, dict] = {}
+            for m in tar:
+                key, _, suffix = m.name.partition(".")
+                groups.setdefault(key, {"__key__": key})[suffix] = tar.extractfile(m).read()
+        samples += [decode_sample(g) for g in groups.values()]
+    return samples

@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import read_shards
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -89,7 +90,8 @@ def test_build_demo_small(tmp_path):
         n_objects=64, n_views=2, image_size=64, teacher="dinov2-random", teacher_input_size=28, progress=False
     )
     stats = build_demo(str(out), workers=1, **tiny)
-    assert stats["views"].processed == 64 and stats["views"].failed == 0 and stats["views"].total == 64
+    # teacher features only for the training splits (48 of 64 objects); the rest is evaluation-only
+    assert stats["views"].processed == 48 and stats["views"].failed == 0 and stats["views"].total == 48
     bank = load_text_bank(out / "text_bank.safetensors")
     assert bank.encoder_id == "sentence-transformers:all-MiniLM-L6-v2" and bank.dim == 384
     all_names = {n for c in DEMO_CATEGORIES.values() for n in c}
@@ -103,9 +105,12 @@ def test_build_demo_small(tmp_path):
     # 64 objects = 3 cycles of 17 + 13 (the 12 seen slots and a stool): 8 per seen category, its 5th
     # -> val; held-out 3 per category + the stool; unseen names 3 per category.
     assert counts == {"train": 42, "val": 6, "heldout": 10, "unseen_names": 6}
+    train, heldout = read_shards(out / "train")[0], read_shards(out / "heldout")[0]
+    assert train.features.shape[0] == 2048 and train.features.shape[1] > 0
+    assert heldout.features.shape == (2048, 0) and heldout.membership.any(1).all()  # labels, no teacher
     # Re-running is a no-op: everything is cached or already in the shards.
     again = build_demo(str(out), workers=1, **tiny)
-    assert again["views"].processed == 0 and again["views"].cached == 64
+    assert again["views"].processed == 0 and again["views"].cached == 48
     assert again["write:train"].cached == counts["train"]
 
 
@@ -117,7 +122,7 @@ def test_build_demo_with_worker_processes(tmp_path):
     )
     one = build_demo(str(tmp_path / "one"), workers=1, **tiny)
     two = build_demo(str(tmp_path / "two"), workers=2, **tiny)
-    assert two["views"].processed == 16 and two["views"].total == 16 and two["sample"].processed == 16
+    assert two["views"].processed == 12 and two["views"].total == 12 and two["sample"].processed == 16
     assert {k: v.processed for k, v in one.items()} == {k: v.processed for k, v in two.items()}
     for split in ("train", "heldout"):
         a, b = read_manifest(tmp_path / "one" / split), read_manifest(tmp_path / "two" / split)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 import trimesh
+from conftest import read_shards
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from patchalign.data import decode_sample, read_manifest  # noqa: E402
 from patchalign.shards import engine  # noqa: E402
 from patchalign.shards.backproject import (  # noqa: E402
     NoVisiblePointsError,
@@ -46,19 +45,6 @@ TINY = dict(
     text_encoder="demo",
     progress=False,
 )
-
-
-def read_shards(split_dir: Path) -> list:
-    """Decode every sample of a shard set with plain tarfile (independent of the data module)."""
-    samples = []
-    for url in read_manifest(split_dir).shard_urls():
-        with tarfile.open(url) as tar:
-            groups: dict[str, dict] = {}
-            for m in tar:
-                key, _, suffix = m.name.partition(".")
-                groups.setdefault(key, {"__key__": key})[suffix] = tar.extractfile(m).read()
-        samples += [decode_sample(g) for g in groups.values()]
-    return samples
 
 
 # ----------------------------------------------------------------------------------------- sampling
@@ -536,3 +522,33 @@ def test_a_registered_source_plugs_into_the_stages(tmp_path):
     on_top = np.isclose(pts[:, 2], 0.5, atol=1e-5)
     np.testing.assert_array_equal(lab["membership"][:, 1], on_top)  # lid = exactly the top face's points
     assert 0.05 < on_top.mean() < 0.35  # area-weighted: about 1/6 of the surface
+
+
+def test_feature_splits_skip_the_teacher_for_evaluation_only_splits(tmp_path, monkeypatch):
+    """Objects outside ``feature_splits`` are never rendered; they are written with their points and
+    labels and ``(N, 0)`` features, while the featured split is unchanged."""
+    import dataclasses
+
+    from patchalign.shards.demo import demo_records
+
+    records = [
+        dataclasses.replace(r, split="heldout" if i % 2 else "train") for i, r in enumerate(demo_records(4))
+    ]
+    rendered: list[str] = []
+    real_render = engine.render_object
+    monkeypatch.setattr(
+        engine, "render_object", lambda rec, *a, **k: rendered.append(rec.uid) or real_render(rec, *a, **k)
+    )
+    cfg = EngineConfig(**TINY, feature_splits=("train",))
+    stats = run_build(records, WorkDir(tmp_path / "w"), cfg, tmp_path / "out")
+    assert sorted(rendered) == sorted(r.uid for r in records if r.split == "train")
+    assert stats["views"].processed == 2 and stats["write:heldout"].processed == 2
+    train = {s.uid: s for s in read_shards(tmp_path / "out" / "train")}
+    heldout = {s.uid: s for s in read_shards(tmp_path / "out" / "heldout")}
+    assert len(train) == 2 and all(
+        s.features.shape[0] == 2048 and s.features.shape[1] > 0 for s in train.values()
+    )
+    for s in heldout.values():
+        assert s.features.shape == (2048, 0) and s.meta["teacher"] == "none"
+        assert s.membership.shape[0] == 2048 and s.membership.any(1).all()  # labels still there
+    assert engine.config_from_dict({"feature_splits": ["train", "val"]}).feature_splits == ("train", "val")

@@ -431,6 +431,7 @@ DEMO_CONFIG: dict[str, object] = dict(
     text_encoder="demo",
     max_samples_per_shard=64,
     threads=1,  # with one worker process per core (see build_demo)
+    feature_splits=("train", "val"),  # held-out / unseen-name splits are only evaluated: no teacher
 )
 
 

@@ -170,6 +170,11 @@ class EngineConfig:
     max_samples_per_shard: int = _setting(256, "objects per shard file")
     threads: int | None = _setting(None, "torch intra-op threads per process (None: torch's default)")
     keep_renders: bool = _setting(False, "views stage: also store render/ caches (debugging, 2D reuse)")
+    feature_splits: tuple[str, ...] | None = _setting(
+        None,
+        "splits that get teacher features (None: all); the others are written with points and labels "
+        "only, e.g. evaluation-only splits that no Stage 1 reads (no render, no teacher)",
+    )
     progress: bool = _setting(True, "progress bars")
 
     def __post_init__(self) -> None:
@@ -702,8 +707,13 @@ def run_textbank(
 def build_sample(rec: ObjectRecord, work: WorkDir, cfg: EngineConfig) -> ObjectSample:
     """Assemble one :class:`ObjectSample` from the object's caches."""
     pts = work.load("points", rec)
-    feat = work.load("pointfeat", rec)
     lab = work.load("labels", rec)
+    if wants_features(cfg, rec):
+        feat = work.load("pointfeat", rec)
+    else:  # an evaluation-only split: points and labels, (N, 0) features
+        n = pts["points"].shape[0]
+        feat = dict(features=np.zeros((n, 0), np.float16), teacher_id="none", n_views=0, image_size=0)
+        feat["seen"] = np.zeros(n, bool)
     meta = {
         "uid": rec.uid,
         "category": rec.category,
@@ -756,7 +766,8 @@ def run_write(
                 if rec.uid in writer.done_uids:
                     stats.cached += 1
                     continue
-                if not all(work.has(s, rec) for s in ("points", "pointfeat", "labels")):
+                needs = ("points", "labels", "pointfeat")[: 3 if wants_features(cfg, rec) else 2]
+                if not all(work.has(s, rec) for s in needs):
                     stats.missing_input += 1
                     continue
                 try:
@@ -777,6 +788,13 @@ def run_write(
 
 # ---------------------------------------------------------------------------------------- build
 PER_OBJECT_STAGES = ("sample", "render", "features", "backproject", "views", "labels")
+#: The stages that exist only to compute teacher features (skipped outside ``cfg.feature_splits``).
+FEATURE_STAGES = ("render", "features", "backproject", "views")
+
+
+def wants_features(cfg: EngineConfig, rec: ObjectRecord) -> bool:
+    """Whether ``rec``'s split gets teacher features (``cfg.feature_splits``; None = every split)."""
+    return cfg.feature_splits is None or rec.split in cfg.feature_splits
 
 
 def _run_stages(
@@ -787,12 +805,22 @@ def _run_stages(
     out_dir: str | os.PathLike | None,
     stages: Sequence[str],
 ) -> dict[str, StageStats]:
+    featured = [r for r in records if wants_features(cfg, r)]
+    if len(featured) < len(records) and set(stages) & set(FEATURE_STAGES):
+        skipped = sorted({r.split for r in records} - set(cfg.feature_splits or ()))
+        log.info(
+            "%d of %d objects (splits %s) get no teacher features (feature_splits=%s)",
+            len(records) - len(featured),
+            len(records),
+            ", ".join(skipped),
+            list(cfg.feature_splits or ()),
+        )
     runners: dict[str, Callable[[], Any]] = {
         "sample": lambda: run_sample(records, work, cfg),
-        "render": lambda: run_render(records, work, cfg),
-        "features": lambda: run_features(records, work, cfg),
-        "backproject": lambda: run_backproject(records, work, cfg),
-        "views": lambda: run_views(records, work, cfg),
+        "render": lambda: run_render(featured, work, cfg),
+        "features": lambda: run_features(featured, work, cfg),
+        "backproject": lambda: run_backproject(featured, work, cfg),
+        "views": lambda: run_views(featured, work, cfg),
         "labels": lambda: run_labels(records, work, cfg),
         "textbank": lambda: run_textbank(everything, work, cfg, out_dir),
         "write": lambda: run_write(everything, work, cfg, out_dir),
@@ -917,6 +945,7 @@ def config_from_dict(d: dict[str, Any]) -> EngineConfig:
     """EngineConfig from a (CLI) dict, ignoring unknown keys."""
     names = {f.name for f in dataclasses.fields(EngineConfig)}
     kwargs = {k: v for k, v in d.items() if k in names and v is not None}
-    if "templates" in kwargs:
-        kwargs["templates"] = tuple(kwargs["templates"])
+    for key in ("templates", "feature_splits"):  # tuple fields (a CLI or JSON gives lists)
+        if kwargs.get(key) is not None:
+            kwargs[key] = tuple(kwargs[key])
     return EngineConfig(**kwargs)
