@@ -14,7 +14,7 @@ splits of the demo (seen val, held-out categories with shared names, unseen name
 teacher differs between the first two arms (same objects, points, renders, labels, text bank, seeds
 and steps), so their difference is the teacher's.
 
-    python -m patchalign.bench demo                       # ~25 min on 2 CPU cores (one seed)
+    python -m patchalign.bench demo                       # ~20 min per seed on 2 CPU cores (+3 min shards)
     python -m patchalign.bench demo --seeds 0 1 2         # repeat the training over seeds
 """
 
