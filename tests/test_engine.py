@@ -487,13 +487,16 @@ def test_cli_flags_are_derived_from_engine_config():
     assert "teacher" in EngineConfig.cache_fields() and "device" not in EngineConfig.cache_fields()
 
 
-def test_a_registered_source_plugs_into_the_stages(tmp_path):
+def test_a_registered_source_plugs_into_the_stages(tmp_path, monkeypatch):
     """A user source (here: a two-part box whose top faces are "lid") runs through sample + labels
     with no engine change; each sampled point's label is its face's, checked against the geometry."""
     import torch
 
+    from patchalign.shards import sources
     from patchalign.shards.engine import run_build
-    from patchalign.shards.sources import ObjectSource, register_source
+    from patchalign.shards.sources import ObjectSource, register_source, source_of
+
+    monkeypatch.setattr(sources, "_SOURCES", dict(sources._SOURCES))  # the registration ends with the test
 
     class LidBox(ObjectSource):
         kind = "lidbox"
@@ -522,6 +525,8 @@ def test_a_registered_source_plugs_into_the_stages(tmp_path):
     on_top = np.isclose(pts[:, 2], 0.5, atol=1e-5)
     np.testing.assert_array_equal(lab["membership"][:, 1], on_top)  # lid = exactly the top face's points
     assert 0.05 < on_top.mean() < 0.35  # area-weighted: about 1/6 of the surface
+    with pytest.raises(ValueError, match="unknown source 'nope'"):
+        source_of(ObjectRecord(uid="x", source="nope", path="", category="", split="train"))
 
 
 def test_feature_splits_skip_the_teacher_for_evaluation_only_splits(tmp_path, monkeypatch):
@@ -552,3 +557,6 @@ def test_feature_splits_skip_the_teacher_for_evaluation_only_splits(tmp_path, mo
         assert s.features.shape == (2048, 0) and s.meta["teacher"] == "none"
         assert s.membership.shape[0] == 2048 and s.membership.any(1).all()  # labels still there
     assert engine.config_from_dict({"feature_splits": ["train", "val"]}).feature_splits == ("train", "val")
+    typo = EngineConfig(**TINY, feature_splits=("trian",))
+    with pytest.raises(ValueError, match=r"feature_splits names \['trian'\], which no object has"):
+        run_build(records, WorkDir(tmp_path / "w2"), typo, tmp_path / "out2")

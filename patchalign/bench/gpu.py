@@ -43,10 +43,9 @@ import lightning as L
 import numpy as np
 import torch
 
-from patchalign.paths import REPO_ROOT, SHARED_DATA
+from patchalign.paths import REPO_ROOT as REPO
+from patchalign.paths import SHARED_DATA as SHARED
 
-REPO = REPO_ROOT
-SHARED = SHARED_DATA
 CHAIR_ID = "88382b877be91b2a572f8e1c1caad99e"
 CHAIR_MESH = SHARED / "keypointnet" / "meshes" / "03001627" / f"{CHAIR_ID}.ply"
 TINY_ENCODER = {

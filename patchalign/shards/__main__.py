@@ -65,8 +65,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
         if f.name not in CONFIG_KEYS:
             continue
         flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        help_text = f"{f.metadata['help']} (default {default!r})"
+        help_text = f"{f.metadata['help']} (default {f.default!r})"
         if f.type == "bool":
             g.add_argument(flag, action="store_true", default=None, help=help_text)
             continue

@@ -102,8 +102,6 @@ def _setting(default: Any, help: str, *, cache: bool = False, choices: Sequence[
     """A field of :class:`EngineConfig` with what its CLI flag needs (``python -m patchalign.shards``
     derives every engine flag from these, so a setting is typed, defaulted and explained once)."""
     meta = {"help": help, "cache": cache, "choices": tuple(choices) if choices else None}
-    if isinstance(default, tuple):
-        return field(default_factory=lambda: default, metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -712,8 +710,13 @@ def build_sample(rec: ObjectRecord, work: WorkDir, cfg: EngineConfig) -> ObjectS
         feat = work.load("pointfeat", rec)
     else:  # an evaluation-only split: points and labels, (N, 0) features
         n = pts["points"].shape[0]
-        feat = dict(features=np.zeros((n, 0), np.float16), teacher_id="none", n_views=0, image_size=0)
-        feat["seen"] = np.zeros(n, bool)
+        feat = dict(
+            features=np.zeros((n, 0), np.float16),
+            teacher_id="none",
+            n_views=0,
+            image_size=0,
+            seen=np.zeros(n),
+        )
     meta = {
         "uid": rec.uid,
         "category": rec.category,
@@ -900,6 +903,12 @@ def run_build(
             if not cfg.allow_random_teacher:
                 raise  # otherwise each worker announces the random fallback itself
     everything = list(all_records) if all_records is not None else list(records)
+    splits = {r.split for r in everything}
+    absent = sorted(set(cfg.feature_splits or ()) - splits)
+    if absent and len(absent) == len(cfg.feature_splits or ()):  # no object would get features
+        raise ValueError(f"feature_splits names {absent}, which no object has; splits: {sorted(splits)}")
+    if absent:  # a small build may lack a split (e.g. val); a typo shows here
+        log.warning("feature_splits names %s, which no object of this build has", absent)
     previous_threads = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
