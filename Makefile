@@ -29,10 +29,10 @@ lint: setup
 # The no-Stage-1 baseline doubles the training time on 2 CPU cores: `make demo` skips it (and says so),
 # `make demo-full` runs it.
 demo: setup
-	HF_HUB_OFFLINE=1 $(PY) -m patchalign.demo --no-baseline
+	HF_HUB_OFFLINE=1 $(PY) -m patchalign demo --no-baseline
 
 demo-full: setup
-	HF_HUB_OFFLINE=1 $(PY) -m patchalign.demo
+	HF_HUB_OFFLINE=1 $(PY) -m patchalign demo
 
 clean-demo:
 	rm -rf shards/demo outputs/demo

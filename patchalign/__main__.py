@@ -1,8 +1,11 @@
 """``python -m patchalign <verb> ...``
 
-* ``fit | validate | test | predict``: LightningCLI (see :mod:`patchalign.cli`).
+* ``fit | validate | test | predict``: LightningCLI (see :mod:`patchalign.training.cli`).
 * ``export CKPT OUT_DIR``: ``model.safetensors`` + ``config.json`` for :func:`patchalign.load_pretrained`.
+* ``report``: the talk's tables from evaluation result files (:mod:`patchalign.eval.report`).
 * ``demo``: the fresh-machine main job (demo shards → Stage 1 → Stage 2 → zero-shot eval → export → PNGs).
+* ``shards``: the data engine that builds training shards (:mod:`patchalign.engine`).
+* ``bench``: every benchmark (:mod:`patchalign.tools.bench`).
 
 Extra verbs are dispatched here, before LightningCLI runs, because LightningCLI subcommands must be
 Trainer methods.
@@ -10,25 +13,25 @@ Trainer methods.
 
 from __future__ import annotations
 
+import importlib
 import sys
+
+#: verb -> module whose ``main(argv)`` runs it (imported only when that verb is used).
+EXTRA_VERBS = {
+    "export": "patchalign.tools.export",
+    "report": "patchalign.eval.report",
+    "demo": "patchalign.tools.demo",
+    "shards": "patchalign.engine.__main__",
+    "bench": "patchalign.tools.bench.__main__",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     verb = argv[0] if argv else ""
-    if verb == "export":
-        from patchalign.export import main as export_main
-
-        return export_main(argv[1:]) or 0
-    if verb == "report":  # the talk's tables from evaluation result files (patchalign.eval.report)
-        from patchalign.eval.report import main as report_main
-
-        return report_main(argv[1:])
-    if verb == "demo":
-        from patchalign.demo import main as demo_main
-
-        return demo_main(argv[1:]) or 0
-    from patchalign.cli import cli_main
+    if verb in EXTRA_VERBS:
+        return importlib.import_module(EXTRA_VERBS[verb]).main(argv[1:]) or 0
+    from patchalign.training.cli import cli_main
 
     cli_main(argv)
     return 0

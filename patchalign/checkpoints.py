@@ -5,7 +5,7 @@ Three formats are accepted wherever weights are read (``init_from``, ``export``,
 
 * **Lightning checkpoints** (``*.ckpt``): ``state_dict`` with ``encoder.*`` tensors and
   ``hyper_parameters.encoder_config``.
-* **Export directories** (:mod:`patchalign.export`): ``model.safetensors`` (``encoder.*``) and
+* **Export directories** (:mod:`patchalign.tools.export`): ``model.safetensors`` (``encoder.*``) and
   ``config.json``.
 * **Released PatchAlign3D checkpoints** (``patchalign3d.pt``; Hadgi et al., arXiv 2601.02457, the
   ``save_checkpoint`` of dickoah/PatchAlign3D ``src/training/stage2.py``, and Stage 1's

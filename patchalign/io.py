@@ -3,7 +3,7 @@
 Core room (imports numpy, torch-free readers and trimesh only): the renderer
 (:func:`patchalign.render.load_mesh_normalized`), the evaluation readers
 (:mod:`patchalign.eval.readers`), ZeroKey (:mod:`zerokey.data`) and the pictures tool
-(:mod:`patchalign.viz`) all read files through here, so a format is parsed one way everywhere.
+(:mod:`patchalign.tools.viz`) all read files through here, so a format is parsed one way everywhere.
 
 * :func:`read_pcd_xyz`: PCD as Open3D and PCL write it (Find3D's ``points5000.pcd``, KeypointNet's
   pcds), ``DATA ascii`` / ``binary``.

@@ -349,7 +349,7 @@ class PretrainedPatchAlign(nn.Module):
 def load_pretrained(
     path: str | os.PathLike, device: str | torch.device = "cpu", strict: bool = True
 ) -> PretrainedPatchAlign:
-    """Load an export directory (:func:`patchalign.export.export_checkpoint`), a Lightning
+    """Load an export directory (:func:`patchalign.tools.export.export_checkpoint`), a Lightning
     checkpoint or a released PatchAlign3D ``patchalign3d.pt`` file.
 
     Args:

@@ -38,7 +38,7 @@ EXTRA_ARGS="${EXTRA_ARGS:-}"
 if [[ -z "${PYTHON:-}" ]]; then
     if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python; fi
 fi
-ENGINE=("$PYTHON" -m patchalign.shards)
+ENGINE=("$PYTHON" -m patchalign.engine)
 THREADS="${SLURM_CPUS_PER_TASK:-8}"
 
 case "$MODE" in

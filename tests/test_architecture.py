@@ -1,11 +1,14 @@
-"""The import directions the layout promises, checked by parsing every module's imports (issue 14).
+"""The import directions the layout promises, checked by parsing every module's imports.
 
-Layers, lowest first: core (model, grouping, losses, patch targets, keypoints, checkpoints,
-pretrained API, text prompting, renderers) -> data / data engine -> training (``lit``, ``cli``) ->
-evaluation and tools. A lower layer never imports a higher one, and nothing forms an import cycle
-between the top-level modules/packages of ``patchalign``. Imports are read with :mod:`ast`, so a
-function-level (lazy) import counts for the direction rules as much as a module-level one: hiding an
-import in a function does not change which layer needs which.
+The folders are the layers (see the README's layout table): **core** is ``patchalign``'s flat
+modules plus ``patchalign.render`` (plain torch: model, grouping, losses, checkpoints, text,
+pretrained, ...); **data** (``patchalign.data``: shard schema, readers, data modules); **engine**
+(``patchalign.engine``: builds shards); **training** (``patchalign.training``: LightningModules and
+the CLI); **eval** (``patchalign.eval``); **tools** (``patchalign.tools``: demo, export, pictures,
+benchmarks); and **zerokey**, a separate package on top of core. Each layer imports only the layers
+listed for it in :data:`ALLOWED`. Imports are read with :mod:`ast`, so a function-level (lazy)
+import counts as much as a module-level one: hiding an import in a function does not change which
+layer needs which. No import cycle exists between any two modules, lazy imports included.
 """
 
 from __future__ import annotations
@@ -16,33 +19,44 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 from conftest import REPO_ROOT, save_lightning_checkpoint
 
-CORE_MODULES = (
-    "patchalign.model",
-    "patchalign.grouping",
-    "patchalign.losses",
-    "patchalign.patch_targets",
-    "patchalign.keypoints",
-    "patchalign.checkpoints",
-    "patchalign.pretrained",
-    "patchalign.text",
-    "patchalign.io",
-    "patchalign.geometry",
-)
-CORE_PACKAGES = ("patchalign.render",)
-#: What core must not import: evaluation, training, Lightning, ZeroKey.
-FORBIDDEN_IN_CORE = (
-    "patchalign.eval",
-    "patchalign.lit",
-    "patchalign.cli",
-    "lightning",
-    "pytorch_lightning",
-    "zerokey",
-)
-#: Core must not reach up into the data layer / data engine either (the layout's one direction).
-DATA_LAYER = ("patchalign.data", "patchalign.shards", "patchalign.teachers")
+#: layer -> the layers it may import (itself included). ``entry`` is ``python -m patchalign``.
+ALLOWED: dict[str, frozenset[str]] = {
+    "core": frozenset({"core"}),
+    "data": frozenset({"core", "data"}),
+    "engine": frozenset({"core", "data", "engine"}),
+    "training": frozenset({"core", "data", "training"}),
+    "eval": frozenset({"core", "data", "training", "eval"}),
+    "tools": frozenset({"core", "data", "engine", "training", "eval", "tools", "zerokey"}),
+    "zerokey": frozenset({"core", "zerokey"}),
+    "entry": frozenset({"core", "data", "engine", "training", "eval", "tools", "entry"}),
+}
+#: Third-party packages core never imports (it stays plain torch; ``lightning`` is training's).
+FORBIDDEN_THIRD_PARTY_IN_CORE = ("lightning", "pytorch_lightning")
+#: ``patchalign.<folder>`` -> layer; every other ``patchalign.<module>`` is core.
+FOLDER_LAYERS = {
+    "render": "core",
+    "data": "data",
+    "engine": "engine",
+    "training": "training",
+    "eval": "eval",
+    "tools": "tools",
+}
+
+
+def layer_of(module: str) -> str | None:
+    """The layer of a first-party module name (``None`` for third-party names)."""
+    parts = module.split(".")
+    if parts[0] == "zerokey":
+        return "zerokey"
+    if parts[0] != "patchalign":
+        return None
+    if len(parts) == 1:
+        return "core"
+    if parts[1] == "__main__":
+        return "entry"
+    return FOLDER_LAYERS.get(parts[1], "core")
 
 
 @dataclass(frozen=True)
@@ -105,14 +119,19 @@ def _names(target: str, prefixes: tuple[str, ...]) -> bool:
     return any(target == p or target.startswith(p + ".") for p in prefixes)
 
 
-def _is_core(module: str) -> bool:
-    return module in CORE_MODULES or _names(module, CORE_PACKAGES)
+def _modules() -> set[str]:
+    files = list((REPO_ROOT / "patchalign").rglob("*.py")) + list((REPO_ROOT / "zerokey").rglob("*.py"))
+    return {_module_name(f) for f in files if "__pycache__" not in f.parts}
 
 
-def _top(module: str) -> str | None:
-    """``patchalign.eval.readers.base`` -> ``patchalign.eval``; outside patchalign -> None."""
-    parts = module.split(".")
-    return ".".join(parts[:2]) if parts[0] == "patchalign" and len(parts) > 1 else None
+def _resolve(target: str, modules: set[str]) -> str | None:
+    """The module an import names: ``patchalign.model.EncoderConfig`` -> ``patchalign.model``."""
+    parts = target.split(".")
+    for k in range(len(parts), 0, -1):
+        name = ".".join(parts[:k])
+        if name in modules:
+            return name
+    return None
 
 
 def test_the_parser_sees_relative_lazy_and_guarded_imports() -> None:
@@ -120,7 +139,7 @@ def test_the_parser_sees_relative_lazy_and_guarded_imports() -> None:
     text = (
         "from . import io\nfrom ..eval import metrics\nimport lightning\n"
         "try:\n    import zerokey.views\nexcept ImportError:\n    pass\n"
-        "def f():\n    from patchalign.lit import Stage2Module\n"
+        "def f():\n    from patchalign.training.modules import Stage2Module\n"
     )
     got = [(i.target, i.module_level) for i in _imports_of(REPO_ROOT / "patchalign/render/cameras.py", text)]
     assert got == [
@@ -128,81 +147,8 @@ def test_the_parser_sees_relative_lazy_and_guarded_imports() -> None:
         ("patchalign.eval.metrics", True),
         ("lightning", True),
         ("zerokey.views", True),
-        ("patchalign.lit.Stage2Module", False),
+        ("patchalign.training.modules.Stage2Module", False),
     ]
-
-
-#: Known violations inside files this issue could not edit (owned by other rooms at the time):
-#: ``(importing module, imported prefix) -> reason``. Each is xfailed, not ignored: when the file is
-#: fixed the strict xfail turns into a failure and the entry must go.
-KNOWN_CORE_TO_DATA: dict[tuple[str, str], str] = {}  # none left
-
-
-def test_core_imports_no_evaluation_training_lightning_or_zerokey() -> None:
-    bad = [str(i) for i in _all_imports() if _is_core(i.module) and _names(i.target, FORBIDDEN_IN_CORE)]
-    assert not bad, "core must not import evaluation/training/Lightning/ZeroKey:\n" + "\n".join(bad)
-
-
-def test_zerokey_and_viz_read_files_without_the_evaluation_package() -> None:
-    """Point/mesh readers are core (``patchalign.io``): ZeroKey and the pictures tool need no evaluation."""
-    bad = [
-        str(i)
-        for i in _all_imports()
-        if (i.module.startswith("zerokey") or i.module == "patchalign.viz")
-        and _names(i.target, ("patchalign.eval",))
-    ]
-    assert not bad, "\n".join(bad)
-
-
-#: The tools layer: benchmarks, the demo and their default paths. Only tools (and the
-#: ``python -m patchalign`` entry point, which dispatches ``demo``) import tools.
-TOOLS = ("patchalign.bench", "patchalign.demo", "patchalign.paths")
-ENTRY_POINTS = ("patchalign.__main__",)
-
-
-def test_only_tools_import_the_benchmarks_and_the_demo() -> None:
-    """Every benchmark lives in ``patchalign.bench``; no library module depends on a tool."""
-    bad = [
-        str(i)
-        for i in _all_imports()
-        if _names(i.target, TOOLS) and not _names(i.module, TOOLS + ENTRY_POINTS)
-    ]
-    bench_files = sorted(p.name for p in (REPO_ROOT / "patchalign").rglob("*bench*.py"))
-    assert not bad, "\n".join(bad)
-    assert bench_files == [], f"benchmark modules outside patchalign/bench/: {bench_files}"
-
-
-def test_render_does_not_name_zerokey() -> None:
-    """The renderer is a lower layer: no import of ZeroKey and no ZeroKey-named API."""
-    bad = [
-        str(i) for i in _all_imports() if _names(i.module, ("patchalign.render",)) and "zerokey" in i.target
-    ]
-    for path in sorted((REPO_ROOT / "patchalign" / "render").rglob("*.py")):
-        tree = ast.parse(path.read_text())
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and "zerokey" in node.name.lower():
-                bad.append(f"{path.relative_to(REPO_ROOT)}:{node.lineno} defines {node.name}")
-    assert not bad, "\n".join(bad)
-
-
-@pytest.mark.parametrize(
-    "pair",
-    [
-        pytest.param(pair, marks=pytest.mark.xfail(reason=reason, strict=True))
-        for pair, reason in KNOWN_CORE_TO_DATA.items()
-    ]
-    + [("core", "data")],
-    ids=lambda p: "->".join(p),
-)
-def test_core_imports_nothing_from_the_data_layer(pair: tuple[str, str]) -> None:
-    """Core -> data/engine is the wrong direction (data builds on core); known cases xfail by name."""
-    imports = [i for i in _all_imports() if _is_core(i.module) and _names(i.target, DATA_LAYER)]
-    if pair == ("core", "data"):  # everything but the listed known cases
-        known = set(KNOWN_CORE_TO_DATA)
-        bad = [str(i) for i in imports if not any(i.module == m and _names(i.target, (t,)) for m, t in known)]
-    else:
-        bad = [str(i) for i in imports if i.module == pair[0] and _names(i.target, (pair[1],))]
-    assert not bad, "\n".join(bad)
 
 
 def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -230,12 +176,14 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-def _top_level_graph(module_level_only: bool) -> dict[str, set[str]]:
+def _module_graph() -> dict[str, set[str]]:
+    """importing module -> first-party modules it imports, lazy imports included."""
+    modules = _modules()
     graph: dict[str, set[str]] = {}
     for imp in _all_imports():
-        a, b = _top(imp.module), _top(imp.target)
-        if a and b and a != b and (imp.module_level or not module_level_only):
-            graph.setdefault(a, set()).add(b)
+        target = _resolve(imp.target, modules)
+        if target is not None and target != imp.module:
+            graph.setdefault(imp.module, set()).add(target)
     return graph
 
 
@@ -245,9 +193,52 @@ def test_cycle_finder() -> None:
     assert _cycle({"a": {"a"}}) == ["a", "a"]
 
 
-def test_no_import_cycle_between_patchalign_top_level_modules() -> None:
-    """Module-level imports between ``patchalign.<x>`` modules/packages form a DAG."""
-    graph = _top_level_graph(module_level_only=True)
+def test_layer_of_follows_the_folders() -> None:
+    assert layer_of("patchalign.model") == "core"
+    assert layer_of("patchalign.render.cameras") == "core"
+    assert layer_of("patchalign.engine.sources.demo") == "engine"
+    assert layer_of("patchalign.training.modules") == "training"
+    assert layer_of("patchalign.tools.bench.gpu") == "tools"
+    assert layer_of("zerokey.mllm.pointers") == "zerokey"
+    assert layer_of("torch.nn") is None
+
+
+def test_every_import_points_down_the_layers() -> None:
+    """Each first-party import, lazy or not, goes to a layer its importer may use (:data:`ALLOWED`)."""
+    modules = _modules()
+    bad = []
+    for imp in _all_imports():
+        target = _resolve(imp.target, modules)
+        if target is None:
+            continue
+        src, dst = layer_of(imp.module), layer_of(target)
+        if dst not in ALLOWED[src]:
+            bad.append(f"{src} -> {dst}: {imp}")
+    assert not bad, "imports against the layer order:\n" + "\n".join(bad)
+
+
+def test_core_stays_plain_torch() -> None:
+    bad = [
+        str(i)
+        for i in _all_imports()
+        if layer_of(i.module) == "core" and _names(i.target, FORBIDDEN_THIRD_PARTY_IN_CORE)
+    ]
+    assert not bad, "core must not import Lightning:\n" + "\n".join(bad)
+
+
+def test_benchmarks_live_in_tools_bench() -> None:
+    """Every patchalign benchmark is a module of ``patchalign.tools.bench`` (ZeroKey's stay in zerokey)."""
+    stray = sorted(
+        str(p.relative_to(REPO_ROOT))
+        for p in (REPO_ROOT / "patchalign").rglob("*bench*.py")
+        if "tools" not in p.relative_to(REPO_ROOT / "patchalign").parts[:1]
+    )
+    assert stray == [], f"benchmark modules outside patchalign/tools/bench/: {stray}"
+
+
+def test_no_import_cycle_between_modules() -> None:
+    """All imports between first-party modules, function-level ones included, form a DAG."""
+    graph = _module_graph()
     assert graph, "the parser found no imports at all"
     cycle = _cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
@@ -255,10 +246,10 @@ def test_no_import_cycle_between_patchalign_top_level_modules() -> None:
 
 def test_graph_has_the_expected_edges() -> None:
     """Guard against a checker that silently sees nothing: known real edges are present."""
-    graph = _top_level_graph(module_level_only=True)
+    graph = _module_graph()
     assert "patchalign.grouping" in graph["patchalign.model"]
     assert "patchalign.model" in graph["patchalign.checkpoints"]
-    assert "patchalign.losses" in graph["patchalign.lit"]
+    assert "patchalign.losses" in graph["patchalign.training.modules"]
 
 
 def test_reading_a_lightning_checkpoint_does_not_import_lightning(tmp_path: Path) -> None:
@@ -276,7 +267,7 @@ def test_reading_a_lightning_checkpoint_does_not_import_lightning(tmp_path: Path
         "import patchalign.pretrained, patchalign.render\n"
         "print(c.kind, c.encoder_config.trans_dim, sorted(m for m in sys.modules if m.split('.')[0] in "
         "('lightning', 'pytorch_lightning', 'zerokey') or m.startswith('patchalign.eval') or m in "
-        "('patchalign.lit', 'patchalign.cli')))\n"
+        "('patchalign.training.modules', 'patchalign.training.cli')))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120

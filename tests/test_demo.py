@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from patchalign.demo import main
-from patchalign.shards.demo import HELDOUT_CATEGORIES, SEEN_CATEGORIES, UNSEEN_NAME_CATEGORIES
+from patchalign.engine.sources.demo import HELDOUT_CATEGORIES, SEEN_CATEGORIES, UNSEEN_NAME_CATEGORIES
+from patchalign.tools.demo import main
 
 
 @pytest.mark.slow
@@ -53,7 +53,7 @@ def test_demo_end_to_end_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 @pytest.mark.timeout(900)
 def test_demo_bench_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The ablation bench trains each arm on the same budget and prints held-out mIoU per arm."""
-    from patchalign.bench.demo import main as bench_main
+    from patchalign.tools.bench.demo import main as bench_main
 
     args = ["--shards", str(tmp_path / "real"), "--random-shards", str(tmp_path / "rand"),
             "--out", str(tmp_path / "bench"), "--n-objects", "51", "--stage1-steps", "2",

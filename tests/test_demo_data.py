@@ -12,7 +12,9 @@ from conftest import read_shards
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from patchalign.data import load_text_bank, read_manifest  # noqa: E402
-from patchalign.shards.demo import (  # noqa: E402
+from patchalign.engine.build import labels_for  # noqa: E402
+from patchalign.engine.sampling import face_areas_normals, sample_surface  # noqa: E402
+from patchalign.engine.sources.demo import (  # noqa: E402
     DEMO_CATEGORIES,
     HELDOUT_CATEGORIES,
     SEEN_CATEGORIES,
@@ -21,8 +23,6 @@ from patchalign.shards.demo import (  # noqa: E402
     demo_records,
     generate_object,
 )
-from patchalign.shards.engine import labels_for  # noqa: E402
-from patchalign.shards.sampling import face_areas_normals, sample_surface  # noqa: E402
 
 
 @pytest.mark.parametrize("category", list(DEMO_CATEGORIES))

@@ -15,14 +15,14 @@ from conftest import read_shards
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from patchalign.shards import engine  # noqa: E402
-from patchalign.shards.backproject import (  # noqa: E402
+from patchalign.engine import build as engine  # noqa: E402
+from patchalign.engine.backproject import (  # noqa: E402
     NoVisiblePointsError,
     backproject_features,
     face_feature_sums,
     fill_unseen,
 )
-from patchalign.shards.engine import (  # noqa: E402
+from patchalign.engine.build import (  # noqa: E402
     EngineConfig,
     ObjectRecord,
     WorkDir,
@@ -30,8 +30,8 @@ from patchalign.shards.engine import (  # noqa: E402
     discover_meshes,
     run_build,
 )
-from patchalign.shards.find3d import find3d_records, membership_from_masks  # noqa: E402
-from patchalign.shards.sampling import sample_surface  # noqa: E402
+from patchalign.engine.sampling import sample_surface  # noqa: E402
+from patchalign.engine.sources.find3d import find3d_records, membership_from_masks  # noqa: E402
 
 # Tiny settings: 2048 points is the shard schema's minimum; 3 views of 64 px; random DINOv2 at 56 px;
 # one torch thread (tiny per-object tensors: intra-op threads only add overhead, worse on a shared box).
@@ -173,7 +173,7 @@ def test_released_bicubic_upsampling_matches_interpolate_then_view_mean():
 
 
 def test_released_settings_are_engine_options(tmp_path):
-    from patchalign.shards.engine import RELEASED_TEACHER_SETTINGS
+    from patchalign.engine.build import RELEASED_TEACHER_SETTINGS
 
     cfg = EngineConfig(**{**TINY, **RELEASED_TEACHER_SETTINGS})
     sig = cfg.cache_signature()
@@ -330,7 +330,7 @@ def test_engine_on_real_meshes_end_to_end(tmp_path, shared_data):
 
 
 def test_resume_after_kill_redoes_only_unfinished(tmp_path, monkeypatch):
-    from patchalign.shards.demo import demo_records
+    from patchalign.engine.sources.demo import demo_records
 
     records = demo_records(6)
     work = WorkDir(tmp_path / "work")
@@ -404,7 +404,7 @@ def test_chunks_partition_the_objects():
 
 def test_cli_stage_by_stage_matches_build(tmp_path, shared_data):
     """The subcommands (as a Slurm array would call them) produce the same shards as one build."""
-    from patchalign.shards.__main__ import main
+    from patchalign.engine.__main__ import main
 
     meshes = tmp_path / "m"
     meshes.mkdir()
@@ -447,8 +447,8 @@ def test_cli_flags_are_derived_from_engine_config():
     choices, and parsed flags rebuild the config the engine receives."""
     import dataclasses
 
-    from patchalign.shards.__main__ import CONFIG_KEYS, build_parser
-    from patchalign.shards.engine import EngineConfig, config_from_dict
+    from patchalign.engine.__main__ import CONFIG_KEYS, build_parser
+    from patchalign.engine.build import EngineConfig, config_from_dict
 
     names = {f.name for f in dataclasses.fields(EngineConfig)} - {"progress"}
     assert set(CONFIG_KEYS) == names
@@ -492,9 +492,9 @@ def test_a_registered_source_plugs_into_the_stages(tmp_path, monkeypatch):
     with no engine change; each sampled point's label is its face's, checked against the geometry."""
     import torch
 
-    from patchalign.shards import sources
-    from patchalign.shards.engine import run_build
-    from patchalign.shards.sources import ObjectSource, register_source, source_of
+    from patchalign.engine import sources
+    from patchalign.engine.build import run_build
+    from patchalign.engine.sources import ObjectSource, register_source, source_of
 
     monkeypatch.setattr(sources, "_SOURCES", dict(sources._SOURCES))  # the registration ends with the test
 
@@ -534,7 +534,7 @@ def test_feature_splits_skip_the_teacher_for_evaluation_only_splits(tmp_path, mo
     labels and ``(N, 0)`` features, while the featured split is unchanged."""
     import dataclasses
 
-    from patchalign.shards.demo import demo_records
+    from patchalign.engine.sources.demo import demo_records
 
     records = [
         dataclasses.replace(r, split="heldout" if i % 2 else "train") for i, r in enumerate(demo_records(4))

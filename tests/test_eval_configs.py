@@ -38,7 +38,7 @@ TINY = {"num_groups": 16, "group_size": 8, "encoder_dims": 32, "trans_dim": 32, 
 
 @pytest.fixture(scope="module")
 def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from patchalign.export import export_checkpoint
+    from patchalign.tools.export import export_checkpoint
 
     d = tmp_path_factory.mktemp("tiny_export")
     torch.manual_seed(0)
@@ -207,7 +207,7 @@ def test_datamodule_checks_its_inputs_in_one_line() -> None:
 
 
 def test_old_shapenetpart_config_still_parses() -> None:
-    """configs/eval_shapenetpart.yaml (superseded by configs/eval/shapenetpart.yaml) keeps working."""
-    cfg = yaml.safe_load((REPO / "configs" / "eval_shapenetpart.yaml").read_text())
+    """configs/eval/shapenetpart.yaml (superseded by configs/eval/shapenetpart.yaml) keeps working."""
+    cfg = yaml.safe_load((REPO / "configs" / "eval" / "shapenetpart.yaml").read_text())
     dm = EvalDataModule(**dict(cfg["data"]["init_args"], root="x"))
     assert dm.benchmark == "shapenetpart"

@@ -164,7 +164,7 @@ def test_lightning_test_loop_with_eval_datamodule(snp_root: Path, tmp_path: Path
 
 
 def test_shipped_eval_config_builds_the_datamodule(snp_root: Path) -> None:
-    cfg = yaml.safe_load((REPO / "configs" / "eval_shapenetpart.yaml").read_text())
+    cfg = yaml.safe_load((REPO / "configs" / "eval" / "shapenetpart.yaml").read_text())
     data = cfg["data"]
     assert data["class_path"] == "patchalign.eval.datamodule.EvalDataModule"
     args = dict(data["init_args"], root=str(snp_root), num_workers=0)
@@ -181,7 +181,7 @@ def test_shipped_eval_config_builds_the_datamodule(snp_root: Path) -> None:
 def test_eval_cli_with_export_and_text_bank(snp_root: Path, tmp_path: Path) -> None:
     from patchalign.data.textbank import save_text_bank
     from patchalign.eval.__main__ import main
-    from patchalign.export import export_checkpoint
+    from patchalign.tools.export import export_checkpoint
 
     save_lightning_checkpoint(tmp_path / "m.ckpt", PatchAlignEncoder(EncoderConfig.tiny(8)))
     export_checkpoint(tmp_path / "m.ckpt", tmp_path / "model")
@@ -202,5 +202,5 @@ def test_shard_sampler_covers_every_shape_once() -> None:
     shards = [list(UnrepeatedShardSampler(10, r, 3)) for r in range(3)]
     assert sorted(i for s in shards for i in s) == list(range(10))
     assert [len(s) for s in shards] == [4, 3, 3]
-    cfg = yaml.safe_load((REPO / "configs" / "eval_shapenetpart.yaml").read_text())
+    cfg = yaml.safe_load((REPO / "configs" / "eval" / "shapenetpart.yaml").read_text())
     assert cfg["trainer"]["use_distributed_sampler"] is False  # else Lightning re-wraps and pads

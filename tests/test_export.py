@@ -16,9 +16,9 @@ from conftest import REPO_ROOT as REPO
 from conftest import save_lightning_checkpoint
 from safetensors import safe_open
 
-from patchalign.export import export_checkpoint
 from patchalign.model import EncoderConfig, PatchAlignEncoder
 from patchalign.pretrained import load_pretrained
+from patchalign.tools.export import export_checkpoint
 
 
 def _lightning_ckpt(

@@ -1,4 +1,4 @@
-"""PatchAlign3D-feature keypoint detectors (zerokey.feature_pipeline) on the real KeypointNet shapes.
+"""PatchAlign3D-feature keypoint detectors (zerokey.features.pipeline) on the real KeypointNet shapes.
 
 The encoder is a tiny random one exported through the public export path: these tests pin the
 machinery (frames, output format, evaluation, call counts), not accuracy, except where the answer is
@@ -13,20 +13,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from patchalign.export import export_checkpoint
 from patchalign.model import EncoderConfig, PatchAlignEncoder
+from patchalign.tools.export import export_checkpoint
 from zerokey.data import KeypointNetDataset, load_keypointnet_annotations
 from zerokey.evaluate import evaluate_predictions
-from zerokey.feature_pipeline import (
+from zerokey.features.pipeline import (
     FewShotFeatureKeypoints,
     UnifiedKeypoints,
     ZeroShotFeatureKeypoints,
     surface_points,
     visible_views,
 )
-from zerokey.namers import KeypointNetNamer
+from zerokey.mllm.namers import KeypointNetNamer
+from zerokey.mllm.pointers import OraclePointer
 from zerokey.pipeline import ZeroKeyPipeline
-from zerokey.pointers import OraclePointer
 from zerokey.views import ViewConfig, make_cameras, render_shape
 
 AIRPLANES = ["1b300fd9ad4050e6301fa0a0663ee996", "1d6afc44b053ab07941d71475449eb25"]
@@ -166,7 +166,7 @@ def _cli_args(config: str, run_dir: Path, model: Path, kpn: Path, *extra: str) -
     return [
         "predict",
         "--config",
-        str(REPO / "configs" / config),
+        str(REPO / "configs" / "keypoints" / config),
         "--trainer.default_root_dir",
         str(run_dir),
         "--trainer.enable_progress_bar",
@@ -188,9 +188,9 @@ def _cli_args(config: str, run_dir: Path, model: Path, kpn: Path, *extra: str) -
 @pytest.mark.parametrize(
     "config, extra",
     [
-        ("keypoints_zeroshot.yaml", []),
-        ("keypoints_fewshot.yaml", ["--model.detector.init_args.support_split", "null"]),
-        ("keypoints_unified.yaml", ["--model.detector.init_args.views.image_size", "96"]),
+        ("zeroshot.yaml", []),
+        ("fewshot.yaml", ["--model.detector.init_args.support_split", "null"]),
+        ("unified.yaml", ["--model.detector.init_args.views.image_size", "96"]),
     ],
 )
 def test_configs_run_through_the_zerokey_cli_and_evaluate(
@@ -230,7 +230,7 @@ def test_detector_with_a_missing_model_fails_before_the_first_shape(
 
     monkeypatch.chdir(tmp_path)
     kpn = shared_data / "keypointnet"
-    args = _cli_args("keypoints_fewshot.yaml", tmp_path / "run", tmp_path / "nope", kpn)
+    args = _cli_args("fewshot.yaml", tmp_path / "run", tmp_path / "nope", kpn)
     with pytest.raises(SystemExit) as err:
         main(args)
     assert err.value.code == 2
@@ -238,7 +238,7 @@ def test_detector_with_a_missing_model_fails_before_the_first_shape(
 
 
 def test_feature_bench_rows_count_calls_like_the_records(export_dir: Path, shared_data: Path) -> None:
-    from zerokey.feature_bench import feature_rows, format_rows
+    from zerokey.features.bench import feature_rows, format_rows
 
     rows = feature_rows(str(export_dir), shared_data / "keypointnet", shots=[1], image_size=64, limit=2)
     assert [r["row"] for r in rows] == [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from patchalign.bench.gpu import canonical_faces, main
+from patchalign.tools.bench.gpu import canonical_faces, main
 
 
 def test_canonical_faces_merges_double_sided_copies() -> None:

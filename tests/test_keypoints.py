@@ -1,4 +1,4 @@
-"""Keypoints from dense features (patchalign.keypoints): interpolation, geodesics, peaks, prototypes."""
+"""Keypoints from dense features (zerokey.features.keypoints): interpolation, geodesics, peaks, prototypes."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import shortest_path
 
-from patchalign.keypoints import (
+from zerokey.features.keypoints import (
     build_prototypes,
     graph_geodesics,
     interpolate_patch_values,

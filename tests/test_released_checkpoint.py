@@ -23,10 +23,10 @@ from conftest import REPO_ROOT as REPO
 from torch import Tensor, nn
 
 from patchalign.checkpoints import CheckpointError, read_checkpoint
-from patchalign.export import export_checkpoint
-from patchalign.lit import Stage2Alignment, load_encoder_weights
 from patchalign.model import EncoderConfig, PatchAlignEncoder
 from patchalign.pretrained import load_pretrained
+from patchalign.tools.export import export_checkpoint
+from patchalign.training.modules import Stage2Alignment, load_encoder_weights
 
 
 # ----------------------------------------------------------------------------- released structure
@@ -387,8 +387,8 @@ def test_broken_released_file_is_refused_by_every_entry_point(
 def test_cli_test_accepts_the_released_file_and_refuses_a_broken_one(
     tiny_released: tuple[Path, tuple], tmp_path: Path, shared_data: Path
 ) -> None:
-    """``patchalign test --config configs/eval_shapenetpart.yaml --ckpt_path patchalign3d.pt``."""
-    from patchalign.cli import cli_main
+    """``patchalign test --config configs/eval/shapenetpart.yaml --ckpt_path patchalign3d.pt``."""
+    from patchalign.training.cli import cli_main
 
     root = shared_data / "shapenetpart" / "shapenetcore_partanno_segmentation_benchmark_v0_normal"
     if not root.is_dir():
@@ -405,7 +405,13 @@ def test_cli_test_accepts_the_released_file_and_refuses_a_broken_one(
     }
 
     def args(ckpt: Path) -> list[str]:
-        a = ["test", "--config", str(REPO / "configs" / "eval_shapenetpart.yaml"), "--ckpt_path", str(ckpt)]
+        a = [
+            "test",
+            "--config",
+            str(REPO / "configs" / "eval" / "shapenetpart.yaml"),
+            "--ckpt_path",
+            str(ckpt),
+        ]
         a += ["--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false"]
         a += ["--data.init_args.root", str(root), "--data.init_args.split", "trainval"]
         a += ["--data.init_args.num_workers", "0", "--data.init_args.batch_size", "2"]

@@ -10,8 +10,8 @@ import torch
 
 from patchalign.data.schema import decode_sample
 from patchalign.data.writer import read_manifest
+from patchalign.engine.released import ReleasedFormatError, convert_released, main
 from patchalign.patch_targets import match_patch_targets
-from patchalign.shards.released import ReleasedFormatError, convert_released, main
 
 N, G, M, D = 2100, 128, 32, 24
 
@@ -142,8 +142,8 @@ def test_wrong_frame_or_broken_file_is_refused(released_root, tmp_path: Path) ->
     torch.save(rec, p)
     summary = convert_released(root, tmp_path / "out")
     assert summary["written"] == 1 and summary["skipped"] == {"missing_file": 1, "bad_format": 1}
-    from patchalign.shards.find3d import discover_find3d_objects
-    from patchalign.shards.released import read_released_object
+    from patchalign.engine.released import read_released_object
+    from patchalign.engine.sources.find3d import discover_find3d_objects
 
     obj = next(o for o in discover_find3d_objects(root) if o.uid == "aaa111")
     with pytest.raises(ReleasedFormatError, match="another point sampling or frame"):

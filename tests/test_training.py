@@ -16,17 +16,17 @@ from conftest import REPO_ROOT as REPO
 from conftest import save_lightning_checkpoint
 
 from patchalign.checkpoints import safe_torch_load
-from patchalign.cli import cli_main
 from patchalign.data.datamodule import ShardDataModule
 from patchalign.data.synthetic import write_synthetic_shards
-from patchalign.lit import (
+from patchalign.model import EncoderConfig, PatchAlignEncoder
+from patchalign.training.cli import cli_main
+from patchalign.training.modules import (
     OptimizerConfig,
     Stage1Distillation,
     Stage2Alignment,
     patch_feature_targets,
     soft_text_targets,
 )
-from patchalign.model import EncoderConfig, PatchAlignEncoder
 
 TINY = {
     "num_groups": 16,
@@ -181,7 +181,7 @@ def test_print_config_documents_itself(tmp_path: Path) -> None:
     )
     assert out.returncode == 0, out.stderr[-2000:]
     printed = yaml.safe_load(out.stdout)
-    assert printed["model"]["class_path"] == "patchalign.lit.Stage2Alignment"
+    assert printed["model"]["class_path"] == "patchalign.training.modules.Stage2Alignment"
     assert printed["model"]["init_args"]["loss"] == "siglip"
 
 
@@ -404,10 +404,10 @@ def test_preempt_and_resume_continues_the_same_run(
 
 
 def test_cli_test_on_real_shapenetpart_from_an_export_dir(tmp_path: Path, snp_root: Path) -> None:
-    """``python -m patchalign test --config configs/eval_shapenetpart.yaml`` on the real shapes gives
+    """``python -m patchalign test --config configs/eval/shapenetpart.yaml`` on the real shapes gives
     the numbers of the script path (no Lightning) on the same files, model and text encoder."""
     root = snp_root
-    from patchalign.export import export_checkpoint
+    from patchalign.tools.export import export_checkpoint
 
     cfg = EncoderConfig(**{**TINY, "drop_path_rate": 0.0}, head_dim=384)  # MiniLM width
     enc = PatchAlignEncoder(cfg)
@@ -416,7 +416,7 @@ def test_cli_test_on_real_shapenetpart_from_an_export_dir(tmp_path: Path, snp_ro
     args = [
         "test",
         "--config",
-        str(REPO / "configs" / "eval_shapenetpart.yaml"),
+        str(REPO / "configs" / "eval" / "shapenetpart.yaml"),
         "--trainer.accelerator",
         "cpu",
         "--trainer.precision",
@@ -456,7 +456,7 @@ def test_cli_test_on_real_shapenetpart_from_an_export_dir(tmp_path: Path, snp_ro
     from patchalign.pretrained import load_pretrained
     from patchalign.text import load_text_encoder
 
-    data = yaml.safe_load((REPO / "configs" / "eval_shapenetpart.yaml").read_text())["data"]["init_args"]
+    data = yaml.safe_load((REPO / "configs" / "eval" / "shapenetpart.yaml").read_text())["data"]["init_args"]
     dm = EvalDataModule(**dict(data, root=str(root), split="trainval", num_workers=0))
     dm.setup("test")
     script = run_zero_shot_eval(

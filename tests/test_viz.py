@@ -10,7 +10,7 @@ import torch
 from conftest import save_lightning_checkpoint
 from PIL import Image
 
-from patchalign.viz import main, part_palette, pca_rgb, plot_feature_pca, plot_part_labels
+from patchalign.tools.viz import main, part_palette, pca_rgb, plot_feature_pca, plot_part_labels
 
 
 def _has_color(path: Path, rgb: np.ndarray, tol: int = 6) -> bool:
@@ -54,8 +54,8 @@ def test_part_render_has_every_part_colour_and_legend(tmp_path: Path) -> None:
 
 def test_viz_cli_with_exported_model_and_text_bank(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from patchalign.data.textbank import save_text_bank
-    from patchalign.export import export_checkpoint
     from patchalign.model import EncoderConfig, PatchAlignEncoder
+    from patchalign.tools.export import export_checkpoint
 
     cfg = EncoderConfig.tiny(16)
     enc = PatchAlignEncoder(cfg)

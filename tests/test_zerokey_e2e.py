@@ -15,9 +15,9 @@ from conftest import REPO_ROOT as REPO
 
 from zerokey.__main__ import main
 from zerokey.data import FileShapeDataset, KeypointNetDataset, load_shape, read_pcd
+from zerokey.mllm.namers import KeypointNetNamer, StaticNamer
+from zerokey.mllm.pointers import OraclePointer
 from zerokey.module import ZeroKeyDataModule, ZeroKeyModule
-from zerokey.namers import KeypointNetNamer, StaticNamer
-from zerokey.pointers import OraclePointer
 from zerokey.writer import KeypointJSONWriter
 
 KPN = REPO / ".." / "shared" / "data" / "keypointnet"

@@ -21,7 +21,7 @@ from zerokey.cluster import (
 )
 from zerokey.data import ShapeSample
 from zerokey.lift import Candidates3D, lift_points
-from zerokey.pointers import OraclePointer
+from zerokey.mllm.pointers import OraclePointer
 from zerokey.views import RenderedViews
 
 SIZE, FOV, EYE_Z, PLANE_Z = 64, 60.0, 3.0, 0.5

@@ -23,7 +23,7 @@ import torch
 
 from patchalign.render import look_at_cameras
 from zerokey.data import ShapeSample
-from zerokey.pointers import (
+from zerokey.mllm.pointers import (
     MolmoPointer,
     MolmoWeightsError,
     build_multi_point_prompt,

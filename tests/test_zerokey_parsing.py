@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from zerokey.parsing import (
+from zerokey.mllm.parsing import (
     ParsedPoint,
     ParseStats,
     extract_json_list,
@@ -14,8 +14,8 @@ from zerokey.parsing import (
     parse_molmo_points,
     parse_name_list,
 )
-from zerokey.pointers import build_multi_point_prompt
-from zerokey.testing import MOLMO_FAILURE_ANSWERS, molmo_style_answer
+from zerokey.mllm.pointers import build_multi_point_prompt
+from zerokey.mllm.testing import MOLMO_FAILURE_ANSWERS, molmo_style_answer
 
 
 def test_single_point_with_alt_and_text():
@@ -179,7 +179,7 @@ def test_labelled_points_split_by_exact_name_and_count_duplicates():
     assert (stats.unmatched, stats.duplicate, stats.points, stats.garbage) == (1, 1, 5, 0)
 
 
-# Answers as served Molmo gives them (zerokey.testing), with the parse each must get.
+# Answers as served Molmo gives them (zerokey.mllm.testing), with the parse each must get.
 def test_molmo_style_answers_parse_to_their_points():
     one = molmo_style_answer("nose", [(61.5, 40.6)])
     assert one == '<point x="61.5" y="40.6" alt="nose">nose</point>'

@@ -11,10 +11,10 @@ import torch
 
 from patchalign.render import look_at_cameras
 from zerokey.data import ShapeSample
-from zerokey.namers import JSON_NAMER_PROMPT, OpenAINamer
-from zerokey.openai_client import BudgetExceeded, CallBudget, ChatClient, ChatError, encode_png_base64
-from zerokey.pointers import OpenAIPointer, build_point_prompt
-from zerokey.testing import FakeChatServer, MolmoStub
+from zerokey.mllm.client import BudgetExceeded, CallBudget, ChatClient, ChatError, encode_png_base64
+from zerokey.mllm.namers import JSON_NAMER_PROMPT, OpenAINamer
+from zerokey.mllm.pointers import OpenAIPointer, build_point_prompt
+from zerokey.mllm.testing import FakeChatServer, MolmoStub
 from zerokey.views import RenderedViews
 from zerokey.writer import config_hash
 

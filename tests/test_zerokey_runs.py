@@ -15,10 +15,10 @@ import yaml
 from zerokey.__main__ import main
 from zerokey.cluster import ClusterConfig
 from zerokey.data import load_shape
-from zerokey.namers import StaticNamer
+from zerokey.mllm.namers import StaticNamer
+from zerokey.mllm.pointers import OpenAIPointer
+from zerokey.mllm.testing import FakeChatServer, MolmoStub
 from zerokey.pipeline import ZeroKeyPipeline
-from zerokey.pointers import OpenAIPointer
-from zerokey.testing import FakeChatServer, MolmoStub
 from zerokey.views import ViewConfig
 
 
@@ -53,9 +53,9 @@ def _config(tmp_path: Path, run_dir: Path, inputs: Path, base_url: str, namer: d
         },
         "model": {
             "namer": namer
-            or {"class_path": "zerokey.namers.StaticNamer", "init_args": {"names": ["corner"]}},
+            or {"class_path": "zerokey.mllm.namers.StaticNamer", "init_args": {"names": ["corner"]}},
             "pointer": {
-                "class_path": "zerokey.pointers.OpenAIPointer",
+                "class_path": "zerokey.mllm.pointers.OpenAIPointer",
                 "init_args": {
                     "base_url": base_url,
                     "model": "molmo",
@@ -160,7 +160,7 @@ def test_namer_without_names_is_a_failed_shape_not_zero_keypoints(tmp_path, caps
 
     with FakeChatServer(answer) as server:
         namer = {
-            "class_path": "zerokey.namers.OpenAINamer",
+            "class_path": "zerokey.mllm.namers.OpenAINamer",
             "init_args": {"base_url": server.base_url, "model": "gpt", "api_key_env": None, "max_retries": 0},
         }
         code, _ = _predict(_config(tmp_path, run_dir, inputs, server.base_url, namer))

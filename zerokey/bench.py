@@ -20,8 +20,8 @@ KeypointNet's (``KeypointNetNamer``), so these numbers evaluate the 3D half of Z
 MLLMs.
 
 ``--pointer server`` routes the same oracle answers through the real HTTP path: a local
-OpenAI-compatible :class:`~zerokey.testing.FakeChatServer` answers each per-(view, name) request in
-served Molmo's format (:class:`~zerokey.testing.MolmoStub`: ``<point>``, several coordinates in one
+OpenAI-compatible :class:`~zerokey.mllm.testing.FakeChatServer` answers each per-(view, name) request in
+served Molmo's format (:class:`~zerokey.mllm.testing.MolmoStub`: ``<point>``, several coordinates in one
 ``<points>``, "Counting the ..." sentences, "There are none.") and :class:`OpenAIPointer` parses it --
 so the numbers include image encoding, the openai SDK, the bounded request pool and answer parsing.
 """
@@ -43,10 +43,10 @@ import torch
 from zerokey.cluster import ClusterConfig
 from zerokey.data import KeypointNetDataset, ShapeSample, load_keypointnet_annotations
 from zerokey.evaluate import evaluate_predictions
-from zerokey.namers import KeypointNetNamer
+from zerokey.mllm.namers import KeypointNetNamer
+from zerokey.mllm.pointers import OpenAIPointer, OraclePointer, Pointer, Points2D
+from zerokey.mllm.testing import FakeChatServer, MolmoStub
 from zerokey.pipeline import ZeroKeyPipeline
-from zerokey.pointers import OpenAIPointer, OraclePointer, Pointer, Points2D
-from zerokey.testing import FakeChatServer, MolmoStub
 from zerokey.views import RenderedViews, ViewConfig
 
 __all__ = ["Ablation", "ABLATIONS", "run_bench", "format_table", "main", "OracleServerPointer"]
@@ -89,7 +89,7 @@ def _image_key(image: np.ndarray) -> str:
 
 
 def _to_uint8(image: torch.Tensor) -> np.ndarray:
-    # Same conversion as zerokey.openai_client.encode_png_base64 (PNG is lossless, so the server
+    # Same conversion as zerokey.mllm.client.encode_png_base64 (PNG is lossless, so the server
     # decodes exactly these bytes).
     return (np.clip(image.detach().cpu().numpy(), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
@@ -272,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "--feature-model",
         default=None,
         help="also print the PatchAlign3D-feature keypoint rows (zero-shot, few-shot leave-one-out, unified) "
-        "for this export dir / released checkpoint (see zerokey.feature_bench)",
+        "for this export dir / released checkpoint (see zerokey.features.bench)",
     )
     parser.add_argument("--feature-category", default="airplane", help="KeypointNet category of those rows")
     args = parser.parse_args(argv)
@@ -298,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     print(format_table(result))
     if args.feature_model:
-        from zerokey.feature_bench import feature_rows, format_rows
+        from zerokey.features.bench import feature_rows, format_rows
 
         if not Path(args.feature_model).exists():
             raise SystemExit(

@@ -17,10 +17,10 @@ from torch.utils.data import DataLoader
 
 from zerokey.cluster import ClusterConfig
 from zerokey.data import FileShapeDataset, KeypointNetDataset, ShapeSample, collate_shapes
-from zerokey.namers import Namer
-from zerokey.openai_client import CallBudget, ChatError
+from zerokey.mllm.client import CallBudget, ChatError
+from zerokey.mllm.namers import Namer
+from zerokey.mllm.pointers import Pointer
 from zerokey.pipeline import KeypointDetector, ShapePrediction, ZeroKeyPipeline
-from zerokey.pointers import Pointer
 from zerokey.views import ViewConfig
 from zerokey.writer import ZeroKeyRunError
 
@@ -35,10 +35,10 @@ class ZeroKeyModule(pl.LightningModule):
     (``docs/fidelity.md``).
 
     Args:
-        namer: a :class:`zerokey.namers.Namer` (``OpenAINamer``, ``KeypointNetNamer``, ``StaticNamer``).
-        pointer: a :class:`zerokey.pointers.Pointer` (``MolmoPointer``, ``OpenAIPointer``, ``OraclePointer``).
+        namer: a :class:`zerokey.mllm.namers.Namer` (``OpenAINamer``, ``KeypointNetNamer``, ``StaticNamer``).
+        pointer: a :class:`zerokey.mllm.pointers.Pointer` (``MolmoPointer``, ``OpenAIPointer``, ``OraclePointer``).
         detector: instead of namer + pointer, any :class:`zerokey.pipeline.KeypointDetector` with its
-            own settings (e.g. the PatchAlign3D-feature detectors of :mod:`zerokey.feature_pipeline`:
+            own settings (e.g. the PatchAlign3D-feature detectors of :mod:`zerokey.features.pipeline`:
             ``configs/keypoints_{zeroshot,fewshot,unified}.yaml``); the ZeroKey arguments below are
             then unused. The writer, run folders, failure budget and evaluation are the same.
         n_views: 6, 26 (paper) or 46 (the paper's ablation layouts, see :func:`zerokey.views.view_layout`).

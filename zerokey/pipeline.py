@@ -25,9 +25,9 @@ from torch import Tensor
 from zerokey.cluster import Cluster, ClusterConfig, closest_point_on_mesh, cluster_candidates, nearest_point
 from zerokey.data import ShapeSample
 from zerokey.lift import lift_points
-from zerokey.namers import Namer, NamingResult
-from zerokey.parsing import ParseStats
-from zerokey.pointers import Pointer, Points2D
+from zerokey.mllm.namers import Namer, NamingResult
+from zerokey.mllm.parsing import ParseStats
+from zerokey.mllm.pointers import Pointer, Points2D
 from zerokey.views import RenderedViews, ViewConfig, make_cameras, render_shape
 
 __all__ = [
@@ -142,8 +142,8 @@ class ZeroKeyPipeline(KeypointDetector):
     """Zero-shot keypoints for one shape at a time (all work inside is batched over views / pixels).
 
     Args:
-        namer: which names to look for (:mod:`zerokey.namers`).
-        pointer: where they are in each view (:mod:`zerokey.pointers`).
+        namer: which names to look for (:mod:`zerokey.mllm.namers`).
+        pointer: where they are in each view (:mod:`zerokey.mllm.pointers`).
         views: camera / renderer settings.
         patch_size: h of the Gaussian patch cast to the surface around each 2D point.
         lift_method: "auto" | "barycentric" | "points" | "depth" (see :func:`zerokey.lift.lift_points`).

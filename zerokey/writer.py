@@ -18,7 +18,7 @@ a folder that holds a run:
 Every file is written atomically (temp file + rename), so a killed job leaves no half JSON. The
 interface is shared by every ZeroKey prediction loop (``ZeroKeyModule`` and detectors built on it):
 the module provides ``method_settings()`` (hashed), optionally ``preflight()`` (called before anything
-is written), ``budget`` (a :class:`~zerokey.openai_client.CallBudget`, checked after every batch),
+is written), ``budget`` (a :class:`~zerokey.mllm.client.CallBudget`, checked after every batch),
 ``done_ids`` (filled here: shapes to skip) and ``run_notes()`` (lines printed at the end).
 """
 

@@ -2,7 +2,7 @@
 
 The geometry is meaningless (points on a unit sphere, parts = spherical caps) but every array has
 the real dtype and shape, so byte counts and decode costs match real shards of the same ``N``/``C``.
-Realistic demo data comes from :mod:`patchalign.shards`.
+Realistic demo data comes from :mod:`patchalign.engine`.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ Submodules: :mod:`~patchalign.eval.readers` (one reader per benchmark, registry)
 (``python -m patchalign report``), :mod:`~patchalign.eval.zeroshot`
 (protocol), :mod:`~patchalign.eval.metrics` (torchmetrics mIoU), :mod:`~patchalign.eval.evaluator`
 (``PartSegEvaluator``, ``run_zero_shot_eval``), :mod:`~patchalign.eval.datamodule` (Lightning),
-:mod:`patchalign.bench.eval`.
+:mod:`patchalign.tools.bench.eval`.
 
 Names are resolved lazily so that importing one light submodule (the training loop imports
 ``metrics``) does not import every reader, torchmetrics and the Lightning data module. Nothing in the

@@ -385,7 +385,7 @@ def run_zero_shot_eval(
 
     Args:
         model: ``PatchAlignEncoder`` (any module returning ``EncoderOutput``), ``PretrainedPatchAlign``
-            or the directory written by :func:`patchalign.export.export_checkpoint`.
+            or the directory written by :func:`patchalign.tools.export.export_checkpoint`.
         dataset: a reader (wrapped in :class:`ResampledDataset` with ``num_points``/``seed``) or an
             already wrapped one.
         text_encoder_or_bank: see :class:`PartTextEmbedder`.
@@ -508,7 +508,7 @@ def render_best_worst(
 ) -> list[Path]:
     """Re-run the best/worst ``per_category`` shapes of each category and save prediction,
     ground-truth and PCA pictures."""
-    from patchalign.viz import save_shape_figures
+    from patchalign.tools.viz import save_shape_figures
 
     device = predict_kw.pop("device")
     written: list[Path] = []

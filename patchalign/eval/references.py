@@ -155,7 +155,7 @@ TALK_REFERENCES: dict[str, Reference] = {
             "KeypointNet, PatchAlign3D features (zero-shot)",
             {"IoU@0.10": 32.88},
             command=(
-                "python -m zerokey.feature_bench --model patchalign3d.pt --root KEYPOINTNET "
+                "python -m zerokey.features.bench --model patchalign3d.pt --root KEYPOINTNET "
                 "--json_out outputs/feature_bench.json"
             ),
             needs="KeypointNet annotations + pcds; " + _WEIGHTS,
@@ -166,7 +166,7 @@ TALK_REFERENCES: dict[str, Reference] = {
             "KeypointNet, PatchAlign3D features (few-shot)",
             {"IoU@0.10": 64.07},
             command=(
-                "python -m zerokey.feature_bench --model patchalign3d.pt --root KEYPOINTNET "
+                "python -m zerokey.features.bench --model patchalign3d.pt --root KEYPOINTNET "
                 "--json_out outputs/feature_bench.json"
             ),
             notes="the talk does not state the support size; feature_bench reports K=1 and K=5",

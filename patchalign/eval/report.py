@@ -8,7 +8,7 @@ Gathers the result files evaluation runs already write and puts them in one Mark
 * keypoints: every JSON that ``python -m zerokey evaluate --out`` writes (``thresholds``,
   ``mean_iou``, ``iou``). That file records no method, so it is reported as the ZeroKey row unless
   it carries a ``"method"`` field naming another row (``patchalign3d_zeroshot`` / ``_fewshot``);
-  and the rows ``python -m zerokey.feature_bench --json_out`` writes (``patchalign zero-shot`` and
+  and the rows ``python -m zerokey.features.bench --json_out`` writes (``patchalign zero-shot`` and
   ``patchalign few-shot K=k`` are the PatchAlign3D keypoint rows; its oracle-pointer rows are
   skipped with a printed count, the talk's ZeroKey row uses Molmo).
 
@@ -92,7 +92,7 @@ Result = PartSegResult | KeypointResult
 
 
 def _feature_bench_rows(path: Path, rows: list[dict[str, Any]]) -> list[Result]:
-    """``python -m zerokey.feature_bench --json_out`` rows (IoU 0..1 keyed by threshold string): the
+    """``python -m zerokey.features.bench --json_out`` rows (IoU 0..1 keyed by threshold string): the
     PatchAlign3D-feature rows become keypoint results; the oracle-pointer rows are not the talk's
     protocol (no Molmo) and are skipped with a printed count."""
     out: list[Result] = []

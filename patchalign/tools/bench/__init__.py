@@ -1,0 +1,16 @@
+"""Every benchmark of patchalign, in one package (tools layer: nothing below imports it).
+
+Performance targets live here, not in timed unit tests: each module prints numbers measured on the
+current hardware, next to the reference it should be read against. One entry point::
+
+    python -m patchalign bench encoder   # forward ms/shape, GFLOP/s vs a matmul peak   (encoder.py)
+    python -m patchalign bench loader    # streaming vs decoded-cache loader throughput  (loader.py)
+    python -m patchalign bench train     # per stage: loader vs step samples/s           (train.py)
+    python -m patchalign bench render    # Embree vs PyTorch3D ms per view               (render.py)
+    python -m patchalign bench eval      # zero-shot evaluation shapes/s, load latency   (eval.py)
+    python -m patchalign bench demo      # the demo's teacher / two-stage ablation       (demo.py)
+    python -m patchalign bench gpu       # the prepared one-GPU check                    (gpu.py)
+
+ZeroKey's benchmarks live with ZeroKey (``python -m zerokey bench``, ``zerokey.features.bench``):
+zerokey is its own package and its benchmarks run its prediction loop.
+"""

@@ -1,0 +1,193 @@
+"""Export a checkpoint to a self-contained inference directory.
+
+``export_checkpoint(ckpt, out_dir)`` reads any format :mod:`patchalign.checkpoints` accepts (a
+Lightning checkpoint, a released PatchAlign3D ``patchalign3d.pt``, or another export) and writes
+
+* ``model.safetensors``: the encoder and its projection head, nothing else (no optimizer, no
+  teacher, no EMA, no Lightning state), keys ``encoder.<PatchAlignEncoder parameter>``;
+* ``config.json``: ``{"format": "patchalign-pretrained", "encoder": EncoderConfig.to_dict(),
+  "text_encoder": <spec>, "logit": {"form", "scale", "bias", "max_scale", "multiplier"},
+  "templates": [...], ...}``. A released file records OpenCLIP ViT-bigG-14 / laion2b_s39b_b160k and
+  the ``log_scale`` form, whose multiplier is ``min(exp(temp.log_scale), 100)`` as released;
+* optionally ``encoder.pt2``: a ``torch.export`` program of the encoder for a fixed input size,
+  returning ``(patch_features, centers, point_to_patch)``.
+
+The directory loads with :func:`patchalign.pretrained.load_pretrained`, which needs neither
+Lightning nor this module. Usage: ``python -m patchalign export CKPT OUT_DIR [--torch-export]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from patchalign.checkpoints import (
+    CONFIG_NAME,
+    FORMAT,
+    FORMAT_VERSION,
+    PROGRAM_NAME,
+    WEIGHTS_NAME,
+    CheckpointError,
+    effective_multiplier,
+    load_encoder_state,
+    read_checkpoint,
+)
+from patchalign.model import PatchAlignEncoder
+from patchalign.text import DEFAULT_TEMPLATES, normalize_template
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CONFIG_NAME", "FORMAT", "PROGRAM_NAME", "WEIGHTS_NAME", "export_checkpoint", "export_program"]
+
+
+class _ExportableEncoder(nn.Module):
+    """Tensor-tuple front end for ``torch.export`` (``EncoderOutput`` is a dataclass)."""
+
+    def __init__(self, encoder: PatchAlignEncoder) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, points: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        out = self.encoder(points)
+        return out.patch_features, out.centers, out.point_to_patch
+
+
+def _text_provenance(
+    encoder_id: str | None, templates: list[str] | None, hparams: Mapping[str, Any]
+) -> tuple[str | None, list[str]]:
+    """Text encoder spec and prompt templates: as recorded, else from the Stage 2 text bank's
+    header (the bank records the encoder id and templates its vectors were made with)."""
+    bank = hparams.get("text_bank")
+    if (encoder_id is None or templates is None) and bank and Path(bank).is_file():
+        try:
+            with safe_open(str(bank), framework="pt") as f:
+                meta = f.metadata() or {}
+            encoder_id = encoder_id or meta.get("encoder_id") or None
+            templates = templates or json.loads(meta.get("templates", "[]")) or None
+        except Exception as e:  # noqa: BLE001 - provenance is best effort; the weights are what matter
+            log.warning("could not read text-bank metadata from %s: %s", bank, e)
+    return encoder_id, [normalize_template(t) for t in (templates or DEFAULT_TEMPLATES)]
+
+
+def export_checkpoint(
+    ckpt_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    torch_export: bool = False,
+    num_points: int = 2048,
+    strict: bool = True,
+) -> Path:
+    """Write ``model.safetensors`` + ``config.json`` (and ``encoder.pt2`` if ``torch_export``) to ``out_dir``.
+
+    Args:
+        ckpt_path: a Lightning checkpoint (``state_dict`` with ``encoder.*`` keys, others dropped;
+            ``hyper_parameters.encoder_config``; optionally ``text_encoder`` / ``text_templates`` or
+            a ``text_bank`` path whose safetensors header supplies both), a released
+            ``patchalign3d.pt``, or an export directory.
+        out_dir: created if needed; existing files of the same names are replaced.
+        torch_export: also save a ``torch.export`` program for ``(1, num_points, 3)`` inputs.
+        strict: refuse weights that do not match the architecture (default); ``False`` exports the
+            matching tensors (the rest keep their initialisation) and logs the counts.
+
+    Returns:
+        ``out_dir`` as a ``Path``.
+
+    Raises:
+        ValueError: the checkpoint lacks encoder weights or its config, or the weights do not match
+            the config (missing/unexpected/mis-shaped tensors are listed).
+    """
+    ckpt_path, out = Path(ckpt_path), Path(out_dir)
+    ckpt = read_checkpoint(ckpt_path)
+    if ckpt.encoder_config is None:
+        raise CheckpointError(f"{ckpt_path}: hyper_parameters has no 'encoder_config'")
+    encoder = PatchAlignEncoder(ckpt.encoder_config)
+    load_encoder_state(encoder, ckpt.state, strict=strict, source=str(ckpt_path))
+    tensors = {f"encoder.{k}": v.detach().to("cpu").contiguous() for k, v in encoder.state_dict().items()}
+    text_encoder, text_templates = _text_provenance(ckpt.text_encoder, ckpt.templates, ckpt.hparams)
+    logit = dict(ckpt.logit)
+    if logit.get("form", "none") != "none":
+        logit["multiplier"] = effective_multiplier(logit)
+    cfg_json = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "encoder": ckpt.encoder_config.to_dict(),
+        "text_encoder": text_encoder,
+        "logit": logit,
+        "templates": list(text_templates),
+        "source_checkpoint": ckpt_path.name,
+        "source_format": ckpt.kind,
+        "epoch": ckpt.extra.get("epoch"),
+        "global_step": ckpt.extra.get("global_step"),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": FORMAT})
+    (out / CONFIG_NAME).write_text(json.dumps(cfg_json, indent=2))
+    dropped = ", ".join(ckpt.extra.get("other_modules") or []) or "nothing"
+    log.info(
+        "exported %d encoder tensors from a %s file to %s (dropped: %s)",
+        len(tensors),
+        ckpt.kind,
+        out,
+        dropped,
+    )
+    if torch_export:
+        export_program(encoder, out / PROGRAM_NAME, num_points)
+    return out
+
+
+def export_program(
+    encoder: PatchAlignEncoder, path: str | os.PathLike, num_points: int = 2048, batch_size: int = 1
+) -> Path:
+    """``torch.export`` the encoder for ``(batch_size, num_points, 3)`` float32 inputs and save it.
+
+    The FPS loop (``num_groups`` steps) is unrolled at trace time, so the program is specialised to
+    the configured ``num_groups`` and to the static input size; sizes are not dynamic.
+    """
+    encoder = encoder.eval()
+    example = torch.randn(batch_size, num_points, 3)
+    program = torch.export.export(_ExportableEncoder(encoder), (example,))
+    path = Path(path)
+    torch.export.save(program, str(path))
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m patchalign.tools.export", description=__doc__.split("\n")[0])
+    p.add_argument("ckpt", help="Lightning checkpoint (.ckpt), released patchalign3d.pt, or an export dir")
+    p.add_argument("out_dir", help="output directory")
+    p.add_argument("--torch-export", action="store_true", help="also write encoder.pt2 (torch.export)")
+    p.add_argument("--num-points", type=int, default=2048, help="input size of the torch.export program")
+    p.add_argument(
+        "--non-strict",
+        action="store_true",
+        help="export even if tensors are missing/unexpected (logs counts)",
+    )
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    try:
+        out = export_checkpoint(
+            args.ckpt,
+            args.out_dir,
+            torch_export=args.torch_export,
+            num_points=args.num_points,
+            strict=not args.non_strict,
+        )
+    except (CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"exported to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,3 @@
+"""Everything ZeroKey asks a multimodal LLM: the OpenAI-compatible client (:mod:`~zerokey.mllm.client`),
+namers, pointers, answer parsing, and the local test servers (:mod:`~zerokey.mllm.testing`).
+"""
