@@ -36,7 +36,8 @@ class ZeroKeyModule(pl.LightningModule):
 
     Args:
         namer: a :class:`zerokey.mllm.namers.Namer` (``OpenAINamer``, ``KeypointNetNamer``, ``StaticNamer``).
-        pointer: a :class:`zerokey.mllm.pointers.Pointer` (``MolmoPointer``, ``OpenAIPointer``, ``OraclePointer``).
+        pointer: a :class:`zerokey.mllm.pointers.Pointer` (``MolmoPointer``, ``OpenAIPointer``,
+            ``OraclePointer``).
         detector: instead of namer + pointer, any :class:`zerokey.pipeline.KeypointDetector` with its
             own settings (e.g. the PatchAlign3D-feature detectors of :mod:`zerokey.features.pipeline`:
             ``configs/keypoints_{zeroshot,fewshot,unified}.yaml``); the ZeroKey arguments below are

@@ -201,7 +201,8 @@ class ZeroShotFeatureKeypoints(_FeatureDetector):
             names, ``OpenAINamer`` asks an MLLM from rendered views, which are then rendered).
         score: ``softmax`` over the queried names (default: a name peaks where it beats the others)
             or raw ``cosine``.
-        region_radius / nms_radius / min_score / graph_k: see :func:`zerokey.features.keypoints.peak_keypoints`.
+        region_radius / nms_radius / min_score / graph_k: see
+            :func:`zerokey.features.keypoints.peak_keypoints`.
         num_points: mesh inputs are sampled to this many points (point clouds are used as they are).
         views: rendering settings, used only when the namer needs images.
     """
