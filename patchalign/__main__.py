@@ -6,6 +6,7 @@
 * ``demo``: the fresh-machine main job (demo shards → Stage 1 → Stage 2 → zero-shot eval → export → PNGs).
 * ``shards``: the data engine that builds training shards (:mod:`patchalign.engine`).
 * ``bench``: every benchmark (:mod:`patchalign.tools.bench`).
+* ``segment``: label users' meshes and clouds at full resolution (:mod:`patchalign.tools.segment`).
 
 Extra verbs are dispatched here, before LightningCLI runs, because LightningCLI subcommands must be
 Trainer methods.
@@ -23,6 +24,7 @@ EXTRA_VERBS = {
     "demo": "patchalign.tools.demo",
     "shards": "patchalign.engine.__main__",
     "bench": "patchalign.tools.bench.__main__",
+    "segment": "patchalign.tools.segment",
 }
 
 
