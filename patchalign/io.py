@@ -12,21 +12,31 @@ Core room (imports numpy, torch-free readers and trimesh only): the renderer
 * :func:`read_point_file`: any point file by suffix (``.npy``, ``.txt``/``.xyz``/``.pts``, ``.pcd``).
 * :func:`load_geometry`: any trimesh-readable mesh or point cloud with file order kept
   (``process=False``) and scenes merged with their node transforms applied.
+* :func:`read_npy`: a ``.npy`` file that never runs code. Plain arrays load with
+  ``allow_pickle=False``; an object array (PartSLIP's ``label.npy`` is ``np.save`` of a dict of arrays)
+  only when the caller allows it, and then through an unpickler that can build numpy arrays, dtypes,
+  scalars and plain containers and nothing else (:class:`UnsafePickleError` names the refused global).
 
 No open3d / plyfile dependency.
 """
 
 from __future__ import annotations
 
+import ast
+import collections
 import os
+import pickle
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 
 __all__ = [
     "POINT_SUFFIXES",
     "GeometryLoadError",
+    "UnsafePickleError",
     "load_geometry",
+    "read_npy",
     "read_obj_vertices",
     "read_pcd_xyz",
     "read_ply_xyz",
@@ -41,6 +51,177 @@ POINT_SUFFIXES = (".npy", ".txt", ".xyz", ".pts", ".pcd")
 
 class GeometryLoadError(ValueError):
     """A shape file could not be parsed, or holds non-finite coordinates / out-of-range faces."""
+
+
+class UnsafePickleError(ValueError):
+    """A file holds a pickled Python object this project will not unpickle.
+
+    Unpickling runs whatever callables the file names (``os.system``, ``builtins.exec``, ...), so a
+    data file must never be unpickled freely. ``refused`` is the ``module.name`` of the global the
+    file asked for (None when the file was refused as a whole, e.g. an object array where only
+    numbers are expected).
+    """
+
+    def __init__(self, message: str, path: Path, refused: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.refused = refused
+
+
+# ----------------------------------------------------------------------------------------- .npy files
+
+_NPY_MAGIC = b"\x93NUMPY"
+_NPY_MAX_HEADER = 10_000  # numpy's own default limit (np.load's max_header_size)
+
+
+class _NdarrayClass:
+    """Stands in for ``numpy.ndarray`` inside a restricted unpickle.
+
+    A pickled array names ``numpy.ndarray`` only as the first argument of ``_reconstruct``. Handing
+    the unpickler the real class would also let a file *call* it: ``ndarray((n,), object, buffer)``
+    turns arbitrary bytes into object pointers (memory corruption). This token is not callable and
+    only :func:`_safe_reconstruct` accepts it.
+    """
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "numpy.ndarray (restricted)"
+
+
+_NDARRAY = _NdarrayClass()
+# The real numpy callables, taken from what numpy itself pickles (numpy 1.x names them
+# ``numpy.core.multiarray.*``, numpy 2.x ``numpy._core.multiarray.*``; no private import needed).
+_reconstruct = np.zeros(1).__reduce__()[0]
+_scalar = np.int64(0).__reduce__()[0]
+
+
+def _safe_reconstruct(subtype: object, shape: Any, dtype_code: Any) -> np.ndarray:
+    """``numpy.core.multiarray._reconstruct`` for plain ``ndarray`` only (no subclasses)."""
+    if subtype is not _NDARRAY:
+        raise pickle.UnpicklingError(f"_reconstruct of {subtype!r}: only numpy.ndarray is allowed")
+    return _reconstruct(np.ndarray, shape, dtype_code)
+
+
+def _safe_scalar(dtype: object, *args: Any) -> Any:
+    """``numpy.core.multiarray.scalar`` for a non-object dtype (an object scalar would be raw pointers)."""
+    if not isinstance(dtype, np.dtype) or dtype.hasobject:
+        raise pickle.UnpicklingError(f"numpy scalar of {dtype!r}: only numeric dtypes are allowed")
+    return _scalar(dtype, *args)
+
+
+#: ``module.name`` -> object: everything a restricted unpickle may reference. Exactly what
+#: ``np.save`` of (dicts / lists / object arrays of) numpy arrays, dtypes, numpy scalars and plain
+#: Python values writes under numpy 1.x and 2.x (protocol 3 and 4); ``dict`` / ``list`` / ``tuple`` /
+#: ``str`` / ``bytes`` / numbers have their own opcodes and need no global.
+_SAFE_GLOBALS: dict[str, Any] = {
+    "numpy.ndarray": _NDARRAY,
+    "numpy.dtype": np.dtype,
+    "numpy.core.multiarray._reconstruct": _safe_reconstruct,
+    "numpy._core.multiarray._reconstruct": _safe_reconstruct,
+    "numpy.core.multiarray.scalar": _safe_scalar,
+    "numpy._core.multiarray.scalar": _safe_scalar,
+    "builtins.set": set,  # protocol 3 pickles sets / frozensets / complex numbers by name
+    "builtins.frozenset": frozenset,
+    "builtins.complex": complex,
+    "collections.OrderedDict": collections.OrderedDict,
+}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays, dtypes, numpy scalars and plain containers; refuses every other global.
+
+    Every callable a pickle can invoke (REDUCE, NEWOBJ, INST, OBJ) comes from :meth:`find_class`,
+    so allowing only the constructors in :data:`_SAFE_GLOBALS` means no other code can run.
+    """
+
+    def __init__(self, file: BinaryIO, path: Path) -> None:
+        super().__init__(file)
+        self._path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        key = f"{module}.{name}"
+        if key in _SAFE_GLOBALS:
+            return _SAFE_GLOBALS[key]
+        raise UnsafePickleError(
+            f"{self._path}: refusing to unpickle {key} (a pickled .npy may hold only numpy arrays, dtypes, "
+            "scalars and plain containers; this file would run code if loaded with allow_pickle=True)",
+            self._path,
+            refused=key,
+        )
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise UnsafePickleError(
+            f"{self._path}: refusing a pickle persistent id", self._path, refused="persistent_id"
+        )
+
+
+def _read_npy_header(f: BinaryIO, path: Path) -> tuple[np.dtype, tuple[int, ...]]:
+    """``(dtype, shape)`` of the ``.npy`` header at the start of ``f``; ``f`` is left at the payload.
+
+    Parsed here (``ast.literal_eval``, which evaluates literals only) so the dtype is known before a
+    single payload byte is interpreted.
+    """
+    magic = f.read(8)
+    if magic[:4] == b"PK\x03\x04":
+        raise ValueError(f"{path}: is a .npz (zip) archive, not a .npy array")
+    if len(magic) < 8 or magic[:6] != _NPY_MAGIC:
+        raise ValueError(f"{path}: not a .npy file (no \\x93NUMPY magic); refusing to read it as a pickle")
+    major = magic[6]
+    if major not in (1, 2, 3):
+        raise ValueError(f"{path}: unsupported .npy format version {major}.{magic[7]}")
+    hlen = int.from_bytes(f.read(2 if major == 1 else 4), "little")
+    if hlen > _NPY_MAX_HEADER:
+        raise ValueError(f"{path}: .npy header of {hlen} bytes is implausibly large")
+    try:
+        header = ast.literal_eval(f.read(hlen).decode("utf8" if major == 3 else "latin1"))
+        dtype = np.lib.format.descr_to_dtype(header["descr"])
+        shape = tuple(int(n) for n in header["shape"])
+        bool(header["fortran_order"])
+    except (ValueError, SyntaxError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: malformed .npy header ({e})") from e
+    return dtype, shape
+
+
+def read_npy(path: PathLike, *, allow_objects: bool = False) -> np.ndarray:
+    """The array in a ``.npy`` file, without ever running code from it.
+
+    Args:
+        path: the ``.npy`` file.
+        allow_objects: read an object array (a pickled payload, e.g. PartSLIP's ``label.npy`` dict)
+            with the restricted unpickler (:data:`_SAFE_GLOBALS`). When False, an object array is
+            refused as a whole: numeric data (point clouds, label vectors) has no reason to be pickled.
+
+    Raises:
+        UnsafePickleError: the file names a global outside the allow-list (``refused`` holds it), or
+            holds an object array when ``allow_objects`` is False.
+        ValueError: not a ``.npy`` file (``.npz``, a bare pickle, garbage), a malformed header or a
+            corrupt payload; the message starts with the path.
+    """
+    path = Path(path)
+    with open(path, "rb") as f:
+        dtype, shape = _read_npy_header(f, path)
+        if not dtype.hasobject:
+            f.seek(0)
+            try:
+                return np.lib.format.read_array(f, allow_pickle=False)
+            except (ValueError, OSError, EOFError) as e:
+                raise ValueError(f"{path}: corrupt .npy payload ({e})") from e
+        if not allow_objects:
+            raise UnsafePickleError(
+                f"{path}: holds pickled Python objects (dtype {dtype}), not a plain numeric array; "
+                "refusing to unpickle it (re-save it with np.save(path, np.asarray(values, dtype=float)))",
+                path,
+            )
+        try:
+            arr = _ArrayUnpickler(f, path).load()
+        except UnsafePickleError:
+            raise
+        except Exception as e:  # a corrupt pickle raises many types (EOFError, TypeError, ...)
+            raise ValueError(f"{path}: corrupt pickled .npy payload ({type(e).__name__}: {e})") from e
+    if not isinstance(arr, np.ndarray) or arr.shape != shape or not arr.dtype.hasobject:
+        raise ValueError(f"{path}: pickled payload is not the {shape} object array its header announces")
+    return arr
 
 
 def read_pcd_xyz(path: PathLike) -> np.ndarray:
@@ -115,12 +296,18 @@ def read_point_file(path: PathLike) -> np.ndarray:
     """(N, 3) float32 points of a point file chosen by suffix (:data:`POINT_SUFFIXES`).
 
     ``.npy`` and text files keep their first three columns. Empty files and non-finite coordinates
-    are errors (a NaN would otherwise surface much later as a wrong normalisation).
+    are errors (a NaN would otherwise surface much later as a wrong normalisation). A ``.npy`` is read
+    by :func:`read_npy` without objects: a pickled one is refused (:class:`UnsafePickleError`), never run.
     """
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".npy":
-        xyz = np.load(path).astype(np.float32)[:, :3]
+        arr = read_npy(path)
+        if arr.ndim != 2 or arr.shape[1] < 3 or not np.issubdtype(arr.dtype, np.number):
+            raise ValueError(
+                f"{path}: expected an (N, 3+) numeric array of points, got {arr.dtype} {arr.shape}"
+            )
+        xyz = arr[:, :3].astype(np.float32)
     elif suffix in (".txt", ".xyz", ".pts"):
         xyz = np.loadtxt(path, dtype=np.float32, ndmin=2)[:, :3]
     elif suffix == ".pcd":

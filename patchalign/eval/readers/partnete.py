@@ -20,6 +20,7 @@ from patchalign.eval.readers.base import (
     select_categories,
 )
 from patchalign.eval.readers.formats import read_ply_xyz
+from patchalign.io import read_npy
 
 
 class PartNetE(PartSegDataset):
@@ -29,6 +30,11 @@ class PartNetE(PartSegDataset):
     (``np.save`` of a dict; ``semantic_seg`` is 0-indexed into ``PartNetE_meta.json[Category]``,
     ``-1`` = not a part). ``<root>`` may also be the ``data/`` directory of the PartSLIP download.
     An ``<id>`` directory without both files is counted as missing.
+
+    ``label.npy`` is a pickle, so it is read by :func:`patchalign.io.read_npy` with its restricted
+    unpickler (numpy arrays, dtypes, scalars and plain containers only), never ``allow_pickle=True``:
+    a file naming anything else raises :class:`patchalign.io.UnsafePickleError` with its path, and
+    the evaluation stops there rather than skipping the shape.
 
     Args:
         meta_path: ``PartNetE_meta.json``; default ``<root>/PartNetE_meta.json`` then its parent's.
@@ -79,11 +85,17 @@ class PartNetE(PartSegDataset):
     def __getitem__(self, index: int) -> PartSegSample:
         cat, uid, d = self._items[index]
         points = read_ply_xyz(d / "pc.ply")
-        raw = np.load(d / "label.npy", allow_pickle=True)
+        label_file = d / "label.npy"
+        raw = read_npy(label_file, allow_objects=True)  # restricted unpickler; refusals name the file
         lab = raw.item() if raw.dtype == object and raw.shape == () else raw
         if not isinstance(lab, Mapping) or "semantic_seg" not in lab:
-            raise ValueError(f"{d / 'label.npy'}: expected a dict with 'semantic_seg'")
+            raise ValueError(f"{label_file}: expected a dict with 'semantic_seg' (PartSLIP's label.npy)")
         labels = np.asarray(lab["semantic_seg"]).reshape(-1)
+        numeric = np.issubdtype(labels.dtype, np.integer) or np.issubdtype(labels.dtype, np.floating)
+        if not numeric or (labels.dtype.kind == "f" and not np.array_equal(labels, np.round(labels))):
+            raise ValueError(
+                f"{label_file}: 'semantic_seg' must hold whole-number labels, got {labels.dtype}"
+            )
         if labels.shape[0] != points.shape[0]:
             raise ValueError(f"{uid}: {points.shape[0]} points but {labels.shape[0]} labels")
         labels = self._check_labels(labels, len(self.part_names_by_category[cat]), uid)
