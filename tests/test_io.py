@@ -50,3 +50,28 @@ def test_load_geometry_keeps_file_order_and_merges_scenes_with_transforms(tmp_pa
     (tmp_path / "bad.glb").write_bytes(b"not a glb")
     with pytest.raises(GeometryLoadError):
         load_geometry(tmp_path / "bad.glb")
+
+
+def test_read_npy_matches_np_load_for_plain_arrays(tmp_path: Path) -> None:
+    """:func:`read_npy` parses the header itself (to see the dtype before any payload byte); every
+    ``.npy`` format version and layout must come back exactly as ``np.load`` gives it."""
+    from patchalign.io import UnsafePickleError, read_npy
+
+    fortran = np.asfortranarray(np.arange(12, dtype=np.int16).reshape(3, 4))
+    structured = np.array([(1.5, 2), (3.0, 4)], dtype=[("x", "<f4"), ("n", ">i8")])
+    unicode_field = np.zeros(2, dtype=[("größe", "<f8")])  # needs format 3.0 (utf8 header)
+    cases = {"v1": (fortran, (1, 0)), "v2": (structured, (2, 0)), "v3": (unicode_field, (3, 0))}
+    for name, (arr, version) in cases.items():
+        with open(tmp_path / f"{name}.npy", "wb") as f:
+            np.lib.format.write_array(f, arr, version=version)
+        got = read_npy(tmp_path / f"{name}.npy")
+        ref = np.load(tmp_path / f"{name}.npy", allow_pickle=False)
+        assert got.dtype == ref.dtype == arr.dtype and got.flags.f_contiguous == ref.flags.f_contiguous
+        np.testing.assert_array_equal(got, arr)
+    np.save(tmp_path / "obj.npy", np.array([1, "a"], dtype=object), allow_pickle=True)
+    with pytest.raises(UnsafePickleError, match="obj.npy: holds pickled Python objects"):
+        read_npy(tmp_path / "obj.npy")  # objects only when the caller asks (allow_objects=True)
+    assert read_npy(tmp_path / "obj.npy", allow_objects=True).tolist() == [1, "a"]
+    (tmp_path / "short.npy").write_bytes((tmp_path / "v1.npy").read_bytes()[:-4])
+    with pytest.raises(ValueError, match="short.npy: corrupt .npy payload"):
+        read_npy(tmp_path / "short.npy")
