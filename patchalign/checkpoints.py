@@ -57,6 +57,11 @@ RELEASED_MAX_SCALE = 100.0
 RELEASED_NUM_HEADS = 6  # fixed in the released build_model, not stored in the checkpoint
 
 CheckpointKind = Literal["lightning", "export", "released"]
+#: What every reader accepts, named in its errors.
+EXPECTED_CHECKPOINT = (
+    "a Lightning checkpoint (.ckpt), a released PatchAlign3D file (patchalign3d.pt) "
+    f"or an export directory ({CONFIG_NAME} + {WEIGHTS_NAME})"
+)
 
 
 class CheckpointError(ValueError):
@@ -80,17 +85,34 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
     ``OrderedDict`` / ``Counter`` items (``SETITEMS``), whatever the allow-list says.
 
     Raises:
-        CheckpointError: the file needs a type outside the allow-list.
+        CheckpointError: the file needs a type outside the allow-list, or is not a ``torch.save``
+            file at all (empty, text, truncated, another format): one line naming the file and
+            what was expected, never torch's own ``EOFError`` / ``KeyError`` from deep inside.
     """
+    if Path(path).is_file() and Path(path).stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): expected {EXPECTED_CHECKPOINT}")
     try:
         with torch.serialization.safe_globals(_base_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         msg = str(e)
+        if "invalid load key" in msg or "Unsupported operand" in msg:  # not a pickle stream (a .npy, ...)
+            raise CheckpointError(
+                f"{path} is not a torch.save file (not a pickle stream): expected {EXPECTED_CHECKPOINT}"
+            ) from e
         first = next((line for line in msg.splitlines() if "GLOBAL" in line or "Unsupported" in line), msg)
         raise CheckpointError(
             f"{path}: refusing to unpickle with weights_only=True (no fallback to full unpickling): "
             f"{first.strip()[:300]}"
+        ) from e
+    except (EOFError, LookupError, RuntimeError, ValueError) as e:
+        # What torch.load raises for a text file (KeyError), a truncated or foreign zip (RuntimeError),
+        # random bytes (IndexError) or a file cut inside its pickle (EOFError).
+        reason = "not a zip archive or pickle stream"
+        if isinstance(e, RuntimeError):  # torch's zip reader: its first sentence says what broke
+            reason = (str(e).splitlines() or [""])[0].split(". ")[0][:160]
+        raise CheckpointError(
+            f"{path} is not a torch.save file ({reason}): expected {EXPECTED_CHECKPOINT}"
         ) from e
 
 
@@ -312,10 +334,21 @@ def _read_export(path: Path) -> Checkpoint:
     from safetensors.torch import load_file
 
     cfg_file = path / CONFIG_NAME
-    config = json.loads(cfg_file.read_text())
-    if config.get("format") != FORMAT:
-        raise CheckpointError(f"{cfg_file} is not a patchalign export (format={config.get('format')!r})")
-    state = strip_prefix(load_file(str(path / WEIGHTS_NAME)))
+    try:
+        config = json.loads(cfg_file.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_file} is not JSON ({e}): expected the config.json of an export") from e
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        fmt = config.get("format") if isinstance(config, dict) else type(config).__name__
+        raise CheckpointError(f"{cfg_file} is not a patchalign export (format={fmt!r})")
+    if not isinstance(config.get("encoder"), dict):
+        raise CheckpointError(f"{cfg_file} has no 'encoder' architecture (an export records one)")
+    try:
+        state = strip_prefix(load_file(str(path / WEIGHTS_NAME)))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError (and OSError)
+        raise CheckpointError(
+            f"{path / WEIGHTS_NAME} is not a readable safetensors file ({type(e).__name__}: {e})"
+        ) from e
     return Checkpoint(
         kind="export",
         path=path,

@@ -283,3 +283,95 @@ def test_export_takes_text_provenance_from_the_stage2_text_bank(tmp_path: Path) 
     )["logit"]
     assert logit["form"] == "log_scale" and logit["multiplier"] == 100.0  # exp(14) clamped
     assert load_pretrained(tmp_path / "out").logit_scale_value == pytest.approx(14.0)
+
+
+def test_export_verb_refuses_an_existing_export_unless_overwrite(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 19 item 4: a Stage 1 export into a Stage 2 export's folder used to replace it (rc 0)."""
+    from patchalign.__main__ import main
+
+    stage2, stage1, out = tmp_path / "s2.ckpt", tmp_path / "s1.ckpt", tmp_path / "exported"
+    _lightning_ckpt(stage2, EncoderConfig.tiny(16), seed=2)
+    save_lightning_checkpoint(stage1, PatchAlignEncoder(EncoderConfig.tiny(16)))  # no logit parameters
+    assert main(["export", str(stage2), str(out), "--torch-export", "--num-points", "64"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(before) == {"model.safetensors", "config.json", "encoder.pt2"}
+    capsys.readouterr()
+    assert main(["export", str(stage1), str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(out) in err and "--overwrite" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # untouched
+    with pytest.raises(FileExistsError, match="already holds an export"):
+        export_checkpoint(stage1, out)
+    # told to: replaced, and the Stage 2 program is not left beside Stage 1 weights
+    assert main(["export", str(stage1), str(out), "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert json.loads((out / "config.json").read_text())["logit"]["form"] == "none"
+    assert json.loads(before["config.json"])["logit"]["form"] == "sigmoid"
+    # an export read and written in the same place is refused even with --overwrite
+    assert main(["export", str(out), str(out), "--overwrite"]) == 1
+    assert "is the export being read" in capsys.readouterr().err
+
+
+def test_export_verb_takes_both_option_spellings(tmp_path: Path) -> None:
+    """jsonargparse's own spelling and the argparse one users already type parse the same."""
+    from patchalign.__main__ import main
+
+    ckpt = save_lightning_checkpoint(tmp_path / "a.ckpt", PatchAlignEncoder(EncoderConfig.tiny(16)))
+    assert main(["export", str(ckpt), str(tmp_path / "a"), "--torch_export", "true", "--num_points=64"]) == 0
+    assert main(["export", str(ckpt), str(tmp_path / "b"), "--torch-export", "--num-points", "64"]) == 0
+    for d in ("a", "b"):
+        assert (tmp_path / d / "encoder.pt2").is_file()
+    with pytest.raises(SystemExit) as e:  # a misspelled option: jsonargparse's short usage error
+        main(["export", str(ckpt), str(tmp_path / "c"), "--torch-exprt"])
+    assert e.value.code == 2 and not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "said"),
+    [
+        (b"", "is empty (0 bytes)"),
+        (b"hello world\n", "is not a torch.save file"),
+        (bytes(range(256)) * 4, "is not a torch.save file"),
+        (b"PK\x03\x04" + bytes(60), "failed reading zip archive"),
+        (
+            b"\x93NUMPY\x01\x00v\x00{'descr': '<f8', 'fortran_order': False, 'shape': (3,), }",
+            "not a torch.save",
+        ),
+    ],
+    ids=["empty", "text", "random-bytes", "broken-zip", "npy"],
+)
+def test_export_of_a_file_that_is_no_checkpoint_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes, said: str
+) -> None:
+    """Issue 19 item 8: an empty / text file gave EOFError / KeyError: 101 tracebacks."""
+    from patchalign.__main__ import main
+    from patchalign.checkpoints import CheckpointError, read_checkpoint
+
+    bad = tmp_path / "model.ckpt"
+    bad.write_bytes(content)
+    assert main(["export", str(bad), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(bad) in err and said in err
+    assert "expected a Lightning checkpoint (.ckpt)" in err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(CheckpointError, match="expected a Lightning checkpoint"):
+        read_checkpoint(bad)  # the reader itself, so every entry point (init_from, load_pretrained) says it
+
+
+def test_broken_export_directory_is_one_line(tmp_path: Path) -> None:
+    from patchalign.checkpoints import CheckpointError, read_checkpoint
+
+    d = tmp_path / "exp"
+    d.mkdir()
+    (d / "model.safetensors").write_bytes(b"")
+    (d / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json is not JSON"):
+        read_checkpoint(d)
+    (d / "config.json").write_text(json.dumps({"format": "patchalign-pretrained"}))
+    with pytest.raises(CheckpointError, match="has no 'encoder' architecture"):
+        read_checkpoint(d)
+    (d / "config.json").write_text(json.dumps({"format": "patchalign-pretrained", "encoder": {}}))
+    with pytest.raises(CheckpointError, match="model.safetensors is not a readable safetensors file"):
+        read_checkpoint(d)

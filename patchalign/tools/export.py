@@ -13,12 +13,13 @@ Lightning checkpoint, a released PatchAlign3D ``patchalign3d.pt``, or another ex
   returning ``(patch_features, centers, point_to_patch)``.
 
 The directory loads with :func:`patchalign.pretrained.load_pretrained`, which needs neither
-Lightning nor this module. Usage: ``python -m patchalign export CKPT OUT_DIR [--torch-export]``.
+Lightning nor this module. Usage: ``python -m patchalign export CKPT OUT_DIR [--torch-export]
+[--overwrite]``. An ``OUT_DIR`` that already holds an export is refused unless ``--overwrite``: an
+earlier export (say, Stage 2) is never replaced by accident (say, by Stage 1).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -86,6 +87,7 @@ def export_checkpoint(
     torch_export: bool = False,
     num_points: int = 2048,
     strict: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Write ``model.safetensors`` + ``config.json`` (and ``encoder.pt2`` if ``torch_export``) to ``out_dir``.
 
@@ -94,10 +96,13 @@ def export_checkpoint(
             ``hyper_parameters.encoder_config``; optionally ``text_encoder`` / ``text_templates`` or
             a ``text_bank`` path whose safetensors header supplies both), a released
             ``patchalign3d.pt``, or an export directory.
-        out_dir: created if needed; existing files of the same names are replaced.
+        out_dir: created if needed. If it already holds an export's files it is refused, unless
+            ``overwrite``.
         torch_export: also save a ``torch.export`` program for ``(1, num_points, 3)`` inputs.
         strict: refuse weights that do not match the architecture (default); ``False`` exports the
             matching tensors (the rest keep their initialisation) and logs the counts.
+        overwrite: replace an earlier export in ``out_dir`` (a stale ``encoder.pt2`` it left is
+            removed when no new program is written, so the directory never mixes two models).
 
     Returns:
         ``out_dir`` as a ``Path``.
@@ -105,8 +110,11 @@ def export_checkpoint(
     Raises:
         ValueError: the checkpoint lacks encoder weights or its config, or the weights do not match
             the config (missing/unexpected/mis-shaped tensors are listed).
+        FileExistsError: ``out_dir`` holds an export and ``overwrite`` is false, or ``out_dir`` is
+            the export being read.
     """
     ckpt_path, out = Path(ckpt_path), Path(out_dir)
+    _check_out_dir(ckpt_path, out, overwrite)
     ckpt = read_checkpoint(ckpt_path)
     if ckpt.encoder_config is None:
         raise CheckpointError(f"{ckpt_path}: hyper_parameters has no 'encoder_config'")
@@ -130,6 +138,8 @@ def export_checkpoint(
         "global_step": ckpt.extra.get("global_step"),
     }
     out.mkdir(parents=True, exist_ok=True)
+    if not torch_export:
+        (out / PROGRAM_NAME).unlink(missing_ok=True)  # only reachable with overwrite (checked above)
     save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": FORMAT})
     (out / CONFIG_NAME).write_text(json.dumps(cfg_json, indent=2))
     dropped = ", ".join(ckpt.extra.get("other_modules") or []) or "nothing"
@@ -143,6 +153,18 @@ def export_checkpoint(
     if torch_export:
         export_program(encoder, out / PROGRAM_NAME, num_points)
     return out
+
+
+def _check_out_dir(ckpt_path: Path, out: Path, overwrite: bool) -> None:
+    """Refuse to replace an earlier export unless told to, and never write over the files being read."""
+    if out.exists() and ckpt_path.exists() and out.resolve() == ckpt_path.resolve():
+        raise FileExistsError(f"{out} is the export being read: choose another output directory")
+    existing = [n for n in (WEIGHTS_NAME, CONFIG_NAME, PROGRAM_NAME) if (out / n).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{out} already holds an export ({', '.join(existing)}): pass --overwrite to replace it, "
+            "or choose another directory"
+        )
 
 
 def export_program(
@@ -161,33 +183,43 @@ def export_program(
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m patchalign.tools.export", description=__doc__.split("\n")[0])
-    p.add_argument("ckpt", help="Lightning checkpoint (.ckpt), released patchalign3d.pt, or an export dir")
-    p.add_argument("out_dir", help="output directory")
-    p.add_argument("--torch-export", action="store_true", help="also write encoder.pt2 (torch.export)")
-    p.add_argument("--num-points", type=int, default=2048, help="input size of the torch.export program")
-    p.add_argument(
-        "--non-strict",
-        action="store_true",
-        help="export even if tensors are missing/unexpected (logs counts)",
-    )
-    args = p.parse_args(argv)
+def export(
+    ckpt: str,
+    out_dir: str,
+    torch_export: bool = False,
+    num_points: int = 2048,
+    non_strict: bool = False,
+    overwrite: bool = False,
+) -> int:
+    """Export a checkpoint to a self-contained inference directory (model.safetensors + config.json).
+
+    Args:
+        ckpt: Lightning checkpoint (.ckpt), released patchalign3d.pt, or an export directory.
+        out_dir: output directory; one that already holds an export is refused unless --overwrite.
+        torch_export: also write encoder.pt2 (a torch.export program of the encoder).
+        num_points: input size of the torch.export program.
+        non_strict: export even if tensors are missing/unexpected/mis-shaped (logs the counts).
+        overwrite: replace an export already in out_dir.
+    """
     logging.basicConfig(level=logging.INFO)
     try:
         out = export_checkpoint(
-            args.ckpt,
-            args.out_dir,
-            torch_export=args.torch_export,
-            num_points=args.num_points,
-            strict=not args.non_strict,
-        )
-    except (CheckpointError, FileNotFoundError) as e:
+            ckpt, out_dir, torch_export=torch_export, num_points=num_points, strict=not non_strict,
+            overwrite=overwrite,
+        )  # fmt: skip
+    except (CheckpointError, OSError) as e:  # FileNotFoundError / FileExistsError are OSErrors
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"exported to {out}")
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    """``python -m patchalign export CKPT OUT_DIR [--torch-export] [--non-strict] [--overwrite]``."""
+    from patchalign.tools.cli import run_cli
+
+    return run_cli(export, argv, prog="python -m patchalign export")
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,124 @@
+"""The tools' command lines: jsonargparse over typed functions, taking the spellings users already type.
+
+Every tool (``export``, ``demo``, ``viz``, ``bench WHAT``) is one typed function whose docstring's
+``Args:`` become the ``--help`` text; :func:`run_cli` hands it to :func:`jsonargparse.auto_cli`, so
+``--print_config`` and ``--config FILE`` come for free. jsonargparse names options after the
+parameters (``--n_objects``), wants a value after a bool (``--no_baseline true``) and a list as one
+value (``--seeds [0,1]``). The commands in the README, the Makefile and people's scripts were written
+for the argparse spellings (``--n-objects 51``, ``--no-baseline``, ``--seeds 0 1``), so
+:func:`jsonargparse_argv` rewrites those, for the function's own parameters only, before jsonargparse
+parses anything; both spellings work and jsonargparse does all the parsing and checking.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import types
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any
+
+#: Said under every tool's ``--help`` (jsonargparse prints the underscore spelling only).
+SPELLING_NOTE = (
+    "Options may also be spelled with dashes (--n-objects), a bool option given alone means true "
+    "(--no-baseline), and a list option takes its values one by one (--seeds 0 1) or as one "
+    "list (--seeds [0,1])."
+)
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    """``X | None`` -> ``X`` (other unions and plain types unchanged)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _kinds(fn: Callable[..., Any]) -> dict[str, tuple[str, bool]]:
+    """``parameter -> (kind, list items are strings)``; kind is ``bool``, ``list`` or ``other``."""
+    hints = typing.get_type_hints(fn)
+    out: dict[str, tuple[str, bool]] = {}
+    for name in inspect.signature(fn).parameters:
+        tp = _unwrap_optional(hints.get(name, Any))
+        if tp is bool:
+            out[name] = ("bool", False)
+        elif typing.get_origin(tp) in (list, tuple, Sequence, typing.Sequence):
+            (item, *_) = typing.get_args(tp) or (str,)
+            item = _unwrap_optional(item)
+            literal_str = typing.get_origin(item) is typing.Literal and all(
+                isinstance(v, str) for v in typing.get_args(item)
+            )
+            out[name] = ("list", item is str or literal_str)
+        else:
+            out[name] = ("other", False)
+    return out
+
+
+def _is_option(token: str) -> bool:
+    return token.startswith("--") or (len(token) == 2 and token[0] == "-" and token[1].isalpha())
+
+
+def jsonargparse_argv(fn: Callable[..., Any], argv: Sequence[str]) -> list[str]:
+    """Rewrite argparse-style options of ``fn``'s parameters into jsonargparse's spelling.
+
+    ``--foo-bar`` -> ``--foo_bar``; a bool option without ``true``/``false`` after it -> ``--flag=true``;
+    a list option followed by several values -> ``--items=[a,b]`` (strings JSON-quoted, so names with
+    spaces survive). Anything else (positionals, ``--config``, ``--help``, unknown options, which
+    jsonargparse then reports) passes through unchanged.
+    """
+    kinds = _kinds(fn)
+    argv, out, i = list(argv), [], 0
+    while i < len(argv):
+        tok = argv[i]
+        i += 1
+        if not tok.startswith("--") or tok == "--":
+            out.append(tok)
+            continue
+        name, eq, value = tok[2:].partition("=")
+        key = name.replace("-", "_")
+        if key not in kinds:
+            out.append(tok)
+            continue
+        kind, str_items = kinds[key]
+        if eq:
+            out.append(f"--{key}={value}")
+        elif kind == "bool" and not (i < len(argv) and argv[i].lower() in ("true", "false")):
+            out.append(f"--{key}=true")
+        elif kind == "list" and i < len(argv) and not argv[i].startswith("["):
+            values = []
+            while i < len(argv) and not _is_option(argv[i]):
+                values.append(argv[i])
+                i += 1
+            if values == ["null"]:
+                out.append(f"--{key}=null")
+            else:
+                items = [json.dumps(v) for v in values] if str_items else values
+                out.append(f"--{key}=[{','.join(items)}]")
+        else:
+            out.append(f"--{key}")
+    return out
+
+
+def run_cli(fn: Callable[..., Any], argv: Sequence[str] | None, prog: str, positional: bool = True) -> Any:
+    """Parse ``argv`` (both spellings) into ``fn``'s typed parameters with jsonargparse and call it.
+
+    Args:
+        fn: a typed function; its docstring is the ``--help`` description, its ``Args:`` the options'.
+        argv: the arguments after the verb (``None``: ``[]``, never ``sys.argv``, which holds the verb).
+        prog: the command as users type it, shown in usage lines.
+        positional: required parameters are positional arguments (``export CKPT OUT_DIR``).
+
+    Returns:
+        What ``fn`` returns.
+    """
+    from jsonargparse import auto_cli
+
+    return auto_cli(
+        fn,
+        args=jsonargparse_argv(fn, argv or []),
+        as_positional=positional,
+        prog=prog,
+        epilog=SPELLING_NOTE,
+    )
