@@ -145,7 +145,7 @@ class _ArrayUnpickler(pickle.Unpickler):
             return _SAFE_GLOBALS[key]
         raise UnsafePickleError(
             f"{self._path}: refusing to unpickle {key} (a pickled .npy may hold only numpy arrays, dtypes, "
-            "scalars and plain containers; this file would run code if loaded with allow_pickle=True)",
+            "scalars and plain containers; anything else could run code when unpickled)",
             self._path,
             refused=key,
         )
