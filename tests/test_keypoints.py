@@ -10,13 +10,12 @@ from scipy.sparse.csgraph import shortest_path
 
 from zerokey.features.keypoints import (
     build_prototypes,
-    graph_geodesics,
     interpolate_patch_values,
-    knn_graph,
     match_prototypes,
     name_probabilities,
     peak_keypoints,
 )
+from zerokey.geodesics import graph_geodesics, knn_edges, knn_graph, symmetric_neighbours
 
 
 def test_interpolation_matches_hand_worked_inverse_squared_distance():
@@ -38,10 +37,13 @@ def test_interpolation_matches_hand_worked_inverse_squared_distance():
 def test_graph_geodesics_equal_scipy_dijkstra_on_the_symmetrised_knn_graph():
     gen = torch.Generator().manual_seed(0)
     pts = torch.rand(300, 3, generator=gen)
-    idx, w = knn_graph(pts, k=6)
     n = pts.shape[0]
-    rows = np.repeat(np.arange(n), idx.shape[1])
-    graph = csr_matrix((w.reshape(-1).numpy(), (rows, idx.reshape(-1).numpy())), shape=(n, n))
+    # the graph built independently: brute-force distances, 6 nearest others per row
+    full = np.linalg.norm(pts.numpy()[:, None].astype(np.float64) - pts.numpy()[None], axis=-1)
+    np.fill_diagonal(full, np.inf)
+    idx = np.argsort(full, axis=1)[:, :6]
+    rows = np.repeat(np.arange(n), 6)
+    graph = csr_matrix((full[rows, idx.reshape(-1)], (rows, idx.reshape(-1))), shape=(n, n))
     sources = torch.tensor([0, 17, 299])
     ref = shortest_path(graph, directed=False, indices=sources.numpy())
     finite = np.isfinite(ref)
@@ -112,3 +114,58 @@ def test_prototype_retrieves_its_own_support_point_and_averages_over_supports():
     n = torch.nn.functional.normalize
     expected = n(n(f1[250].double(), dim=0) + n(f2[10].double(), dim=0), dim=0)
     assert torch.allclose(two.features[1], expected, atol=1e-9)
+
+
+def test_knn_edges_kdtree_and_chunked_torch_paths_agree_and_drop_self():
+    """The CPU k-d tree and the accelerator's chunked torch kNN give the same graph, chunk by chunk."""
+    gen = torch.Generator().manual_seed(1)
+    pts = torch.rand(500, 3, generator=gen)
+    a = knn_edges(pts, k=5, backend="kdtree")
+    b = knn_edges(pts, k=5, backend="torch", chunk_elements=500 * 37)  # 37 query rows per chunk
+    key = lambda e: sorted(zip(e[0].tolist(), e[1].tolist(), strict=True))  # noqa: E731
+    assert key(a) == key(b)
+    assert torch.allclose(a[2].sort().values, b[2].sort().values, atol=1e-6)
+    assert not (a[0] == a[1]).any() and (a[2] > 0).all()
+    dup = torch.tensor([[0.0, 0, 0], [0, 0, 0], [1, 0, 0], [3, 0, 0]])  # 0 and 1 coincide
+    for backend in ("kdtree", "torch"):
+        src, dst, length = knn_edges(dup, k=2, backend=backend)
+        edges = set(zip(src.tolist(), dst.tolist(), strict=True))
+        assert {(0, 1), (1, 0)}.isdisjoint(edges) and not (src == dst).any()
+        assert (0, 2) in edges and (3, 2) in edges
+
+
+def test_relaxation_on_the_padded_graph_equals_dijkstra():
+    gen = torch.Generator().manual_seed(2)
+    pts = torch.rand(400, 3, generator=gen)
+    sources = torch.tensor([0, 5, 399])
+    d = graph_geodesics(pts, sources, k=6, method="dijkstra")
+    r = graph_geodesics(pts, sources, k=6, method="relax", graph=symmetric_neighbours(pts, 6))
+    assert torch.allclose(d, r, atol=1e-5)
+    assert knn_graph(pts, 6).shape == (400, 400)
+
+
+_BIG_CLOUD = """
+import resource, sys, torch
+from zerokey.features.keypoints import peak_keypoints
+gen = torch.Generator().manual_seed(0)
+n = int(sys.argv[1])
+pts = torch.nn.functional.normalize(torch.randn(n, 3, generator=gen), dim=-1)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+scores = torch.stack([pts[:, 0], pts[:, 1]], -1)
+peaks = peak_keypoints(pts, scores, [2, 1], region_radius=0.05, nms_radius=0.3)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(len(peaks), before, after)
+"""
+
+
+def test_peaks_on_a_50k_point_cloud_run_in_bounded_memory():
+    """A dense N x N distance matrix for 50,000 points is 10 GB; the kNN graph path needs O(N k)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _BIG_CLOUD, "50000"], capture_output=True, text=True, timeout=300, check=True
+    )
+    n_peaks, before_kb, after_kb = map(int, out.stdout.split())
+    assert n_peaks == 3
+    assert (after_kb - before_kb) < 600_000, f"peak search grew the process by {after_kb - before_kb} kB"

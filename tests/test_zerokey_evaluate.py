@@ -17,10 +17,10 @@ from zerokey.evaluate import (
     class_iou,
     evaluate_predictions,
     geodesic_distances,
-    knn_graph,
     main,
     shape_counts,
 )
+from zerokey.geodesics import knn_graph
 
 KPN = SHARED_DATA / "keypointnet"
 

@@ -49,16 +49,16 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import torch
 from scipy.sparse import csr_matrix
-from scipy.sparse.csgraph import dijkstra
 from scipy.spatial import cKDTree
 
 from zerokey.data import KEYPOINTNET_CLASSES, load_keypointnet_annotations, read_pcd
+from zerokey.geodesics import graph_geodesics, knn_graph
 from zerokey.writer import iter_prediction_files
 
 __all__ = [
     "DEFAULT_THRESHOLDS",
-    "knn_graph",
     "geodesic_distances",
     "shape_counts",
     "ShapeEval",
@@ -73,28 +73,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLDS: tuple[float, ...] = tuple(round(0.01 * i, 2) for i in range(11))
-
-
-def knn_graph(points: np.ndarray, k: int = 20) -> csr_matrix:
-    """Directed kNN graph (row i -> its k nearest other points) with Euclidean edge lengths; zero-length
-    edges (duplicate points) are dropped as sklearn's shortest-path did (see module docstring)."""
-    points = np.asarray(points, dtype=np.float64)
-    n = points.shape[0]
-    k = min(k, n - 1)
-    if k < 1:
-        return csr_matrix((n, n))
-    distance, index = cKDTree(points).query(points, k=k + 1)
-    # Drop each point itself. With duplicates the self-match may not be in column 0, so remove the
-    # column equal to the row index if present, else the last (farthest) neighbour.
-    rows = np.arange(n)[:, None]
-    is_self = index == rows
-    drop = np.where(is_self.any(1), is_self.argmax(1), k)
-    keep = np.ones_like(index, dtype=bool)
-    keep[np.arange(n), drop] = False
-    src = np.broadcast_to(rows, index.shape)[keep]
-    dst, length = index[keep], distance[keep]
-    nonzero = length > 0
-    return csr_matrix((length[nonzero], (src[nonzero], dst[nonzero])), shape=(n, n))
 
 
 def geodesic_distances(
@@ -114,9 +92,10 @@ def geodesic_distances(
     targets = np.asarray(targets, dtype=np.int64)
     if sources.size == 0 or targets.size == 0:
         return np.zeros((sources.size, targets.size)), 0
-    graph = knn_graph(points, k) if graph is None else graph
+    pts = torch.from_numpy(np.asarray(points, dtype=np.float64))
+    graph = knn_graph(pts, k) if graph is None else graph
     unique, inverse = np.unique(sources, return_inverse=True)
-    rows = dijkstra(graph, directed=False, indices=unique)
+    rows = graph_geodesics(pts, torch.from_numpy(unique), method="dijkstra", graph=graph).numpy()
     d = rows[inverse][:, targets]
     unreachable = ~np.isfinite(d)
     if disconnected == "reference":

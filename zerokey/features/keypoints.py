@@ -21,9 +21,9 @@ ships no keypoint detector, so the rules below are ours and documented here:
   point of highest cosine similarity to the prototype (a support shape queried with its own
   prototype therefore returns its own annotated point).
 
-Geodesic distances are shortest paths on the symmetrised k-nearest-neighbour graph of the cloud
-(the graph KeypointNet's evaluation uses), computed for all sources at once by min-plus relaxation
-in torch, so everything stays batched and on the device. Only torch is imported.
+Geodesic distances are shortest paths on the symmetrised k-nearest-neighbour graph of the cloud, the
+graph KeypointNet's evaluation uses (:mod:`zerokey.geodesics`, O(N k) memory: a 200,000-point cloud
+works as a 2,048-point one does).
 """
 
 from __future__ import annotations
@@ -35,14 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from patchalign.grouping import knn_indices
+from zerokey.geodesics import geodesic_graph, graph_geodesics
 
 __all__ = [
     "Peak",
     "interpolate_patch_values",
-    "knn_graph",
-    "symmetric_neighbours",
-    "graph_geodesics",
     "name_probabilities",
     "peak_keypoints",
     "KeypointPrototypes",
@@ -77,97 +74,6 @@ def interpolate_patch_values(points: Tensor, centers: Tensor, values: Tensor, k:
     gathered = torch.gather(values.float(), 1, idx.reshape(b, n * k, 1).expand(-1, -1, c)).reshape(b, n, k, c)
     out = (gathered * w[..., None]).sum(2)
     return out[0] if unbatched else out
-
-
-def knn_graph(points: Tensor, k: int = 10) -> tuple[Tensor, Tensor]:
-    """``(N, k)`` neighbour indices and Euclidean edge lengths of the k-NN graph (self excluded).
-
-    The encoder's own exact kNN (:func:`patchalign.grouping.knn_indices`) with one extra neighbour,
-    the point itself (distance 0, ranked first), dropped.
-    """
-    n = points.shape[0]
-    k = min(k, n - 1)
-    pts = points.float()
-    idx = knn_indices(pts[None], pts[None], k + 1)[0, :, 1:]
-    return idx, (pts[idx] - pts[:, None]).norm(dim=-1)
-
-
-def symmetric_neighbours(points: Tensor, k: int = 10) -> tuple[Tensor, Tensor]:
-    """Padded adjacency of the symmetrised k-NN graph: ``(N, D)`` neighbour indices and lengths.
-
-    Row ``i`` lists every ``j`` with ``j`` in kNN(i) or ``i`` in kNN(j), once; padding entries point at
-    ``i`` itself with length ``inf``. ``D`` is the largest degree (k to a few times k).
-    """
-    n = points.shape[0]
-    idx, w = knn_graph(points, k)
-    src = torch.arange(n, device=points.device).repeat_interleave(idx.shape[1])
-    a = torch.cat([src, idx.reshape(-1)])
-    b = torch.cat([idx.reshape(-1), src])
-    length = torch.cat([w.reshape(-1), w.reshape(-1)])
-    key, order = torch.sort(a * n + b, stable=True)
-    keep = torch.ones_like(key, dtype=torch.bool)
-    keep[1:] = key[1:] != key[:-1]  # the same edge listed from both ends
-    a, b, length = a[order][keep], b[order][keep], length[order][keep]
-    degree = torch.bincount(a, minlength=n)
-    start = torch.cumsum(degree, 0) - degree
-    slot = torch.arange(a.numel(), device=points.device) - start[a]
-    width = int(degree.max()) if n else 0
-    nbr = torch.arange(n, device=points.device)[:, None].expand(n, width).clone()
-    dist = torch.full((n, width), float("inf"), device=points.device)
-    nbr[a, slot], dist[a, slot] = b, length
-    return nbr, dist
-
-
-def graph_geodesics(
-    points: Tensor,
-    sources: Tensor,
-    k: int = 10,
-    method: str = "auto",
-    max_iters: int | None = None,
-    graph: tuple[Tensor, Tensor] | None = None,
-) -> Tensor:
-    """Shortest-path distances from each source to every point on the symmetrised k-NN graph.
-
-    Two exact methods: ``relax`` -- min-plus (Bellman-Ford) relaxation over all sources at once on
-    the padded adjacency of :func:`symmetric_neighbours` (each round every point takes the best
-    distance through any neighbour, until nothing changes; tens of rounds, cheap on a GPU), and
-    ``dijkstra`` -- SciPy's C Dijkstra on the same graph (a few ms for 2048 points on one CPU core,
-    where each relaxation round costs about as much). ``auto`` takes Dijkstra for CPU tensors and
-    relaxation on accelerators, so the work stays on the device the points are on. Points on
-    another graph component stay ``inf``.
-
-    Args:
-        points: ``(N, 3)``.
-        sources: ``(S,)`` point indices.
-        graph: a precomputed :func:`symmetric_neighbours` of ``points`` (reused across calls).
-
-    Returns:
-        ``(S, N)`` distances.
-    """
-    n = points.shape[0]
-    nbr, w = graph if graph is not None else symmetric_neighbours(points, k)
-    if method == "auto":
-        method = "dijkstra" if points.device.type == "cpu" else "relax"
-    if method == "dijkstra":
-        from scipy.sparse import csr_matrix
-        from scipy.sparse.csgraph import dijkstra
-
-        finite = torch.isfinite(w)
-        rows = torch.arange(n)[:, None].expand_as(nbr)[finite].numpy()
-        graph = csr_matrix((w[finite].double().numpy(), (rows, nbr[finite].numpy())), shape=(n, n))
-        out = dijkstra(graph, directed=True, indices=sources.long().cpu().numpy())
-        return torch.from_numpy(out).to(points.device, torch.float32).reshape(sources.numel(), n)
-    if method != "relax":
-        raise ValueError(f"unknown geodesic method {method!r}: use 'auto', 'dijkstra' or 'relax'")
-    s = sources.numel()
-    dist = torch.full((s, n), float("inf"), device=points.device)
-    dist[torch.arange(s, device=points.device), sources.long()] = 0.0
-    for _ in range(max_iters or n):
-        new = torch.minimum(dist, (dist[:, nbr] + w[None]).amin(-1))
-        if torch.equal(new, dist):
-            break
-        dist = new
-    return dist
 
 
 def name_probabilities(
@@ -225,7 +131,7 @@ def peak_keypoints(
     field = scores.T.float()  # (K, N)
     neg = torch.finfo(field.dtype).min
     peaks: list[Peak] = []
-    graph = symmetric_neighbours(points, graph_k)
+    graph = geodesic_graph(points, graph_k)
     for round_ in range(max(instances, default=0)):
         active = [i for i in range(kk) if instances[i] > round_ and available[i].any()]
         if not active:
