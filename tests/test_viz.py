@@ -1,4 +1,5 @@
-"""Pictures: PCA colouring, labelled renders with legends, the CLI and evaluation best/worst figures."""
+"""Pictures: PCA colouring, labelled renders with legends, the viz CLI (and its one-line errors) and the
+evaluation's best/worst figures."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import torch
 from conftest import save_lightning_checkpoint
 from PIL import Image
 
-from patchalign.tools.viz import main, part_palette, pca_rgb, plot_feature_pca, plot_part_labels
+from patchalign.eval.pictures import part_palette, pca_rgb, plot_feature_pca, plot_part_labels
+from patchalign.tools.viz import main
 
 
 def _has_color(path: Path, rgb: np.ndarray, tol: int = 6) -> bool:
@@ -66,21 +68,24 @@ def test_viz_cli_with_exported_model_and_text_bank(tmp_path: Path, capsys: pytes
     )
     shape = np.random.default_rng(1).normal(size=(500, 3)).astype(np.float32)
     np.save(tmp_path / "plane.npy", shape)
-    main(
-        [
-            "--model",
-            str(tmp_path / "model"),
-            "--input",
-            str(tmp_path / "plane.npy"),
-            "--parts",
-            "wing, tail,body",
-            "--text-bank",
-            str(tmp_path / "bank.safetensors"),
-            "--out",
-            str(tmp_path / "pics"),
-            "--device",
-            "cpu",
-        ]
+    assert (
+        main(
+            [
+                "--model",
+                str(tmp_path / "model"),
+                "--input",
+                str(tmp_path / "plane.npy"),
+                "--parts",
+                "wing, tail,body",
+                "--text-bank",
+                str(tmp_path / "bank.safetensors"),
+                "--out",
+                str(tmp_path / "pics"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
     )
     out = capsys.readouterr().out
     counts = {
@@ -118,3 +123,76 @@ def test_evaluation_writes_best_and_worst_pictures(shared_data: Path, tmp_path: 
     # one Table: it is both the best and the worst shape; a parts and a PCA picture each
     stem = "04379243_1a2abbc9712e2fffc3bd24f986301745"
     assert pics == sorted(f"Table_{t}0_{stem}_{k}.png" for t in ("best", "worst") for k in ("parts", "pca"))
+
+
+@pytest.fixture
+def viz_inputs(tmp_path: Path) -> dict[str, Path]:
+    """A tiny exported model, a text bank of three names and a point file."""
+    from patchalign.data.textbank import save_text_bank
+    from patchalign.model import EncoderConfig, PatchAlignEncoder
+    from patchalign.tools.export import export_checkpoint
+
+    save_lightning_checkpoint(tmp_path / "m.ckpt", PatchAlignEncoder(EncoderConfig.tiny(16)))
+    export_checkpoint(tmp_path / "m.ckpt", tmp_path / "model")
+    save_text_bank(
+        tmp_path / "bank.safetensors", ["wing", "tail", "body"], torch.randn(3, 16), "rand", ["{}"]
+    )
+    np.save(tmp_path / "plane.npy", np.random.default_rng(1).normal(size=(300, 3)).astype(np.float32))
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("not a shape\n")
+    return {
+        "model": tmp_path / "model",
+        "bank": tmp_path / "bank.safetensors",
+        "input": tmp_path / "plane.npy",
+        "empty": tmp_path / "empty.ckpt",
+        "text": tmp_path / "notes.txt",
+        "out": tmp_path / "pics",
+    }
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        ({"--model": "{tmp}/nope"}, "not found"),
+        ({"--model": "{empty}"}, "is empty (0 bytes)"),
+        ({"--input": "{tmp}/nope.obj"}, "no such file"),
+        ({"--input": "{text}"}, "notes.txt"),
+        ({"--input": "{bank}"}, "bank.safetensors"),
+        ({"--parts": " , "}, "names no part"),
+        ({"--parts": "wing,wing"}, "more than once"),
+        ({"--parts": "wing,engine"}, "'engine' has no precomputed text embedding"),
+        ({"--text-bank": "{tmp}/nope.safetensors"}, "does not exist"),
+        ({"--text-bank": "{empty}"}, "not a readable safetensors file"),
+        ({"--num-points": "0"}, "must be positive"),
+        ({"--device": "cuda:7"}, "cuda:7"),
+    ],
+    ids=lambda v: str(v)[:30] if isinstance(v, str) else None,
+)
+def test_viz_cli_errors_are_one_line(
+    viz_inputs: dict[str, Path], capsys: pytest.CaptureFixture, change: dict[str, str], said: str
+) -> None:
+    """Issue 19 item 8: every viz error a user can cause is one line on stderr and exit status 1."""
+    if change.get("--device", "").startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    paths = {k: str(v) for k, v in viz_inputs.items()} | {"tmp": str(viz_inputs["model"].parent)}
+    args = {
+        "--model": "{model}", "--input": "{input}", "--parts": "wing,tail,body", "--text-bank": "{bank}",
+        "--out": "{out}", "--device": "cpu",
+    }  # fmt: skip
+    args |= change
+    argv = [tok for k, v in args.items() for tok in (k, v.format(**paths))]
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and said in err, err
+    assert "Traceback" not in captured.out + captured.err
+    assert not viz_inputs["out"].exists()
+
+
+def test_viz_cli_bad_option_is_a_short_usage_error(viz_inputs: dict[str, Path]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(viz_inputs["model"]), "--input", str(viz_inputs["input"])])  # no --parts
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        main(["--model", "m", "--input", "i", "--parts", "a", "--assign", "bogus"])
+    assert e.value.code == 2

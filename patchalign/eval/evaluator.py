@@ -508,7 +508,7 @@ def render_best_worst(
 ) -> list[Path]:
     """Re-run the best/worst ``per_category`` shapes of each category and save prediction,
     ground-truth and PCA pictures."""
-    from patchalign.tools.viz import save_shape_figures
+    from patchalign.eval.pictures import save_shape_figures
 
     device = predict_kw.pop("device")
     written: list[Path] = []

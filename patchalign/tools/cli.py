@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import sys
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -101,7 +102,13 @@ def jsonargparse_argv(fn: Callable[..., Any], argv: Sequence[str]) -> list[str]:
     return out
 
 
-def run_cli(fn: Callable[..., Any], argv: Sequence[str] | None, prog: str, positional: bool = True) -> Any:
+def run_cli(
+    fn: Callable[..., Any],
+    argv: Sequence[str] | None,
+    prog: str,
+    positional: bool = True,
+    errors: tuple[type[BaseException], ...] = (),
+) -> int:
     """Parse ``argv`` (both spellings) into ``fn``'s typed parameters with jsonargparse and call it.
 
     Args:
@@ -109,16 +116,30 @@ def run_cli(fn: Callable[..., Any], argv: Sequence[str] | None, prog: str, posit
         argv: the arguments after the verb (``None``: ``[]``, never ``sys.argv``, which holds the verb).
         prog: the command as users type it, shown in usage lines.
         positional: required parameters are positional arguments (``export CKPT OUT_DIR``).
+        errors: exceptions a user's input can cause (a missing file, a broken checkpoint): printed
+            as one ``error: ...`` line on stderr with exit status 1, not as a traceback.
 
     Returns:
-        What ``fn`` returns.
+        The exit status: ``fn``'s own if it returns an int, else 0 (1 for an ``errors`` exception;
+        jsonargparse exits with 2 on a bad command line).
     """
     from jsonargparse import auto_cli
 
-    return auto_cli(
-        fn,
-        args=jsonargparse_argv(fn, argv or []),
-        as_positional=positional,
-        prog=prog,
-        epilog=SPELLING_NOTE,
-    )
+    try:
+        result = auto_cli(
+            fn,
+            args=jsonargparse_argv(fn, argv or []),
+            as_positional=positional,
+            prog=prog,
+            epilog=SPELLING_NOTE,
+        )
+    except errors as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 1
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0
+
+
+def one_line(e: BaseException) -> str:
+    """The first line of an exception's message (a ``KeyError``'s without the repr quotes)."""
+    msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    return msg.splitlines()[0] if msg.strip() else type(e).__name__

@@ -202,14 +202,10 @@ def export(
         overwrite: replace an export already in out_dir.
     """
     logging.basicConfig(level=logging.INFO)
-    try:
-        out = export_checkpoint(
-            ckpt, out_dir, torch_export=torch_export, num_points=num_points, strict=not non_strict,
-            overwrite=overwrite,
-        )  # fmt: skip
-    except (CheckpointError, OSError) as e:  # FileNotFoundError / FileExistsError are OSErrors
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    out = export_checkpoint(
+        ckpt, out_dir, torch_export=torch_export, num_points=num_points, strict=not non_strict,
+        overwrite=overwrite,
+    )  # fmt: skip
     print(f"exported to {out}")
     return 0
 
@@ -218,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m patchalign export CKPT OUT_DIR [--torch-export] [--non-strict] [--overwrite]``."""
     from patchalign.tools.cli import run_cli
 
-    return run_cli(export, argv, prog="python -m patchalign export")
+    # CheckpointError is a ValueError; FileNotFoundError / FileExistsError are OSErrors.
+    return run_cli(export, argv, prog="python -m patchalign export", errors=(ValueError, OSError))
 
 
 if __name__ == "__main__":

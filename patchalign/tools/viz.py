@@ -1,183 +1,29 @@
-"""Pictures of part segmentations and patch features (matplotlib, Agg: no display needed).
+"""Segment a shape by part names and save its pictures: ``python -m patchalign.tools.viz``.
 
-* :func:`plot_part_labels` / :func:`save_shape_figures`: a shape coloured by predicted part with a
-  legend of part names (and the ground truth beside it when given), and the same shape coloured by a
-  PCA of its patch features mapped to RGB (each point takes its patch's colour via
-  ``point_to_patch``), which shows what the encoder separates before any text is involved.
-* CLI (uses an exported model)::
+Uses an exported model (``python -m patchalign export``)::
 
-      python -m patchalign.tools.viz --model exported/ --input chair.obj --parts back,seat,leg,arm --out pics/
+    python -m patchalign.tools.viz --model exported/ --input chair.obj --parts back,seat,leg,arm --out pics/
 
-Points are drawn in the y-up convention of the datasets: x to the right, y up, z towards the viewer.
+and writes ``<out>/<input stem>_parts.png`` (points coloured by predicted part, with a legend) and
+``<out>/<input stem>_pca.png`` (PCA-RGB of the patch features). The drawing itself is
+:mod:`patchalign.eval.pictures` (the evaluation draws its best / worst shapes with it). Every error a
+user can cause (a missing or broken model, input or text bank, bad part names, no CUDA) is one line
+on stderr and exit status 1.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-from collections.abc import Sequence
+import sys
 from pathlib import Path
+from typing import Literal
 
-import matplotlib
+import numpy as np
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
-from torch import Tensor  # noqa: E402
-
-from patchalign.geometry import normalize_unit_sphere_centroid  # noqa: E402
-from patchalign.io import POINT_SUFFIXES, load_geometry, read_point_file  # noqa: E402
-
-UNLABELLED_COLOR = (0.75, 0.75, 0.75)
-
-
-def _np(x: Tensor | np.ndarray) -> np.ndarray:
-    return x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
-
-
-def part_palette(num_parts: int) -> np.ndarray:
-    """``(K, 3)`` distinct RGB colours (tab10, tab20 beyond 10 parts, then HSV)."""
-    if num_parts <= 10:
-        return np.asarray(plt.get_cmap("tab10").colors[:num_parts])
-    if num_parts <= 20:
-        return np.asarray(plt.get_cmap("tab20").colors[:num_parts])
-    return plt.get_cmap("hsv")(np.linspace(0, 1, num_parts, endpoint=False))[:, :3]
-
-
-def pca_rgb(features: Tensor | np.ndarray) -> np.ndarray:
-    """Project ``(G, D)`` features on their first 3 principal axes and map each to ``[0, 1]``.
-
-    Each axis is scaled between its 1st and 99th percentile so one outlier patch does not wash out
-    the others. With fewer than 3 informative axes the missing channels are mid-grey.
-    """
-    f = torch.as_tensor(_np(features), dtype=torch.float64)
-    if f.dim() != 2 or f.shape[0] == 0:
-        raise ValueError(f"features must be a non-empty (G, D) array, got {tuple(f.shape)}")
-    f = f - f.mean(0, keepdim=True)
-    _, _, v = torch.linalg.svd(f, full_matrices=False)
-    proj = (f @ v[: min(3, v.shape[0])].T).numpy()
-    rgb = np.full((f.shape[0], 3), 0.5)
-    for c in range(proj.shape[1]):
-        lo, hi = np.percentile(proj[:, c], [1, 99])
-        if hi - lo > 1e-12:
-            rgb[:, c] = np.clip((proj[:, c] - lo) / (hi - lo), 0, 1)
-    return rgb
-
-
-def _scatter(ax, points: np.ndarray, colors: np.ndarray, title: str | None, size: float) -> None:
-    # y-up data: plot (x, z, y) so matplotlib's vertical axis is the shape's up axis.
-    ax.scatter(points[:, 0], points[:, 2], points[:, 1], c=colors, s=size, linewidths=0, depthshade=False)
-    lim = float(np.abs(points).max()) or 1.0
-    for setter in (ax.set_xlim, ax.set_ylim, ax.set_zlim):
-        setter(-lim, lim)
-    ax.set_box_aspect((1, 1, 1))
-    ax.view_init(elev=20, azim=-60)
-    ax.set_axis_off()
-    if title:
-        ax.set_title(title, fontsize=9)
-
-
-def label_colors(labels: np.ndarray, num_parts: int) -> np.ndarray:
-    pal = part_palette(max(num_parts, 1))
-    colors = np.tile(np.asarray(UNLABELLED_COLOR), (labels.shape[0], 1))
-    ok = (labels >= 0) & (labels < num_parts)
-    colors[ok] = pal[labels[ok]]
-    return colors
-
-
-def _save(fig: plt.Figure, path: str | os.PathLike, dpi: int) -> Path:
-    """Write ``fig`` to ``path`` (parents created) and free it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path
-
-
-def plot_part_labels(
-    path: str | os.PathLike,
-    points: Tensor | np.ndarray,
-    labels: Tensor | np.ndarray,
-    part_names: Sequence[str],
-    gt_labels: Tensor | np.ndarray | None = None,
-    title: str | None = None,
-    point_size: float = 3.0,
-    dpi: int = 120,
-) -> Path:
-    """Save a PNG of ``points (N, 3)`` coloured by ``labels (N,)`` with a part-name legend.
-
-    With ``gt_labels`` the ground truth is drawn in a second panel with the same colours.
-    """
-    pts, lab = _np(points).astype(np.float32), _np(labels).astype(np.int64)
-    if pts.ndim != 2 or pts.shape[1] != 3 or lab.shape != (pts.shape[0],):
-        raise ValueError(f"need points (N, 3) and labels (N,), got {pts.shape} and {lab.shape}")
-    k = len(part_names)
-    panels = [("prediction", lab)] + (
-        [("ground truth", _np(gt_labels).astype(np.int64))] if gt_labels is not None else []
-    )
-    fig = plt.figure(figsize=(4.2 * len(panels) + 1.6, 4.4))
-    for i, (name, lb) in enumerate(panels):
-        ax = fig.add_subplot(1, len(panels), i + 1, projection="3d")
-        _scatter(ax, pts, label_colors(lb, k), name if len(panels) > 1 else None, point_size)
-    pal = part_palette(max(k, 1))
-    handles = [Patch(color=pal[j], label=n) for j, n in enumerate(part_names)]
-    if (lab < 0).any() or (gt_labels is not None and (_np(gt_labels) < 0).any()):
-        handles.append(Patch(color=UNLABELLED_COLOR, label="(none)"))
-    fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.subplots_adjust(left=0.0, right=0.8, top=0.9, bottom=0.02, wspace=0.0)
-    return _save(fig, path, dpi)
-
-
-def plot_feature_pca(
-    path: str | os.PathLike,
-    points: Tensor | np.ndarray,
-    patch_features: Tensor | np.ndarray,
-    point_to_patch: Tensor | np.ndarray,
-    title: str | None = None,
-    point_size: float = 3.0,
-    dpi: int = 120,
-) -> Path:
-    """Save a PNG of ``points`` coloured by the PCA-RGB of their patch's feature (``point_to_patch``)."""
-    pts, p2p = _np(points).astype(np.float32), _np(point_to_patch).astype(np.int64)
-    rgb = pca_rgb(patch_features)
-    if p2p.shape != (pts.shape[0],) or p2p.min() < 0 or p2p.max() >= rgb.shape[0]:
-        raise ValueError("point_to_patch must give one valid patch index per point")
-    fig = plt.figure(figsize=(4.4, 4.4))
-    ax = fig.add_subplot(1, 1, 1, projection="3d")
-    _scatter(ax, pts, rgb[p2p], None, point_size)
-    fig.suptitle(title or "patch features (PCA -> RGB)", fontsize=10)
-    fig.subplots_adjust(left=0, right=1, top=0.92, bottom=0)
-    return _save(fig, path, dpi)
-
-
-def save_shape_figures(
-    stem: str | os.PathLike,
-    points: Tensor | np.ndarray,
-    labels: Tensor | np.ndarray,
-    part_names: Sequence[str],
-    gt_labels: Tensor | np.ndarray | None = None,
-    patch_features: Tensor | np.ndarray | None = None,
-    point_to_patch: Tensor | np.ndarray | None = None,
-    title: str | None = None,
-) -> list[Path]:
-    """``<stem>_parts.png`` (prediction, + ground truth) and, with features, ``<stem>_pca.png``."""
-    stem = Path(stem)
-    out = [
-        plot_part_labels(
-            stem.with_name(stem.name + "_parts.png"), points, labels, part_names, gt_labels, title
-        )
-    ]
-    if patch_features is not None and point_to_patch is not None:
-        out.append(
-            plot_feature_pca(
-                stem.with_name(stem.name + "_pca.png"), points, patch_features, point_to_patch, title
-            )
-        )
-    return out
+from patchalign.eval.pictures import save_shape_figures
+from patchalign.geometry import normalize_unit_sphere_centroid
+from patchalign.io import POINT_SUFFIXES, load_geometry, read_point_file
 
 
 def load_points(path: str | os.PathLike, num_points: int = 2048, seed: int = 0) -> np.ndarray:
@@ -186,7 +32,12 @@ def load_points(path: str | os.PathLike, num_points: int = 2048, seed: int = 0) 
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix in POINT_SUFFIXES:
-        return read_point_file(path)
+        try:
+            return read_point_file(path)
+        except ValueError as e:  # numpy's own parse errors do not name the file
+            if str(path) in str(e):
+                raise
+            raise ValueError(f"{path}: not a point file of x y z rows ({e})") from e
     vertices, faces = load_geometry(path)  # the one mesh reader (file order, scenes merged)
     if faces is not None and len(faces) > 0:
         import trimesh
@@ -199,55 +50,92 @@ def load_points(path: str | os.PathLike, num_points: int = 2048, seed: int = 0) 
     return vertices.astype(np.float32)
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(
-        prog="python -m patchalign.tools.viz", description="Segment a shape by part names and save pictures."
-    )
-    p.add_argument("--model", required=True, help="directory written by `patchalign export`")
-    p.add_argument("--input", required=True, help="mesh or point file")
-    p.add_argument("--parts", required=True, help="comma-separated part names, e.g. 'back,seat,leg,arm'")
-    p.add_argument("--out", default="viz", help="output directory")
-    p.add_argument("--num-points", type=int, default=2048)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--text-bank", default=None, help="precomputed text bank (.safetensors) instead of the text encoder"
-    )
-    p.add_argument("--assign", default="nearest", choices=["nearest", "knn", "membership"])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args(argv)
+def parse_part_names(parts: str) -> list[str]:
+    """``"back, seat,leg"`` -> ``["back", "seat", "leg"]``; empty or repeated names are refused."""
+    names = [n.strip() for n in parts.split(",") if n.strip()]
+    if not names:
+        raise ValueError(f"--parts {parts!r} names no part: give comma-separated names, e.g. back,seat,leg")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"--parts names {repeated} more than once: each part is one label")
+    return names
 
+
+def segment_and_draw(
+    model: str,
+    input: str,  # noqa: A002 - the option users type is --input
+    parts: str,
+    out: str = "viz",
+    num_points: int = 2048,
+    seed: int = 0,
+    text_bank: str | None = None,
+    assign: Literal["nearest", "knn", "membership"] = "nearest",
+    device: str | None = None,
+) -> list[Path]:
+    """Segment one shape file by part names with an exported model and save its pictures.
+
+    Args:
+        model: directory written by ``python -m patchalign export`` (or any checkpoint it reads).
+        input: mesh (.obj/.ply/.glb/.gltf/.off/.stl) or point file (.npy/.txt/.xyz/.pts/.pcd).
+        parts: comma-separated part names, e.g. 'back,seat,leg,arm'.
+        out: output directory for the PNGs.
+        num_points: points sampled from a mesh, and the most kept from a point file.
+        seed: sampling seed.
+        text_bank: precomputed text bank (.safetensors) instead of the exported text encoder.
+        assign: how patch labels reach the points.
+        device: torch device (default: cuda if available, else cpu).
+
+    Returns:
+        The PNGs written.
+    """
+    names = parse_part_names(parts)
+    if num_points < 1:
+        raise ValueError(f"--num-points must be positive, got {num_points}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device here (use --device cpu)")
+    if not Path(input).is_file():
+        raise FileNotFoundError(f"--input {input}: no such file")
     from patchalign.pretrained import load_pretrained
 
-    model = load_pretrained(args.model, device=args.device)
+    net = load_pretrained(model, device=device)
     text = None
-    if args.text_bank:
+    if text_bank:
         from patchalign.data.textbank import load_text_bank
 
-        text = load_text_bank(args.text_bank)
-    names = [n.strip() for n in args.parts.split(",") if n.strip()]
-    pts = load_points(args.input, args.num_points, args.seed)
-    if pts.shape[0] > args.num_points:
-        pts = pts[np.random.default_rng(args.seed).choice(pts.shape[0], args.num_points, replace=False)]
-    seg = model.segment(pts, names, text_encoder=text, assign=args.assign)
+        text = load_text_bank(text_bank)
+    pts = load_points(input, num_points, seed)
+    if pts.shape[0] > num_points:
+        pts = pts[np.random.default_rng(seed).choice(pts.shape[0], num_points, replace=False)]
+    seg = net.segment(pts, names, text_encoder=text, assign=assign)
     enc = seg.encoding
-    # Show the normalised cloud the model saw.
-    shown = normalize_unit_sphere_centroid(pts)
-    stem = Path(args.out) / Path(args.input).stem
+    shown = normalize_unit_sphere_centroid(pts)  # the normalised cloud the model saw
     written = save_shape_figures(
-        stem,
+        Path(out) / Path(input).stem,
         shown,
         seg.labels.cpu(),
         names,
         patch_features=enc.patch_features[0].cpu(),
         point_to_patch=enc.point_to_patch[0, : shown.shape[0]].cpu(),
-        title=Path(args.input).name,
+        title=Path(input).name,
     )
     counts = np.bincount(seg.labels.cpu().numpy().clip(min=0), minlength=len(names))
     for n, c in zip(names, counts, strict=True):
         print(f"{n:>20}: {c} points")
     for w in written:
         print(f"wrote {w}")
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m patchalign.tools.viz --model DIR --input FILE --parts a,b,c [--out DIR] ...``."""
+    from patchalign.tools.cli import run_cli
+
+    # ValueError covers CheckpointError, GeometryLoadError and ShardFormatError; KeyError a part name
+    # missing from --text-bank; ImportError a text encoder whose extra is not installed.
+    errors = (ValueError, OSError, KeyError, ImportError)
+    return run_cli(segment_and_draw, argv, "python -m patchalign.tools.viz", positional=False, errors=errors)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(sys.argv[1:]))
