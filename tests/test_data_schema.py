@@ -17,13 +17,13 @@ from patchalign.data.schema import (
     MIN_POINTS,
     SCHEMA_VERSION,
     ShardFormatError,
-    clean_part_name,
     decode_sample,
     encode_sample,
     npy_from_bytes,
     npy_to_bytes,
     sample_key,
 )
+from patchalign.text import clean_part_name
 from patchalign.data.synthetic import random_object_sample, write_synthetic_text_bank
 from patchalign.data.textbank import load_text_bank, save_text_bank
 from patchalign.data.writer import MANIFEST_NAME, TEXT_BANK_NAME, ShardSetWriter, read_manifest

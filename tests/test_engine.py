@@ -15,22 +15,18 @@ from conftest import read_shards
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from patchalign.engine import build as engine  # noqa: E402
+from patchalign.engine import stages as engine  # noqa: E402
 from patchalign.engine.backproject import (  # noqa: E402
     NoVisiblePointsError,
     backproject_features,
     face_feature_sums,
     fill_unseen,
 )
-from patchalign.engine.build import (  # noqa: E402
-    EngineConfig,
-    ObjectRecord,
-    WorkDir,
-    chunk_records,
-    discover_meshes,
-    run_build,
-)
-from patchalign.engine.sampling import sample_surface  # noqa: E402
+from patchalign.engine.build import run_build  # noqa: E402
+from patchalign.engine.config import EngineConfig, config_from_dict  # noqa: E402
+from patchalign.engine.records import ObjectRecord, chunk_records, discover_meshes  # noqa: E402
+from patchalign.engine.workdir import WorkDir  # noqa: E402
+from patchalign.geometry import sample_surface  # noqa: E402
 from patchalign.engine.sources.find3d import find3d_records, membership_from_masks  # noqa: E402
 
 # Tiny settings: 2048 points is the shard schema's minimum; 3 views of 64 px; random DINOv2 at 56 px;
@@ -173,7 +169,7 @@ def test_released_bicubic_upsampling_matches_interpolate_then_view_mean():
 
 
 def test_released_settings_are_engine_options(tmp_path):
-    from patchalign.engine.build import RELEASED_TEACHER_SETTINGS
+    from patchalign.engine.config import RELEASED_TEACHER_SETTINGS
 
     cfg = EngineConfig(**{**TINY, **RELEASED_TEACHER_SETTINGS})
     sig = cfg.cache_signature()
@@ -443,48 +439,55 @@ def test_cli_stage_by_stage_matches_build(tmp_path, shared_data):
 
 
 def test_cli_flags_are_derived_from_engine_config():
-    """Every EngineConfig setting (but ``progress``) has one kebab-case flag with the field's type and
-    choices, and parsed flags rebuild the config the engine receives."""
+    """Every EngineConfig setting (but ``progress``) is an option of the stage verbs with the field's
+    type, choices (Literal) and docstring help, in the former argparse spellings too, and the parsed
+    options rebuild the config the engine receives."""
     import dataclasses
 
-    from patchalign.engine.__main__ import CONFIG_KEYS, build_parser
-    from patchalign.engine.build import EngineConfig, config_from_dict
+    from patchalign.engine.__main__ import _engine_config, build_parser
+    from patchalign.engine.cli import normalize_argv
 
-    names = {f.name for f in dataclasses.fields(EngineConfig)} - {"progress"}
-    assert set(CONFIG_KEYS) == names
     parser = build_parser()
-    args = parser.parse_args(
-        [
-            "build",
-            "--work",
-            "w",
-            "--out",
-            "o",
-            "--n-points",
-            "1024",
-            "--camera-distance",
-            "3.5",
-            "--templates",
-            "{part}",
-            "the {part}",
-            "--teacher-resize",
-            "bilinear-antialias",
-            "--keep-renders",
-        ]
+    argv = normalize_argv(
+        ["build", "--work", "w", "--out", "o", "--n-points", "1024", "--camera_distance", "3.5"]
+        + ["--templates", "{part}", "the {part}", "--teacher-resize", "bilinear-antialias", "--keep-renders"]
     )
-    overrides = {k: getattr(args, k) for k in CONFIG_KEYS if getattr(args, k) is not None}
-    assert overrides == {
+    ns = parser.parse_args(argv)
+    cfg = _engine_config(ns.build, {"n_points"})
+    changed = {
+        f.name: getattr(cfg, f.name)
+        for f in dataclasses.fields(EngineConfig)
+        if getattr(cfg, f.name) != getattr(EngineConfig(), f.name)
+    }
+    assert changed == {
         "n_points": 1024,
         "camera_distance": 3.5,
-        "templates": ["{part}", "the {part}"],
+        "templates": ("{part}", "the {part}"),
         "teacher_resize": "bilinear-antialias",
         "keep_renders": True,
     }
-    cfg = config_from_dict(overrides)
-    assert cfg.templates == ("{part}", "the {part}") and cfg.n_views == EngineConfig().n_views
-    with pytest.raises(SystemExit):  # choices come from the field's metadata
+    with pytest.raises(Exception, match="upsample"):  # choices come from the field's Literal type
         parser.parse_args(["build", "--work", "w", "--out", "o", "--upsample", "nearest"])
+    build_help = parser._subcommands_action._name_parser_map["build"].format_help()
+    for f in dataclasses.fields(EngineConfig):
+        if f.name != "progress":
+            assert f"--{f.name}" in build_help, f.name
+    assert "seen neighbours averaged for points no view sees" in build_help  # the field's docstring
     assert "teacher" in EngineConfig.cache_fields() and "device" not in EngineConfig.cache_fields()
+    assert config_from_dict({"templates": ["a"]}).templates == ("a",)
+
+
+def test_cli_released_teacher_fills_only_what_the_command_line_left(tmp_path):
+    from patchalign.engine.__main__ import _engine_config, build_parser
+    from patchalign.engine.cli import normalize_argv
+    from patchalign.engine.config import RELEASED_TEACHER_SETTINGS
+
+    argv = normalize_argv(["sample", "--work", "w", "--released-teacher", "--k-unseen", "7"])
+    ns = build_parser().parse_args(argv)
+    cfg = _engine_config(ns.sample, {"k_unseen", "released_teacher"})
+    assert cfg.k_unseen == 7
+    assert cfg.find3d_frame == RELEASED_TEACHER_SETTINGS["find3d_frame"] == "raw"
+    assert cfg.teacher_input_size == RELEASED_TEACHER_SETTINGS["teacher_input_size"]
 
 
 def test_a_registered_source_plugs_into_the_stages(tmp_path, monkeypatch):
@@ -493,7 +496,6 @@ def test_a_registered_source_plugs_into_the_stages(tmp_path, monkeypatch):
     import torch
 
     from patchalign.engine import sources
-    from patchalign.engine.build import run_build
     from patchalign.engine.sources import ObjectSource, register_source, source_of
 
     monkeypatch.setattr(sources, "_SOURCES", dict(sources._SOURCES))  # the registration ends with the test
@@ -556,7 +558,7 @@ def test_feature_splits_skip_the_teacher_for_evaluation_only_splits(tmp_path, mo
     for s in heldout.values():
         assert s.features.shape == (2048, 0) and s.meta["teacher"] == "none"
         assert s.membership.shape[0] == 2048 and s.membership.any(1).all()  # labels still there
-    assert engine.config_from_dict({"feature_splits": ["train", "val"]}).feature_splits == ("train", "val")
+    assert config_from_dict({"feature_splits": ["train", "val"]}).feature_splits == ("train", "val")
     typo = EngineConfig(**TINY, feature_splits=("trian",))
     with pytest.raises(ValueError, match=r"feature_splits names \['trian'\], which no object has"):
         run_build(records, WorkDir(tmp_path / "w2"), typo, tmp_path / "out2")

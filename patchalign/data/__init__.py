@@ -5,7 +5,6 @@ from patchalign.data.schema import (
     SCHEMA_VERSION,
     ObjectSample,
     ShardFormatError,
-    clean_part_name,
     decode_sample,
     encode_sample,
 )
@@ -21,7 +20,6 @@ __all__ = [
     "ShardInfo",
     "ShardSetWriter",
     "TextBank",
-    "clean_part_name",
     "decode_sample",
     "encode_sample",
     "load_text_bank",

@@ -1,6 +1,6 @@
 """Decoded per-rank training cache: read the shards once, then build batches with batched torch.
 
-Why (issue 13): the streaming loader spends its time decoding tar members and gathering rows in
+Why: the streaming loader spends its time decoding tar members and gathering rows in
 Python per sample, ~100-200 samples/s per worker for 7.75 MB Stage 1 samples, far below what one
 GPU trains. Compact samples (points + packed part bits + the released 128-patch targets, ~270 KB)
 of a whole training set fit in host RAM (28.8 k objects ~ 8 GB) and in one GPU's memory, so:

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from patchalign.text import clean_part_name  # the one cleaner lives in core (re-exported here)
+from patchalign.text import clean_part_name
 
 SCHEMA_VERSION: int = 2
 """Bumped whenever the member set or a dtype changes; readers reject versions not in

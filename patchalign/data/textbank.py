@@ -18,7 +18,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from patchalign.data.schema import ShardFormatError, clean_part_name
+from patchalign.data.atomic import atomic_path
+from patchalign.data.schema import ShardFormatError
+from patchalign.text import clean_part_name
 
 TEXT_BANK_FORMAT = "patchalign-text-bank"
 TEXT_BANK_VERSION = "1"
@@ -86,8 +88,6 @@ def save_text_bank(
     vectors = vectors.detach().to("cpu", torch.float32)
     _check_bank(list(names), vectors)
     vectors = torch.nn.functional.normalize(vectors, dim=1).contiguous()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {
         "format": TEXT_BANK_FORMAT,
         "version": TEXT_BANK_VERSION,
@@ -95,9 +95,8 @@ def save_text_bank(
         "encoder_id": str(encoder_id),
         "templates": json.dumps(list(templates)),
     }
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({"vectors": vectors}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({"vectors": vectors}, str(tmp), metadata=metadata)
 
 
 def load_text_bank(path: str | os.PathLike) -> TextBank:

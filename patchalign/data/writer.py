@@ -30,6 +30,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO
 
+from patchalign.data.atomic import atomic_path, write_bytes_atomic
 from patchalign.data.schema import (
     READABLE_SCHEMA_VERSIONS,
     SCHEMA_VERSION,
@@ -173,15 +174,6 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
         # version-1 sets carry per-point features only
         targets=d.get("targets", ["points"] if d["schema_version"] == 1 else None),
     )
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class _HashingFile:
@@ -350,9 +342,8 @@ class ShardSetWriter:
             raise ShardFormatError(f"text bank {src} lacks part names already written: {missing[:10]}")
         dst = self.out_dir / TEXT_BANK_NAME
         if src.resolve() != dst.resolve():
-            tmp = dst.with_name(f".{dst.name}.tmp")
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, dst)
+            with atomic_path(dst) as tmp:
+                shutil.copyfile(src, tmp)
         self._bank = bank
         self.manifest.text_bank = TEXT_BANK_NAME
 
@@ -489,4 +480,4 @@ class ShardSetWriter:
     def _write_manifest(self) -> None:
         d = self.manifest.to_json()
         d["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-        _atomic_write_text(self.out_dir / MANIFEST_NAME, json.dumps(d, indent=1))
+        write_bytes_atomic(self.out_dir / MANIFEST_NAME, json.dumps(d, indent=1).encode(), fsync=True)

@@ -1,8 +1,12 @@
-"""The data engine that builds training shards: ``python -m patchalign.engine {sample,...,build,demo}``.
+"""The data engine that builds training shards: ``python -m patchalign shards VERB`` (``--help`` lists them).
 
-See :mod:`patchalign.engine.build` for the stages and their on-disk caches,
-:mod:`patchalign.engine.sources.demo` for the built-in procedural demo data and its split, and
-:mod:`patchalign.engine.sources.find3d` for the Find3D data-engine layout the labels stage reads.
+Modules, in dependency order: :mod:`~patchalign.engine.teachers` and
+:mod:`~patchalign.engine.backproject` (2D teacher features onto points), :mod:`~patchalign.engine.config`
+(:class:`EngineConfig`), :mod:`~patchalign.engine.records` (the objects), :mod:`~patchalign.engine.sources`
+(where an object comes from: mesh files, the procedural demo, Find3D output, plug-ins),
+:mod:`~patchalign.engine.workdir` (per-object caches), :mod:`~patchalign.engine.stages` (what each stage
+does), :mod:`~patchalign.engine.build` (running them, in a pool if asked) and
+:mod:`~patchalign.engine.released` (PatchAlign3D's released training data as shards).
 """
 
 from patchalign.engine.backproject import (
@@ -12,29 +16,21 @@ from patchalign.engine.backproject import (
     face_feature_sums,
     fill_unseen,
 )
-from patchalign.engine.build import (
-    STAGES,
-    EngineConfig,
-    ObjectRecord,
-    StageStats,
-    WorkDir,
-    chunk_records,
-    discover_meshes,
-    load_records,
-    run_build,
-    save_records,
-)
-from patchalign.engine.sampling import SurfaceSample, sample_surface
+from patchalign.engine.build import STAGES, ModelUnavailableError, run_build
+from patchalign.engine.config import EngineConfig
+from patchalign.engine.records import ObjectRecord, chunk_records, discover_meshes, load_records, save_records
 from patchalign.engine.sources.find3d import find3d_records
+from patchalign.engine.stages import StageStats
+from patchalign.engine.workdir import WorkDir
 
 __all__ = [
     "STAGES",
     "BackprojectionResult",
     "EngineConfig",
+    "ModelUnavailableError",
     "NoVisiblePointsError",
     "ObjectRecord",
     "StageStats",
-    "SurfaceSample",
     "WorkDir",
     "backproject_features",
     "chunk_records",
@@ -44,6 +40,5 @@ __all__ = [
     "find3d_records",
     "load_records",
     "run_build",
-    "sample_surface",
     "save_records",
 ]

@@ -13,7 +13,7 @@ the exact upsample-then-average result. Cost: ``O(pixels)`` scalar work plus ``n
 product, instead of ``O(pixels x C)`` for gathering upsampled features (or ``V x C x H x W`` memory
 for materialising them).
 
-Released settings (issue 9 item 5; PatchAlign3D arXiv 2601.02457, dickoah/PatchAlign3D), selectable:
+Released settings (PatchAlign3D arXiv 2601.02457, dickoah/PatchAlign3D), selectable:
 
 * ``upsample="bicubic"``: bicubic token upsampling (exact, 4x4 taps:
   :func:`patchalign.engine.teachers.resample_taps`); default ``"bilinear"``.
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +37,8 @@ from torch import Tensor
 
 from patchalign.engine.teachers import UPSAMPLE_MODES, resample_taps
 
-VIEW_AVERAGE_MODES = ("pixel", "view")
+ViewAverage = Literal["pixel", "view"]
+VIEW_AVERAGE_MODES: tuple[str, ...] = get_args(ViewAverage)
 
 __all__ = [
     "VIEW_AVERAGE_MODES",

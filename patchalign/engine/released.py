@@ -34,7 +34,6 @@ Objects with missing files are skipped, counted and printed; nothing converted i
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from collections import Counter
@@ -44,10 +43,12 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 from torch import Tensor
 
 from patchalign.data.schema import MIN_POINTS, ObjectSample, ShardFormatError
 from patchalign.data.writer import ShardSetWriter
+from patchalign.engine.cli import normalize_argv, one_line
 from patchalign.engine.sources.find3d import Find3DObject, discover_find3d_objects, load_find3d_labels
 
 log = logging.getLogger(__name__)
@@ -245,18 +246,24 @@ def _skip(counter: Counter[str], reason: str, e: Exception) -> None:
         log.warning("skipping (%s): %s", reason, e)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m patchalign.engine.released", description=__doc__.split("\n")[0]
+def released_parser() -> ArgumentParser:
+    """The options of :func:`convert_released` (``python -m patchalign shards released`` uses it too)."""
+    p = ArgumentParser(
+        prog="python -m patchalign.engine.released", description=__doc__.split("\n")[0], exit_on_error=False
     )
-    ap.add_argument("root", help="released data root (holds labeled/ or points/ + rendered/)")
-    ap.add_argument("out", help="output shard directory (resumed if it exists)")
-    ap.add_argument("--split", default="train", help="train, val or 'all'")
-    ap.add_argument("--feature-subdir", default="patch_dino")
-    ap.add_argument("--frame", default="released", choices=["released", "find3d"])
-    ap.add_argument("--text-bank", default=None)
-    ap.add_argument("--max-samples-per-shard", type=int, default=1024)
-    args = ap.parse_args(argv)
+    p.add_argument("--config", action=ActionConfigFile)
+    p.add_argument("root", type=str, help="released data root (holds labeled/ or points/ + rendered/)")
+    p.add_argument("out", type=str, help="output shard directory (resumed if it exists)")
+    p.add_argument("--split", type=str, default="train", help="train, val or 'all'")
+    p.add_argument("--feature_subdir", type=str, default="patch_dino", help="folder of patch_features.pt")
+    p.add_argument("--frame", type=Frame, default="released", help="released (y/z swapped) or find3d")
+    p.add_argument("--text_bank", type=str | None, default=None, help="text bank to attach to the set")
+    p.add_argument("--max_samples_per_shard", type=int, default=1024, help="objects per shard file")
+    return p
+
+
+def run_released(args: Any) -> int:
+    """Convert with parsed options; a missing root or nothing convertible is one line, exit 1."""
     logging.basicConfig(level=logging.WARNING)
     try:
         convert_released(
@@ -272,6 +279,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m patchalign.engine.released ROOT OUT [--split train] ...`` (dashes or underscores)."""
+    args = normalize_argv(list(sys.argv[1:] if argv is None else argv))
+    try:
+        ns = released_parser().parse_args(args)
+    except ArgumentError as e:
+        print(f"error: {one_line(e)} (see --help)", file=sys.stderr)
+        return 2
+    return run_released(ns)
 
 
 if __name__ == "__main__":

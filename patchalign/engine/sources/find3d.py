@@ -42,9 +42,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from patchalign.data.schema import clean_part_name
 from patchalign.engine.sources import ObjectSource
 from patchalign.geometry import normalize_unit_sphere_bbox
+from patchalign.text import clean_part_name
 
 __all__ = [
     "Find3DObject",
@@ -199,7 +199,7 @@ def load_find3d_labels(obj: Find3DObject) -> tuple[np.ndarray, list[str]]:
 
 def find3d_records(root: str | os.PathLike) -> list[Any]:
     """Data-engine records (``source="find3d"``) for every object of a Find3D data root."""
-    from patchalign.engine.build import ObjectRecord
+    from patchalign.engine.records import ObjectRecord
 
     return [
         ObjectRecord(
