@@ -14,10 +14,12 @@ import torch
 from conftest import REPO_ROOT as REPO
 
 from zerokey.__main__ import main
+from zerokey.cluster import ClusterConfig
 from zerokey.data import FileShapeDataset, KeypointNetDataset, load_shape, read_pcd
 from zerokey.mllm.namers import KeypointNetNamer, StaticNamer
 from zerokey.mllm.pointers import OraclePointer
 from zerokey.module import ZeroKeyDataModule, ZeroKeyModule
+from zerokey.views import ViewConfig
 from zerokey.writer import KeypointJSONWriter
 
 KPN = REPO / ".." / "shared" / "data" / "keypointnet"
@@ -44,7 +46,7 @@ def _predict_args(run_dir: Path, *extra: str) -> list[str]:
         "0",
         "--model.pointer.init_args.outlier_rate",
         "0",
-        "--model.image_size",
+        "--model.views.image_size",
         "160",
         "--data.keypointnet_root",
         str(KPN),
@@ -171,7 +173,10 @@ def test_bad_files_are_skipped_counted_and_written(tmp_path):
     dm = ZeroKeyDataModule(inputs=[str(tmp_path)], category="box")
     # Every corner of the box is a keypoint named "corner"; the oracle needs them on the sample.
     module = ZeroKeyModule(
-        StaticNamer(["corner"] * 8), OraclePointer(), image_size=96, min_samples=5, min_cluster_size=5
+        StaticNamer(["corner"] * 8),
+        OraclePointer(),
+        views=ViewConfig(image_size=96),
+        cluster=ClusterConfig(min_samples=5, min_cluster_size=5),
     )
     dm.setup()
     corners = torch.tensor([[sx, sy, sz] for sx in (-1, 1) for sy in (-0.5, 0.5) for sz in (-0.25, 0.25)])
@@ -235,7 +240,7 @@ def test_readers_reject_bad_input_clearly(tmp_path):
     with pytest.raises(ValueError, match="one location"):
         load_shape(tmp_path / "c.xyz")
     with pytest.raises(ValueError, match="unsupported file type"):
-        load_shape(tmp_path / "d.txt")
+        load_shape(tmp_path / "d.foo")
 
 
 @needs_data

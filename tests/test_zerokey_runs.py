@@ -65,8 +65,7 @@ def _config(tmp_path: Path, run_dir: Path, inputs: Path, base_url: str, namer: d
                     "max_workers": 1,  # deterministic counts (the pool size is tested elsewhere)
                 },
             },
-            "n_views": 6,
-            "image_size": 64,
+            "views": {"n_views": 6, "image_size": 64},
         },
         "data": {"inputs": [str(inputs)]},
     }
@@ -164,12 +163,15 @@ def test_namer_without_names_is_a_failed_shape_not_zero_keypoints(tmp_path, caps
             "init_args": {"base_url": server.base_url, "model": "gpt", "api_key_env": None, "max_retries": 0},
         }
         code, _ = _predict(_config(tmp_path, run_dir, inputs, server.base_url, namer))
-    assert code == 0
+    captured = capsys.readouterr()
+    # no shape completed: a failed run (exit 2, run.json says so), not "finished"
+    assert code == 2 and "zerokey: error: run failed: no shape completed: 1 of 1" in captured.err
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "failed"
     record = json.loads((run_dir / "a.json").read_text())
     assert record["status"] == "failed" and "no names" in record["error"]
     summary = json.loads((run_dir / "summary_rank0.json").read_text())
     assert summary["shapes_done"] == 0 and [s["shape_id"] for s in summary["failed_shapes"]] == ["a"]
-    assert "0 done, 0 skipped (complete before), 1 failed" in capsys.readouterr().out
+    assert "0 done, 0 skipped (complete before), 1 failed" in captured.out
 
 
 def test_refuse_and_overwrite(tmp_path, first_run):
@@ -211,3 +213,52 @@ def test_uninformative_pointer_keypoint_shows_its_single_view_support(tmp_path):
     )
     (kp,) = strict.predict(shape, views=views, points=points).record["keypoints"]
     assert kp["support"]["views"] >= 3 and kp["support"]["spread"] > 0.2
+
+
+def test_two_shapes_whose_every_mllm_call_failed_is_a_failed_run(tmp_path, capsys):
+    """Every image request answers HTTP 500: 2 x 6 failed calls, far under the 100-call floor of the
+    in-run rule, yet the run must not end "finished" with exit 0."""
+    inputs = tmp_path / "shapes"
+    inputs.mkdir()
+    _box(inputs / "a.obj"), _box(inputs / "b.obj", (1.0, 1.0, 1.0))
+    run_dir = tmp_path / "run"
+    config = _config(tmp_path, run_dir, inputs, "")
+    data = yaml.safe_load(config.read_text())
+    data["model"]["max_failed_call_fraction"] = 0.5  # the in-run rule never stops it: 2 < 0.5 x 100
+    with FakeChatServer(MolmoStub(_centre, fail_images=500)) as server:
+        data["model"]["pointer"]["init_args"]["base_url"] = server.base_url
+        config.write_text(yaml.safe_dump(data))
+        code, _ = _predict(config)
+    captured = capsys.readouterr()
+    assert code == 2 and "run failed: no shape completed: 2 of 2 predicted shapes failed" in captured.err
+    manifest = json.loads((run_dir / "run.json").read_text())
+    assert manifest["status"] == "failed" and "no shape completed" in manifest["reason"]
+
+
+def test_small_run_over_the_end_budget_fails_with_one_good_shape(tmp_path, capsys):
+    """One shape answered, one not: 6 of 12 calls failed. The in-run rule (2 % of max(calls, 100))
+    lets it go to the end; the end rule (max(2 % of 12, 1) failed calls) marks it failed."""
+    inputs = tmp_path / "shapes"
+    inputs.mkdir()
+    _box(inputs / "a.obj"), _box(inputs / "b.obj", (1.0, 1.0, 1.0))
+    run_dir = tmp_path / "run"
+    config = _config(tmp_path, run_dir, inputs, "")
+    data = yaml.safe_load(config.read_text())
+    data["model"]["max_failed_call_fraction"] = 0.1  # in-run: stops after 10 failures, never reached
+    seen: list[int] = []
+    stub = MolmoStub(_centre)
+
+    def answer(request):
+        if request.images:
+            seen.append(1)
+        return 500 if len(seen) > 6 else stub(request)  # the second shape's six views fail
+
+    with FakeChatServer(answer) as server:
+        data["model"]["pointer"]["init_args"]["base_url"] = server.base_url
+        config.write_text(yaml.safe_dump(data))
+        code, _ = _predict(config)
+    captured = capsys.readouterr()
+    assert code == 2 and "run failed: 6 of 12 MLLM calls failed, over the budget" in captured.err
+    summary = json.loads((run_dir / "summary_rank0.json").read_text())
+    assert summary["shapes_done"] == 1 and summary["shapes_failed"] == 1
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "failed"

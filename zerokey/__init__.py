@@ -1,4 +1,4 @@
-"""ZeroKey (Gupta et al., arXiv:2412.06292): zero-shot 3D keypoints from multimodal LLM pointing, as a
+"""ZeroKey (Gong et al., arXiv:2412.06292): zero-shot 3D keypoints from multimodal LLM pointing, as a
 Lightning prediction loop.
 
 render 26 views -> name keypoints (GPT-4o "List possible salient key points (in text).", or config /

@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from patchalign.geometry import normalize_unit_sphere_bbox
-from patchalign.io import load_geometry, read_point_file
+from patchalign.io import POINT_SUFFIXES, load_geometry, read_point_file
 
 __all__ = [
     "KEYPOINTNET_CLASSES",
@@ -64,7 +64,7 @@ KEYPOINTNET_CLASSES: dict[str, str] = {
 _NAME_TO_CLASS = {v: k for k, v in KEYPOINTNET_CLASSES.items()}
 
 MESH_SUFFIXES = (".obj", ".ply", ".glb", ".gltf", ".off", ".stl")
-POINT_SUFFIXES = (".pcd", ".xyz", ".npy")
+# point clouds: every suffix the project's point reader takes (patchalign.io.POINT_SUFFIXES: .txt too)
 
 
 @dataclass

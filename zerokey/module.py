@@ -1,5 +1,5 @@
-"""Lightning wrappers: ``trainer.predict`` runs ZeroKey (arXiv:2412.06292) over a dataset, on one or
-many GPUs.
+"""Lightning wrappers: ``trainer.predict`` runs ZeroKey (Gong et al., arXiv:2412.06292) over a dataset,
+on one or many GPUs.
 
 The module holds no parameters; ``predict_step`` just runs :class:`ZeroKeyPipeline` on each shape of
 the batch. Multi-GPU prediction is the same Trainer with ``devices: N`` / ``strategy: ddp``: Lightning
@@ -9,6 +9,7 @@ own shapes. Namer and pointer are ``class_path`` / ``init_args`` objects in the 
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -17,18 +18,20 @@ from torch.utils.data import DataLoader
 
 from zerokey.cluster import ClusterConfig
 from zerokey.data import FileShapeDataset, KeypointNetDataset, ShapeSample, collate_shapes
-from zerokey.mllm.client import CallBudget, ChatError
+from zerokey.mllm.client import BudgetExceeded, CallBudget, ChatError
 from zerokey.mllm.namers import Namer
 from zerokey.mllm.pointers import Pointer
-from zerokey.pipeline import KeypointDetector, ShapePrediction, ZeroKeyPipeline
+from zerokey.pipeline import KeypointDetector, ShapePrediction, ZeroKeyPipeline, failed_prediction
 from zerokey.views import ViewConfig
 from zerokey.writer import ZeroKeyRunError
 
 __all__ = ["ZeroKeyModule", "ZeroKeyDataModule"]
 
+log = logging.getLogger(__name__)
+
 
 class ZeroKeyModule(pl.LightningModule):
-    """Zero-shot 3D keypoints as a prediction loop (ZeroKey, arXiv:2412.06292).
+    """Zero-shot 3D keypoints as a prediction loop (ZeroKey, Gong et al., arXiv:2412.06292).
 
     Defaults are the paper's: 26 views, Gaussian soft voting over an h x h patch, HDBSCAN with
     minPts k = 10 counted in points, the densest cluster's centroid. Our variants are options
@@ -40,25 +43,25 @@ class ZeroKeyModule(pl.LightningModule):
             ``OraclePointer``).
         detector: instead of namer + pointer, any :class:`zerokey.pipeline.KeypointDetector` with its
             own settings (e.g. the PatchAlign3D-feature detectors of :mod:`zerokey.features.pipeline`:
-            ``configs/keypoints_{zeroshot,fewshot,unified}.yaml``); the ZeroKey arguments below are
-            then unused. The writer, run folders, failure budget and evaluation are the same.
-        n_views: 6, 26 (paper) or 46 (the paper's ablation layouts, see :func:`zerokey.views.view_layout`).
-        image_size / distance / fov_deg / pole_tilt_deg: the cameras (see ``ViewConfig``).
-        render_backend / point_backend / point_radius: renderer choices (auto = GPU rasteriser on
-            CUDA, Embree / torch splatting on CPU; point radius from the point spacing).
+            ``configs/keypoints/{zeroshot,fewshot,unified}.yaml``). The writer, run folders, failure
+            budget and evaluation are the same; the ZeroKey settings below must then be left unset.
+        views: cameras and renderers (:class:`zerokey.views.ViewConfig`: 6 / 26 (paper) / 46 views,
+            image size, distance, backends); ``views:`` in a config, ``--model.views.n_views 6``.
+        cluster: HDBSCAN and cluster choice (:class:`zerokey.cluster.ClusterConfig`: minPts 10,
+            densest cluster, the paper's; our options off).
         patch_size: h of the Gaussian patch lifted around every 2D point.
         voting: "gaussian" (paper) or "binary" (ablation: uniform patch weights).
         lift_method: "auto" | "barycentric" | "points" | "depth".
-        cluster_method: "hdbscan" (paper) or "mean" (ablation: plain weighted average per name).
-        min_samples / min_cluster_size: HDBSCAN minPts k and smallest cluster (10 / 10, in points).
-        cluster_selection: "density" (paper: densest first) or "weight" (option: heaviest first).
-        min_pts_unit: "points" (paper) or "weight" (option: HDBSCAN on weight-duplicated rows).
-        weight_resolution / allow_single_cluster / cluster_selection_epsilon / min_views: see
-            :class:`zerokey.cluster.ClusterConfig` (epsilon 0 and min_views 1 = off, the paper).
         keep_all_clusters: write every cluster per name in the JSON, not just the chosen keypoints.
         snap: "surface" (closest mesh point / nearest cloud point) or "none".
-        max_failed_call_fraction: the run stops (non-zero exit) once more than this fraction of its
-            MLLM calls failed (counted over at least 100 calls, see ``CallBudget``); 1 disables it.
+        max_failed_call_fraction: the MLLM failure budget (:class:`zerokey.mllm.client.CallBudget`): the
+            run stops once more than this fraction of its calls failed (counted over at least 100
+            calls), and a run that ends over it (at least one failed call tolerated) is failed;
+            1 disables it.
+
+    A shape whose prediction raises (an input the detector cannot handle, out of memory) is written as
+    a failed shape with the error, counted and listed; the other shapes still run. Errors that stop
+    the run (:class:`zerokey.writer.ZeroKeyRunError`, the failure budget) are not caught.
     """
 
     def __init__(
@@ -66,26 +69,11 @@ class ZeroKeyModule(pl.LightningModule):
         namer: Namer | None = None,
         pointer: Pointer | None = None,
         detector: KeypointDetector | None = None,
-        n_views: int = 26,
-        image_size: int = 448,
-        distance: float = 2.5,
-        fov_deg: float | None = None,
-        pole_tilt_deg: float = 5.0,
-        render_backend: Literal["auto", "embree", "pytorch3d"] = "auto",
-        point_backend: Literal["auto", "cpu", "pytorch3d"] = "auto",
-        point_radius: float | None = None,
+        views: ViewConfig | None = None,
+        cluster: ClusterConfig | None = None,
         patch_size: int = 5,
         voting: Literal["gaussian", "binary"] = "gaussian",
         lift_method: Literal["auto", "barycentric", "points", "depth"] = "auto",
-        cluster_method: Literal["hdbscan", "mean"] = "hdbscan",
-        min_samples: int = 10,
-        min_cluster_size: int = 10,
-        cluster_selection: Literal["density", "weight"] = "density",
-        min_pts_unit: Literal["points", "weight"] = "points",
-        weight_resolution: float = 4.0,
-        allow_single_cluster: bool = True,
-        cluster_selection_epsilon: float = 0.0,
-        min_views: int = 1,
         keep_all_clusters: bool = True,
         snap: Literal["surface", "none"] = "surface",
         max_failed_call_fraction: float = 0.02,
@@ -97,41 +85,26 @@ class ZeroKeyModule(pl.LightningModule):
                 raise ValueError(
                     "give either namer + pointer (ZeroKey) or detector (its own namer / pointer), not both"
                 )
+            if views is not None or cluster is not None:
+                raise ValueError(
+                    "model.views / model.cluster configure ZeroKey's own pipeline; a detector takes its "
+                    "own (e.g. model.detector.init_args.views)"
+                )
             self.pipeline: KeypointDetector = detector
-            self._attach_budget(max_failed_call_fraction)
-            return
-        if namer is None or pointer is None:
+        elif namer is None or pointer is None:
             raise ValueError("ZeroKey needs a namer and a pointer (or a detector)")
-        self.pipeline = ZeroKeyPipeline(
-            namer,
-            pointer,
-            ViewConfig(
-                image_size,
-                distance,
-                fov_deg,
-                pole_tilt_deg,
-                render_backend,
-                point_backend,
-                point_radius,
-                n_views=n_views,
-            ),
-            patch_size=patch_size,
-            lift_method=lift_method,
-            cluster=ClusterConfig(
-                method=cluster_method,
-                min_samples=min_samples,
-                min_cluster_size=min_cluster_size,
-                selection=cluster_selection,
-                weighting=min_pts_unit,
-                resolution=weight_resolution,
-                allow_single_cluster=allow_single_cluster,
-                cluster_selection_epsilon=cluster_selection_epsilon,
-                min_views=min_views,
-            ),
-            keep_all_clusters=keep_all_clusters,
-            snap=snap,
-            voting=voting,
-        )
+        else:
+            self.pipeline = ZeroKeyPipeline(
+                namer,
+                pointer,
+                views,
+                patch_size=patch_size,
+                lift_method=lift_method,
+                cluster=cluster,
+                keep_all_clusters=keep_all_clusters,
+                snap=snap,
+                voting=voting,
+            )
         self._attach_budget(max_failed_call_fraction)
 
     def _attach_budget(self, max_failed_call_fraction: float) -> None:
@@ -155,10 +128,7 @@ class ZeroKeyModule(pl.LightningModule):
     # -------------------------------------------------------------- interface used by the writer
     def method_settings(self) -> dict[str, Any]:
         """Everything that determines a shape's result (hashed into the run's config hash)."""
-        hparams = {k: v for k, v in self.hparams.items() if k != "max_failed_call_fraction"}
-        if not isinstance(self.pipeline, ZeroKeyPipeline):  # the module's ZeroKey settings are unused
-            hparams = {"detector": self.pipeline.settings()}
-        return {"module": hparams} | {role: part.settings() for role, part in self._parts()}
+        return {"module": self.pipeline.settings()} | {role: part.settings() for role, part in self._parts()}
 
     def preflight(self) -> None:
         """Check namer and pointer (one cheap server request each) before the first shape."""
@@ -196,8 +166,17 @@ class ZeroKeyModule(pl.LightningModule):
         for shape in batch:
             if shape.shape_id in self.done_ids:
                 out.append(ShapePrediction({"shape_id": shape.shape_id, "status": "skipped"}))
-            else:
+                continue
+            try:
                 out.append(self.pipeline.predict(shape, self.device, keep_debug=self.keep_debug))
+            except (ZeroKeyRunError, BudgetExceeded):
+                raise
+            except Exception as err:  # noqa: BLE001 - one shape's failure is recorded, the run goes on
+                error = f"{type(err).__name__}: {err}"
+                log.warning("shape %s failed: %s", shape.shape_id, error)
+                if isinstance(err, torch.cuda.OutOfMemoryError):
+                    torch.cuda.empty_cache()
+                out.append(failed_prediction(shape, error))
         return out
 
 

@@ -1,6 +1,6 @@
 """The ZeroKey pipeline for one shape, as plain Python/torch (Lightning only wraps it).
 
-Reproduces ZeroKey (Gupta et al., arXiv:2412.06292): render M views -> name keypoints -> point in 2D
+Reproduces ZeroKey (Gong et al., arXiv:2412.06292): render M views -> name keypoints -> point in 2D
 per (view, name) -> lift Gaussian patches to the surface -> HDBSCAN per name -> densest cluster(s) ->
 weighted centroid snapped to the surface.
 
@@ -16,7 +16,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -24,7 +24,7 @@ from torch import Tensor
 
 from zerokey.cluster import Cluster, ClusterConfig, closest_point_on_mesh, cluster_candidates, nearest_point
 from zerokey.data import ShapeSample
-from zerokey.lift import lift_points
+from zerokey.lift import Candidates3D, lift_points
 from zerokey.mllm.namers import Namer, NamingResult
 from zerokey.mllm.parsing import ParseStats
 from zerokey.mllm.pointers import Pointer, Points2D
@@ -35,6 +35,8 @@ __all__ = [
     "ShapePrediction",
     "StageTimer",
     "ZeroKeyPipeline",
+    "base_record",
+    "failed_prediction",
     "naming_error",
     "snap_to_surface",
 ]
@@ -84,6 +86,27 @@ class StageTimer:
         """``timings`` with their sum added as ``total``."""
         self.timings["total"] = round(sum(self.timings.values()), 5)
         return self.timings
+
+
+def base_record(shape: ShapeSample) -> dict[str, Any]:
+    """The fields every detector's record starts with: ids, source, frame, and the input's status."""
+    return {
+        "shape_id": shape.shape_id,
+        "source": shape.source,
+        "category": shape.category,
+        "class_id": shape.class_id,
+        "model_id": shape.model_id,
+        "frame": {"center": _round(shape.center), "scale": float(shape.scale)},
+        "status": "failed" if shape.error else "complete",
+        "error": shape.error,
+    }
+
+
+def failed_prediction(shape: ShapeSample, error: str, status: str = "failed") -> ShapePrediction:
+    """A shape that produced no keypoints, with the reason: counted and listed by the writer, never
+    "0 keypoints found"; a resumed run predicts it again."""
+    record = base_record(shape) | {"status": status, "error": error, "keypoints": [], "names": []}
+    return ShapePrediction(record)
 
 
 def naming_error(namer: Namer, naming: NamingResult) -> str | None:
@@ -175,17 +198,15 @@ class ZeroKeyPipeline(KeypointDetector):
         self.cluster_config = cluster or ClusterConfig()
         self.keep_all_clusters, self.snap = keep_all_clusters, snap
 
-    @staticmethod
-    def _base_record(shape: ShapeSample) -> dict[str, Any]:
-        return {
-            "shape_id": shape.shape_id,
-            "source": shape.source,
-            "category": shape.category,
-            "class_id": shape.class_id,
-            "model_id": shape.model_id,
-            "frame": {"center": _round(shape.center), "scale": float(shape.scale)},
-            "status": "failed" if shape.error else "complete",
-            "error": shape.error,
+    def settings(self) -> dict[str, Any]:
+        return super().settings() | {
+            "views": asdict(self.view_config),
+            "cluster": asdict(self.cluster_config),
+            "patch_size": self.patch_size,
+            "lift_method": self.lift_method,
+            "voting": self.voting,
+            "keep_all_clusters": self.keep_all_clusters,
+            "snap": self.snap,
         }
 
     def _snap(self, xyz: Tensor, shape: ShapeSample) -> Tensor:
@@ -204,6 +225,7 @@ class ZeroKeyPipeline(KeypointDetector):
                 "views": cluster.n_views,
                 "spread": round(cluster.spread, 6),
                 "density": round(cluster.density, 4),
+                "source": "cluster",
             },
         }
 
@@ -220,12 +242,16 @@ class ZeroKeyPipeline(KeypointDetector):
         ``views`` / ``points`` reuse renders / 2D detections made earlier for this shape with the
         same view layout (the bench runs several lifting / clustering ablations on one set of
         answers); ``points`` must then match the names this pipeline's namer gives.
+
+        The stage sequence is shared with detectors built on this one (the unified detector of
+        :mod:`zerokey.features.pipeline`) through four hooks: :meth:`_propose` (before pointing),
+        :meth:`_point`, :meth:`_extra_candidates` (after lifting) and :meth:`_unclustered` (a name
+        without a cluster), plus :meth:`_finish_record`.
         """
         device = torch.device(device)
-        record = self._base_record(shape)
         if shape.error is not None:
-            record.update(keypoints=[], names=[])
-            return ShapePrediction(record)
+            return failed_prediction(shape, shape.error)
+        record = base_record(shape)
         timed = StageTimer(device)
         shape = shape.to(device)
         with timed("render"):
@@ -235,9 +261,10 @@ class ZeroKeyPipeline(KeypointDetector):
             naming = self.namer(shape, views.images)
         names, instances = naming.names, naming.instances
         naming.error = naming_error(self.namer, naming)
+        state = self._propose(shape, names, instances, device, timed)
         with timed("point"):
             if points is None:
-                points = self.pointer(shape, names, views) if names else Points2D.empty(device)
+                points = self._point(shape, names, views, state) if names else Points2D.empty(device)
         with timed("lift"):
             candidates = lift_points(
                 points.uv,
@@ -250,28 +277,27 @@ class ZeroKeyPipeline(KeypointDetector):
                 method=self.lift_method,
                 voting=self.voting,
             )
+            candidates = self._extra_candidates(candidates, state, views)
         with timed("cluster"):
             per_name = cluster_candidates(candidates, len(names), self.cluster_config)
-            chosen = [
-                (i, k, c)
-                for i, clusters in enumerate(per_name)
-                for k, c in enumerate(clusters[: instances[i]])
-            ]
-            all_clusters = (
-                [c for clusters in per_name for c in clusters]
-                if self.keep_all_clusters
-                else [c for _, _, c in chosen]
-            )
+            chosen = [clusters[: instances[i]] for i, clusters in enumerate(per_name)]
+            kept = per_name if self.keep_all_clusters else chosen
+            all_clusters = [c for clusters in kept for c in clusters]
             centroids = torch.stack([c.centroid for c in all_clusters]) if all_clusters else torch.zeros(0, 3)
             snapped = self._snap(centroids.to(device), shape)
             snapped_of = {id(c): snapped[j] for j, c in enumerate(all_clusters)}
         timings, cpu_seconds = timed.total(), timed.cpu_seconds
 
-        keypoints = []
-        for i, k, cluster in chosen:
-            entry = {"name": names[i], "instance": k}
-            entry.update(self._cluster_record(cluster, snapped_of[id(cluster)], shape))
-            keypoints.append(entry)
+        keypoints, missing = [], []
+        for i, name in enumerate(names):
+            found = [
+                {"name": name, "instance": k} | self._cluster_record(c, snapped_of[id(c)], shape)
+                for k, c in enumerate(chosen[i])
+            ]
+            found = found or self._unclustered(i, name, instances[i], state, shape)
+            keypoints += found
+            if not found:
+                missing.append(name)
         error = naming.error or points.error
         record.update(
             status="failed" if error else "complete",
@@ -279,7 +305,7 @@ class ZeroKeyPipeline(KeypointDetector):
             names=names,
             instances=instances,
             keypoints=keypoints,
-            missing=[n for i, n in enumerate(names) if not per_name[i]],
+            missing=missing,
             mllm_calls={"namer": naming.calls, "pointer": points.calls},
             failed_calls={"namer": naming.stats.failed_calls, "pointer": points.stats.failed_calls},
             parse_stats={"namer": naming.stats.as_dict(), "pointer": points.stats.as_dict()},
@@ -287,6 +313,7 @@ class ZeroKeyPipeline(KeypointDetector):
             timings=timings,
             cpu_seconds=cpu_seconds,
         )
+        self._finish_record(record, views, names, state)
         if self.keep_all_clusters:
             record["clusters"] = {
                 names[i]: [self._cluster_record(c, snapped_of[id(c)], shape) for c in clusters]
@@ -295,6 +322,37 @@ class ZeroKeyPipeline(KeypointDetector):
         if keep_debug:
             return ShapePrediction(record, views, points, shape, timings)
         return ShapePrediction(record, timings=timings)
+
+    # ---------------------------------------------------------------- hooks (no-ops for ZeroKey)
+    def _propose(
+        self,
+        shape: ShapeSample,
+        names: list[str],
+        instances: list[int],
+        device: torch.device,
+        timed: StageTimer,
+    ) -> Any:
+        """Work between naming and pointing; its result is passed to the other hooks."""
+        return None
+
+    def _point(self, shape: ShapeSample, names: list[str], views: RenderedViews, state: Any) -> Points2D:
+        """2D points per (view, name): ZeroKey asks the pointer in every view."""
+        return self.pointer(shape, names, views)
+
+    def _extra_candidates(self, candidates: Candidates3D, state: Any, views: RenderedViews) -> Candidates3D:
+        """3D candidates joining the lifted ones before clustering."""
+        return candidates
+
+    def _unclustered(
+        self, name_index: int, name: str, instances: int, state: Any, shape: ShapeSample
+    ) -> list[dict[str, Any]]:
+        """Keypoints for a name no cluster was found for (ZeroKey: none, the name is missing)."""
+        return []
+
+    def _finish_record(
+        self, record: dict[str, Any], views: RenderedViews, names: list[str], state: Any
+    ) -> None:
+        """Add detector-specific fields to the shape's record (in place)."""
 
     def render(self, shape: ShapeSample, device: torch.device | str = "cpu") -> RenderedViews:
         """Only the render stage (for reuse through ``predict(views=...)``)."""

@@ -15,6 +15,11 @@ a folder that holds a run:
 * different config hash, or ``on_existing="refuse"``: the run stops before writing anything;
 * ``on_existing="overwrite"``: the old run's prediction files are deleted first (you asked for it).
 
+**A run's verdict** (``run.json`` ``status``): "finished"; "aborted" (stopped mid-run: failure budget
+spent, an error, Ctrl-C); or "failed" -- it went to the end but completed no shape it predicted, or more
+MLLM calls failed than the budget allows at the end (:class:`~zerokey.mllm.client.CallBudget`). Aborted
+and failed runs exit non-zero through ``python -m zerokey``; every failed shape is listed either way.
+
 Every file is written atomically (temp file + rename), so a killed job leaves no half JSON. The
 interface is shared by every ZeroKey prediction loop (``ZeroKeyModule`` and detectors built on it):
 the module provides ``method_settings()`` (hashed), optionally ``preflight()`` (called before anything
@@ -35,6 +40,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import numpy as np
+import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from zerokey.pipeline import ShapePrediction, merge_parse_stats
@@ -237,6 +243,7 @@ class KeypointJSONWriter(BasePredictionWriter):
         self._records: list[dict[str, Any]] = []
         self._skipped: list[str] = []
         self._started = 0.0
+        self._finished = False
 
     # ------------------------------------------------------------------------------ run folder
     def _prepare_folder(self, run_dir: Path, settings: dict[str, Any]) -> tuple[str, str, list[str]]:
@@ -317,6 +324,7 @@ class KeypointJSONWriter(BasePredictionWriter):
             pl_module.keep_debug = True
         self._records, self._skipped = [], []
         self._started = time.perf_counter()
+        self._finished = False
 
     # ---------------------------------------------------------------------------------- writing
     def write_on_batch_end(
@@ -405,6 +413,7 @@ class KeypointJSONWriter(BasePredictionWriter):
     ) -> None:
         if self.output_dir is None or self.run_id is None:
             return  # setup never got as far as choosing a run (e.g. the pre-flight check failed)
+        self._finished = True
         summary = self._summary(trainer, status, reason)
         if self.summary:
             write_json_atomic(self.output_dir / f"summary_rank{trainer.global_rank}.json", summary)
@@ -430,7 +439,8 @@ class KeypointJSONWriter(BasePredictionWriter):
             f"({failed['pointer']} failed)",
         ]
         if summary["reason"]:
-            lines.append(f"  stopped: {summary['reason']}")
+            label = "stopped" if summary["status"] == "aborted" else "why"
+            lines.append(f"  {label}: {summary['reason']}")
         for shape in summary["failed_shapes"][:5]:
             lines.append(f"  failed {shape['shape_id']}: {shape['error']}")
         if len(summary["failed_shapes"]) > 5:
@@ -439,10 +449,40 @@ class KeypointJSONWriter(BasePredictionWriter):
             )
         print("\n".join(lines + [f"  NOTE: {n}" for n in notes]), flush=True)
 
+    def _verdict(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str | None:
+        """Why a run that went to the end still failed, or None (counts summed over all ranks).
+
+        A run fails when it predicted shapes and completed none, or when its failed MLLM calls exceed
+        the budget's end-of-run rule (:class:`~zerokey.mllm.client.CallBudget`: the fraction of the
+        calls made, at least one call tolerated). Shapes skipped as complete before count as neither.
+        """
+        budget = getattr(pl_module, "budget", None)
+        done = sum(r.get("status") == "complete" for r in self._records)
+        local = [done, len(self._records), budget.calls if budget else 0, budget.failed if budget else 0]
+        total = trainer.strategy.reduce(
+            torch.tensor(local, dtype=torch.float64, device=pl_module.device), reduce_op="sum"
+        )
+        done, attempted, calls, failed = (int(v) for v in total.tolist())
+        if attempted and not done:
+            first = next((r for r in self._records if r.get("status") != "complete"), None)
+            why = f" (first: {first['shape_id']}: {first.get('error')})" if first else ""
+            return f"no shape completed: {attempted} of {attempted} predicted shapes failed{why}"
+        if budget is not None and budget.over_final_budget(calls, failed):
+            return (
+                f"{failed} of {calls} MLLM calls failed, over the budget "
+                f"(max({budget.max_failed_fraction:.0%} of the calls, 1)); last error: {budget.last_error}"
+            )
+        return None
+
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._finish(trainer, pl_module, "finished", None)
+        reason = self._verdict(trainer, pl_module) if self.run_id is not None else None
+        self._finish(trainer, pl_module, "failed" if reason else "finished", reason)
+        if reason:
+            raise ZeroKeyRunError(f"run failed: {reason}")
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
+        if self._finished:  # on_predict_end already wrote the verdict (and raised it)
+            return
         self._finish(trainer, pl_module, "aborted", f"{type(exception).__name__}: {exception}")

@@ -32,7 +32,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from zerokey.cluster import ClusterConfig, cluster_candidates
+from zerokey.cluster import ClusterConfig
 from zerokey.data import KEYPOINTNET_CLASSES, ShapeSample, load_keypointnet_annotations, load_shape
 from zerokey.features.keypoints import (
     KeypointPrototypes,
@@ -42,16 +42,18 @@ from zerokey.features.keypoints import (
     name_probabilities,
     peak_keypoints,
 )
-from zerokey.lift import Candidates3D, lift_points
+from zerokey.lift import Candidates3D
 from zerokey.mllm.namers import KeypointNetNamer, Namer, StaticNamer
+from zerokey.mllm.parsing import ParseStats
 from zerokey.mllm.pointers import Pointer, Points2D
 from zerokey.pipeline import (
     KeypointDetector,
     ShapePrediction,
     StageTimer,
     ZeroKeyPipeline,
+    base_record,
+    failed_prediction,
     naming_error,
-    snap_to_surface,
 )
 from zerokey.views import RenderedViews, ViewConfig, project_visible, render_shape
 
@@ -176,10 +178,9 @@ class _FeatureDetector(KeypointDetector):
         self, shape: ShapeSample, device: torch.device | str = "cpu", keep_debug: bool = False
     ) -> ShapePrediction:
         device = torch.device(device)
-        record = ZeroKeyPipeline._base_record(shape)
         if shape.error is not None:
-            record.update(keypoints=[], names=[])
-            return ShapePrediction(record)
+            return failed_prediction(shape, shape.error)
+        record = base_record(shape)
         timer = StageTimer(device)
         pred = self._predict(shape.to(device), device, timer, keep_debug)
         pred.record = record | pred.record | {"timings": timer.total(), "cpu_seconds": timer.cpu_seconds}
@@ -493,7 +494,7 @@ def _subset_views(views: RenderedViews, index: Tensor) -> RenderedViews:
     )
 
 
-class UnifiedKeypoints(_FeatureDetector):
+class UnifiedKeypoints(ZeroKeyPipeline):
     """PatchAlign3D proposes, the MLLM pointer confirms in a few views, weighted HDBSCAN decides.
 
     Per name: the ``candidates_per_name`` strongest feature peaks (geodesic NMS) are projected into
@@ -504,7 +505,10 @@ class UnifiedKeypoints(_FeatureDetector):
     view); the densest cluster per name is the keypoint. A name the pointer never finds falls back to
     its strongest feature peak when ``fallback_to_features``.
 
-    Pointer calls per shape: ``views_per_name x names`` instead of full ZeroKey's ``26 x names``.
+    ZeroKey's stage sequence (:meth:`zerokey.pipeline.ZeroKeyPipeline.predict`) with its hooks filled
+    in: propose (encode + feature peaks), point (the chosen views only), extra candidates (the peaks'
+    regions), unclustered names (feature fallback). Pointer calls per shape: ``views_per_name x names``
+    instead of full ZeroKey's ``26 x names``.
     """
 
     def __init__(
@@ -527,28 +531,22 @@ class UnifiedKeypoints(_FeatureDetector):
     ) -> None:
         _require_positive(candidates_per_name=candidates_per_name, views_per_name=views_per_name)
         _require_positive(feature_weight=feature_weight, patch_size=patch_size)
+        super().__init__(namer, pointer, views, patch_size, cluster=cluster, keep_all_clusters=False)
         self.zero_shot = ZeroShotFeatureKeypoints(
             model, namer, score, interp_k, region_radius, nms_radius, None, 10, num_points, views
         )
-        self.namer, self.pointer = namer, pointer
-        self.view_config = views or ViewConfig()
         self.candidates_per_name, self.views_per_name = candidates_per_name, views_per_name
         self.feature_weight, self.fallback_to_features = feature_weight, fallback_to_features
-        self.patch_size = patch_size
-        self.cluster_config = cluster or ClusterConfig(min_views=1)
         self.region_radius = region_radius
 
     def settings(self) -> dict[str, Any]:
         zs = self.zero_shot
         return super().settings() | {
             "model": zs.features.settings(),
-            "views": vars(self.view_config),
             "candidates_per_name": self.candidates_per_name,
             "views_per_name": self.views_per_name,
             "feature_weight": self.feature_weight,
             "fallback_to_features": self.fallback_to_features,
-            "patch_size": self.patch_size,
-            "cluster": vars(self.cluster_config),
             "score": zs.score,
             "region_radius": self.region_radius,
             "nms_radius": zs.nms_radius,
@@ -557,23 +555,21 @@ class UnifiedKeypoints(_FeatureDetector):
     def check(self) -> None:
         self.zero_shot.check()
 
-    def _predict(
-        self, shape: ShapeSample, device: torch.device, timer: StageTimer, keep_debug: bool
-    ) -> ShapePrediction:
-        with timer("render"):
-            views = render_shape(shape, self.cameras(device), self.view_config)
-        with timer("name"):
-            naming = self.namer(shape, views.images)
-        names, instances = naming.names, naming.instances
-        naming.error = naming_error(self.namer, naming)
+    def _propose(
+        self,
+        shape: ShapeSample,
+        names: list[str],
+        instances: list[int],
+        device: torch.device,
+        timed: StageTimer,
+    ) -> dict[str, Any]:
         feats = self.zero_shot.features
-        with timer("encode"):
+        with timed("encode"):
             dense = feats.dense(surface_points(shape, self.zero_shot.num_points), device)
-        model = feats.model(device)
-        k = len(names)
-        with timer("propose"):
-            if k:
+        with timed("propose"):
+            if names:
                 text = self.zero_shot.text(names, shape.category, device)
+                model = feats.model(device)
                 scores = dense.name_scores(text, model.logit_scale_value, self.zero_shot.score)
                 per_name = [max(self.candidates_per_name, n) for n in instances]
                 peaks = peak_keypoints(
@@ -581,94 +577,71 @@ class UnifiedKeypoints(_FeatureDetector):
                 )
             else:
                 scores, peaks = torch.zeros(dense.points.shape[0], 0, device=device), []
-        with timer("point"):
-            uv, vw, ni, calls, failed = [], [], [], 0, []
-            chosen_views: dict[str, list[int]] = {}
-            for i, name in enumerate(names):
-                mine = [p for p in peaks if p.name_index == i]
-                if not mine:
-                    continue
-                xyz = torch.stack([p.xyz for p in mine])
-                w = torch.tensor([p.score for p in mine], device=device)
-                vis = visible_views(xyz, views).float() @ w  # (V,) visible candidate score per view
-                order = torch.argsort(-vis, stable=True)[: self.views_per_name]
-                order = order[vis[order] > 0]
-                if order.numel() == 0:
-                    continue
-                chosen_views[name] = order.tolist()
-                answer: Points2D = self.pointer(shape, [name], _subset_views(views, order))
-                calls += int(order.numel())  # one (view, name) request each, the paper's unit
-                if answer.error:
-                    failed.append(f"{name}: {answer.error}")
-                uv.append(answer.uv)
-                vw.append(order[answer.view])
-                ni.append(torch.full_like(answer.name_index, i))
-            pts = Points2D(torch.cat(uv), torch.cat(vw), torch.cat(ni)) if uv else Points2D.empty(device)
-        with timer("lift"):
-            lifted = lift_points(
-                pts.uv,
-                pts.view,
-                pts.name_index,
-                views,
-                shape.vertices,
-                shape.faces,
-                patch_size=self.patch_size,
-            )
-            # feature candidates: each peak's region points, weight feature_weight x score, view id V.
-            f_xyz, f_w, f_n = [], [], []
-            for p in peaks:
-                d = (dense.points - p.xyz).norm(dim=-1)
-                region = d <= self.region_radius
-                f_xyz.append(dense.points[region])
-                f_w.append(self.feature_weight * scores[region, p.name_index].clamp_min(1e-6))
-                f_n.append(torch.full((int(region.sum()),), p.name_index, device=device))
-            if f_xyz:
-                m = sum(len(x) for x in f_xyz)
-                lifted = Candidates3D(
-                    torch.cat([lifted.xyz, *f_xyz]),
-                    torch.cat([lifted.weight, *f_w]),
-                    torch.cat([lifted.name_index, *f_n]),
-                    torch.cat(
-                        [lifted.view, torch.full((m,), views.n_views, device=device, dtype=torch.long)]
-                    ),
-                    torch.cat([lifted.source, torch.full((m,), -1, device=device, dtype=torch.long)]),
-                )
-        with timer("cluster"):
-            clusters = cluster_candidates(lifted, k, self.cluster_config)
-        keypoints, missing = [], []
+        return {"dense": dense, "scores": scores, "peaks": peaks, "chosen_views": {}}
+
+    def _point(self, shape: ShapeSample, names: list[str], views: RenderedViews, state: Any) -> Points2D:
+        device = views.images.device
+        uv, vw, ni, calls, failed, stats = [], [], [], 0, [], ParseStats()
         for i, name in enumerate(names):
-            found = clusters[i][: instances[i]]
-            if not found and self.fallback_to_features:
-                mine = [p for p in peaks if p.name_index == i][: instances[i]]
-                for j, p in enumerate(mine):
-                    keypoints.append(
-                        _keypoint_entry(
-                            name, j, p.xyz, shape, {"source": "features", "score": round(p.score, 5)}
-                        )
-                    )
-                if not mine:
-                    missing.append(name)
+            mine = [p for p in state["peaks"] if p.name_index == i]
+            if not mine:
                 continue
-            if not found:
-                missing.append(name)
-            for j, c in enumerate(found):
-                snapped = snap_to_surface(c.centroid[None].to(device), shape)[0]
-                support = {"source": "cluster", "weight": round(c.weight, 4), "views": c.n_views}
-                keypoints.append(_keypoint_entry(name, j, snapped, shape, support))
-        error = naming.error or ("; ".join(failed) if failed else None)
-        record = dict(
-            status="failed" if error else "complete",
-            error=error,
-            detector="unified",
-            names=names,
-            instances=instances,
-            keypoints=keypoints,
-            missing=missing,
-            mllm_calls={"namer": naming.calls, "pointer": calls, "pointer_full_zerokey": views.n_views * k},
-            pointer_views=chosen_views,
-            pointer_failures=failed,
-            counts={"views": views.n_views, "points2d": len(pts), "candidates": len(lifted)},
+            xyz = torch.stack([p.xyz for p in mine])
+            w = torch.tensor([p.score for p in mine], device=device)
+            vis = visible_views(xyz, views).float() @ w  # (V,) visible candidate score per view
+            order = torch.argsort(-vis, stable=True)[: self.views_per_name]
+            order = order[vis[order] > 0]
+            if order.numel() == 0:
+                continue
+            state["chosen_views"][name] = order.tolist()
+            answer: Points2D = self.pointer(shape, [name], _subset_views(views, order))
+            calls += int(order.numel())  # one (view, name) request each, the paper's unit
+            stats += answer.stats
+            if answer.error:
+                failed.append(f"{name}: {answer.error}")
+            uv.append(answer.uv)
+            vw.append(order[answer.view])
+            ni.append(torch.full_like(answer.name_index, i))
+        state["failed"] = failed
+        if not uv:
+            return Points2D.empty(device)
+        error = "; ".join(failed) if failed else None
+        return Points2D(torch.cat(uv), torch.cat(vw), torch.cat(ni), stats, calls=calls, error=error)
+
+    def _extra_candidates(self, candidates: Candidates3D, state: Any, views: RenderedViews) -> Candidates3D:
+        # feature candidates: each peak's region points, weight feature_weight x score, view id V.
+        dense, scores, peaks = state["dense"], state["scores"], state["peaks"]
+        device = dense.points.device
+        f_xyz, f_w, f_n = [], [], []
+        for p in peaks:
+            region = (dense.points - p.xyz).norm(dim=-1) <= self.region_radius
+            f_xyz.append(dense.points[region])
+            f_w.append(self.feature_weight * scores[region, p.name_index].clamp_min(1e-6))
+            f_n.append(torch.full((int(region.sum()),), p.name_index, device=device))
+        if not f_xyz:
+            return candidates
+        m = sum(len(x) for x in f_xyz)
+        return Candidates3D(
+            torch.cat([candidates.xyz, *f_xyz]),
+            torch.cat([candidates.weight, *f_w]),
+            torch.cat([candidates.name_index, *f_n]),
+            torch.cat([candidates.view, torch.full((m,), views.n_views, device=device, dtype=torch.long)]),
+            torch.cat([candidates.source, torch.full((m,), -1, device=device, dtype=torch.long)]),
         )
-        if keep_debug:
-            return ShapePrediction(record, views, pts, shape)
-        return ShapePrediction(record)
+
+    def _unclustered(
+        self, name_index: int, name: str, instances: int, state: Any, shape: ShapeSample
+    ) -> list[dict[str, Any]]:
+        if not self.fallback_to_features:
+            return []
+        mine = [p for p in state["peaks"] if p.name_index == name_index][:instances]
+        support = lambda p: {"source": "features", "score": round(p.score, 5)}  # noqa: E731
+        return [_keypoint_entry(name, j, p.xyz, shape, support(p)) for j, p in enumerate(mine)]
+
+    def _finish_record(
+        self, record: dict[str, Any], views: RenderedViews, names: list[str], state: Any
+    ) -> None:
+        record["mllm_calls"]["pointer_full_zerokey"] = views.n_views * len(names)
+        record.update(
+            detector="unified", pointer_views=state["chosen_views"], pointer_failures=state.get("failed", [])
+        )

@@ -50,9 +50,16 @@ class BudgetExceeded(ChatError):
 class CallBudget:
     """Run-wide count of MLLM calls and failures, shared by the namer's and the pointer's clients.
 
-    ``exceeded`` once ``failed > max_failed_fraction * max(calls, min_calls)``: with the defaults
-    (2 %, 100) two failures are tolerated among the first 100 calls, a dead server is detected at the
-    third failure, and a long run may lose 2 % of its calls. ``max_failed_fraction=1`` disables it.
+    Two rules, one budget (``max_failed_fraction=1`` disables both):
+
+    * **while the run goes** (:attr:`exceeded`, the run stops): ``failed > max_failed_fraction *
+      max(calls, min_calls)``. With the defaults (2 %, 100) two failures are tolerated among the first
+      100 calls, a dead server is detected at the third failure, and a long run may lose 2 % of its calls.
+    * **at the end** (:attr:`exceeded_at_end`, the run is marked failed and exits non-zero): the same
+      fraction of the calls actually made, without the 100-call floor, but never less than one failed
+      call: ``failed > max(max_failed_fraction * calls, 1)`` (a fraction of 0 tolerates none). A
+      2-shape run whose every call failed is therefore a failed run, while one flaky call in a small
+      run only marks its shape failed (listed, and predicted again on resume).
     """
 
     def __init__(self, max_failed_fraction: float = 0.02, min_calls: int = 100) -> None:
@@ -76,6 +83,17 @@ class CallBudget:
         if self.max_failed_fraction >= 1.0:
             return False
         return self.failed > self.max_failed_fraction * max(self.calls, self.min_calls)
+
+    @property
+    def exceeded_at_end(self) -> bool:
+        return self.over_final_budget(self.calls, self.failed)
+
+    def over_final_budget(self, calls: int, failed: int) -> bool:
+        """The end-of-run rule (class docstring) for ``calls`` / ``failed`` summed over every process."""
+        if self.max_failed_fraction >= 1.0:
+            return False
+        allowed = self.max_failed_fraction * calls
+        return failed > (max(allowed, 1.0) if self.max_failed_fraction > 0 else allowed)
 
     def reason(self) -> str:
         return (
