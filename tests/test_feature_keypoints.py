@@ -264,3 +264,75 @@ def test_bad_detector_settings_are_one_clear_error(shared_data: Path) -> None:
         UnifiedKeypoints("m", namer, OraclePointer(), views_per_name=0)
     with pytest.raises(ValueError, match="shots must be >= 1"):
         FewShotFeatureKeypoints("m", str(shared_data / "keypointnet"), shots=0)
+
+
+@pytest.mark.parametrize("support", [[], ["--model.detector.init_args.on_missing_support", "leave_one_out"]])
+def test_fewshot_config_as_shipped_refuses_the_chair_and_runs_the_airplanes(
+    support: list[str], export_dir: Path, shared_data: Path, tmp_path: Path, monkeypatch, capsys, caplog
+) -> None:
+    """The shared data: 8 airplanes + the one chair in train.txt, 2 airplanes in test.txt. The chair
+    has no support but itself (with or without the leave-one-out fallback): refused with one line,
+    the airplanes run, and evaluate says the run covers 1 of the 2 classes."""
+    from zerokey.__main__ import main
+    from zerokey.evaluate import main as evaluate_main
+
+    monkeypatch.chdir(tmp_path)
+    kpn = shared_data / "keypointnet"
+    run = tmp_path / "run"
+    args = [
+        "predict",
+        "--config",
+        str(REPO / "configs" / "keypoints" / "fewshot.yaml"),
+        "--trainer.default_root_dir",
+        str(run),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.accelerator",
+        "cpu",
+        "--model.detector.init_args.model",
+        str(export_dir),
+        "--data.keypointnet_root",
+        str(kpn),
+        *support,
+    ]
+    main(args)  # no exception: the run finished
+    printed = capsys.readouterr().out
+    assert "10 done, 0 skipped (complete before), 1 failed" in printed
+    chair = json.loads((run / "03001627" / "88382b877be91b2a572f8e1c1caad99e.json").read_text())
+    assert chair["status"] == "refused"
+    assert "class chair (03001627) refused: no support shape" in chair["error"]
+    refusals = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refusals) == 1  # one line per class
+    planes = [json.loads(p.read_text()) for p in sorted((run / "02691156").glob("*.json"))]
+    assert len(planes) == 10 and all(p["status"] == "complete" for p in planes)
+    assert {p["counts"]["support_source"] for p in planes} == {"split train"}
+    assert json.loads((run / "run.json").read_text())["status"] == "finished"
+
+    result = evaluate_main(
+        ["--pred", str(run), "--annotations", *map(str, sorted((kpn / "annotations").glob("*.json")))]
+        + ["--pcd-root", str(kpn / "pcds")]
+    )
+    out = capsys.readouterr().out
+    assert result.classes_asked == ["airplane", "chair"] and set(result.iou) == {"airplane"}
+    assert "covers 1 of 2 classes asked for" in out and "chair: 1 shape(s) refused" in out
+
+
+def test_fewshot_leave_one_out_fallback_is_announced_once(
+    export_dir: Path, shared_data: Path, caplog, tmp_path: Path
+) -> None:
+    """Support from a split that holds none of the class: falls back to the other annotated shapes."""
+    kpn = tmp_path / "kpn"
+    kpn.mkdir()
+    for sub in ("annotations", "pcds", "semantic_names.json"):
+        (kpn / sub).symlink_to(shared_data / "keypointnet" / sub)
+    (kpn / "splits").mkdir()
+    (kpn / "splits" / "train.txt").write_text("")  # nothing in the train split
+    det = FewShotFeatureKeypoints(str(export_dir), str(kpn), shots=2, on_missing_support="leave_one_out")
+    ds = KeypointNetDataset(kpn, ["airplane"], model_ids=AIRPLANES, use_mesh=False)
+    records = [det.predict(ds[i]).record for i in range(len(ds))]
+    assert all(r["status"] == "complete" for r in records)
+    assert {r["counts"]["support_source"] for r in records} == {"every annotated shape (leave-one-out)"}
+    assert len([r for r in caplog.records if "falling back" in r.getMessage()]) == 1
+    strict = FewShotFeatureKeypoints(str(export_dir), str(kpn), shots=2)
+    refused = strict.predict(ds[0]).record
+    assert refused["status"] == "refused" and "split train" in refused["error"]

@@ -138,6 +138,20 @@ class EvalResult:
     skipped: dict[str, list[str]] = field(default_factory=dict)
     unreachable_pairs: int = 0
     disconnected: str = "reference"
+    #: categories with annotated point clouds (in the split) that the scoring was asked for
+    classes_asked: list[str] = field(default_factory=list)
+    #: asked categories this run has no scored shape of, and why (no predictions / refused)
+    classes_missing: dict[str, str] = field(default_factory=dict)
+
+    def coverage_line(self) -> str | None:
+        """One line when the run covers fewer classes than asked for (None when it covers them all)."""
+        if not self.classes_missing:
+            return None
+        missing = "; ".join(f"{c}: {why}" for c, why in sorted(self.classes_missing.items()))
+        return (
+            f"this run covers {len(self.iou)} of {len(self.classes_asked)} classes asked for; the mean is "
+            f"over {len(self.iou)} only. Not scored: {missing}"
+        )
 
     def at(self, threshold: float, category: str | None = None) -> float:
         i = min(range(len(self.thresholds)), key=lambda j: abs(self.thresholds[j] - threshold))
@@ -152,6 +166,8 @@ class EvalResult:
             "skipped": self.skipped,
             "unreachable_pairs": self.unreachable_pairs,
             "disconnected": self.disconnected,
+            "classes_asked": self.classes_asked,
+            "classes_missing": self.classes_missing,
         }
 
     def table(self) -> str:
@@ -162,7 +178,8 @@ class EvalResult:
                 f"{cat[:11]:<12}" + "".join(f"{v:>7.3f}" for v in values) + f"   ({self.shapes[cat]} shapes)"
             )
         lines.append("mean".ljust(12) + "".join(f"{v:>7.3f}" for v in self.mean_iou))
-        return "\n".join(lines)
+        coverage = self.coverage_line()
+        return "\n".join(lines + ([f"NOTE: {coverage}"] if coverage else []))
 
 
 def class_iou(shapes: Sequence[ShapeEval], threshold: float) -> float:
@@ -224,7 +241,10 @@ def evaluate_predictions(
     ``use="keypoints"`` scores the chosen keypoints; ``"clusters"`` every cluster in the record.
     Records without class/model ids, annotation or pcd, or (with ``split_ids``) outside the split are
     skipped and listed in ``skipped``; records whose prediction failed (``status`` "failed") count as
-    shapes with no predictions (every GT missed) and are listed in ``skipped["failed_counted_as_miss"]``.
+    shapes with no predictions (every GT missed) and are listed in ``skipped["failed_counted_as_miss"]``;
+    records a detector refused (``status`` "refused": it cannot serve the class, e.g. few-shot without
+    support) are left out (``skipped["refused"]``). Classes of the annotations (with point clouds, in
+    the split) that end up with no scored shape are named in ``classes_missing`` with the reason.
     """
     pcd_root = Path(pcd_root)
     per_class: dict[str, list[ShapeEval]] = {}
@@ -234,7 +254,9 @@ def evaluate_predictions(
         "no_annotation": [],
         "no_pcd": [],
         "failed_counted_as_miss": [],
+        "refused": [],
     }
+    refused: dict[str, list[str]] = {}
     unreachable = 0
     for record in records:
         class_id, model_id = record.get("class_id"), record.get("model_id")
@@ -257,6 +279,10 @@ def evaluate_predictions(
         gt = np.unique(
             np.array([kp["pcd_info"]["point_index"] for kp in annotation["keypoints"]], dtype=np.int64)
         )
+        if record.get("status") == "refused":  # the detector cannot serve this class (e.g. no support)
+            skipped["refused"].append(record["shape_id"])
+            refused.setdefault(class_id, []).append(str(record.get("error")))
+            continue
         failed = record.get("status", "complete") != "complete" or bool(record.get("error"))
         if failed:
             skipped["failed_counted_as_miss"].append(record["shape_id"])
@@ -295,8 +321,31 @@ def evaluate_predictions(
     }
     mean = [float(np.mean([v[i] for v in iou.values()])) if iou else 0.0 for i in range(len(thresholds))]
     shapes = {KEYPOINTNET_CLASSES.get(c, c): len(s) for c, s in per_class.items()}
+    asked = sorted(
+        {
+            c
+            for c, m in annotations
+            if (split_ids is None or m in split_ids) and (pcd_root / c / f"{m}.pcd").exists()
+        }
+    )
+    missing = {}
+    for c in asked:
+        if c in per_class:
+            continue
+        why = refused.get(c)
+        missing[KEYPOINTNET_CLASSES.get(c, c)] = (
+            f"{len(why)} shape(s) refused ({why[0]})" if why else "no prediction of this class in the run"
+        )
     return EvalResult(
-        thresholds, iou, mean, shapes, {k_: v for k_, v in skipped.items() if v}, unreachable, disconnected
+        thresholds,
+        iou,
+        mean,
+        shapes,
+        {k_: v for k_, v in skipped.items() if v},
+        unreachable,
+        disconnected,
+        [KEYPOINTNET_CLASSES.get(c, c) for c in asked],
+        missing,
     )
 
 

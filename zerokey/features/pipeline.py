@@ -62,6 +62,7 @@ __all__ = [
     "FeatureModel",
     "ZeroShotFeatureKeypoints",
     "FewShotFeatureKeypoints",
+    "NoSupportError",
     "UnifiedKeypoints",
     "surface_points",
     "visible_views",
@@ -70,6 +71,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _NAMERS_WITHOUT_IMAGES = (KeypointNetNamer, StaticNamer)
+
+
+class NoSupportError(ValueError):
+    """A few-shot query's class has no support shape: the class is refused, not guessed."""
 
 
 def _require_positive(**values: float) -> None:
@@ -330,6 +335,13 @@ class FewShotFeatureKeypoints(_FeatureDetector):
 
     Features are computed on the KeypointNet point clouds themselves, the frame the annotations'
     ``point_index`` refers to.
+
+    **A class without support** (no annotated shape with a point cloud in the pool but the query
+    itself) cannot be predicted. ``on_missing_support="refuse"`` (default) writes its shapes with status
+    "refused" and the reason (one warning line per class; the writer lists them, ``zerokey evaluate``
+    leaves the class out and says so); ``"leave_one_out"`` first falls back to every annotated shape of
+    the class found (``support_split: null``), with one warning line, and refuses only if that is empty
+    too. The support source used is written in each record (``counts.support_source``).
     """
 
     def __init__(
@@ -342,7 +354,14 @@ class FewShotFeatureKeypoints(_FeatureDetector):
         exclude_query: bool = True,
         min_support_fraction: float = 0.5,
         interp_k: int = 3,
+        on_missing_support: Literal["refuse", "leave_one_out"] = "refuse",
     ) -> None:
+        if on_missing_support not in ("refuse", "leave_one_out"):
+            raise ValueError(
+                f"on_missing_support must be 'refuse' or 'leave_one_out', got {on_missing_support!r}"
+            )
+        self.on_missing_support = on_missing_support
+        self._warned: set[str] = set()
         if shots < 1:
             raise ValueError(f"shots must be >= 1, got {shots}")
         self.features = FeatureModel(model, interp_k)
@@ -365,6 +384,7 @@ class FewShotFeatureKeypoints(_FeatureDetector):
             "support_ids": self.support_ids,
             "exclude_query": self.exclude_query,
             "min_support_fraction": self.min_support_fraction,
+            "on_missing_support": self.on_missing_support,
         }
 
     def check(self) -> None:
@@ -387,13 +407,15 @@ class FewShotFeatureKeypoints(_FeatureDetector):
         category = KEYPOINTNET_CLASSES.get(class_id, class_id)
         return self._names.get(category, {}).get(sid, f"keypoint {sid}")
 
-    def support_pool(self, class_id: str) -> list[str]:
-        """Model ids of ``class_id`` usable as support, sorted (those with a point cloud on disk)."""
+    def support_pool(self, class_id: str, split: str | None = "configured") -> list[str]:
+        """Model ids of ``class_id`` usable as support, sorted (those with a point cloud on disk), from
+        ``split`` (default: the configured ``support_split``; None: every annotated shape)."""
         if self.support_ids is not None:
             return list(self.support_ids)
+        split = self.support_split if split == "configured" else split
         allowed = None
-        if self.support_split is not None:
-            split_file = self.root / "splits" / f"{self.support_split}.txt"
+        if split is not None:
+            split_file = self.root / "splits" / f"{split}.txt"
             if not split_file.exists():
                 raise FileNotFoundError(f"support split {split_file} not found")
             allowed = {ln.strip().split("-")[-1] for ln in split_file.read_text().splitlines() if ln.strip()}
@@ -403,6 +425,33 @@ class FewShotFeatureKeypoints(_FeatureDetector):
             if c == class_id
             and (allowed is None or m in allowed)
             and (self.root / "pcds" / c / f"{m}.pcd").exists()
+        )
+
+    def _warn_once(self, class_id: str, message: str) -> None:
+        if class_id not in self._warned:
+            self._warned.add(class_id)
+            log.warning("%s", message)
+
+    def _support_set(self, class_id: str, query_model: str | None) -> tuple[list[str], str]:
+        """The support model ids for a query and where they came from; :class:`NoSupportError` if none."""
+        category = f"{KEYPOINTNET_CLASSES.get(class_id, class_id)} ({class_id})"
+        source = "support_ids" if self.support_ids is not None else f"split {self.support_split}"
+        pools = [(source, self.support_pool(class_id))]
+        if self.on_missing_support == "leave_one_out" and self.support_ids is None and self.support_split:
+            pools.append(("every annotated shape (leave-one-out)", None))
+        for i, (where, pool) in enumerate(pools):
+            pool = self.support_pool(class_id, None) if pool is None else pool
+            usable = [m for m in pool if not (self.exclude_query and m == query_model)]
+            if usable:
+                if i:
+                    self._warn_once(
+                        class_id, f"few-shot: no support for {category} in {source}; falling back to {where}"
+                    )
+                return usable[: self.shots], where
+        found = len(self.support_pool(class_id, None))
+        raise NoSupportError(
+            f"few-shot: class {category} refused: no support shape besides the query under {self.root} "
+            f"({source}; {found} annotated shape(s) of the class with a point cloud)"
         )
 
     def _support_features(self, class_id: str, model_id: str, device: torch.device) -> Tensor:
@@ -415,12 +464,7 @@ class FewShotFeatureKeypoints(_FeatureDetector):
         return self._cache[key].to(device)
 
     def prototypes(self, class_id: str, query_model: str | None, device: torch.device) -> KeypointPrototypes:
-        pool = [m for m in self.support_pool(class_id) if not (self.exclude_query and m == query_model)]
-        support = pool[: self.shots]
-        if not support:
-            raise ValueError(
-                f"no support shapes for class {class_id} under {self.root} (split {self.support_split})"
-            )
+        support, _ = self._support_set(class_id, query_model)
         if len(support) < self.shots:
             log.warning(
                 "few-shot: only %d of %d support shapes for class %s", len(support), self.shots, class_id
@@ -441,6 +485,12 @@ class FewShotFeatureKeypoints(_FeatureDetector):
         if not shape.class_id:
             raise ValueError(f"few-shot keypoints need the shape's KeypointNet class id ({shape.shape_id})")
         with timer("support"):
+            try:
+                _, source = self._support_set(shape.class_id, shape.model_id)
+            except NoSupportError as err:
+                self._warn_once(shape.class_id, str(err))
+                record = {"status": "refused", "error": str(err), "detector": "patchalign_fewshot"}
+                return ShapePrediction(record | {"names": [], "keypoints": [], "missing": []})
             protos = self.prototypes(shape.class_id, shape.model_id, device)
         with timer("encode"):
             points = surface_points(shape, 2048)
@@ -471,7 +521,12 @@ class FewShotFeatureKeypoints(_FeatureDetector):
             keypoints=keypoints,
             missing=[],
             mllm_calls={"namer": 0, "pointer": 0},
-            counts={"support_shapes": protos.n_shapes, "prototypes": len(protos.ids), "points": len(points)},
+            counts={
+                "support_shapes": protos.n_shapes,
+                "support_source": source,
+                "prototypes": len(protos.ids),
+                "points": len(points),
+            },
         )
         return ShapePrediction(record, shape=shape if keep_debug else None)
 
