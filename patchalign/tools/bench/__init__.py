@@ -14,3 +14,17 @@ current hardware, next to the reference it should be read against. One entry poi
 ZeroKey's benchmarks live with ZeroKey (``python -m zerokey bench``, ``zerokey.features.bench``):
 zerokey is its own package and its benchmarks run its prediction loop.
 """
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def write_json(result: Any, path: str | None) -> Path | None:
+    """``--json PATH``: also write a benchmark's result (``default=str`` for paths and dtypes)."""
+    if not path:
+        return None
+    Path(path).write_text(json.dumps(result, indent=1, default=str))
+    return Path(path)

@@ -20,56 +20,36 @@ and steps), so their difference is the teacher's.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
-import torch
 
+from patchalign.engine.sources.demo import DEMO_N_OBJECTS, DEMO_TEACHER
 from patchalign.tools.demo import (
+    DEFAULT_SHARDS,
     DEMO_BATCH_SIZE,
     DEMO_STAGE1_STEPS,
     DEMO_STAGE2_STEPS,
     EVAL_SPLITS,
-    REPO,
-    _fit,
-    _shards_ready,
-    _stage2_trainable,
-    zero_shot_eval,
+    REPO_ROOT,
+    DemoError,
+    ensure_shards,
+    export_and_score,
+    fit_stage,
+    stage2_trainable,
+    without_shapes,
 )
 
-ARMS = ("real teacher", "random teacher", "no Stage 1")
-
-
-def _ensure_shards(root: Path, teacher: str, n_objects: int) -> None:
-    if not _shards_ready(root, teacher):
-        from patchalign.engine.sources.demo import build_demo
-
-        print(f"building {root} ({n_objects} objects, teacher {teacher}) ...", flush=True)
-        build_demo(str(root), n_objects=n_objects, teacher=teacher, allow_random_teacher=False)
-
-
-def _evaluate(ckpt: Path, export_dir: Path, shards: Path, limit: int | None) -> dict[str, Any]:
-    from patchalign.data.textbank import load_text_bank
-    from patchalign.pretrained import load_pretrained
-    from patchalign.tools.export import export_checkpoint
-
-    export_checkpoint(ckpt, export_dir)
-    model = load_pretrained(export_dir)
-    bank = load_text_bank(shards / "text_bank.safetensors")
-    out = {}
-    for split, _ in EVAL_SPLITS:
-        r = zero_shot_eval(model, shards / split, bank, limit=limit)
-        out[split] = {k: v for k, v in r.items() if k != "shapes"}
-    return out
+Arm = Literal["real teacher", "random teacher", "no Stage 1"]
+ARMS: tuple[Arm, ...] = ("real teacher", "random teacher", "no Stage 1")
 
 
 def run_arm(
-    arm: str,
+    arm: Arm,
     shards: Path,
     out: Path,
     stage1_steps: int,
@@ -82,12 +62,15 @@ def run_arm(
     seed_args = ["--seed_everything", str(seed)]
     t0 = time.perf_counter()
     if arm == "no Stage 1":
-        init = ["--model.init_args.init_from", "null", *_stage2_trainable(all_blocks=True)]
+        init = ["--model.init_args.init_from", "null", *stage2_trainable(all_blocks=True)]
     else:
-        ckpt1 = _fit(1, shards, out / "stage1", stage1_steps, batch_size, seed_args)
-        init = ["--model.init_args.init_from", str(ckpt1), *_stage2_trainable(all_blocks=False)]
-    ckpt2 = _fit(2, shards, out / "stage2", stage2_steps, batch_size, [*init, *seed_args])
-    scores = _evaluate(ckpt2, out / "export", shards, limit)
+        ckpt1 = fit_stage(1, shards, out / "stage1", stage1_steps, batch_size, seed_args)
+        init = ["--model.init_args.init_from", str(ckpt1), *stage2_trainable(all_blocks=False)]
+    ckpt2 = fit_stage(2, shards, out / "stage2", stage2_steps, batch_size, [*init, *seed_args])
+    scores: dict[str, Any] = {
+        split: without_shapes(r)
+        for split, r in export_and_score(ckpt2, out / "export", shards, limit)[1].items()
+    }
     scores["seconds"] = time.perf_counter() - t0
     return scores
 
@@ -98,60 +81,9 @@ def _mean(values: list[float]) -> str:
     return f"{np.mean(values):.3f}±{np.std(values):.3f}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    from patchalign.engine.sources.demo import DEMO_TEACHER
-
-    p = argparse.ArgumentParser(
-        prog="python -m patchalign bench demo",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--shards", default=str(REPO / "shards" / "demo"), help="real-teacher shard root")
-    p.add_argument(
-        "--random-shards", default=str(REPO / "shards" / "demo_random"), help="random-teacher shard root"
-    )
-    p.add_argument("--out", default=str(REPO / "outputs" / "demo_bench"))
-    p.add_argument("--n-objects", type=int, default=340)
-    p.add_argument("--teacher", default=DEMO_TEACHER)
-    p.add_argument("--random-teacher", default="dinov2-random")
-    p.add_argument("--stage1-steps", type=int, default=DEMO_STAGE1_STEPS)
-    p.add_argument("--stage2-steps", type=int, default=DEMO_STAGE2_STEPS)
-    p.add_argument("--batch-size", type=int, default=DEMO_BATCH_SIZE)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
-    p.add_argument("--eval-limit", type=int, default=None)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    out = Path(args.out) / time.strftime("%Y%m%d-%H%M%S")  # never overwrite an earlier bench
-    real, rand = Path(args.shards), Path(args.random_shards)
-    if "real teacher" in args.arms or "no Stage 1" in args.arms:
-        _ensure_shards(real, args.teacher, args.n_objects)
-    if "random teacher" in args.arms:
-        _ensure_shards(rand, args.random_teacher, args.n_objects)
-    results: dict[str, list[dict[str, Any]]] = {a: [] for a in args.arms}
-    for seed in args.seeds:
-        for arm in args.arms:
-            shards = rand if arm == "random teacher" else real
-            tag = arm.replace(" ", "_")
-            print(f"[bench] {arm}, seed {seed} ...", flush=True)
-            results[arm].append(
-                run_arm(
-                    arm,
-                    shards,
-                    out / f"{tag}-seed{seed}",
-                    args.stage1_steps,
-                    args.stage2_steps,
-                    args.batch_size,
-                    seed,
-                    args.eval_limit,
-                )
-            )
-    (out / "bench.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
-    print(
-        f"\n=== demo ablation bench: Stage 1 {args.stage1_steps} + Stage 2 {args.stage2_steps} steps, "
-        f"batch {args.batch_size}, seeds {args.seeds} ==="
-    )
+def print_bench(results: dict[str, list[dict[str, Any]]], header: str) -> None:
+    """Per evaluation split: chance, then each arm's instance / category mIoU (mean ± std over seeds)."""
+    print(f"\n=== demo ablation bench: {header} ===")
     first = next(iter(results.values()))[0]
     for split, label in EVAL_SPLITS:
         chance = first[split]
@@ -164,8 +96,69 @@ def main(argv: list[str] | None = None) -> int:
             cat = _mean([r[split]["category_miou"] for r in runs])
             print(f"    {arm:<15} instance mIoU {inst}   category mIoU {cat}")
     secs = ", ".join(f"{a} {np.mean([r['seconds'] for r in rs]):.0f} s" for a, rs in results.items())
-    print(f"training + evaluation per run: {secs}\nresults: {out / 'bench.json'}")
+    print(f"training + evaluation per run: {secs}")
+
+
+def bench_demo(
+    shards: str = str(DEFAULT_SHARDS),
+    random_shards: str = str(REPO_ROOT / "shards" / "demo_random"),
+    out: str = str(REPO_ROOT / "outputs" / "demo_bench"),
+    n_objects: int = DEMO_N_OBJECTS,
+    teacher: str = DEMO_TEACHER,
+    random_teacher: str = "dinov2-random",
+    stage1_steps: int = DEMO_STAGE1_STEPS,
+    stage2_steps: int = DEMO_STAGE2_STEPS,
+    batch_size: int = DEMO_BATCH_SIZE,
+    seeds: list[int] = [0],  # noqa: B006 - jsonargparse reads the default from the signature
+    arms: list[Arm] = list(ARMS),  # noqa: B006,B008 - read, never mutated
+    eval_limit: int | None = None,
+) -> int:
+    """The demo ablation: real vs random DINOv2 teacher vs no Stage 1, one training budget.
+
+    Args:
+        shards: real-teacher shard root (built if absent).
+        random_shards: random-teacher shard root (built if absent).
+        out: a timestamped folder per bench run goes here (an earlier bench is never overwritten).
+        n_objects: objects of each shard build.
+        teacher: teacher spec of the real-teacher shards.
+        random_teacher: teacher spec of the random-teacher shards.
+        stage1_steps: Stage 1 optimizer steps per arm.
+        stage2_steps: Stage 2 optimizer steps per arm.
+        batch_size: training batch size.
+        seeds: training seeds; each arm is trained once per seed.
+        arms: the arms to run.
+        eval_limit: evaluate at most this many shapes per split.
+    """
+    settings = dict(locals())  # the parameters, recorded in bench.json
+    logging.basicConfig(level=logging.WARNING)
+    run_dir = Path(out) / time.strftime("%Y%m%d-%H%M%S")  # never overwrite an earlier bench
+    real, rand = Path(shards), Path(random_shards)
+    if "real teacher" in arms or "no Stage 1" in arms:
+        ensure_shards(real, teacher, n_objects, allow_random_teacher=False)
+    if "random teacher" in arms:
+        ensure_shards(rand, random_teacher, n_objects, allow_random_teacher=False)
+    results: dict[str, list[dict[str, Any]]] = {a: [] for a in arms}
+    for seed in seeds:
+        for arm in arms:
+            print(f"[bench] {arm}, seed {seed} ...", flush=True)
+            arm_shards = rand if arm == "random teacher" else real
+            arm_out = run_dir / f"{arm.replace(' ', '_')}-seed{seed}"
+            results[arm].append(
+                run_arm(arm, arm_shards, arm_out, stage1_steps, stage2_steps, batch_size, seed, eval_limit)
+            )
+    (run_dir / "bench.json").write_text(json.dumps({"args": settings, "results": results}, indent=2))
+    print_bench(
+        results, f"Stage 1 {stage1_steps} + Stage 2 {stage2_steps} steps, batch {batch_size}, seeds {seeds}"
+    )
+    print(f"results: {run_dir / 'bench.json'}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m patchalign bench demo [--seeds 0 1] [--arms ...]``."""
+    from patchalign.tools.cli import run_cli
+
+    return run_cli(bench_demo, argv, prog="python -m patchalign bench demo", errors=(DemoError,))
 
 
 if __name__ == "__main__":

@@ -3,11 +3,11 @@ to a matmul peak measured in the same run on the same device."""
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from collections.abc import Callable
+from json import dumps
+from typing import Literal
 
 import torch
 
@@ -103,17 +103,30 @@ def _print_encoder(res: dict) -> None:
         )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m patchalign bench encoder", description=__doc__)
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    args = parser.parse_args(argv)
-    res = bench_encoder(tuple(args.batch_sizes), args.device, dtype=args.dtype)
-    print(json.dumps(res, indent=2)) if args.json else _print_encoder(res)
+def encoder_bench(
+    batch_sizes: list[int] = [1, 16, 64],  # noqa: B006 - jsonargparse reads the default from the signature
+    device: str | None = None,
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+    json: bool = False,
+) -> int:
+    """Forward time of the full-size encoder and its GFLOP/s next to a matmul peak on the same device.
+
+    Args:
+        batch_sizes: batch sizes to time.
+        device: torch device (default: cuda if available, else cpu).
+        dtype: autocast dtype of the forward.
+        json: print JSON instead of a table.
+    """
+    res = bench_encoder(tuple(batch_sizes), device, dtype=dtype)
+    print(dumps(res, indent=2)) if json else _print_encoder(res)
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    from patchalign.tools.cli import run_cli
+
+    return run_cli(encoder_bench, argv, prog="python -m patchalign bench encoder")
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -19,11 +19,11 @@ Numbers depend on the machine; the JSON printed at the end records it.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -143,27 +143,36 @@ def time_latency(model_dir: Path, device: torch.device, runs: int, head_dim: int
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(
-        prog="python -m patchalign bench eval", description="Zero-shot evaluation benchmark."
-    )
-    p.add_argument(
-        "--shapes", type=int, default=2874, help="shapes in the synthetic test split (real split: 2874)"
-    )
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--latency-runs", type=int, default=20)
-    p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
-    p.add_argument("--data", default=str(DATA), help="directory with the real ShapeNetPart shapes")
-    p.add_argument("--workdir", default=None, help="build the split here (default: a temp dir, deleted)")
-    args = p.parse_args(argv)
+def eval_bench(
+    shapes: int = 2874,
+    batch_size: int = 32,
+    num_workers: int = min(4, os.cpu_count() or 1),
+    device: str | None = None,
+    latency_runs: int = 20,
+    amp: bool = False,
+    data: str = str(DATA),
+    workdir: str | None = None,
+) -> dict:
+    """Zero-shot evaluation benchmark: end-to-end shapes/s and load_pretrained + segment latency.
 
+    Args:
+        shapes: shapes in the synthetic test split (the real split has 2874).
+        batch_size: evaluation batch size.
+        num_workers: data loader workers.
+        device: torch device (default: cuda if available, else cpu).
+        latency_runs: timed segment calls (after 3 warm-up calls).
+        amp: bf16 autocast on CUDA.
+        data: directory with the real ShapeNetPart shapes the split is built from.
+        workdir: build the split here (default: a temp dir, deleted).
+
+    Returns:
+        The printed results (machine, throughput, latency).
+    """
     from patchalign.eval.evaluator import run_zero_shot_eval
     from patchalign.model import EncoderConfig, PatchAlignEncoder
     from patchalign.tools.export import export_checkpoint
 
-    device = torch.device(args.device)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(0)
     cfg = EncoderConfig()
     encoder = PatchAlignEncoder(cfg).eval()
@@ -178,28 +187,28 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "encoder_parameters": encoder.num_parameters(),
     }
-    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         tmp = Path(tmp)
         t = time.perf_counter()
-        root = build_benchmark_split(tmp / "shapenetpart", Path(args.data), args.shapes)
+        root = build_benchmark_split(tmp / "shapenetpart", Path(data), shapes)
         results["build_split_s"] = time.perf_counter() - t
-        results["data_pipeline_shapes_per_s"] = time_data_pipeline(root, args.batch_size, args.num_workers)
+        results["data_pipeline_shapes_per_s"] = time_data_pipeline(root, batch_size, num_workers)
         t = time.perf_counter()
         report = run_zero_shot_eval(
             encoder,
             ShapeNetPartTxt(root, "test"),
             bank,
-            batch_size=args.batch_size,
+            batch_size=batch_size,
             device=device,
-            num_workers=args.num_workers,
-            amp=args.amp,
+            num_workers=num_workers,
+            amp=amp,
             verbose=False,
         )
         total = time.perf_counter() - t
         results["eval"] = {
             "shapes": report.info["num_shapes"],
-            "batch_size": args.batch_size,
-            "num_workers": args.num_workers,
+            "batch_size": batch_size,
+            "num_workers": num_workers,
             "seconds": total,
             "shapes_per_s": report.info["num_shapes"] / total,
             "released/instance_mIoU (random model)": report.scalars["released/instance_mIoU"],
@@ -209,10 +218,16 @@ def main(argv: list[str] | None = None) -> dict:
             {"state_dict": sd, "hyper_parameters": {"encoder_config": cfg.to_dict()}}, tmp / "random.ckpt"
         )
         export_checkpoint(tmp / "random.ckpt", tmp / "export")
-        results["latency"] = time_latency(tmp / "export", device, args.latency_runs, cfg.head_dim)
+        results["latency"] = time_latency(tmp / "export", device, latency_runs, cfg.head_dim)
     print(json.dumps(results, indent=2))
     return results
 
 
+def main(argv: list[str] | None = None) -> int:
+    from patchalign.tools.cli import run_cli
+
+    return run_cli(eval_bench, argv, prog="python -m patchalign bench eval")
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main(sys.argv[1:]))

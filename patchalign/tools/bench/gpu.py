@@ -25,7 +25,6 @@ Every check is timed; a failing check is a ``FAIL`` row (the rest still run) and
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -37,25 +36,18 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
 import torch
 
+from patchalign.tools.bench import write_json
 from patchalign.tools.paths import REPO_ROOT as REPO
 from patchalign.tools.paths import SHARED_DATA as SHARED
 
 CHAIR_ID = "88382b877be91b2a572f8e1c1caad99e"
 CHAIR_MESH = SHARED / "keypointnet" / "meshes" / "03001627" / f"{CHAIR_ID}.ply"
-TINY_ENCODER = {
-    "num_groups": 16,
-    "group_size": 8,
-    "encoder_dims": 32,
-    "trans_dim": 32,
-    "depth": 2,
-    "num_heads": 2,
-}
 
 
 @dataclass
@@ -180,14 +172,12 @@ def check_render(sz: Sizes) -> Row:
     return Row("render parity", "PASS" if ok else "FAIL", detail)
 
 
-def _encoder_config(sz: Sizes, head_dim: int) -> Any:
+def _encoder_config(sz: Sizes, head_dim: int | None = None) -> Any:
+    """The full-size encoder, or the unit tests' tiny one in the CPU smoke run (default head width)."""
     from patchalign.model import EncoderConfig
 
-    return (
-        EncoderConfig(**TINY_ENCODER, head_dim=head_dim)
-        if sz.encoder_tiny
-        else EncoderConfig(head_dim=head_dim)
-    )
+    head_dim = head_dim or EncoderConfig().head_dim
+    return EncoderConfig.tiny(head_dim) if sz.encoder_tiny else EncoderConfig(head_dim=head_dim)
 
 
 def check_encoder(sz: Sizes) -> Row:
@@ -336,7 +326,6 @@ def _fit(stage: str, sz: Sizes, root: Path) -> Row:
 
 
 def check_loader_vs_step(sz: Sizes, root: Path) -> Row:
-    from patchalign.model import EncoderConfig
     from patchalign.tools.bench.train import run_train_bench
 
     r = run_train_bench(
@@ -350,7 +339,7 @@ def check_loader_vs_step(sz: Sizes, root: Path) -> Row:
         n_cache=512 if sz.device == "cuda" else 16,
         model_max_batch=sz.bench_batch,
         shard_root=str(root / "bench"),
-        encoder=EncoderConfig(**TINY_ENCODER) if sz.encoder_tiny else None,
+        encoder=_encoder_config(sz),
     )
     parts, ok = [], True
     for x in r["rows"]:
@@ -460,33 +449,38 @@ def print_table(rows: list[Row], sz: Sizes) -> None:
         print(f"| {r.check:<15} | {r.status:<6} | {r.seconds:>6.1f} | {r.detail} |")
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m patchalign bench gpu", description=__doc__.split("\n")[0])
-    ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU (tests the check itself)")
-    ap.add_argument(
-        "--only",
-        nargs="+",
-        default=None,
-        choices=["imports", "render", "encoder", "fit1", "fit2", "bench", "zerokey"],
-    )
-    ap.add_argument(
-        "--budget-s", type=float, default=480.0, help="do not start checks after this many seconds"
-    )
-    ap.add_argument("--json", default=None, help="also write every row (with raw data) here")
-    args = ap.parse_args(argv)
-    sz = SMOKE if args.cpu_smoke else GPU
-    if not args.cpu_smoke and not torch.cuda.is_available():
+Check = Literal["imports", "render", "encoder", "fit1", "fit2", "bench", "zerokey"]
+
+
+def gpu_check(
+    cpu_smoke: bool = False, only: list[Check] | None = None, budget_s: float = 480.0, json: str | None = None
+) -> int:
+    """The prepared one-GPU check: one command, one table, no downloads; exit 1 if a check fails.
+
+    Args:
+        cpu_smoke: tiny sizes on the CPU (tests the check itself; its numbers mean nothing).
+        only: run only these checks.
+        budget_s: do not start checks after this many seconds.
+        json: also write every row (with raw data) here.
+    """
+    sz = SMOKE if cpu_smoke else GPU
+    if not cpu_smoke and not torch.cuda.is_available():
         print("error: no CUDA device (use --cpu-smoke to test the check on a CPU)", file=sys.stderr)
         return 1
     if not CHAIR_MESH.is_file():
         print(f"error: {CHAIR_MESH} missing (the shared data is needed)", file=sys.stderr)
         return 1
-    rows = run_checks(sz, args.only, args.budget_s)
+    rows = run_checks(sz, only, budget_s)
     print_table(rows, sz)
-    if args.json:
-        Path(args.json).write_text(json.dumps([vars(r) for r in rows], indent=1, default=str))
+    write_json([vars(r) for r in rows], json)
     return 1 if any(r.status == "FAIL" for r in rows) else 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    from patchalign.tools.cli import run_cli
+
+    return run_cli(gpu_check, argv, prog="python -m patchalign bench gpu")
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(sys.argv[1:]))

@@ -21,10 +21,9 @@ It also projects per-point feature storage for a 32k-object training set.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import logging
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -37,6 +36,7 @@ import webdataset as wds
 from patchalign.data.datamodule import ShardDataModule
 from patchalign.data.synthetic import shard_sizes, write_synthetic_shards
 from patchalign.data.writer import read_manifest
+from patchalign.tools.bench import write_json
 
 MB = 1e6
 
@@ -263,35 +263,51 @@ def _print(result: dict[str, Any]) -> None:
             print(f"  {k:>10}: {v['object_MB']:.2f} MB/object, {v['total_GB']:.1f} GB total")
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument(
-        "--shards", default=None, help="shard dir (default: synthetic Find3D-sized shards in a temp dir)"
-    )
-    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 256])
-    ap.add_argument("--batches", type=int, default=6, help="batches per measured pass")
-    ap.add_argument("--num-points", type=int, default=2048)
-    ap.add_argument("--objects", type=int, default=96, help="synthetic per-point objects to write")
-    ap.add_argument("--compact-objects", type=int, default=512, help="synthetic compact objects (0: none)")
-    ap.add_argument("--feature-dim", type=int, default=768)
-    ap.add_argument("--json", default=None, help="also write the result dict here")
-    args = ap.parse_args(argv)
+def loader_bench(
+    shards: str | None = None,
+    workers: list[int] = [1, 2],  # noqa: B006 - jsonargparse reads the default from the signature
+    batch_sizes: list[int] = [32, 256],  # noqa: B006
+    batches: int = 6,
+    num_points: int = 2048,
+    objects: int = 96,
+    compact_objects: int = 512,
+    feature_dim: int = 768,
+    json: str | None = None,
+) -> int:
+    """Loader throughput: decoded samples/s and MB/s against a raw read of the same tar bytes.
+
+    Args:
+        shards: shard dir (default: synthetic Find3D-sized shards in a temp dir).
+        workers: loader worker counts to time.
+        batch_sizes: batch sizes to time.
+        batches: batches per measured pass.
+        num_points: points per sample.
+        objects: synthetic per-point objects to write.
+        compact_objects: synthetic compact objects (0: none).
+        feature_dim: teacher feature width of the synthetic shards.
+        json: also write the result dict here.
+    """
     logging.basicConfig(level=logging.WARNING)
     result = run_loader_bench(
-        args.shards,
-        workers=args.workers,
-        batch_sizes=args.batch_sizes,
-        num_points=args.num_points,
-        n_objects=args.objects,
-        feature_dim=args.feature_dim,
-        n_batches=args.batches,
-        compact_objects=args.compact_objects,
+        shards,
+        workers=workers,
+        batch_sizes=batch_sizes,
+        num_points=num_points,
+        n_objects=objects,
+        feature_dim=feature_dim,
+        n_batches=batches,
+        compact_objects=compact_objects,
     )
     _print(result)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+    write_json(result, json)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from patchalign.tools.cli import run_cli
+
+    return run_cli(loader_bench, argv, prog="python -m patchalign bench loader")
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main(sys.argv[1:]))

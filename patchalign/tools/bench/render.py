@@ -14,13 +14,13 @@ zerokey`` is ZeroKey's 26 views (448 px there), ``find3d`` the data engine's 10-
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -94,6 +94,13 @@ def bench_cameras(layout: Layout, n_views: int, image_size: int) -> Cameras:
     raise ValueError(f"unknown layout {layout!r}; expected 'find3d' or 'zerokey'")
 
 
+def _setup(layout: Layout, n_views: int, image_size: int, **what: Any) -> tuple[Cameras, dict[str, Any]]:
+    """The cameras of a run and the start of its result dict (what is rendered, views, threads)."""
+    cameras = bench_cameras(layout, n_views, image_size)
+    result = {**what, "image_size": image_size, "layout": layout, "n_views": len(cameras)}
+    return cameras, result | {"torch_threads": torch.get_num_threads()}
+
+
 def bench_render(
     image_size: int = 512,
     n_views: int = 10,
@@ -110,16 +117,10 @@ def bench_render(
     speed-up and backend agreement numbers.
     """
     vertices, faces = load_mesh_normalized(mesh_path)
-    cameras = bench_cameras(layout, n_views, image_size)
+    cameras, result = _setup(
+        layout, n_views, image_size, mesh=Path(mesh_path).name, n_faces=int(faces.shape[0])
+    )
     n_views = len(cameras)
-    result: dict = {
-        "mesh": Path(mesh_path).name,
-        "n_faces": int(faces.shape[0]),
-        "image_size": image_size,
-        "layout": layout,
-        "n_views": n_views,
-        "torch_threads": torch.get_num_threads(),
-    }
     render_mesh(vertices, faces, cameras[:1], backend="embree")  # warm-up: imports, first BVH
     best, median, embree_out = _timed(
         lambda: render_mesh(vertices, faces, cameras, backend="embree"), repeats
@@ -164,17 +165,15 @@ def bench_points(
     vertices, _ = load_mesh_normalized(mesh_path)
     order = torch.randperm(vertices.shape[0], generator=torch.Generator().manual_seed(0))
     points = vertices[order[:n_points]]
-    cameras = bench_cameras(layout, n_views, image_size)
+    cameras, result = _setup(
+        layout,
+        n_views,
+        image_size,
+        points_from=Path(mesh_path).name,
+        n_points=int(points.shape[0]),
+        radius=radius,
+    )
     n_views = len(cameras)
-    result: dict = {
-        "points_from": Path(mesh_path).name,
-        "n_points": int(points.shape[0]),
-        "radius": radius,
-        "image_size": image_size,
-        "layout": layout,
-        "n_views": n_views,
-        "torch_threads": torch.get_num_threads(),
-    }
     render_points(points, cameras[:1], radius, backend="cpu")  # warm-up
     best, median, cpu_out = _timed(lambda: render_points(points, cameras, radius, backend="cpu"), repeats)
     result["points_cpu_ms_per_view"] = 1000.0 * best / n_views
@@ -191,30 +190,38 @@ def bench_points(
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--image-size", type=int, default=512)
-    parser.add_argument("--layout", choices=["find3d", "zerokey"], default="find3d")
-    parser.add_argument("--n-views", type=int, default=10, help="find3d layout only (zerokey has 26)")
-    parser.add_argument("--mesh", type=Path, default=DEFAULT_MESH)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--points", type=int, default=2048, help="points for the splatter (0: skip it)")
-    parser.add_argument("--radius", type=float, default=0.025, help="point disc radius (world units)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads before timing")
-    parser.add_argument("--no-pytorch3d-cpu", action="store_true", help="skip the slow CPU rasterizer")
-    args = parser.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    result = bench_render(
-        args.image_size, args.n_views, args.mesh, args.repeats, not args.no_pytorch3d_cpu, args.layout
-    )
-    if args.points > 0:
-        result["points"] = bench_points(
-            args.image_size, args.points, args.radius, args.mesh, args.repeats, args.layout, args.n_views
-        )
+def render_bench(
+    image_size: int = 512,
+    layout: Layout = "find3d",
+    n_views: int = 10,
+    mesh: Path = DEFAULT_MESH,
+    repeats: int = 3,
+    points: int = 2048,
+    radius: float = 0.025,
+    threads: int | None = None,
+    no_pytorch3d_cpu: bool = False,
+) -> int:
+    """Render speed: Embree vs PyTorch3D meshes and the CPU point splatter, on real data.
+
+    Args:
+        image_size: rendered view size (px).
+        layout: camera layout: the data engine's 10-view ring or ZeroKey's 26 views.
+        n_views: views of the find3d layout (zerokey has 26).
+        mesh: mesh to render.
+        repeats: timed calls per backend (best and median reported).
+        points: points for the splatter (0: skip it).
+        radius: point disc radius (world units).
+        threads: torch.set_num_threads before timing.
+        no_pytorch3d_cpu: skip the slow CPU rasterizer.
+    """
+    if threads is not None:
+        torch.set_num_threads(threads)
+    result = bench_render(image_size, n_views, mesh, repeats, not no_pytorch3d_cpu, layout)
+    if points > 0:
+        result["points"] = bench_points(image_size, points, radius, mesh, repeats, layout, n_views)
     print(json.dumps(result, indent=2))
     line = (
-        f"{args.layout} {result['n_views']} views @ {args.image_size}px | embree: "
+        f"{layout} {result['n_views']} views @ {image_size}px | embree: "
         f"{result['embree_ms_per_view']:.1f} ms/view (median {result['embree_median_ms_per_view']:.1f})"
     )
     if "pytorch3d_cpu_ms_per_view" in result:
@@ -225,14 +232,21 @@ def main(argv: list[str] | None = None) -> None:
     if "pytorch3d_cuda_ms_per_view" in result:
         line += f" | pytorch3d cuda: {result['pytorch3d_cuda_ms_per_view']:.2f} ms/view"
     if "points" in result:
-        points = result["points"]
+        splat = result["points"]
         line += (
-            f" | points ({points['n_points']}, r={points['radius']}): "
-            f"{points['points_cpu_ms_per_view']:.1f} ms/view"
-            f" (median {points['points_cpu_median_ms_per_view']:.1f})"
+            f" | points ({splat['n_points']}, r={splat['radius']}): "
+            f"{splat['points_cpu_ms_per_view']:.1f} ms/view"
+            f" (median {splat['points_cpu_median_ms_per_view']:.1f})"
         )
     print(line)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from patchalign.tools.cli import run_cli
+
+    return run_cli(render_bench, argv, prog="python -m patchalign bench render")
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main(sys.argv[1:]))

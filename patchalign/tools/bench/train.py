@@ -24,18 +24,18 @@ depends on the batch there, and the table says which batch was timed.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
-import json
+import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from patchalign.model import EncoderConfig, PatchAlignEncoder
+from patchalign.tools.bench import write_json
 from patchalign.tools.bench.loader import one_thread
 
 
@@ -264,41 +264,56 @@ def print_train_bench(r: dict[str, Any]) -> None:
             )
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m patchalign bench train",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 256])
-    p.add_argument("--workers", type=int, default=2, help="streaming loader workers")
-    p.add_argument("--steps", type=int, default=2, help="timed model steps (after one warm-up step)")
-    p.add_argument("--loader-batches", type=int, default=8, help="timed loader batches (after one)")
-    p.add_argument("--stream-objects", type=int, default=96, help="per-point Stage 1 objects (7.75 MB each)")
-    p.add_argument("--cache-objects", type=int, default=512, help="compact objects")
-    p.add_argument("--model-max-batch", type=int, default=None, help="default: 32 on CPU, all on GPU")
-    p.add_argument("--device", default=None)
-    p.add_argument("--precision", default=None, choices=["32", "bf16"], help="default: bf16 on GPU")
-    p.add_argument("--shard-root", default=None, help="write the synthetic shards here (default: temp)")
-    p.add_argument("--json", default=None, help="also write the result dict here")
-    args = p.parse_args(argv)
+def train_bench(
+    batch_sizes: list[int] = [32, 256],  # noqa: B006 - jsonargparse reads the default from the signature
+    workers: int = 2,
+    steps: int = 2,
+    loader_batches: int = 8,
+    stream_objects: int = 96,
+    cache_objects: int = 512,
+    model_max_batch: int | None = None,
+    device: str | None = None,
+    precision: Literal["32", "bf16"] | None = None,
+    shard_root: str | None = None,
+    json: str | None = None,
+) -> int:
+    """Who limits training, per stage: the loader or the model step (streaming vs decoded cache).
+
+    Args:
+        batch_sizes: batch sizes to time.
+        workers: streaming loader workers.
+        steps: timed model steps (after one warm-up step).
+        loader_batches: timed loader batches (after one).
+        stream_objects: per-point Stage 1 objects (7.75 MB each).
+        cache_objects: compact objects.
+        model_max_batch: largest batch the model step is timed at (default: 32 on CPU, all on GPU).
+        device: torch device (default: cuda if available, else cpu).
+        precision: model step precision (default: bf16 on GPU, 32 on CPU).
+        shard_root: write the synthetic shards here (default: a temp dir).
+        json: also write the result dict here.
+    """
     r = run_train_bench(
-        tuple(args.batch_sizes),
-        args.workers,
-        args.steps,
-        args.device,
-        args.precision,
-        args.loader_batches,
-        args.stream_objects,
-        args.cache_objects,
-        model_max_batch=args.model_max_batch,
-        shard_root=args.shard_root,
+        tuple(batch_sizes),
+        workers,
+        steps,
+        device,
+        precision,
+        loader_batches,
+        stream_objects,
+        cache_objects,
+        model_max_batch=model_max_batch,
+        shard_root=shard_root,
     )
     print_train_bench(r)
-    if args.json:
-        Path(args.json).write_text(json.dumps(r, indent=1))
+    write_json(r, json)
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    from patchalign.tools.cli import run_cli
+
+    return run_cli(train_bench, argv, prog="python -m patchalign bench train")
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(sys.argv[1:]))
