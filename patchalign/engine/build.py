@@ -92,7 +92,7 @@ def _unavailable(what: str, spec: str, e: Exception) -> ModelUnavailableError:
     if isinstance(e, ModuleNotFoundError) and e.name and e.name.split(".")[0] in DEMO_EXTRA_MODULES:
         hint = f'{e.name} is missing: pip install -e ".[demo]"'
     else:
-        hint = f"{type(e).__name__}: {e}"
+        hint = f"{type(e).__name__}: {' '.join(str(e).split())}"  # one line, whatever the loader said
     return ModelUnavailableError(f"{what} {spec!r} cannot be loaded offline ({hint})")
 
 
