@@ -23,10 +23,10 @@ from patchalign.data.schema import (
     npy_to_bytes,
     sample_key,
 )
-from patchalign.text import clean_part_name
 from patchalign.data.synthetic import random_object_sample, write_synthetic_text_bank
 from patchalign.data.textbank import load_text_bank, save_text_bank
 from patchalign.data.writer import MANIFEST_NAME, TEXT_BANK_NAME, ShardSetWriter, read_manifest
+from patchalign.text import clean_part_name
 
 
 def _sample(uid: str = "chair/1a2b.v1", n: int = MIN_POINTS, c: int = 12, parts: int = 11, seed: int = 0):

@@ -12,8 +12,6 @@ from conftest import read_shards
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from patchalign.data import load_text_bank, read_manifest  # noqa: E402
-from patchalign.engine.stages import labels_for  # noqa: E402
-from patchalign.geometry import face_areas_normals, sample_surface  # noqa: E402
 from patchalign.engine.sources.demo import (  # noqa: E402
     DEMO_CATEGORIES,
     HELDOUT_CATEGORIES,
@@ -23,6 +21,8 @@ from patchalign.engine.sources.demo import (  # noqa: E402
     demo_records,
     generate_object,
 )
+from patchalign.engine.stages import labels_for  # noqa: E402
+from patchalign.geometry import face_areas_normals, sample_surface  # noqa: E402
 
 
 @pytest.mark.parametrize("category", list(DEMO_CATEGORIES))

@@ -25,9 +25,9 @@ from patchalign.engine.backproject import (  # noqa: E402
 from patchalign.engine.build import run_build  # noqa: E402
 from patchalign.engine.config import EngineConfig, config_from_dict  # noqa: E402
 from patchalign.engine.records import ObjectRecord, chunk_records, discover_meshes  # noqa: E402
+from patchalign.engine.sources.find3d import find3d_records, membership_from_masks  # noqa: E402
 from patchalign.engine.workdir import WorkDir  # noqa: E402
 from patchalign.geometry import sample_surface  # noqa: E402
-from patchalign.engine.sources.find3d import find3d_records, membership_from_masks  # noqa: E402
 
 # Tiny settings: 2048 points is the shard schema's minimum; 3 views of 64 px; random DINOv2 at 56 px;
 # one torch thread (tiny per-object tensors: intra-op threads only add overhead, worse on a shared box).
