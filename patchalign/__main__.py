@@ -7,6 +7,7 @@
 * ``shards``: the data engine that builds training shards (:mod:`patchalign.engine`).
 * ``bench``: every benchmark (:mod:`patchalign.tools.bench`).
 * ``segment``: label users' meshes and clouds at full resolution (:mod:`patchalign.tools.segment`).
+* ``app``: the same in the browser (Gradio, the ``app`` extra; :mod:`patchalign.tools.app`).
 
 Extra verbs are dispatched here, before LightningCLI runs, because LightningCLI subcommands must be
 Trainer methods.
@@ -25,18 +26,19 @@ EXTRA_VERBS = {
     "shards": "patchalign.engine.__main__",
     "bench": "patchalign.tools.bench.__main__",
     "segment": "patchalign.tools.segment",
+    "app": "patchalign.tools.app",
 }
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    verb = argv[0] if argv else ""
+    """Run one verb; returns the exit status (2 and one line on stderr for a bad input)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    verb = args[0] if args else ""
     if verb in EXTRA_VERBS:
-        return importlib.import_module(EXTRA_VERBS[verb]).main(argv[1:]) or 0
-    from patchalign.training.cli import cli_main
+        return importlib.import_module(EXTRA_VERBS[verb]).main(args[1:]) or 0
+    from patchalign.training.cli import run_cli
 
-    cli_main(argv)
-    return 0
+    return run_cli(args)
 
 
 if __name__ == "__main__":

@@ -29,12 +29,15 @@ LogitForm = Literal["sigmoid", "scale", "log_scale", "none"]
 parameters (``cos / 0.07``, the released ``--clip_tau`` default)."""
 
 DEFAULT_TAU = 0.07
+#: ``1 / DEFAULT_TAU``: the cosine multiplier wherever no trained one is known (the released
+#: ``LearnableTemp`` initial value and ``--clip_tau``); the one place the project writes ``1/0.07``.
+DEFAULT_LOGIT_SCALE = 1.0 / DEFAULT_TAU
 
 
 def logit_multiplier(form: LogitForm, scale: Tensor | float | None, max_scale: float = 100.0) -> Tensor:
     """The factor that multiplies cosine similarities for a logit ``form`` (see :data:`LogitForm`)."""
     if form == "none" or scale is None:
-        return torch.tensor(1.0 / DEFAULT_TAU)
+        return torch.tensor(DEFAULT_LOGIT_SCALE)
     s = torch.as_tensor(scale, dtype=torch.float32) if not isinstance(scale, Tensor) else scale
     if form == "sigmoid":
         return s.exp()
@@ -108,7 +111,7 @@ class ScaleLogitParams(nn.Module):
     """
 
     def __init__(
-        self, init_scale: float = 1.0 / DEFAULT_TAU, max_scale: float = 100.0, log_param: bool = True
+        self, init_scale: float = DEFAULT_LOGIT_SCALE, max_scale: float = 100.0, log_param: bool = True
     ) -> None:
         super().__init__()
         self.form: LogitForm = "log_scale" if log_param else "scale"

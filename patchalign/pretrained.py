@@ -18,7 +18,7 @@ the released ``patchalign3d.pt`` (dickoah/PatchAlign3D, arXiv 2601.02457; read b
 ``text_encoder=`` (an encoder or precomputed embeddings) or an embeddings tensor to avoid loading it.
 
 The patch -> point label transfer (:func:`assign_point_labels`) lives here because inference needs
-it; :mod:`patchalign.eval.zeroshot` re-exports it. The default (``nearest``) is the released
+it (the benchmark evaluation calls it too). The default (``nearest``) is the released
 ``assign_points_from_patches`` / ``PatchAlignSegmenter.segment`` rule.
 """
 
@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from patchalign.checkpoints import CheckpointError, effective_multiplier, load_encoder_state, read_checkpoint
 from patchalign.geometry import normalize_unit_sphere_centroid
 from patchalign.grouping import squared_distances
+from patchalign.losses import DEFAULT_LOGIT_SCALE
 from patchalign.model import EncoderOutput, PatchAlignEncoder
 from patchalign.text import DEFAULT_TEMPLATES, PartTextEmbedder
 
@@ -47,19 +48,22 @@ AssignMode = Literal["nearest", "knn", "membership"]
 
 
 @dataclass
-class PointPrediction:
-    """Zero-shot output for a batch.
+class Segmentation:
+    """Per-point part labels, from :meth:`PretrainedPatchAlign.segment` or :func:`assign_point_labels`.
 
     Attributes:
-        labels: ``(B, N)`` local part id per point (``-1`` where below ``none_threshold``).
-        point_scores: ``(B, N, K)`` per-point probabilities over the shape's parts (0 on padding).
-        patch_logits: ``(B, G, K)`` cosine similarity of each patch with each part (``-inf`` on padding).
+        labels: ``(N,)`` / ``(B, N)`` index into the part names (``-1``: below ``none_threshold``).
+        scores: ``(N, K)`` / ``(B, N, K)`` per-point probabilities over the parts (0 on padding).
+        patch_logits: ``(G, K)`` / ``(B, G, K)`` patch-part cosine similarities (``-inf`` on padding).
+        part_names: the names, when :meth:`~PretrainedPatchAlign.segment` was given strings.
+        encoding: the encoder output the labels came from (always batched), when known.
     """
 
     labels: Tensor
-    point_scores: Tensor
+    scores: Tensor
     patch_logits: Tensor
-    encoding: Any = None  # the EncoderOutput the labels came from (set by zero_shot_predict)
+    part_names: list[str] | None = None
+    encoding: EncoderOutput | None = None
 
 
 def assign_point_labels(
@@ -72,9 +76,9 @@ def assign_point_labels(
     group_index: Tensor | None = None,
     assign: AssignMode = "nearest",
     k: int = 3,
-    logit_scale: float = 1.0 / 0.07,
+    logit_scale: float = DEFAULT_LOGIT_SCALE,
     none_threshold: float | None = None,
-) -> PointPrediction:
+) -> Segmentation:
     """Score patches against part names and turn them into per-point labels (batched, no point loops).
 
     Args:
@@ -87,7 +91,7 @@ def assign_point_labels(
         group_index: ``(B, G, S)`` patch members (needed by ``membership``).
         assign: ``nearest`` (released default), ``knn`` (inverse-distance vote of the ``k``
             nearest centres over softmax probabilities) or ``membership``.
-        logit_scale: multiplies cosines before the softmax that gives ``point_scores`` (and the
+        logit_scale: multiplies cosines before the softmax that gives ``scores`` (and the
             ``knn`` vote); it does not change ``nearest`` labels.
         none_threshold: label ``-1`` where the best cosine is below this. ``0.0`` reproduces Find3D's
             non-panoptic rule (a zero "no label" logit prepended before the softmax wins exactly
@@ -147,30 +151,11 @@ def assign_point_labels(
         raise ValueError(f"unknown assign mode {assign!r}; use nearest, knn or membership")
     if none_threshold is not None:
         labels = torch.where(best_cos < none_threshold, torch.full_like(labels, -1), labels)
-    return PointPrediction(
+    return Segmentation(
         labels=labels,
-        point_scores=scores,
+        scores=scores,
         patch_logits=cos.masked_fill(~part_mask[:, None, :], float("-inf")),
     )
-
-
-@dataclass
-class Segmentation:
-    """Result of :meth:`PretrainedPatchAlign.segment` (unbatched input -> unbatched fields).
-
-    Attributes:
-        labels: ``(N,)`` / ``(B, N)`` index into ``part_names`` (``-1``: below ``none_threshold``).
-        scores: ``(N, K)`` / ``(B, N, K)`` per-point probabilities over the parts.
-        patch_logits: ``(G, K)`` / ``(B, G, K)`` patch-part cosine similarities.
-        part_names: the names, when given as strings.
-        encoding: the encoder output the labels came from (always batched).
-    """
-
-    labels: Tensor
-    scores: Tensor
-    patch_logits: Tensor
-    part_names: list[str] | None
-    encoding: EncoderOutput
 
 
 class PretrainedPatchAlign(nn.Module):
@@ -305,7 +290,7 @@ class PretrainedPatchAlign(nn.Module):
             text_encoder: encoder or precomputed ``{name: vector}`` / ``TextBank`` for the names
                 (default: the exported text encoder).
             category: object category for templates that use it.
-            assign, k, none_threshold: see :func:`patchalign.eval.zeroshot.assign_point_labels`.
+            assign, k, none_threshold: see :func:`assign_point_labels`.
         """
         if isinstance(parts, Tensor):
             text = parts.to(self.device, torch.float32)
@@ -340,7 +325,7 @@ class PretrainedPatchAlign(nn.Module):
             logit_scale=self.logit_scale_value,
             none_threshold=none_threshold,
         )
-        labels, scores, logits = pred.labels, pred.point_scores, pred.patch_logits
+        labels, scores, logits = pred.labels, pred.scores, pred.patch_logits
         if unbatched:
             labels, scores, logits = labels[0], scores[0], logits[0]
         return Segmentation(labels=labels, scores=scores, patch_logits=logits, part_names=names, encoding=out)

@@ -153,13 +153,11 @@ def test_config_runs_end_to_end_through_the_cli(
     header = cfg_path.read_text().split("seed_everything")[0]
     assert "Protocol" in header and "python -m patchalign test" in header  # the protocol is written down
     out = tmp_path / "run"
-    enc_cfg = dict(cfg["model"]["init_args"]["encoder"]["init_args"]["config"], **TINY, head_dim=384)
     patchalign_main(
         ["test", "--config", str(cfg_path),
          "--data.init_args.root", str(root), "--data.init_args.num_workers", "0",
          "--data.init_args.batch_size", "2",
          "--model.init_args.init_from", str(tiny_export),
-         "--model.init_args.encoder.init_args.config", json.dumps(enc_cfg),
          "--model.init_args.eval_text_encoder", "demo",
          "--trainer.default_root_dir", str(out), "--trainer.accelerator", "cpu",  # results follow it
          "--trainer.enable_progress_bar", "false"]
@@ -196,18 +194,21 @@ def test_config_runs_end_to_end_through_the_cli(
     assert script.info["benchmark"] == name
 
 
-def test_datamodule_checks_its_inputs_in_one_line() -> None:
+def test_datamodule_checks_its_inputs_in_one_line(tmp_path: Path) -> None:
+    x = str(tmp_path)
     with pytest.raises(ValueError, match="unknown dataset 'shapenet'"):
-        EvalDataModule("shapenet", "x")
+        EvalDataModule("shapenet", x)
     with pytest.raises(ValueError, match="no talk reference 'snp'"):
-        EvalDataModule("shapenetpart", "x", benchmark="snp")
-    assert EvalDataModule("objaverse", "x", split="unseen").benchmark == "objaverse_unseen"
-    assert EvalDataModule("shapenetpart", "x", split="val").benchmark is None  # the talk has no val row
-    assert EvalDataModule("scanobjectnn_h5", "x").benchmark is None  # object/background only
+        EvalDataModule("shapenetpart", x, benchmark="snp")
+    with pytest.raises(FileNotFoundError, match="benchmark root /nope: no such file or directory"):
+        EvalDataModule("shapenetpart", "/nope")
+    assert EvalDataModule("objaverse", x, split="unseen").benchmark == "objaverse_unseen"
+    assert EvalDataModule("shapenetpart", x, split="val").benchmark is None  # the talk has no val row
+    assert EvalDataModule("scanobjectnn_h5", x).benchmark is None  # object/background only
 
 
 def test_old_shapenetpart_config_still_parses() -> None:
     """configs/eval/shapenetpart.yaml (superseded by configs/eval/shapenetpart.yaml) keeps working."""
     cfg = yaml.safe_load((REPO / "configs" / "eval" / "shapenetpart.yaml").read_text())
-    dm = EvalDataModule(**dict(cfg["data"]["init_args"], root="x"))
+    dm = EvalDataModule(**dict(cfg["data"]["init_args"], root=str(REPO)))
     assert dm.benchmark == "shapenetpart"

@@ -18,11 +18,11 @@ from conftest import save_lightning_checkpoint
 from test_eval_zeroshot import FakeTextEncoder
 
 from patchalign.eval.datamodule import EvalDataModule
-from patchalign.eval.evaluator import PartSegEvaluator, run_zero_shot_eval
+from patchalign.eval.evaluator import PartSegEvaluator, run_zero_shot_eval, zero_shot_predict
 from patchalign.eval.protocol import ResampledDataset
 from patchalign.eval.readers import ShapeNetPartTxt
-from patchalign.eval.zeroshot import PartTextEmbedder, zero_shot_predict
 from patchalign.model import EncoderConfig, PatchAlignEncoder
+from patchalign.text import PartTextEmbedder
 
 
 def _reference(encoder: PatchAlignEncoder, ds: ResampledDataset, text: FakeTextEncoder) -> dict[str, float]:

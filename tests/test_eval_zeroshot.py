@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from patchalign.data.textbank import TextBank
-from patchalign.eval.zeroshot import PartTextEmbedder, assign_point_labels, build_prompts, clean_text
 from patchalign.model import EncoderConfig, PatchAlignEncoder
+from patchalign.pretrained import assign_point_labels
+from patchalign.text import PartTextEmbedder, build_prompts, clean_part_name
 
 
 class FakeTextEncoder:
@@ -32,7 +33,7 @@ class FakeTextEncoder:
 
 
 def test_prompts_released_and_find3d() -> None:
-    assert clean_text("  Engine_or-Frame ") == "engine or frame"
+    assert clean_part_name("  Engine_or-Frame ") == "engine or frame"
     assert build_prompts("Engine_or-Frame", None, "part_only") == [
         "engine or frame",
         "a engine or frame",
@@ -108,8 +109,8 @@ def test_nearest_assignment_and_category_restriction() -> None:
     assert unmasked.labels.tolist() == [[2, 2, 2, 1]]
     pred = assign_point_labels(FEATS, TEXT, POINTS, CENTERS, P2P, part_mask=MASK)
     assert pred.labels.tolist() == [[0, 0, 0, 1]]
-    assert torch.allclose(pred.point_scores[..., 2], torch.zeros(1, 4))  # masked part gets no probability
-    assert torch.allclose(pred.point_scores.sum(-1), torch.ones(1, 4))
+    assert torch.allclose(pred.scores[..., 2], torch.zeros(1, 4))  # masked part gets no probability
+    assert torch.allclose(pred.scores.sum(-1), torch.ones(1, 4))
     cos0 = 1 / math.sqrt(1.25)  # cos(F0, text0)
     assert pred.patch_logits[0, 0, 0].item() == pytest.approx(cos0) and math.isinf(
         pred.patch_logits[0, 0, 2].item()
@@ -128,11 +129,11 @@ def test_knn_assignment_hand_worked() -> None:
     p_patch0 = [math.exp(cos0) / (math.exp(cos0) + 1), 1 / (math.exp(cos0) + 1)]
     p_patch1 = [1 / (1 + math.e), math.e / (1 + math.e)]
     expect = [0.75 * a + 0.25 * b for a, b in zip(p_patch0, p_patch1, strict=True)]
-    assert pred.point_scores[0, 1, :2].tolist() == pytest.approx(expect, abs=1e-5)
+    assert pred.scores[0, 1, :2].tolist() == pytest.approx(expect, abs=1e-5)
     assert pred.labels[0, 1].item() == 0
     # point 2 at x = 0.4: weights 1/0.4 and 1/0.6 -> 0.6 / 0.4
     expect2 = [0.6 * a + 0.4 * b for a, b in zip(p_patch0, p_patch1, strict=True)]
-    assert pred.point_scores[0, 2, :2].tolist() == pytest.approx(expect2, abs=1e-5)
+    assert pred.scores[0, 2, :2].tolist() == pytest.approx(expect2, abs=1e-5)
 
 
 def test_membership_assignment_averages_patches_containing_the_point() -> None:

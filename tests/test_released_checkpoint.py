@@ -26,7 +26,7 @@ from patchalign.checkpoints import CheckpointError, read_checkpoint
 from patchalign.model import EncoderConfig, PatchAlignEncoder
 from patchalign.pretrained import load_pretrained
 from patchalign.tools.export import export_checkpoint
-from patchalign.training.modules import Stage2Alignment, load_encoder_weights
+from patchalign.training.modules import Stage2Alignment
 
 
 # ----------------------------------------------------------------------------- released structure
@@ -375,8 +375,6 @@ def test_broken_released_file_is_refused_by_every_entry_point(
         with pytest.raises(CheckpointError, match=key):
             export_checkpoint(bad, tmp_path / "out")
     with pytest.raises(CheckpointError, match=f"{what}.*{key}"):
-        load_encoder_weights(PatchAlignEncoder(cfg), bad)
-    with pytest.raises(CheckpointError, match=f"{what}.*{key}"):
         Stage2Alignment(PatchAlignEncoder(cfg), init_from=str(bad))
     # explicit strict: false loads the rest and says so
     module = Stage2Alignment(PatchAlignEncoder(cfg), init_from=str(bad), init_strict=False)
@@ -415,17 +413,13 @@ def test_cli_test_accepts_the_released_file_and_refuses_a_broken_one(
         a += ["--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false"]
         a += ["--data.init_args.root", str(root), "--data.init_args.split", "trainval"]
         a += ["--data.init_args.num_workers", "0", "--data.init_args.batch_size", "2"]
-        a += [
-            "--model.init_args.eval_text_encoder",
-            "demo",
-            "--model.init_args.eval_out_dir",
-            str(tmp_path / "e"),
-        ]
-        a += ["--trainer.default_root_dir", str(tmp_path)]
-        a += [x for k, v in arch.items() for x in (f"--model.init_args.encoder.init_args.config.{k}", str(v))]
-        return a + ["--model.init_args.encoder.init_args.config.head_dim", "384"]
+        a += ["--model.init_args.eval_text_encoder", "demo"]
+        # no encoder overrides: the architecture is read from the file
+        return a + ["--trainer.default_root_dir", str(tmp_path / ckpt.stem)]
 
     cli = cli_main(args(good))
+    assert {k: getattr(cli.model.encoder.config, k) for k in arch} == arch
+    assert cli.model.encoder.config.head_dim == 384
     assert torch.equal(cli.model.encoder.head.proj.weight, parts[1].proj.weight)
     assert torch.equal(cli.model.encoder.blocks[1].attn.qkv.weight, parts[0].blocks.blocks[1].attn.qkv.weight)
     assert cli.model.logit_params.multiplier().item() == pytest.approx(42.0)  # the released temperature

@@ -435,20 +435,16 @@ def test_cli_test_on_real_shapenetpart_from_an_export_dir(tmp_path: Path, snp_ro
         str(tmp_path / "export"),
         "--model.init_args.eval_text_encoder",
         "demo",
-        "--model.init_args.eval_out_dir",
-        str(tmp_path / "eval"),
         "--trainer.default_root_dir",
         str(tmp_path),
     ]
-    args += [a for k, v in TINY.items() for a in (f"--model.init_args.encoder.init_args.config.{k}", str(v))]
-    args += ["--model.init_args.encoder.init_args.config.head_dim", "384"]
-    cli = cli_main(args)
+    cli = cli_main(args)  # no encoder overrides: the architecture is read from the export
     # the exported weights were loaded, head included
     assert torch.equal(cli.model.encoder.head.proj.weight, enc.head.proj.weight)
     metrics = cli.trainer.callback_metrics
     keys = [k for k in metrics if k.startswith("test/")]
     assert keys, metrics
-    rows = (tmp_path / "eval" / "eval" / "results.csv").read_text().splitlines()
+    rows = (tmp_path / "eval" / "results.csv").read_text().splitlines()
     assert len(rows) >= 2
     # The independent expectation: the script path's numbers on the same split (not just 0 <= mIoU <= 1).
     from patchalign.eval.datamodule import EvalDataModule

@@ -3,15 +3,15 @@
 Submodules: :mod:`~patchalign.eval.readers` (one reader per benchmark, registry),
 :mod:`~patchalign.eval.protocol` (normalisation, seeded sampling, batching),
 :mod:`~patchalign.eval.references` (the talk's numbers), :mod:`~patchalign.eval.report`
-(``python -m patchalign report``), :mod:`~patchalign.eval.zeroshot`
-(protocol), :mod:`~patchalign.eval.metrics` (torchmetrics mIoU), :mod:`~patchalign.eval.evaluator`
-(``PartSegEvaluator``, ``run_zero_shot_eval``), :mod:`~patchalign.eval.datamodule` (Lightning),
-:mod:`patchalign.tools.bench.eval`.
+(``python -m patchalign report``), :mod:`~patchalign.eval.metrics` (torchmetrics mIoU),
+:mod:`~patchalign.eval.evaluator` (the zero-shot protocol ``zero_shot_predict``, ``PartSegEvaluator``,
+``run_zero_shot_eval``), :mod:`~patchalign.eval.datamodule`, :mod:`~patchalign.eval.module` and
+:mod:`~patchalign.eval.callbacks` (``python -m patchalign test``).
 
-Names are resolved lazily so that importing one light submodule (the training loop imports
-``metrics``) does not import every reader, torchmetrics and the Lightning data module. Nothing in the
-core imports this package (``tests/test_architecture.py``); file readers shared with other rooms live
-in :mod:`patchalign.io`.
+Names are resolved lazily so that importing one light submodule does not import every reader,
+torchmetrics and Lightning. Neither the core nor training imports this package
+(``tests/test_architecture.py``); point-file readers shared with other layers live in
+:mod:`patchalign.io`.
 """
 
 from __future__ import annotations
@@ -35,15 +35,14 @@ _EXPORTS = {
     "CONVENTIONS": "metrics",
     "PartSegIoU": "metrics",
     "per_shape_miou": "metrics",
-    "PartTextEmbedder": "zeroshot",
-    "assign_point_labels": "zeroshot",
-    "zero_shot_predict": "zeroshot",
+    "zero_shot_predict": "evaluator",
     "PartSegEvaluator": "evaluator",
     "EvalReport": "evaluator",
     "run_zero_shot_eval": "evaluator",
     "EvalDataModule": "datamodule",
     "TALK_REFERENCES": "references",
     "BestWorstPictures": "callbacks",
+    "ZeroShotSegmentation": "module",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -11,21 +11,23 @@ Text embeddings come from ``--text-bank`` (a saved :class:`~patchalign.data.text
 
 from __future__ import annotations
 
-import argparse
 import logging
+from pathlib import Path
 from typing import get_args
 
 import torch
+from jsonargparse import ActionConfigFile, ArgumentParser
 
 from patchalign.eval.evaluator import run_zero_shot_eval
 from patchalign.eval.readers import DatasetKind, build_dataset
-from patchalign.eval.zeroshot import PROMPT_TEMPLATES
+from patchalign.text import PROMPT_TEMPLATES
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m patchalign.eval", description="Zero-shot part-segmentation evaluation."
     )
+    p.add_argument("--config", action=ActionConfigFile, help="the options below from a YAML file")
     p.add_argument("--model", required=True, help="directory written by `patchalign export`")
     p.add_argument("--dataset", required=True, choices=list(get_args(DatasetKind)))
     p.add_argument("--root", required=True, help="benchmark root directory")
@@ -43,9 +45,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--text-bank", default=None)
     p.add_argument("--text-encoder", default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--amp", action="store_true")
+    p.add_argument("--amp", type=bool, default=False, help="bf16 autocast on CUDA")
     p.add_argument("--out", default=None, help="write results.csv / results.json (and pictures) here")
     p.add_argument("--viz-per-category", type=int, default=0)
+    p.add_argument("--overwrite", type=bool, default=False, help="replace earlier results in --out")
     p.add_argument(
         "--benchmark",
         default="auto",
@@ -53,6 +56,8 @@ def main(argv: list[str] | None = None) -> None:
         "auto: from --dataset/--split; none: no row",
     )
     args = p.parse_args(argv)
+    if args.out and (Path(args.out) / "results.json").exists() and not args.overwrite:
+        p.error(f"{args.out} already holds results.json: pass --overwrite true or another --out")
     from patchalign.eval.references import get_reference, reference_key_for
 
     benchmark = (

@@ -2,13 +2,15 @@
 
 Batches are :func:`~patchalign.eval.protocol.collate_part_samples` dicts: ``points (B, N, 3)``,
 ``labels (B, N)``, ``index (B,)`` and the lists ``uid``, ``category``, ``part_names``. The module
-exposes ``categories`` / ``part_names_by_category`` / ``test_dataset`` for the LightningModule to
-build its :class:`~patchalign.eval.evaluator.PartSegEvaluator` and text embeddings.
+exposes ``categories`` / ``part_names_by_category`` / ``test_dataset`` for
+:class:`~patchalign.eval.module.ZeroShotSegmentation` to build its
+:class:`~patchalign.eval.evaluator.PartSegEvaluator` and text embeddings.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any, get_args
 
 import lightning as L
@@ -89,6 +91,10 @@ class EvalDataModule(L.LightningDataModule):
         # "Does not validate against any of the Union subtypes".
         if dataset not in get_args(DatasetKind):
             raise ValueError(f"unknown dataset {dataset!r}; use one of {', '.join(get_args(DatasetKind))}")
+        if not root:
+            raise ValueError("EvalDataModule needs root= (the benchmark directory)")
+        if not Path(root).exists():  # checked here, not in setup: one line before any model is built
+            raise FileNotFoundError(f"benchmark root {root}: no such file or directory")
         if benchmark == "auto":
             benchmark = reference_key_for(dataset, split)
         elif benchmark is not None:
@@ -110,8 +116,6 @@ class EvalDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self._dataset is None:
-            if not self.root:
-                raise ValueError("EvalDataModule needs root= (the benchmark directory)")
             reader = build_dataset(
                 self.kind, self.root, self.split, self.categories_filter, self.part_names, **self.reader_args
             )

@@ -43,9 +43,57 @@ from patchalign.eval.metrics import CONVENTIONS, PartSegIoU
 from patchalign.eval.protocol import ResampledDataset, collate_part_samples
 from patchalign.eval.readers import PartSegDataset
 from patchalign.eval.references import compare_part_segmentation, get_reference
-from patchalign.eval.zeroshot import AssignMode, PartTextEmbedder, TextSource, zero_shot_predict
+from patchalign.losses import DEFAULT_LOGIT_SCALE
+from patchalign.pretrained import AssignMode, Segmentation, assign_point_labels
+from patchalign.text import PartTextEmbedder
 
 log = logging.getLogger(__name__)
+
+TextSource = Any  # a text encoder (``.encode``), a ``{name: vector}`` mapping or a TextBank
+
+
+def zero_shot_predict(
+    encoder: nn.Module,
+    batch: Mapping[str, Any],
+    embedder: PartTextEmbedder,
+    assign: AssignMode = "nearest",
+    k: int = 3,
+    logit_scale: float = DEFAULT_LOGIT_SCALE,
+    none_threshold: float | None = None,
+) -> Segmentation:
+    """The zero-shot protocol on a collated batch (``points``, ``part_names``, ``category``).
+
+    1. **Names and prompts**: each part name is expanded with prompt templates, encoded,
+       L2-normalised and averaged per name (:class:`~patchalign.text.PartTextEmbedder`; presets
+       ``part_only``, the released default, ``part_plus_cat``, ``ensemble`` and ``find3d``).
+    2. **Patch scores**: cosine similarity of every patch with the names of the shape's *own*
+       category only (released: logits outside the category masked to ``-1e4``).
+    3. **Points**: each point takes its nearest patch centre's label (released default), a
+       distance-weighted vote of its ``k`` nearest centres, or the mean logits of the patches whose
+       kNN group contains it (released ``--assign membership``); see
+       :func:`~patchalign.pretrained.assign_point_labels`.
+
+    Reproduces the released ``inference/eval.py`` (dickoah/PatchAlign3D, arXiv 2601.02457). The
+    points must already be on the encoder's device.
+    """
+    points = batch["points"]
+    out = encoder(points)
+    text, mask = embedder.batch(batch["part_names"], batch["category"])
+    pred = assign_point_labels(
+        out.patch_features,
+        text.to(points.device),
+        points,
+        out.centers,
+        out.point_to_patch,
+        mask.to(points.device),
+        group_index=out.group_index,
+        assign=assign,
+        k=k,
+        logit_scale=logit_scale,
+        none_threshold=none_threshold,
+    )
+    pred.encoding = out
+    return pred
 
 
 @dataclass
@@ -354,7 +402,7 @@ def _resolve_encoder(model: Any) -> tuple[nn.Module, float]:
         from patchalign.pretrained import load_pretrained
 
         model = load_pretrained(model)
-    scale = 1.0 / 0.07
+    scale = DEFAULT_LOGIT_SCALE
     if hasattr(model, "encoder") and hasattr(model, "logit_scale_value"):
         scale = float(model.logit_scale_value)
         model = model.encoder
@@ -389,7 +437,7 @@ def run_zero_shot_eval(
         dataset: a reader (wrapped in :class:`ResampledDataset` with ``num_points``/``seed``) or an
             already wrapped one.
         text_encoder_or_bank: see :class:`PartTextEmbedder`.
-        templates, assign, knn, none_threshold: the protocol (see :mod:`patchalign.eval.zeroshot`).
+        templates, assign, knn, none_threshold: the protocol (see :func:`zero_shot_predict`).
         amp: bf16 autocast for the encoder on CUDA.
         out_dir: write ``results.csv`` / ``results.json`` (and pictures) here.
         viz_per_category: render the best and worst ``viz_per_category`` shapes of each category.

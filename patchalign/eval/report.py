@@ -24,7 +24,6 @@ a report that silently leaves a benchmark out would read as if it had not been r
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -34,6 +33,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from jsonargparse import ActionConfigFile, ArgumentParser
 
 from patchalign.eval.references import TALK_REFERENCES, Reference, get_reference
 
@@ -437,11 +438,12 @@ def write_report(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m patchalign report",
         description="Gather evaluation results into one Markdown report beside the talk's numbers.",
     )
-    p.add_argument("runs", nargs="+", help="run directories (searched for result JSONs) or result files")
+    p.add_argument("--config", action=ActionConfigFile, help="the options below from a YAML file")
+    p.add_argument("runs", nargs="+", type=str, help="run directories (searched for result JSONs) or files")
     p.add_argument("--out", default="outputs/report", help="where report.md, report.csv and charts go")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
     p.add_argument("--max-pictures", type=int, default=8, help="best/worst pictures shown per benchmark")

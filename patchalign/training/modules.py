@@ -15,8 +15,7 @@ Batches come from :class:`patchalign.data.datamodule.ShardDataModule`::
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from patchalign.checkpoints import Checkpoint, LoadReport, load_checkpoint_into
+from patchalign.checkpoints import Checkpoint, load_checkpoint_into
 from patchalign.data.schema import clean_part_name
 from patchalign.grouping import gather_points, patch_membership_fraction
 from patchalign.losses import (
@@ -37,10 +36,10 @@ from patchalign.losses import (
     sigmoid_patch_text_loss,
 )
 from patchalign.model import PatchAlignEncoder
+from patchalign.training.metrics import per_shape_miou
+from patchalign.training.optim import OptimizerConfig, apply_ddp_rule, as_optimizer_config, build_optimizer
 
 log = logging.getLogger(__name__)
-
-_NO_DECAY_NAMES = ("logit_scale", "logit_bias", "cls_token", "cls_pos")
 
 
 def patch_feature_targets(features: Tensor, group_index: Tensor) -> tuple[Tensor, Tensor]:
@@ -75,116 +74,6 @@ def soft_text_targets(membership: Tensor, label_ids: Tensor, group_index: Tensor
     return out.scatter_reduce(2, ids, frac, reduce="amax", include_self=True)
 
 
-@dataclass
-class OptimizerConfig:
-    """AdamW, schedule and batch/learning-rate rule shared by both stages.
-
-    Defaults are the released recipe (``stage1.py`` / ``stage2.py``): ``AdamW(groups,
-    weight_decay=0.05)`` with torch's betas and eps, the encoder at ``lr`` (``--enc_learning_rate``
-    1e-4) and the head and temperature at ``head_lr`` (``--learning_rate`` 5e-4), weight decay on
-    every parameter, no schedule.
-
-    Attributes:
-        lr: learning rate of the encoder.
-        head_lr: learning rate of the projection head and the Stage 2 logit parameters.
-        weight_decay: AdamW decoupled weight decay.
-        decay_all_params: decay every parameter (released); ``False`` exempts norms, biases, the
-            CLS token/position and the logit parameters (timm / Point-BERT ``add_weight_decay``).
-        betas, eps: AdamW's.
-        schedule: ``constant`` (released) or ``cosine`` decay to ``min_lr_ratio`` after warm-up.
-        warmup_steps: linear warm-up steps (released: 0).
-        min_lr_ratio: final learning rate of the cosine schedule relative to the peak.
-        global_batch_size: the global batch (per-rank batch x ranks x gradient accumulation) the
-            learning rates are meant for; ``None``: the data module's ``batch_size``, i.e. the
-            batch as configured for one device (the released runs use one GPU).
-        ddp_rule: what happens when ranks x accumulation x per-rank batch differs from it:
-            ``keep_global_batch`` (default) sets the per-rank batch to ``global_batch_size /
-            (ranks x accumulation)``: the released batch 32 on any number of GPUs, at the same lr
-            and the same number of steps (an error if it does not divide); ``scale_lr`` keeps the
-            per-rank batch and multiplies both learning rates by ``actual / global_batch_size``
-            (linear scaling rule, Goyal et al., arXiv 1706.02677); ``none`` changes nothing
-            (the global batch grows with the GPU count at the same lr; printed as a warning).
-        The rule and the resulting global batch and learning rates are printed when ``fit`` starts.
-    """
-
-    lr: float = 1e-4
-    head_lr: float = 5e-4
-    weight_decay: float = 0.05
-    decay_all_params: bool = True
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    schedule: Literal["constant", "cosine"] = "constant"
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.01
-    global_batch_size: int | None = None
-    ddp_rule: Literal["keep_global_batch", "scale_lr", "none"] = "keep_global_batch"
-
-    def __post_init__(self) -> None:
-        if self.lr <= 0 or self.head_lr <= 0 or self.weight_decay < 0 or self.warmup_steps < 0:
-            raise ValueError(f"optimizer: lr/head_lr must be > 0, weight_decay/warmup_steps >= 0: {self}")
-        if self.schedule not in ("constant", "cosine"):
-            raise ValueError(f"optimizer.schedule must be 'constant' or 'cosine', got {self.schedule!r}")
-        if self.ddp_rule not in ("keep_global_batch", "scale_lr", "none"):
-            raise ValueError(
-                f"optimizer.ddp_rule must be keep_global_batch, scale_lr or none, got {self.ddp_rule!r}"
-            )
-        if self.global_batch_size is not None and self.global_batch_size < 1:
-            raise ValueError("optimizer.global_batch_size must be positive")
-        self.betas = (float(self.betas[0]), float(self.betas[1]))
-
-
-def _as_optimizer_config(optim: OptimizerConfig | dict | None) -> OptimizerConfig:
-    if optim is None:
-        return OptimizerConfig()
-    if isinstance(optim, OptimizerConfig):
-        return optim
-    return OptimizerConfig(**dict(optim))
-
-
-def _param_groups(
-    named: list[tuple[str, nn.Parameter]], lr: float, weight_decay: float, decay_all: bool
-) -> list[dict]:
-    """Split parameters into decayed and non-decayed groups (no decay on norms, biases, t, b)."""
-    decay, no_decay = [], []
-    for name, p in named:
-        if not p.requires_grad:
-            continue
-        skip = p.ndim <= 1 or name.endswith(".bias") or any(k in name for k in _NO_DECAY_NAMES)
-        (no_decay if (skip and not decay_all) else decay).append(p)
-    groups = []
-    if decay:
-        groups.append({"params": decay, "lr": lr, "weight_decay": weight_decay})
-    if no_decay:
-        groups.append({"params": no_decay, "lr": lr, "weight_decay": 0.0})
-    return groups
-
-
-def build_optimizer(
-    body: list[tuple[str, nn.Parameter]],
-    head: list[tuple[str, nn.Parameter]],
-    cfg: OptimizerConfig,
-    total_steps: int,
-    lr_factor: float = 1.0,
-) -> dict[str, Any]:
-    """AdamW over the trainable ``body`` (encoder) and ``head`` parameters plus a per-step schedule."""
-    groups = _param_groups(body, cfg.lr * lr_factor, cfg.weight_decay, cfg.decay_all_params)
-    groups += _param_groups(head, cfg.head_lr * lr_factor, cfg.weight_decay, cfg.decay_all_params)
-    opt = torch.optim.AdamW(groups, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
-    total = max(1, int(total_steps))
-    warmup = min(cfg.warmup_steps, total)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if cfg.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-
 class _StageBase(L.LightningModule):
     """Shared optimiser, schedule and encoder bookkeeping of both stages."""
 
@@ -192,7 +81,7 @@ class _StageBase(L.LightningModule):
 
     def __init__(self, optim: OptimizerConfig | dict | None = None) -> None:
         super().__init__()
-        self.optim = _as_optimizer_config(optim)
+        self.optim = as_optimizer_config(optim)
         self._lr_factor = 1.0
 
     def _record_optimizer_config(self) -> None:
@@ -201,39 +90,7 @@ class _StageBase(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self._trainer is not None:
-            self._apply_batch_rule()
-
-    def _apply_batch_rule(self) -> None:
-        """State the global batch and, with ``optim.global_batch_size``, keep it or scale the lr."""
-        trainer, cfg = self.trainer, self.optim
-        dm = getattr(trainer, "datamodule", None)
-        per_rank = getattr(dm, "batch_size", None)
-        if per_rank is None:
-            return
-        ranks = int(trainer.world_size)
-        accum = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
-        target = int(cfg.global_batch_size or per_rank)
-        actual = int(per_rank) * ranks * accum
-        if actual != target and cfg.ddp_rule == "keep_global_batch":
-            if target % (ranks * accum):
-                raise ValueError(
-                    f"global batch {target} is not divisible by {ranks} ranks x {accum} accumulation "
-                    "steps: change the allocation or the batch, or set optim.ddp_rule: scale_lr"
-                )
-            dm.batch_size = target // (ranks * accum)
-            actual = target
-        elif actual != target and cfg.ddp_rule == "scale_lr":
-            self._lr_factor = actual / target
-        msg = (
-            f"global batch {actual} = {dm.batch_size} per rank x {ranks} ranks x {accum} accumulation "
-            f"(optim.ddp_rule={cfg.ddp_rule}, reference {target}); lr {cfg.lr * self._lr_factor:g} encoder, "
-            f"{cfg.head_lr * self._lr_factor:g} head"
-        )
-        if actual != target and cfg.ddp_rule == "none":
-            msg += f" -- WARNING: not the reference batch {target}, learning rates unchanged"
-            log.warning(msg)
-        if trainer.is_global_zero:
-            print(msg)
+            self._lr_factor = apply_ddp_rule(self.trainer, self.optim)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The random state (drop-path, random FPS starts) so a requeued job continues the same run.
@@ -355,20 +212,9 @@ class Stage1Distillation(_StageBase):
         self.log("val/loss", loss, prog_bar=True, batch_size=bs, sync_dist=True)
         self.log("val/cosine", self.val_cos, on_epoch=True, batch_size=bs)
 
-
-def load_encoder_weights(
-    encoder: PatchAlignEncoder, path: str | Path, skip_head: bool = True, strict: bool = True
-) -> LoadReport:
-    """Load encoder weights from a Lightning checkpoint, an export directory or a released file.
-
-    The head is skipped by default (Stage 2 trains a new head of the text width). Strict by
-    default: every expected encoder tensor must be there with its shape, or
-    :class:`patchalign.checkpoints.CheckpointError` lists what is missing, unexpected or
-    mis-shaped; ``strict=False`` loads the matching tensors and logs the counts.
-    """
-    _, report = load_checkpoint_into(encoder, path, strict=strict, skip_head=skip_head)
-    log.info("init_from %s: %d/%d encoder tensors loaded", path, report.loaded, report.expected)
-    return report
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """``test`` on a shard set: the validation metrics (logged under ``val/``)."""
+        return self.validation_step(batch, batch_idx)
 
 
 Trainable = Literal["released", "blocks", "all"]
@@ -414,12 +260,9 @@ class Stage2Alignment(_StageBase):
         init_head: also load the head (and a released temperature) from ``init_from``
             (evaluating a Stage 2 checkpoint, an export or the released file) instead of starting
             a new one (Stage 1 → Stage 2).
-        eval_text_encoder: text encoder spec for ``test`` on a benchmark (``EvalDataModule``), e.g.
-            ``open_clip:ViT-bigG-14@laion2b_s39b_b160k``; it must be the encoder the head was aligned to.
-        eval_templates: prompt template preset for evaluation (``part_only`` = the released one).
-        eval_assign: patch → point label transfer (``nearest`` patch centre = the released one).
-        eval_out_dir: where ``test`` writes its per-category table (CSV/JSON) under ``eval/``;
-            default (what the shipped eval configs use): ``trainer.default_root_dir``.
+
+    ``test`` on a shard set reports the validation metrics; benchmark evaluation (zero-shot part
+    segmentation on ShapeNetPart and the others) is :class:`patchalign.eval.module.ZeroShotSegmentation`.
     """
 
     def __init__(
@@ -438,14 +281,14 @@ class Stage2Alignment(_StageBase):
         optim: OptimizerConfig | None = None,
         target_widths: dict[str, int] | None = None,
         init_head: bool = False,
-        eval_text_encoder: str | None = None,
-        eval_templates: str = "part_only",
-        eval_assign: Literal["nearest", "knn", "membership"] = "nearest",
-        eval_out_dir: str | None = None,
     ) -> None:
         super().__init__(optim)
         self.save_hyperparameters(ignore=["encoder", "optim"])
         self._record_optimizer_config()
+        # read from attributes, not hparams: a subclass's save_hyperparameters records its own arguments
+        self.loss_kind = loss
+        self.frozen_train_mode = frozen_train_mode
+        self.exclude_category_label = exclude_category_label
         if loss not in ("bce", "siglip"):
             raise ValueError(f"loss must be 'bce' or 'siglip', got {loss!r}")
         if temperature not in ("log", "linear"):
@@ -478,8 +321,9 @@ class Stage2Alignment(_StageBase):
             )
             if init_head:
                 self._load_logit_params(ckpt)
-        self._eval_embedder: Any = None
-        self.evaluator: Any = None
+                if ckpt.text_encoder:  # provenance: the text encoder this head was aligned to
+                    self.hparams["text_encoder"] = ckpt.text_encoder
+                    self.hparams["text_templates"] = list(ckpt.templates or [])
         self.trainable_names = self._freeze(trainable, freeze_blocks)
         self.frozen_modules = [
             m
@@ -539,7 +383,7 @@ class Stage2Alignment(_StageBase):
 
     def train(self, mode: bool = True) -> Stage2Alignment:
         super().train(mode)
-        if mode and not self.hparams.frozen_train_mode:
+        if mode and not self.frozen_train_mode:
             for m in self.frozen_modules:
                 m.eval()
         return self
@@ -547,7 +391,7 @@ class Stage2Alignment(_StageBase):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Lightning restores per-module modes captured at construction time around validation, which
         # would put the frozen modules back in train mode; enforce eval mode before every step.
-        if not self.hparams.frozen_train_mode:
+        if not self.frozen_train_mode:
             for m in self.frozen_modules:
                 if m.training:
                     m.eval()
@@ -574,9 +418,6 @@ class Stage2Alignment(_StageBase):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        dm = getattr(self.trainer, "datamodule", None)
-        if stage in ("test", "predict") and getattr(dm, "test_dataset", None) is not None:
-            return  # benchmark evaluation: part names are encoded by the eval text encoder instead
         if self.text_vectors.numel() == 0:
             dm = getattr(self.trainer, "datamodule", None)
             bank = getattr(dm, "text_bank", None)
@@ -595,7 +436,7 @@ class Stage2Alignment(_StageBase):
         named anywhere in the batch (sorted), ``local_ids`` each shape's labels as columns of ``targets``.
         Restricting the columns to the batch's names keeps the tensor small whatever the bank's size.
         """
-        if self.hparams.exclude_category_label:
+        if self.exclude_category_label:
             batch.update(self._drop_category_labels(batch))
         out = self.encoder(batch["points"])
         label_ids = batch["label_ids"]
@@ -641,7 +482,7 @@ class Stage2Alignment(_StageBase):
         self, out: Any, targets: Tensor, local_ids: Tensor, used: Tensor, batch: dict[str, Any]
     ) -> Tensor:
         z = out.patch_features.float()
-        if self.hparams.loss == "siglip":  # all of the batch's names: other shapes' are negatives
+        if self.loss_kind == "siglip":  # all of the batch's names: other shapes' are negatives
             text = self.text_vectors[used]
             y = targets.reshape(-1, used.numel())
             valid = batch.get("valid")  # validation pads slots with placeholder shapes: leave them out
@@ -685,8 +526,6 @@ class Stage2Alignment(_StageBase):
     @staticmethod
     def _point_miou(out: Any, patch_pred: Tensor, batch: dict[str, Any]) -> Tensor:
         """Per-shape point mIoU (released convention): nearest patch's label vs the point's first part."""
-        from patchalign.eval.metrics import per_shape_miou
-
         memb = batch["membership"] > 0.5
         has = memb.any(-1)
         gt = torch.where(has, memb.float().argmax(-1), -1)
@@ -708,58 +547,10 @@ class Stage2Alignment(_StageBase):
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("train/patch_acc", self.train_acc, on_step=True, on_epoch=True, batch_size=bs)
         self.log("train/logit_scale", self.logit_params.multiplier().detach(), batch_size=bs)
-        if self.hparams.loss == "siglip":
+        if self.loss_kind == "siglip":
             self.log("train/logit_bias", self.logit_params.logit_bias.detach(), batch_size=bs)
         self._log_skips()
         return loss
-
-    # ----------------------------------------------------------------- benchmark evaluation (test)
-    def _embedder(self) -> Any:
-        if self._eval_embedder is None:
-            spec = self.hparams.eval_text_encoder or self.hparams.get("text_encoder")
-            if not spec:
-                raise RuntimeError(
-                    "zero-shot evaluation needs the text encoder the head was aligned to: set "
-                    "model.init_args.eval_text_encoder (e.g. open_clip:ViT-bigG-14@laion2b_s39b_b160k)"
-                )
-            from patchalign.text import PartTextEmbedder, load_text_encoder
-
-            self._eval_embedder = PartTextEmbedder(load_text_encoder(spec), self.hparams.eval_templates)
-        return self._eval_embedder
-
-    def on_test_epoch_start(self) -> None:
-        from patchalign.eval.evaluator import PartSegEvaluator
-
-        dataset = getattr(self.trainer.datamodule, "test_dataset", None)
-        self.evaluator = (
-            PartSegEvaluator.from_dataset(dataset).to(self.device) if dataset is not None else None
-        )
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        if self.evaluator is None:  # a shard set: same metrics as validation
-            return self.validation_step(batch, batch_idx)
-        from patchalign.eval.zeroshot import zero_shot_predict
-
-        pred = zero_shot_predict(self.encoder, batch, self._embedder(), assign=self.hparams.eval_assign)
-        self.evaluator.update(
-            pred.labels,
-            batch["labels"],
-            batch["category"],
-            num_parts=[len(p) for p in batch["part_names"]],
-            shape_ids=batch["index"],
-        )
-        return None
-
-    def on_test_epoch_end(self) -> None:
-        if self.evaluator is None:
-            return
-        report = self.evaluator.compute()
-        self.log_dict(report.log_dict("test/"), rank_zero_only=True)
-        if self.trainer.is_global_zero:
-            out = Path(self.hparams.eval_out_dir or self.trainer.default_root_dir) / "eval"
-            csv_path, json_path = report.save(out)
-            print(report.format_table())
-            print(f"per-category results: {csv_path} and {json_path}")
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         out, targets, local_ids, used = self._scores(batch)
@@ -773,3 +564,7 @@ class Stage2Alignment(_StageBase):
         self.log("val/loss", loss, prog_bar=True, batch_size=bs, sync_dist=True)
         self.log("val/patch_acc", self.val_acc, on_epoch=True, batch_size=bs)
         self.log("val/miou", self.val_miou, on_epoch=True, prog_bar=True, batch_size=bs)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """``test`` on a shard set: the validation metrics (logged under ``val/``)."""
+        return self.validation_step(batch, batch_idx)
