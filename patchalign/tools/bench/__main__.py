@@ -14,6 +14,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "eval": ("eval", "zero-shot evaluation throughput and load_pretrained latency"),
     "demo": ("demo", "the demo ablation: random vs DINOv2 teacher vs no Stage 1, same budget"),
     "gpu": ("gpu", "the prepared one-GPU check (imports, render parity, encoder, fits, loader, ZeroKey)"),
+    "segment": ("segment", "full-resolution segmentation: 1M-point cloud, 100k-face mesh (time, memory)"),
 }
 
 

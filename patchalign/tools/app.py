@@ -1,0 +1,235 @@
+"""``python -m patchalign app --model M [--host 127.0.0.1 --port 7860]``: segment shapes in the browser.
+
+A Gradio page (the ``app`` extra: ``pip install -e ".[app]"``) in the spirit of the released
+``app.py`` (dickoah/PatchAlign3D@b269f6d9: a ``Model3D`` upload, a part-names textbox, a plot), but
+on the full-resolution path of :mod:`patchalign.segment`:
+
+* upload a mesh or point cloud (or pick an example from ``../shared/data/meshes`` when it is beside
+  the checkout), type part names, press *Segment*;
+* the coloured result in a 3D viewer (the GLB that ``python -m patchalign segment`` writes; clouds as
+  a GLB of coloured points), a legend with each part's share of the surface (area-weighted for
+  meshes, of the points for clouds), the patch features' PCA (what the encoder separates before
+  any text), and download buttons for the GLB, ``labels.npz`` and the per-part files.
+
+Every error a user can cause (no names, unreadable or empty file, NaN, too few points) is shown in
+the page as one message (``gr.Error``), never a stack trace. The segmentation endpoint is also an
+API: ``gradio_client.Client(url).predict(handle_file(path), "seat, back", 1, api_name="/segment")``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from patchalign.tools.segment import (
+    INPUT_SUFFIXES,
+    InputError,
+    SegmentSettings,
+    load_input,
+    parse_parts,
+    segment_one,
+)
+
+TITLE = "PatchAlign3D: segment 3D shapes into parts named in text"
+#: Gradio's 3D viewer (Babylon.js) picks WebGPU whenever ``navigator.gpu`` exists and then fails where
+#: the browser has no adapter (headless Chromium, many Linux desktops without a GPU): the viewer stays
+#: blank. Hiding ``navigator.gpu`` makes it use WebGL2, which every browser here renders.
+WEBGL_VIEWER_HEAD = "<script>try { delete Navigator.prototype.gpu; } catch (e) {}</script>"
+MAX_VOTES = 8
+
+
+def example_meshes(shared_data: Path | None = None) -> list[Path]:
+    """The shared real meshes, when ``../shared/data/meshes`` is beside the checkout."""
+    from patchalign.tools.paths import SHARED_DATA
+
+    root = (shared_data or SHARED_DATA) / "meshes"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.suffix.lower() in INPUT_SUFFIXES)
+
+
+def _legend_html(names: list[str], fractions: dict[str, float], colors: dict[str, str], what: str) -> str:
+    rows = "".join(
+        f'<tr><td><span style="display:inline-block;width:1em;height:1em;background:{colors[n]};'
+        f'border:1px solid #555"></span></td><td>{n}</td><td style="text-align:right">'
+        f"{100 * fractions[n]:.1f} %</td></tr>"
+        for n in names
+    )
+    return (
+        f'<table class="patchalign-legend"><thead><tr><th></th><th>part</th><th>share of {what}</th>'
+        f"</tr></thead><tbody>{rows}</tbody></table>"
+    )
+
+
+def _cloud_view_glb(points: np.ndarray, labels: np.ndarray, k: int, path: Path) -> Path:
+    """A GLB of coloured points: the 3D viewer shows glTF, and PLY point clouds not everywhere."""
+    import trimesh
+
+    from patchalign.eval.pictures import label_colors
+
+    rgba = np.concatenate([label_colors(labels, k), np.ones((len(labels), 1))], 1)
+    trimesh.Scene(trimesh.PointCloud(points, colors=(rgba * 255).astype(np.uint8))).export(path)
+    return path
+
+
+class SegmentApp:
+    """The page's callbacks around one loaded model (kept apart from Gradio so tests can call them)."""
+
+    def __init__(
+        self, model: Any, work_dir: Path | None = None, settings: SegmentSettings | None = None
+    ) -> None:
+        self.model = model
+        self.settings = settings or SegmentSettings()
+        self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="patchalign-app-"))
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self._count = 0
+
+    def segment(self, path: str | None, parts: str, votes: float = 1) -> tuple[str, str, str, list[str]]:
+        """-> (GLB for the viewer, legend HTML, PCA picture, files to download). Raises InputError."""
+        from patchalign.eval.pictures import part_palette, plot_feature_pca
+
+        if not path:
+            raise InputError("upload a mesh or point cloud first")
+        src = Path(path)
+        if src.suffix.lower() not in INPUT_SUFFIXES:
+            raise InputError(
+                f"unknown file type {src.suffix or '(none)'!r}; expected one of {' '.join(INPUT_SUFFIXES)}"
+            )
+        names = parse_parts(parts)
+        self._count += 1
+        out = self.work_dir / f"{self._count:05d}_{src.stem}"
+        settings = SegmentSettings(**{**self.settings.__dict__, "votes": int(votes)})
+        text = self.model.text_embeddings(names)
+        segment_one(self.model, src, text, names, out, settings, "app")
+        z = np.load(out / "labels.npz")
+        palette = part_palette(len(names))
+        colors = {
+            n: "#" + "".join(f"{int(round(c * 255)):02x}" for c in palette[i][:3])
+            for i, n in enumerate(names)
+        }
+        vertices, faces = load_input(src)
+        if faces is not None:
+            areas = 0.5 * np.linalg.norm(
+                np.cross(
+                    vertices[faces[:, 1]] - vertices[faces[:, 0]],
+                    vertices[faces[:, 2]] - vertices[faces[:, 0]],
+                ),
+                axis=1,
+            )
+            shares = np.bincount(z["face_labels"], weights=areas, minlength=len(names))
+            view, what = out / "segmented.glb", "surface"
+        else:
+            shares = np.bincount(z["point_labels"], minlength=len(names)).astype(np.float64)
+            view = _cloud_view_glb(vertices, z["point_labels"], len(names), out / "segmented_points.glb")
+            what = "points"
+        fractions = {
+            n: float(s) / max(float(shares.sum()), 1e-12) for n, s in zip(names, shares, strict=True)
+        }
+        samples = torch.as_tensor(z["samples"][0])
+        enc = self.model.encode(samples)
+        pca_png = plot_feature_pca(
+            out / "features_pca.png",
+            samples.numpy(),
+            enc.patch_features[0].cpu(),
+            enc.point_to_patch[0].cpu(),
+            title="patch features, PCA to RGB",
+        )
+        parts_zip = out / f"{src.stem}_parts.zip"
+        with zipfile.ZipFile(parts_zip, "w") as zf:
+            for p in sorted((out / "parts").iterdir()):
+                zf.write(p, arcname=p.name)
+        downloads = [
+            str(out / ("segmented.glb" if faces is not None else "segmented.ply")),
+            str(out / "labels.npz"),
+        ]
+        downloads.append(str(parts_zip))
+        return str(view), _legend_html(names, fractions, colors, what), str(pca_png), downloads
+
+    def close(self) -> None:
+        shutil.rmtree(self.work_dir, ignore_errors=True)
+
+
+def build_app(model: Any, examples: list[Path] | None = None, work_dir: Path | None = None) -> Any:
+    """The Gradio Blocks page around ``model`` (a :class:`patchalign.pretrained.PretrainedPatchAlign`)."""
+    import gradio as gr
+
+    app = SegmentApp(model, work_dir)
+
+    def on_segment(path: str | None, parts: str, votes: float):
+        try:
+            return app.segment(path, parts, votes)
+        except (InputError, ValueError) as e:
+            raise gr.Error(str(e), print_exception=False) from None
+
+    with gr.Blocks(title=TITLE, analytics_enabled=False, head=WEBGL_VIEWER_HEAD) as page:
+        gr.Markdown(f"# {TITLE}\nUpload a mesh or point cloud, name its parts, press **Segment**.")
+        with gr.Tab("Segment"):
+            with gr.Row():
+                with gr.Column(scale=1):
+                    shape = gr.File(
+                        label="mesh or point cloud", file_types=list(INPUT_SUFFIXES), type="filepath"
+                    )
+                    parts = gr.Textbox(
+                        label="part names, comma-separated", placeholder="seat, back, leg, arm"
+                    )
+                    votes = gr.Slider(
+                        1, MAX_VOTES, value=1, step=1, label="votes (independent 2048-point samples)"
+                    )
+                    run = gr.Button("Segment", variant="primary", elem_id="segment-button")
+                    if examples:
+                        gr.Examples(
+                            [[str(p), ""] for p in examples], inputs=[shape, parts], label="shared meshes"
+                        )
+                with gr.Column(scale=2):
+                    view = gr.Model3D(
+                        label="segmented", clear_color=(1.0, 1.0, 1.0, 1.0), elem_id="segmented-view"
+                    )
+                    legend = gr.HTML(elem_id="legend")
+                    pca = gr.Image(label="patch features (PCA)", type="filepath")
+                    files = gr.File(label="downloads", file_count="multiple", elem_id="downloads")
+        run.click(
+            on_segment, inputs=[shape, parts, votes], outputs=[view, legend, pca, files], api_name="segment"
+        )
+    page.patchalign_app = app
+    return page
+
+
+def main(argv: list[str] | None = None) -> int:
+    from jsonargparse import ArgumentParser
+
+    p = ArgumentParser(
+        prog="python -m patchalign app", description="Segment shapes by part name in the browser."
+    )
+    p.add_argument(
+        "--model", type=str, required=True, help="export directory, Lightning .ckpt or patchalign3d.pt"
+    )
+    p.add_argument("--host", type=str, default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--device", type=str, default="cpu")
+    cfg = p.parse_args(argv)
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        print('patchalign app: error: Gradio is not installed: pip install -e ".[app]"', file=sys.stderr)
+        return 2
+    from patchalign.pretrained import load_pretrained
+
+    try:
+        model = load_pretrained(cfg.model, device=cfg.device)
+    except (OSError, ValueError) as e:
+        print(f"patchalign app: error: {e}", file=sys.stderr)
+        return 2
+    page = build_app(model, example_meshes())
+    page.launch(server_name=cfg.host, server_port=cfg.port, show_api=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
