@@ -21,8 +21,8 @@ from patchalign.eval.readers import (
     ShapeNetPartH5,
     ShapeNetPartTxt,
     build_dataset,
-    read_pcd_xyz,
 )
+from patchalign.io import read_pcd_xyz
 
 TABLE = "04379243/1a2abbc9712e2fffc3bd24f986301745"
 

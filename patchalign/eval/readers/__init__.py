@@ -13,7 +13,7 @@ kind                reader                               module
 =================== ==================================== =======================================
 
 :func:`build_dataset` constructs one by kind from the registry (:data:`READERS`); the interface and
-sample conventions are in :mod:`.base`, the point-file formats in :mod:`.formats`.
+sample conventions are in :mod:`.base`, the point-file formats in :mod:`patchalign.io`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from patchalign.eval.readers.base import (
     select_categories,
 )
 from patchalign.eval.readers.faust import FAUST_COARSE_PARTS, FAUST_FINE_PARTS, FaustSATR
-from patchalign.eval.readers.formats import read_obj_vertices, read_pcd_xyz, read_ply_xyz
 from patchalign.eval.readers.objaverse import ObjaverseFind3D
 from patchalign.eval.readers.partnete import PartNetE
 from patchalign.eval.readers.scanobjectnn import (
@@ -59,7 +58,7 @@ DatasetKind = Literal[
 
 __all__ = [
     "READERS", "DatasetKind", "PartSegDataset", "PartSegSample", "build_dataset", "register_reader",
-    "select_categories", "read_obj_vertices", "read_pcd_xyz", "read_ply_xyz",
+    "select_categories",
     "ShapeNetPartTxt", "ShapeNetPartH5", "PartNetE", "FaustSATR", "ScanObjectNNParts", "ScanObjectNNH5",
     "ObjaverseFind3D", "FAUST_COARSE_PARTS", "FAUST_FINE_PARTS", "SCANOBJECTNN_CATEGORIES",
     "SCANOBJECTNN_PARTS", "SCANOBJECTNN_PART_REMAP", "SHAPENETPART_CATEGORIES", "SHAPENETPART_NUM_PARTS",

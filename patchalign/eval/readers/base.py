@@ -149,3 +149,12 @@ def build_dataset(
     if kind not in READERS:
         raise ValueError(f"unknown dataset kind {kind!r}; registered: {', '.join(sorted(READERS))}")
     return READERS[kind](root, split, categories, part_names, **kwargs)
+
+
+def require_h5py() -> Any:
+    """The optional ``h5py`` module, or an ImportError saying how to install it."""
+    try:
+        import h5py
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("reading .h5 benchmark files needs h5py: pip install h5py") from e
+    return h5py

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import numpy as np
 
 from patchalign.eval.readers.base import PartSegDataset, PartSegSample, PathLike, register_reader
-from patchalign.eval.readers.formats import read_obj_vertices
+from patchalign.io import read_obj_vertices
 
 # SATR's FAUST label sets (coarse names are the sorted unique names of coarse_gt.json).
 FAUST_COARSE_PARTS: list[str] = ["arm", "head", "leg", "torso"]

@@ -19,7 +19,7 @@ from patchalign.eval.readers.base import (
     register_reader,
     select_categories,
 )
-from patchalign.eval.readers.formats import read_pcd_xyz
+from patchalign.io import read_pcd_xyz
 
 
 class ObjaverseFind3D(PartSegDataset):

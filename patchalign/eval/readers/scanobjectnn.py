@@ -16,9 +16,9 @@ from patchalign.eval.readers.base import (
     PartSegSample,
     PathLike,
     register_reader,
+    require_h5py,
     select_categories,
 )
-from patchalign.eval.readers.formats import require_h5py
 
 # ScanObjectNN: category ids of the release, and COPS's part names
 # (source/prompts/ScanObjectNN-Part_part_names.json) indexed by the remapped part id.

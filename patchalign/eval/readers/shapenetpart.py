@@ -27,9 +27,9 @@ from patchalign.eval.readers.base import (
     PartSegSample,
     PathLike,
     register_reader,
+    require_h5py,
     select_categories,
 )
-from patchalign.eval.readers.formats import require_h5py
 
 # ShapeNetPart metadata: fixed by the benchmark, not read from disk, so a trimmed
 # synsetoffset2category.txt (or none) still gives every category its global part-id range.
