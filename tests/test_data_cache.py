@@ -12,9 +12,9 @@ import webdataset as wds
 from scipy.spatial.transform import Rotation
 from test_datamodule import _broken_shard_set
 
-from patchalign.data.cache import rotation_about_axes, unpack_bits
+from patchalign.data.cache import unpack_bits
 from patchalign.data.datamodule import ShardDataModule
-from patchalign.data.pipeline import DataQualityError
+from patchalign.data.pipeline import DataQualityError, rotation_about_axes
 from patchalign.data.schema import decode_sample
 from patchalign.data.synthetic import write_synthetic_shards
 from patchalign.data.writer import read_manifest
@@ -254,3 +254,24 @@ def test_up_axis_meta_is_read_or_refused() -> None:
         with pytest.raises(ShardFormatError, match="is not x/y/z") as err:
             up_axis_index(s, cfg)
         assert err.value.reason == "bad_meta"
+
+
+def test_objects_below_cache_points_are_skipped_like_any_bad_sample(tmp_path: Path, caplog) -> None:
+    """``too_few_points`` goes through the same skip accounting as decode errors: counted in the
+    worker with its reason, logged, and part of ``seen``; the cache keeps only the large objects."""
+    from patchalign.data.synthetic import random_object_sample
+    from patchalign.data.writer import ShardSetWriter
+
+    rng = np.random.default_rng(0)
+    with ShardSetWriter(tmp_path, max_samples_per_shard=4) as w:
+        for i in range(4):
+            w.write(random_object_sample(f"big-{i}", rng, num_points=3000))
+        for i in range(2):
+            w.write(random_object_sample(f"small-{i}", rng, num_points=2048))
+    dm = _dm(tmp_path, num_points=512, cache_points=2500, max_skip_fraction=0.5)
+    with caplog.at_level("WARNING"):
+        cache = dm.decoded_cache()
+    assert sorted(cache.uids) == [f"big-{i}" for i in range(4)]
+    counts = dm.skip_counts()["train"]
+    assert counts["too_few_points"] == 2 and counts["skipped"] == 2 and counts["seen"] == 6
+    assert sum("skipping (too_few_points" in r.getMessage() for r in caplog.records) == 2

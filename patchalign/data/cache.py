@@ -40,9 +40,11 @@ from patchalign.data.pipeline import (
     SkipCounter,
     SlotPlan,
     StreamStats,
+    counted_map,
     decode_objects,
     finite_fp16_row_max,
     keep_keys,
+    rotation_about_axes,
     stable_seed,
     tar_samples,
     track_shards,
@@ -118,6 +120,10 @@ def _compact(
 ) -> _Compact:
     up_axis = up_axis_index(s, cfg)
     n = s.num_points
+    if cache_points is not None and n < cache_points:
+        raise ShardFormatError(
+            f"sample {s.uid!r}: {n} points < cache_points={cache_points}", "too_few_points"
+        )
     # Stored in a random order per object (seeded by uid): batches then take one random index set
     # for all shapes (see make_cached_batch); a fixed subset when cache_points < N.
     idx = np.random.default_rng(stable_seed(seed, "cache-order", s.uid)).permutation(n)
@@ -173,14 +179,9 @@ class _BuildStream(torch.utils.data.IterableDataset):
                 tar_samples(stats.tar_handler),
                 keep_keys(self.plan.keys),
                 decode_objects(stats, self.cfg.num_points, self.lookup),
+                counted_map(stats, lambda s, ids: _compact(s, ids, self.cfg, self.cache_points, self.seed)),
             )
-            for s, ids in src:
-                try:
-                    c = _compact(s, ids, self.cfg, self.cache_points, self.seed)
-                except ShardFormatError as e:
-                    stats.skip(e.reason, str(e))
-                    continue
-                stats.ok()
+            for c in src:
                 yield c, stats.take_delta()
         yield None, stats.take_delta()
 
@@ -214,9 +215,6 @@ def build_cache(
     for c, delta in loader:
         counter.update(delta)
         if c is None:
-            continue
-        if cache_points is not None and c.points.shape[0] < cache_points:
-            counter.update({"too_few_points": 1})
             continue
         items.append(c)
         n_bytes += sum(
@@ -284,21 +282,6 @@ def _stack(items: list[_Compact]) -> DecodedCache:
 
 
 # ------------------------------------------------------------------------------------------ batches
-def rotation_about_axes(angles: Tensor, axes: Tensor) -> Tensor:
-    """``(B, 3, 3)`` right-handed rotations by ``angles`` about coordinate axes ``axes`` (0/1/2).
-
-    Same convention as :func:`~patchalign.data.pipeline.rotate_about_axis` (Rodrigues with a unit
-    coordinate axis): ``points @ R.transpose(1, 2)`` rotates row-vector points.
-    """
-    e = torch.nn.functional.one_hot(axes, 3).to(angles.dtype)  # (B, 3)
-    c, s = angles.cos()[:, None, None], angles.sin()[:, None, None]
-    cross = torch.zeros(angles.shape[0], 3, 3, dtype=angles.dtype, device=angles.device)
-    cross[:, 0, 1], cross[:, 0, 2], cross[:, 1, 2] = -e[:, 2], e[:, 1], -e[:, 0]
-    cross = cross - cross.transpose(1, 2)
-    eye = torch.eye(3, dtype=angles.dtype, device=angles.device)
-    return c * eye + s * cross + (1 - c) * e[:, :, None] * e[:, None, :]
-
-
 def unpack_bits(packed: Tensor, count: int, dtype: torch.dtype = torch.bool) -> Tensor:
     """Inverse of ``np.packbits(..., axis=-1)``: ``(..., ceil(count/8))`` uint8 -> ``(..., count)``.
 
@@ -441,6 +424,5 @@ __all__ = [
     "DecodedCache",
     "build_cache",
     "make_cached_batch",
-    "rotation_about_axes",
     "unpack_bits",
 ]

@@ -376,14 +376,26 @@ def decode_objects(
     return _stage
 
 
+def rotation_about_axes(angles: torch.Tensor, axes: torch.Tensor) -> torch.Tensor:
+    """``(B, 3, 3)`` right-handed rotations by ``angles`` about coordinate axes ``axes`` (0/1/2).
+
+    Rodrigues' formula with a unit coordinate axis; ``points @ R.transpose(1, 2)`` rotates
+    row-vector points. The one up-axis rotation of the data: the streaming path
+    (:func:`rotate_about_axis`) and the decoded cache's batches both use it.
+    """
+    e = torch.nn.functional.one_hot(axes, 3).to(angles.dtype)  # (B, 3)
+    c, s = angles.cos()[:, None, None], angles.sin()[:, None, None]
+    cross = torch.zeros(angles.shape[0], 3, 3, dtype=angles.dtype, device=angles.device)
+    cross[:, 0, 1], cross[:, 0, 2], cross[:, 1, 2] = -e[:, 2], e[:, 1], -e[:, 0]
+    cross = cross - cross.transpose(1, 2)
+    eye = torch.eye(3, dtype=angles.dtype, device=angles.device)
+    return c * eye + s * cross + (1 - c) * e[:, :, None] * e[:, None, :]
+
+
 def rotate_about_axis(points: np.ndarray, angle: float, axis: int) -> np.ndarray:
     """Rotate ``(N, 3)`` points by ``angle`` radians about coordinate axis ``axis`` (right-handed)."""
-    a, b = [(1, 2), (2, 0), (0, 1)][axis]  # the rotated plane, ordered so +angle is counter-clockwise
-    c, s = math.cos(angle), math.sin(angle)
-    out = points.copy()
-    out[:, a] = c * points[:, a] - s * points[:, b]
-    out[:, b] = s * points[:, a] + c * points[:, b]
-    return out
+    rot = rotation_about_axes(torch.tensor([angle], dtype=torch.float64), torch.tensor([axis]))[0]
+    return (points @ rot.numpy().T).astype(points.dtype, copy=False)
 
 
 def finite_fp16_row_max(uid: str, feats: np.ndarray) -> np.ndarray:
@@ -469,6 +481,26 @@ def _augment(s: ObjectSample, points: np.ndarray, cfg: ExampleConfig, rng: np.ra
     return points
 
 
+def counted_map(
+    stats: StreamStats, fn: Callable[[ObjectSample, np.ndarray], Any]
+) -> Callable[[Iterable[tuple[ObjectSample, np.ndarray]]], Iterator[Any]]:
+    """Stage: ``fn(sample, label_ids)`` per decoded object; a :class:`ShardFormatError` is a counted
+    skip (its ``reason``), anything else is ``ok``. The one place after decoding where objects are
+    skipped: the streaming examples and the decoded cache's objects both go through it."""
+
+    def _stage(src: Iterable[tuple[ObjectSample, np.ndarray]]) -> Iterator[Any]:
+        for s, ids in src:
+            try:
+                out = fn(s, ids)
+            except ShardFormatError as e:
+                stats.skip(e.reason, str(e))
+                continue
+            stats.ok()
+            yield out
+
+    return _stage
+
+
 def to_examples(
     cfg: ExampleConfig, stats: StreamStats, rng: np.random.Generator | None, seed: int, augment: bool
 ) -> Callable[[Iterable[tuple[ObjectSample, np.ndarray]]], Iterator[Example]]:
@@ -479,18 +511,11 @@ def to_examples(
     regardless of which worker or rank reads the object.
     """
 
-    def _stage(src: Iterable[tuple[ObjectSample, np.ndarray]]) -> Iterator[Example]:
-        for s, ids in src:
-            r = rng if rng is not None else np.random.default_rng(stable_seed(seed, s.uid))
-            try:
-                ex = make_example(s, ids, cfg, r, augment)
-            except ShardFormatError as e:
-                stats.skip(e.reason, str(e))
-                continue
-            stats.ok()
-            yield ex
+    def example(s: ObjectSample, ids: np.ndarray) -> Example:
+        r = rng if rng is not None else np.random.default_rng(stable_seed(seed, s.uid))
+        return make_example(s, ids, cfg, r, augment)
 
-    return _stage
+    return counted_map(stats, example)
 
 
 def pad_example(num_points: int, feature_dim: int) -> Example:
