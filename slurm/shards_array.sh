@@ -14,11 +14,13 @@
 #   OUT               output directory of the shard sets (OUT/<split>/, OUT/text_bank.safetensors)
 #   NUM_CHUNKS        array size (default 64); each task takes a contiguous 1/NUM_CHUNKS of the objects
 #   EXTRA_ARGS        more engine flags, e.g. "--n-views 10 --image-size 512 --teacher dinov2:/models/dinov2-base"
+#                     (python -m patchalign shards build --help lists them)
 #   PYTHON            interpreter (default: .venv/bin/python if present, else python)
 #
 # Every stage is resumable (finished objects are skipped; files are written atomically), so a
 # preempted/requeued or resubmitted task just continues. Objects that fail (unreadable mesh, ...)
-# are logged to WORK/failures.jsonl and skipped; they do not fail the task.
+# are logged to WORK/failures.jsonl and skipped; they do not fail the task. A teacher or text encoder
+# that cannot be loaded fails the task at once, before any object is processed.
 #
 #SBATCH --job-name=pa-shards
 #SBATCH --gres=gpu:1
@@ -38,7 +40,7 @@ EXTRA_ARGS="${EXTRA_ARGS:-}"
 if [[ -z "${PYTHON:-}" ]]; then
     if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python; fi
 fi
-ENGINE=("$PYTHON" -m patchalign.engine)
+ENGINE=("$PYTHON" -m patchalign shards)
 THREADS="${SLURM_CPUS_PER_TASK:-8}"
 
 case "$MODE" in
