@@ -71,3 +71,57 @@ def test_text_point_clouds_in_a_folder_are_read(tmp_path):
 def test_detector_with_zerokey_settings_is_refused():
     with pytest.raises(ValueError, match="a detector takes its own"):
         ZeroKeyModule(detector=_RaisesOn("x"), views=ViewConfig(n_views=6))
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--data.keypointnet_root", "/nope/kpn"], "data.keypointnet_root /nope/kpn does not exist"),
+        (["--model.n_veiws", "6"], "unrecognized arguments: --model.n_veiws 6"),
+        (["--model.views.n_veiws", "6"], "'n_veiws' is not accepted"),
+        (["--model.views.n_views", "7"], "n_views must be one of [6, 26, 46]"),
+        (["--data.split", "nosuch"], "split file"),
+    ],
+)
+def test_bad_predict_command_lines_are_one_line_and_exit_2(tmp_path, capsys, extra, expected):
+    """Before: 73 lines of traceback for a missing root, 60-90 lines of usage for a misspelled key."""
+    from conftest import SHARED_DATA
+
+    from zerokey.__main__ import main
+
+    args = ["predict", "--config", str(REPO / "configs" / "zerokey.yaml")]
+    args += ["--trainer.default_root_dir", str(tmp_path / "run"), "--data.keypointnet_root"]
+    args += [str(SHARED_DATA / "keypointnet"), *extra]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("zerokey: error: ") and expected in err[0], err
+    assert not (tmp_path / "run" / "run.json").exists()
+
+
+def test_evaluate_and_bench_flags_keep_their_dashed_and_multi_value_forms(tmp_path, capsys):
+    from zerokey.cli import normalise_argv
+    from zerokey.evaluate import evaluate, main
+
+    argv = ["--pred", "p", "--annotations", "a.json", "b c.json", "--pcd-root", "x", "--run-id=r"]
+    argv += ["--thresholds", "0.01", "0.1"]
+    assert normalise_argv(argv, evaluate) == [
+        "--pred",
+        "p",
+        "--annotations",
+        '["a.json", "b c.json"]',
+        "--pcd_root",
+        "x",
+        "--run_id=r",
+        "--thresholds",
+        "[0.01, 0.1]",
+    ]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--pred", str(tmp_path), "--annotations", "a.json", "--pcd-root", "x", "--bogus", "1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unrecognized arguments: --bogus 1" in err[0]

@@ -6,7 +6,10 @@ Trainer methods, and LightningCLI only accepts Trainer methods as subcommands, s
 here *before* LightningCLI parses anything.
 
 A run that cannot start or must stop (server down, failure budget spent, a run folder holding another
-run) raises :class:`zerokey.writer.ZeroKeyRunError`; it is printed as one line and the exit status is 2.
+run, a missing data folder, a config that cannot be built) raises :class:`zerokey.writer.ZeroKeyRunError`;
+a command line that does not parse (a misspelled key) raises jsonargparse's ``ArgumentError``. Both
+are printed as one line and the exit status is 2 (``JSONARGPARSE_DEBUG=1`` shows the traceback of a
+config that cannot be built).
 """
 
 from __future__ import annotations
@@ -15,7 +18,10 @@ import os
 import sys
 from collections.abc import Sequence
 
+from jsonargparse import ArgumentError
 from lightning.pytorch.cli import SaveConfigCallback
+
+from zerokey.writer import ZeroKeyRunError
 
 
 class RunConfigCallback(SaveConfigCallback):
@@ -34,10 +40,44 @@ class RunConfigCallback(SaveConfigCallback):
         super().setup(trainer, pl_module, stage)
 
 
+def _one_line(err: BaseException) -> str:
+    """The innermost cause of an error (jsonargparse wraps a class's own error in its union / type
+    messages), as one line."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    return text or type(err).__name__
+
+
+def _cli_class():
+    from lightning.pytorch.cli import LightningCLI
+
+    class ZeroKeyCLI(LightningCLI):
+        """LightningCLI whose config problems are one line (:class:`ZeroKeyRunError`), not a traceback."""
+
+        def parse_arguments(self, parser, args) -> None:
+            super().parse_arguments(parser, args)
+            config = self.config.get(self.config.get("subcommand") or "", self.config)
+            root = (config.get("data") or {}).get("keypointnet_root")
+            if root and not os.path.isdir(root):  # before anything is built or logged
+                raise ZeroKeyRunError(f"data.keypointnet_root {root} does not exist (KeypointNet folder)")
+
+        def instantiate_classes(self) -> None:
+            try:
+                super().instantiate_classes()
+            except ZeroKeyRunError:
+                raise
+            except Exception as err:  # noqa: BLE001 - a config that cannot be built: say why in one line
+                if os.environ.get("JSONARGPARSE_DEBUG"):
+                    raise
+                raise ZeroKeyRunError(f"the config cannot be built: {_one_line(err)}") from err
+
+    return ZeroKeyCLI
+
+
 def cli_main(argv: Sequence[str] | None = None):
     """LightningCLI over :class:`ZeroKeyModule` / :class:`ZeroKeyDataModule`."""
     from jsonargparse import set_parsing_settings
-    from lightning.pytorch.cli import LightningCLI
 
     # ``${data.keypointnet_root}`` in a config means the top-level key, although LightningCLI parses
     # the config under its ``predict`` subcommand.
@@ -45,7 +85,7 @@ def cli_main(argv: Sequence[str] | None = None):
 
     from zerokey.module import ZeroKeyDataModule, ZeroKeyModule
 
-    return LightningCLI(
+    return _cli_class()(
         ZeroKeyModule,
         ZeroKeyDataModule,
         args=list(argv) if argv is not None else None,
@@ -53,14 +93,17 @@ def cli_main(argv: Sequence[str] | None = None):
         save_config_kwargs={"overwrite": False},
         # OmegaConf interpolation, resolved after the command line is applied ("omegaconf+"), so a
         # path given once (e.g. ``data.keypointnet_root``) feeds every place that needs it and an
-        # override on the command line moves them all.
-        parser_kwargs={"parser_mode": "omegaconf+"},
+        # override on the command line moves them all. Parse errors raise (one line, in ``main``)
+        # instead of printing the whole usage first.
+        parser_kwargs={
+            "parser_mode": "omegaconf+",
+            "exit_on_error": False,
+            "predict": {"exit_on_error": False},
+        },
     )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from zerokey.writer import ZeroKeyRunError
-
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         if args and args[0] == "evaluate":
@@ -76,6 +119,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             cli_main(None if argv is None else args)
     except ZeroKeyRunError as err:
         print(f"zerokey: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    except ArgumentError as err:
+        hint = f"python -m zerokey {args[0] if args else ''} --help lists the options".replace("  ", " ")
+        print(f"zerokey: error: {_one_line(err)} ({hint})", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
 
 

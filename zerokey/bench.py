@@ -28,18 +28,19 @@ so the numbers include image encoding, the openai SDK, the bounded request pool 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
 import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from json import dumps
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 
+from zerokey.cli import run_function_cli
 from zerokey.cluster import ClusterConfig
 from zerokey.data import KeypointNetDataset, ShapeSample, load_keypointnet_annotations
 from zerokey.evaluate import evaluate_predictions
@@ -250,73 +251,87 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m zerokey bench", description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--root", default="../shared/data/keypointnet", help="KeypointNet root (annotations/, pcds/, ...)"
-    )
-    parser.add_argument("--noise-px", type=float, default=2.0)
-    parser.add_argument("--dropout", type=float, default=0.1)
-    parser.add_argument("--outlier-rate", type=float, default=0.05)
-    parser.add_argument("--image-size", type=int, default=448)
-    parser.add_argument("--patch-size", type=int, default=5)
-    parser.add_argument("--pointer", choices=["oracle", "server"], default="oracle")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--limit", type=int, default=None, help="at most this many shapes")
-    parser.add_argument(
-        "--ablations", nargs="+", default=None, help="substrings of the ablation names to run (default: all)"
-    )
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--json", default=None, help="also write the full result as JSON here")
-    parser.add_argument(
-        "--feature-model",
-        default=None,
-        help="also print the PatchAlign3D-feature keypoint rows (zero-shot, few-shot leave-one-out, unified) "
-        "for this export dir / released checkpoint (see zerokey.features.bench)",
-    )
-    parser.add_argument("--feature-category", default="airplane", help="KeypointNet category of those rows")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    root = Path(args.root)
+def bench(
+    root: str = "../shared/data/keypointnet",
+    noise_px: float = 2.0,
+    dropout: float = 0.1,
+    outlier_rate: float = 0.05,
+    image_size: int = 448,
+    patch_size: int = 5,
+    pointer: Literal["oracle", "server"] = "oracle",
+    seed: int = 0,
+    limit: int | None = None,
+    ablations: list[str] | None = None,
+    threads: int | None = None,
+    json: str | None = None,
+    feature_model: str | None = None,
+    feature_category: str = "airplane",
+) -> dict:
+    """ZeroKey's ablations with the OraclePointer on KeypointNet (``python -m zerokey bench``).
+
+    Args:
+        root: KeypointNet root (annotations/, pcds/, ...).
+        noise_px: the oracle's Gaussian pixel noise (also ``--noise-px``).
+        dropout: probability that a visible keypoint gets no answer.
+        outlier_rate: probability of a uniform random foreground pixel instead (also ``--outlier-rate``).
+        image_size: rendered view size in pixels (also ``--image-size``).
+        patch_size: h of the Gaussian patch (also ``--patch-size``).
+        pointer: the oracle in process, or its answers served over HTTP in Molmo's format.
+        seed: the oracle's seed.
+        limit: at most this many shapes.
+        ablations: substrings of the ablation names to run (default: all); several may follow the flag.
+        threads: torch CPU threads.
+        json: also write the full result as JSON here.
+        feature_model: also print the PatchAlign3D-feature keypoint rows (zero-shot, few-shot
+            leave-one-out, unified) for this export dir / released checkpoint (also ``--feature-model``).
+        feature_category: KeypointNet category of those rows (also ``--feature-category``).
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    root = Path(root)
     if not root.is_dir():
         raise SystemExit(f"KeypointNet data not found at {root} (give --root)")
-    chosen = [a for a in ABLATIONS if not args.ablations or any(s in a.name for s in args.ablations)]
+    chosen = [a for a in ABLATIONS if not ablations or any(s in a.name for s in ablations)]
     if not chosen:
-        raise SystemExit(f"no ablation matches {args.ablations}; names: {[a.name for a in ABLATIONS]}")
+        raise SystemExit(f"no ablation matches {ablations}; names: {[a.name for a in ABLATIONS]}")
     result = run_bench(
         root,
-        args.noise_px,
-        args.dropout,
-        args.outlier_rate,
-        args.image_size,
-        args.patch_size,
-        args.pointer,
-        args.seed,
+        noise_px,
+        dropout,
+        outlier_rate,
+        image_size,
+        patch_size,
+        pointer,
+        seed,
         ablations=chosen,
-        limit=args.limit,
+        limit=limit,
     )
     print(format_table(result))
-    if args.feature_model:
+    if feature_model:
         from zerokey.features.bench import feature_rows, format_rows
 
-        if not Path(args.feature_model).exists():
+        if not Path(feature_model).exists():
             raise SystemExit(
-                f"--feature-model {args.feature_model} not found (make demo writes outputs/demo/export)"
+                f"--feature-model {feature_model} not found (make demo writes outputs/demo/export)"
             )
         rows = feature_rows(
-            args.feature_model,
+            feature_model,
             root,
-            args.feature_category,
-            noise_px=args.noise_px,
-            dropout=args.dropout,
-            outlier_rate=args.outlier_rate,
-            limit=args.limit,
+            feature_category,
+            noise_px=noise_px,
+            dropout=dropout,
+            outlier_rate=outlier_rate,
+            limit=limit,
         )
-        cat, model = args.feature_category, args.feature_model
+        cat, model = feature_category, feature_model
         print(f"\nPatchAlign3D-feature keypoints ({cat}, model {model}; oracle as above)")
         print(format_rows(rows))
         result["feature_rows"] = rows
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1, default=str))
+    if json:
+        Path(json).write_text(dumps(result, indent=1, default=str))
     return result
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """``python -m zerokey bench ...`` (flags: :func:`bench`'s parameters)."""
+    return run_function_cli(bench, argv, "python -m zerokey bench")

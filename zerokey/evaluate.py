@@ -39,7 +39,6 @@ reference's full 2048 x 2048 matrix; the distances are identical.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -53,6 +52,7 @@ import torch
 from scipy.sparse import csr_matrix
 from scipy.spatial import cKDTree
 
+from zerokey.cli import run_function_cli
 from zerokey.data import KEYPOINTNET_CLASSES, load_keypointnet_annotations, read_pcd
 from zerokey.geodesics import graph_geodesics, knn_graph
 from zerokey.writer import iter_prediction_files
@@ -67,6 +67,7 @@ __all__ = [
     "load_prediction_dir",
     "select_run",
     "read_split",
+    "evaluate",
     "main",
 ]
 
@@ -349,55 +350,63 @@ def evaluate_predictions(
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m zerokey evaluate", description="KeypointNet mIoU of ZeroKey predictions"
+def evaluate(
+    pred: str,
+    annotations: list[str],
+    pcd_root: str,
+    thresholds: list[float] = list(DEFAULT_THRESHOLDS),  # noqa: B006 - read by jsonargparse, never mutated
+    k: int = 20,
+    disconnected: Literal["reference", "inf"] = "reference",
+    use: Literal["keypoints", "clusters"] = "keypoints",
+    split: str | None = None,
+    run_id: str | None = None,
+    out: str | None = None,
+) -> EvalResult:
+    """KeypointNet mIoU of ZeroKey predictions (``python -m zerokey evaluate``).
+
+    Args:
+        pred: folder of per-shape prediction JSONs (searched recursively).
+        annotations: KeypointNet annotation JSON file(s); several may follow the flag.
+        pcd_root: folder with <class_id>/<model_id>.pcd (also ``--pcd-root``).
+        thresholds: geodesic thresholds.
+        k: neighbours in the geodesic kNN graph (reference: 20).
+        disconnected: unreachable pairs as the reference scores them (distance 0) or as ``inf``.
+        use: score the chosen keypoints or every cluster of a record.
+        split: score only this KeypointNet split: a name (test -> <pcd-root>/../splits/test.txt, as the
+            reference) or a split file path; default: every annotated shape found.
+        run_id: score this run when a folder holds several (also ``--run-id``).
+        out: also write the result as JSON here.
+    """
+    records = load_prediction_dir(pred)
+    if not records:
+        raise SystemExit(f"no prediction JSONs found under {pred}")
+    try:
+        records, chosen_run = select_run(records, run_id)
+    except ValueError as err:
+        raise SystemExit(f"zerokey evaluate: {err}") from None
+    split_ids = read_split(split, Path(pcd_root).parent) if split else None
+    result = evaluate_predictions(
+        records,
+        load_keypointnet_annotations(annotations),
+        pcd_root,
+        thresholds,
+        k,
+        disconnected,
+        use,
+        split_ids,
     )
-    parser.add_argument(
-        "--pred", required=True, help="folder of per-shape prediction JSONs (searched recursively)"
-    )
-    parser.add_argument("--annotations", required=True, nargs="+", help="KeypointNet annotation JSON file(s)")
-    parser.add_argument("--pcd-root", required=True, help="folder with <class_id>/<model_id>.pcd")
-    parser.add_argument("--thresholds", type=float, nargs="+", default=list(DEFAULT_THRESHOLDS))
-    parser.add_argument(
-        "--k", type=int, default=20, help="neighbours in the geodesic kNN graph (reference: 20)"
-    )
-    parser.add_argument("--disconnected", choices=["reference", "inf"], default="reference")
-    parser.add_argument("--use", choices=["keypoints", "clusters"], default="keypoints")
-    parser.add_argument(
-        "--split",
-        default=None,
-        help="score only this KeypointNet split: a name (test -> <pcd-root>/../splits/test.txt, as the "
-        "reference) or a split file path; default: every annotated shape found",
-    )
-    parser.add_argument("--run-id", default=None, help="score this run when a folder holds several")
-    parser.add_argument("--out", help="also write the result as JSON here")
-    return parser
+    if not result.shapes:
+        counts = {k_: len(v) for k_, v in result.skipped.items()}
+        raise SystemExit(f"zerokey evaluate: no shape could be scored (skipped: {counts})")
+    print(f"run {chosen_run or '<no run id>'}; split: {split or 'none (every annotated shape found)'}")
+    print(result.table())
+    if result.skipped:
+        print("skipped / counted:", {k_: len(v) for k_, v in result.skipped.items()}, file=sys.stderr)
+    if out:
+        Path(out).write_text(json.dumps(dict(result.as_dict(), run_id=chosen_run, split=split), indent=1))
+    return result
 
 
 def main(argv: Sequence[str] | None = None) -> EvalResult:
-    args = build_parser().parse_args(argv)
-    records = load_prediction_dir(args.pred)
-    if not records:
-        raise SystemExit(f"no prediction JSONs found under {args.pred}")
-    try:
-        records, run_id = select_run(records, args.run_id)
-    except ValueError as err:
-        raise SystemExit(f"zerokey evaluate: {err}") from None
-    split_ids = read_split(args.split, Path(args.pcd_root).parent) if args.split else None
-    annotations = load_keypointnet_annotations(args.annotations)
-    result = evaluate_predictions(
-        records, annotations, args.pcd_root, args.thresholds, args.k, args.disconnected, args.use, split_ids
-    )
-    if not result.shapes:
-        counts = {k: len(v) for k, v in result.skipped.items()}
-        raise SystemExit(f"zerokey evaluate: no shape could be scored (skipped: {counts})")
-    print(f"run {run_id or '<no run id>'}; split: {args.split or 'none (every annotated shape found)'}")
-    print(result.table())
-    if result.skipped:
-        print("skipped / counted:", {k: len(v) for k, v in result.skipped.items()}, file=sys.stderr)
-    if args.out:
-        Path(args.out).write_text(
-            json.dumps(dict(result.as_dict(), run_id=run_id, split=args.split), indent=1)
-        )
-    return result
+    """``python -m zerokey evaluate ...`` (flags: :func:`evaluate`'s parameters)."""
+    return run_function_cli(evaluate, argv, "python -m zerokey evaluate")

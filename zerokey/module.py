@@ -220,17 +220,20 @@ class ZeroKeyDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is not None:
             return
-        if self.inputs is not None:
-            self.dataset = FileShapeDataset(self.inputs, self.category, self.names)
-        else:
-            self.dataset = KeypointNetDataset(
-                self.keypointnet_root,
-                self.categories,
-                self.split,
-                self.model_ids,
-                self.use_mesh,
-                limit=self.limit,
-            )
+        try:
+            if self.inputs is not None:
+                self.dataset = FileShapeDataset(self.inputs, self.category, self.names)
+            else:
+                self.dataset = KeypointNetDataset(
+                    self.keypointnet_root,
+                    self.categories,
+                    self.split,
+                    self.model_ids,
+                    self.use_mesh,
+                    limit=self.limit,
+                )
+        except (FileNotFoundError, ValueError) as err:  # no shape to predict: one line, not a traceback
+            raise ZeroKeyRunError(f"data: {err}") from err
 
     def predict_dataloader(self) -> DataLoader:
         self.setup()

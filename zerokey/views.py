@@ -109,6 +109,12 @@ class ViewConfig:
     point_radius: float | None = None
     n_views: int = 26
 
+    def __post_init__(self) -> None:
+        # a bad layout is refused when the config is read, not once per shape
+        view_layout(self.n_views, self.distance, self.pole_tilt_deg)
+        if self.image_size < 1:
+            raise ValueError(f"image_size must be >= 1, got {self.image_size}")
+
 
 def make_cameras(config: ViewConfig, device: torch.device | str = "cpu") -> Cameras:
     """The configured view layout as cameras looking at the origin."""

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from patchalign.geometry import sample_surface
 from zerokey.pipeline import ShapePrediction, merge_parse_stats
 
 __all__ = [
@@ -175,17 +176,11 @@ def plot_shape(prediction: ShapePrediction, path: str | Path, max_points: int = 
     if shape is None:
         raise ValueError("plot_shape needs a prediction made with keep_debug=True")
     xyz = shape.vertices.detach().cpu().numpy()
-    if shape.faces is not None:  # meshes: area-weighted surface samples (vertices alone can be sparse)
-        tri = xyz[shape.faces.detach().cpu().numpy()]
-        area = np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1)
-        rng = np.random.default_rng(0)
-        face = rng.choice(len(tri), max_points, p=area / area.sum()) if area.sum() > 0 else np.zeros(0, int)
-        r1, r2 = np.sqrt(rng.random(len(face))), rng.random(len(face))
-        xyz = (
-            (1 - r1)[:, None] * tri[face, 0]
-            + (r1 * (1 - r2))[:, None] * tri[face, 1]
-            + (r1 * r2)[:, None] * tri[face, 2]
-        )
+    if shape.faces is not None and len(shape.faces):  # meshes: area-weighted samples (vertices can be sparse)
+        try:
+            xyz = sample_surface(shape.vertices, shape.faces, max_points, seed=0).points.cpu().numpy()
+        except ValueError:  # zero surface area: draw the vertices
+            pass
     if len(xyz) > max_points:
         xyz = xyz[np.random.default_rng(0).choice(len(xyz), max_points, replace=False)]
     fig = plt.figure(figsize=(6, 6))

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from zerokey.cli import run_function_cli
 from zerokey.data import KeypointNetDataset, load_keypointnet_annotations
 from zerokey.evaluate import evaluate_predictions
 from zerokey.features.pipeline import FewShotFeatureKeypoints, UnifiedKeypoints, ZeroShotFeatureKeypoints
@@ -35,7 +36,7 @@ from zerokey.mllm.pointers import OraclePointer
 from zerokey.pipeline import KeypointDetector, ZeroKeyPipeline
 from zerokey.views import ViewConfig
 
-__all__ = ["feature_rows", "main"]
+__all__ = ["feature_rows", "format_rows", "feature_bench", "main"]
 
 THRESHOLDS = (0.01, 0.05, 0.10)
 
@@ -140,7 +141,7 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(
+def feature_bench(
     model: str = "outputs/demo/export",
     root: str = "../shared/data/keypointnet",
     category: str = "airplane",
@@ -153,7 +154,7 @@ def main(
     limit: int | None = None,
     json_out: str | None = None,
 ) -> list[dict]:
-    """Print the feature-keypoint bench table (``python -m zerokey.features.bench --help``).
+    """The PatchAlign3D-feature keypoint rows (``python -m zerokey.features.bench``).
 
     Args:
         model: PatchAlign3D export dir or released checkpoint.
@@ -182,7 +183,10 @@ def main(
     return rows
 
 
-if __name__ == "__main__":
-    from jsonargparse import CLI
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    """``python -m zerokey.features.bench ...`` (flags: :func:`feature_bench`'s parameters)."""
+    return run_function_cli(feature_bench, argv, "python -m zerokey.features.bench")
 
-    CLI(main, as_positional=False)
+
+if __name__ == "__main__":
+    main()

@@ -32,6 +32,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from patchalign.geometry import sample_surface
 from zerokey.cluster import ClusterConfig
 from zerokey.data import KEYPOINTNET_CLASSES, ShapeSample, load_keypointnet_annotations, load_shape
 from zerokey.features.keypoints import (
@@ -85,17 +86,11 @@ def _require_positive(**values: float) -> None:
 
 
 def surface_points(shape: ShapeSample, n: int, seed: int = 0) -> Tensor:
-    """The cloud the encoder sees: the shape's own points, or ``n`` area-weighted samples of its mesh."""
+    """The cloud the encoder sees: the shape's own points, or ``n`` area-weighted samples of its mesh
+    (:func:`patchalign.geometry.sample_surface`, the project's one surface sampler)."""
     if not shape.is_mesh:
         return shape.vertices
-    v, f = shape.vertices, shape.faces
-    a, b, c = v[f[:, 0]], v[f[:, 1]], v[f[:, 2]]
-    area = torch.linalg.cross(b - a, c - a).norm(dim=-1)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    face = torch.multinomial(area.cpu().double(), n, replacement=True, generator=gen).to(v.device)
-    r1, r2 = torch.rand(2, n, generator=gen).to(v)
-    s = r1.sqrt()
-    return (1 - s)[:, None] * a[face] + (s * (1 - r2))[:, None] * b[face] + (s * r2)[:, None] * c[face]
+    return sample_surface(shape.vertices, shape.faces, n, seed).points.to(shape.vertices)
 
 
 class DenseFeatures:

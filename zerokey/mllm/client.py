@@ -33,7 +33,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["ChatClient", "ChatError", "BudgetExceeded", "CallBudget", "encode_png_base64"]
+__all__ = [
+    "ChatClient",
+    "ChatError",
+    "BudgetExceeded",
+    "CallBudget",
+    "MLLMRole",
+    "encode_png_base64",
+    "plain_settings",
+]
 
 log = logging.getLogger(__name__)
 
@@ -241,3 +249,37 @@ class ChatClient:
             self._create([{"role": "user", "content": "Reply with OK."}], 1, client)
         except ChatError as err:
             raise ChatError(f"server check failed for model {self.model!r}: {err}") from err
+
+
+class MLLMRole:
+    """What a namer or a pointer offers the prediction loop besides answering:
+
+    * ``check()`` -- called once before the first shape; raise with one clear line when it cannot
+      work (server down, weights missing) so a run fails in seconds, not per shape;
+    * ``attach_budget(budget)`` -- the run's :class:`CallBudget` for its calls;
+    * ``settings()`` -- what determines its answers (hashed into each run's config hash).
+    """
+
+    def check(self) -> None:  # noqa: B027 - optional hook
+        """Pre-flight check before the first shape (default: nothing to check)."""
+
+    def attach_budget(self, budget: CallBudget) -> None:  # noqa: B027 - optional hook
+        """Count this part's calls in the run's failure budget (default: it makes no calls)."""
+
+    def settings(self) -> dict[str, Any]:
+        """Public plain-valued attributes (what a config sets), for the run's config hash."""
+        return plain_settings(self)
+
+
+def plain_settings(obj: Any) -> dict[str, Any]:
+    """``obj``'s public attributes that are plain values (numbers, strings, lists, dicts), plus a
+    ``ChatClient``'s own settings -- never an API key (clients do not keep one as an attribute)."""
+    out: dict[str, Any] = {"class": f"{type(obj).__module__}.{type(obj).__qualname__}"}
+    for key, value in sorted(vars(obj).items()):
+        if key.startswith("_"):
+            continue
+        if isinstance(value, ChatClient):
+            out[key] = value.settings()
+        elif value is None or isinstance(value, (bool, int, float, str, list, tuple, dict)):
+            out[key] = list(value) if isinstance(value, tuple) else value
+    return out

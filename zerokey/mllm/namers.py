@@ -26,9 +26,8 @@ from typing import Any
 from torch import Tensor
 
 from zerokey.data import ShapeSample, load_semantic_names
-from zerokey.mllm.client import BudgetExceeded, CallBudget, ChatClient, ChatError
+from zerokey.mllm.client import BudgetExceeded, CallBudget, ChatClient, ChatError, MLLMRole
 from zerokey.mllm.parsing import ParseStats, parse_name_list
-from zerokey.mllm.pointers import plain_settings
 
 __all__ = ["NamingResult", "Namer", "StaticNamer", "KeypointNetNamer", "OpenAINamer", "unique_with_counts"]
 
@@ -53,7 +52,7 @@ def unique_with_counts(names: Sequence[str | None]) -> tuple[list[str], list[int
     return unique, [counts[n] for n in unique]
 
 
-class Namer(ABC):
+class Namer(MLLMRole, ABC):
     """Interface: ``namer(shape, images) -> NamingResult``; ``images`` are the rendered views
     (V,H,W,3) in [0,1]. ``check`` / ``attach_budget`` / ``settings`` / ``is_ground_truth`` as for
     :class:`zerokey.mllm.pointers.Pointer`."""
@@ -64,17 +63,6 @@ class Namer(ABC):
 
     @abstractmethod
     def __call__(self, shape: ShapeSample, images: Tensor) -> NamingResult: ...
-
-    def check(self) -> None:
-        """Pre-flight check before the first shape (default: nothing to check)."""
-        return None
-
-    def attach_budget(self, budget: CallBudget) -> None:
-        """Count this namer's calls in the run's failure budget (default: it makes no calls)."""
-        return None
-
-    def settings(self) -> dict[str, Any]:
-        return plain_settings(self)
 
 
 class StaticNamer(Namer):

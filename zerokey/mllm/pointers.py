@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from zerokey.data import ShapeSample
-from zerokey.mllm.client import BudgetExceeded, CallBudget, ChatClient, ChatError
+from zerokey.mllm.client import BudgetExceeded, CallBudget, ChatClient, ChatError, MLLMRole, plain_settings
 from zerokey.mllm.parsing import ParsedPoint, ParseStats, parse_labelled_points, parse_molmo_points
 from zerokey.views import RenderedViews, project_visible
 
@@ -44,7 +44,6 @@ __all__ = [
     "build_point_prompt",
     "build_multi_point_prompt",
     "points_to_pixels",
-    "plain_settings",
     "collate_molmo_inputs",
     "load_molmo",
 ]
@@ -103,7 +102,7 @@ def _pack(
     return t[:, :2].float().to(device), t[:, 2].long().to(device), t[:, 3].long().to(device)
 
 
-class Pointer(ABC):
+class Pointer(MLLMRole, ABC):
     """Interface: ``pointer(shape, names, views) -> Points2D``.
 
     Besides ``__call__`` a pointer may override:
@@ -119,32 +118,6 @@ class Pointer(ABC):
 
     @abstractmethod
     def __call__(self, shape: ShapeSample, names: list[str], views: RenderedViews) -> Points2D: ...
-
-    def check(self) -> None:
-        """Pre-flight check before the first shape (default: nothing to check)."""
-        return None
-
-    def attach_budget(self, budget: CallBudget) -> None:
-        """Count this pointer's calls in the run's failure budget (default: it makes no calls)."""
-        return None
-
-    def settings(self) -> dict[str, Any]:
-        """Public plain-valued attributes (what a config sets), for the run's config hash."""
-        return plain_settings(self)
-
-
-def plain_settings(obj: Any) -> dict[str, Any]:
-    """``obj``'s public attributes that are plain values (numbers, strings, lists, dicts), plus a
-    ``ChatClient``'s own settings -- never an API key (clients do not keep one as an attribute)."""
-    out: dict[str, Any] = {"class": f"{type(obj).__module__}.{type(obj).__qualname__}"}
-    for key, value in sorted(vars(obj).items()):
-        if key.startswith("_"):
-            continue
-        if isinstance(value, ChatClient):
-            out[key] = value.settings()
-        elif value is None or isinstance(value, (bool, int, float, str, list, tuple, dict)):
-            out[key] = list(value) if isinstance(value, tuple) else value
-    return out
 
 
 def build_point_prompt(name: str, template: str = DEFAULT_POINT_PROMPT) -> str:
