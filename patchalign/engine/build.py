@@ -14,11 +14,13 @@ import importlib.util
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from patchalign.engine.config import EngineConfig
 from patchalign.engine.records import ObjectRecord, chunk_records
@@ -169,8 +171,11 @@ def _run_stages(
 
 def _worker_init() -> None:
     """Workers ignore Ctrl-C: the parent stops them (a terminal sends SIGINT to the whole group, and
-    each worker would print its own traceback)."""
+    each worker would print its own traceback). Their progress bars lock with a thread lock: tqdm's
+    default cross-process lock is a named semaphore, which a stopped worker would leak (and Python's
+    resource tracker would print a warning about) -- one bar per worker needs no cross-process lock."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    tqdm.set_lock(threading.RLock())
 
 
 def _worker_main(
