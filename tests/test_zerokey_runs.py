@@ -215,20 +215,26 @@ def test_uninformative_pointer_keypoint_shows_its_single_view_support(tmp_path):
     assert kp["support"]["views"] >= 3 and kp["support"]["spread"] > 0.2
 
 
-def test_two_shapes_whose_every_mllm_call_failed_is_a_failed_run(tmp_path, capsys):
-    """Every image request answers HTTP 500: 2 x 6 failed calls, far under the 100-call floor of the
-    in-run rule, yet the run must not end "finished" with exit 0."""
+def _two_boxes_against(tmp_path: Path, answer, max_failed_call_fraction: float) -> tuple[Path, int]:
+    """Predict two boxes against a stub server answering ``answer``; (run folder, exit status)."""
     inputs = tmp_path / "shapes"
     inputs.mkdir()
     _box(inputs / "a.obj"), _box(inputs / "b.obj", (1.0, 1.0, 1.0))
     run_dir = tmp_path / "run"
-    config = _config(tmp_path, run_dir, inputs, "")
-    data = yaml.safe_load(config.read_text())
-    data["model"]["max_failed_call_fraction"] = 0.5  # the in-run rule never stops it: 2 < 0.5 x 100
-    with FakeChatServer(MolmoStub(_centre, fail_images=500)) as server:
-        data["model"]["pointer"]["init_args"]["base_url"] = server.base_url
+    with FakeChatServer(answer) as server:
+        config = _config(tmp_path, run_dir, inputs, server.base_url)
+        data = yaml.safe_load(config.read_text())
+        data["model"]["max_failed_call_fraction"] = max_failed_call_fraction
         config.write_text(yaml.safe_dump(data))
         code, _ = _predict(config)
+    return run_dir, code
+
+
+def test_two_shapes_whose_every_mllm_call_failed_is_a_failed_run(tmp_path, capsys):
+    """Every image request answers HTTP 500: 2 x 6 failed calls, far under the 100-call floor of the
+    in-run rule, yet the run must not end "finished" with exit 0."""
+    # the in-run rule never stops it: 12 failures < 0.5 x 100
+    run_dir, code = _two_boxes_against(tmp_path, MolmoStub(_centre, fail_images=500), 0.5)
     captured = capsys.readouterr()
     assert code == 2 and "run failed: no shape completed: 2 of 2 predicted shapes failed" in captured.err
     manifest = json.loads((run_dir / "run.json").read_text())
@@ -238,13 +244,6 @@ def test_two_shapes_whose_every_mllm_call_failed_is_a_failed_run(tmp_path, capsy
 def test_small_run_over_the_end_budget_fails_with_one_good_shape(tmp_path, capsys):
     """One shape answered, one not: 6 of 12 calls failed. The in-run rule (2 % of max(calls, 100))
     lets it go to the end; the end rule (max(2 % of 12, 1) failed calls) marks it failed."""
-    inputs = tmp_path / "shapes"
-    inputs.mkdir()
-    _box(inputs / "a.obj"), _box(inputs / "b.obj", (1.0, 1.0, 1.0))
-    run_dir = tmp_path / "run"
-    config = _config(tmp_path, run_dir, inputs, "")
-    data = yaml.safe_load(config.read_text())
-    data["model"]["max_failed_call_fraction"] = 0.1  # in-run: stops after 10 failures, never reached
     seen: list[int] = []
     stub = MolmoStub(_centre)
 
@@ -253,10 +252,7 @@ def test_small_run_over_the_end_budget_fails_with_one_good_shape(tmp_path, capsy
             seen.append(1)
         return 500 if len(seen) > 6 else stub(request)  # the second shape's six views fail
 
-    with FakeChatServer(answer) as server:
-        data["model"]["pointer"]["init_args"]["base_url"] = server.base_url
-        config.write_text(yaml.safe_dump(data))
-        code, _ = _predict(config)
+    run_dir, code = _two_boxes_against(tmp_path, answer, 0.1)  # in-run: stops after 10 failures
     captured = capsys.readouterr()
     assert code == 2 and "run failed: 6 of 12 MLLM calls failed, over the budget" in captured.err
     summary = json.loads((run_dir / "summary_rank0.json").read_text())
