@@ -75,7 +75,7 @@ def test_real_data_line_is_per_category_and_leaves_one_part_shapes_out(snp_root:
     assert r["multi_part"]["instance_miou"] == pytest.approx(np.mean(tables), abs=0.015)
     assert r["instance_miou"] > 0.5 > r["multi_part"]["instance_miou"]  # what the old single line hid
     lines = "\n".join(shapenetpart_lines(r, snp_root))
-    assert ">= 2 parts" in lines and "2 of 4 have one labelled part" in lines
+    assert ">= 2 labelled parts" in lines and "2 of 4 shapes have one labelled part" in lines
     assert "Skateboard mIoU 1.000" in lines and "Table" in lines and "(2 shapes)" in lines
     assert shapenetpart_lines(None, snp_root / "nope")[0].startswith("ShapeNetPart: skipped")
 

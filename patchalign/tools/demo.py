@@ -486,13 +486,12 @@ def shapenetpart_lines(snp: dict[str, Any] | None, root: Path) -> list[str]:
     """
     if snp is None:
         return [f"ShapeNetPart: skipped ({root} not found)"]
-    label = "ShapeNetPart in ../shared/data (zero-shot)"
-    lines = [_row(f"{label}, all shapes", snp, None)]
+    lines = [_row("ShapeNetPart (../shared/data), all shapes", snp, None)]
     if snp["multi_part"] is not None:
-        lines.append(_row(f"{label}, >= 2 parts", snp["multi_part"], None))
+        lines.append(_row("ShapeNetPart (../shared/data), >= 2 labelled parts", snp["multi_part"], None))
     lines.append(
-        f"  ShapeNetPart per category (all shapes; {snp['one_part_shapes']} of {snp['n_shapes']} have one "
-        "labelled part and score 1.0 for predicting it: left out of the '>= 2 parts' line):"
+        f"  ShapeNetPart per category ({snp['one_part_shapes']} of {snp['n_shapes']} shapes have one "
+        "labelled part, where predicting it everywhere scores 1.0: not in the '>= 2 labelled parts' line):"
     )
     return lines + _category_lines(snp)
 
@@ -578,35 +577,54 @@ def demo(
         ensure_shards(shards_dir, teacher, n_objects)
     ckpts = train(shards_dir, out_dir, (stage1_steps, stage2_steps), batch_size, not no_baseline, timings)
     with _timed(timings, "eval_s"):
-        print(f"[4/5] exporting to {out_dir / 'export'}; zero-shot segmentation of held-out categories ...")
-        model, results = export_and_score(ckpts.stage2, out_dir / "export", shards_dir, eval_limit)
-        baseline: dict[str, Any] = {}
-        if ckpts.no_stage1 is not None:
-            baseline = export_and_score(
-                ckpts.no_stage1, out_dir / "export_no_stage1", shards_dir, eval_limit
-            )[1]
-        bank = text_bank(shards_dir)
-        snp = shapenetpart_eval(model, snp_root, bank) if (snp_root / "train_test_split").is_dir() else None
+        model, results, summary = evaluate(ckpts, shards_dir, out_dir, snp_root, eval_limit)
     print("[5/5] writing pictures ...")
     pics = write_pictures(out_dir / "pictures", results, ckpts.stage1, model)
-    summary = {
-        "splits": {split: without_shapes(r) for split, r in results.items()},
-        "no_stage1": {split: without_shapes(r) for split, r in baseline.items()},
-        "shapenetpart": without_shapes(snp) if snp else None,
-        "teacher": shard_teacher(shards_dir / "train"),
-        "text_encoder": bank.encoder_id,
-        "timings": timings,
-        "total_s": time.perf_counter() - t0,
-    }
+    summary |= {"timings": timings, "total_s": time.perf_counter() - t0}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    print("\n".join(summary_lines(summary, snp_root)))
-    print(f"stage 1 checkpoint: {ckpts.stage1}\nstage 2 checkpoint: {ckpts.stage2}")
-    print(f"export:             {out_dir / 'export'}")
-    print(f"pictures:           {out_dir / 'pictures'} ({len(pics)} PNGs)")
-    print(f"summary:            {out_dir / 'summary.json'}")
-    parts = ", ".join(f"{k} {v:.0f}" for k, v in timings.items())
-    print(f"total {summary['total_s']:.0f} s  ({parts})")
+    print("\n".join([*summary_lines(summary, snp_root), *_where_lines(ckpts, out_dir, len(pics), summary)]))
     return 0
+
+
+def evaluate(
+    ckpts: Checkpoints, shards: Path, out: Path, snp_root: Path, limit: int | None
+) -> tuple[Any, dict[str, dict], dict[str, Any]]:
+    """Export and score the two-stage model (and the baseline), and on ShapeNetPart if it is there.
+
+    Returns:
+        The reloaded two-stage model, its per-split results (with the shapes, for pictures) and the
+        summary (scores only).
+    """
+    print(f"[4/5] exporting to {out / 'export'}; zero-shot segmentation of held-out categories ...")
+    model, results = export_and_score(ckpts.stage2, out / "export", shards, limit)
+    baseline: dict[str, Any] = {}
+    if ckpts.no_stage1 is not None:
+        baseline = export_and_score(ckpts.no_stage1, out / "export_no_stage1", shards, limit)[1]
+    bank = text_bank(shards)
+    snp = shapenetpart_eval(model, snp_root, bank) if (snp_root / "train_test_split").is_dir() else None
+    return (
+        model,
+        results,
+        {
+            "splits": {split: without_shapes(r) for split, r in results.items()},
+            "no_stage1": {split: without_shapes(r) for split, r in baseline.items()},
+            "shapenetpart": without_shapes(snp) if snp else None,
+            "teacher": shard_teacher(shards / "train"),
+            "text_encoder": bank.encoder_id,
+        },
+    )
+
+
+def _where_lines(ckpts: Checkpoints, out: Path, n_pictures: int, summary: dict[str, Any]) -> list[str]:
+    timings = ", ".join(f"{k} {v:.0f}" for k, v in summary["timings"].items())
+    return [
+        f"stage 1 checkpoint: {ckpts.stage1}",
+        f"stage 2 checkpoint: {ckpts.stage2}",
+        f"export:             {out / 'export'}",
+        f"pictures:           {out / 'pictures'} ({n_pictures} PNGs)",
+        f"summary:            {out / 'summary.json'}",
+        f"total {summary['total_s']:.0f} s  ({timings})",
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
