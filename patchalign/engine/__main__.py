@@ -87,7 +87,7 @@ def _add_engine_options(p: ArgumentParser, defaults: dict[str, Any] | None = Non
     p.add_argument("--log_level", type=str, default="INFO", help="logging level")
 
 
-def _add_sources(p: ArgumentParser, required: bool = False) -> None:
+def _add_sources(p: ArgumentParser) -> None:
     p.add_argument(
         "--meshes", type=Path | None, default=None, help="directory of .glb/.obj/.ply meshes (recursive)"
     )
@@ -117,7 +117,12 @@ def build_parser() -> ArgumentParser:
     from patchalign.engine.sources.demo import DEMO_CONFIG, DEMO_N_OBJECTS
 
     jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    parser = ArgumentParser(prog=PROG, description=__doc__, exit_on_error=False)
+    parser = ArgumentParser(
+        prog=PROG,
+        description="The data engine: meshes, Find3D output or the procedural demo -> training shards. "
+        f"'{PROG} VERB --help' lists a verb's options; they take dashes or underscores (--n-points).",
+        exit_on_error=False,
+    )
     sub = parser.add_subcommands(dest="command")
     p = ArgumentParser(description="only write the object list WORK/objects.jsonl", exit_on_error=False)
     p.add_argument("--work", type=Path, required=True, help="work directory")
@@ -251,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         ns = parser.parse_args(argv)
     except ArgumentError as e:
         verb = next((a for a in argv if not a.startswith("-")), "")
-        print(f"error: {one_line(e)} (see {PROG} {verb} --help)", file=sys.stderr)
+        hint = f"{PROG} {verb} --help" if verb else f"{PROG} --help"
+        print(f"error: {one_line(e)} (see {hint})", file=sys.stderr)
         return 2
     command = ns.command
     args = ns[command]
