@@ -387,7 +387,12 @@ class ShardDataModule(L.LightningDataModule):
         return {split: c.as_dict() for split, c in self.counters.items()}
 
     def skip_metrics(self, prefix: str = "data/") -> dict[str, float]:
-        """:meth:`skip_counts` flattened, for ``log_dict(..., reduce_fx="sum", sync_dist=True)``."""
+        """:meth:`skip_counts` flattened to ``data/<split>/<reason>`` floats, for ``log_dict``.
+
+        These are this rank's counts: the training modules log them per rank (``sync_dist=False``,
+        so logging costs no collective every step); the per-rank sums are what each rank checks
+        against ``max_skip_fraction``.
+        """
         return {
             f"{prefix}{split}/{k}": float(v)
             for split, counts in self.skip_counts().items()
