@@ -196,3 +196,20 @@ def test_viz_cli_bad_option_is_a_short_usage_error(viz_inputs: dict[str, Path]) 
     with pytest.raises(SystemExit) as e:
         main(["--model", "m", "--input", "i", "--parts", "a", "--assign", "bogus"])
     assert e.value.code == 2
+
+
+def test_viz_cli_never_replaces_earlier_pictures_unless_told(
+    viz_inputs: dict[str, Path], capsys: pytest.CaptureFixture
+) -> None:
+    paths = {k: str(v) for k, v in viz_inputs.items()}
+    argv = ["--model", paths["model"], "--input", paths["input"], "--parts", "wing,tail",
+            "--text-bank", paths["bank"], "--out", paths["out"], "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 0
+    first = (viz_inputs["out"] / "plane_parts.png").read_bytes()
+    capsys.readouterr()
+    assert main([*argv[:5], "wing,tail,body", *argv[6:]]) == 1  # other parts, same shape: refused
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "plane_parts.png" in err and "--overwrite" in err
+    assert (viz_inputs["out"] / "plane_parts.png").read_bytes() == first
+    assert main([*argv[:5], "wing,tail,body", *argv[6:], "--overwrite"]) == 0
+    assert (viz_inputs["out"] / "plane_parts.png").read_bytes() != first

@@ -71,6 +71,7 @@ def segment_and_draw(
     text_bank: str | None = None,
     assign: Literal["nearest", "knn", "membership"] = "nearest",
     device: str | None = None,
+    overwrite: bool = False,
 ) -> list[Path]:
     """Segment one shape file by part names with an exported model and save its pictures.
 
@@ -84,6 +85,7 @@ def segment_and_draw(
         text_bank: precomputed text bank (.safetensors) instead of the exported text encoder.
         assign: how patch labels reach the points.
         device: torch device (default: cuda if available, else cpu).
+        overwrite: replace pictures of the same shape already in ``out``.
 
     Returns:
         The PNGs written.
@@ -96,6 +98,10 @@ def segment_and_draw(
         raise ValueError(f"--device {device}: no CUDA device here (use --device cpu)")
     if not Path(input).is_file():
         raise FileNotFoundError(f"--input {input}: no such file")
+    stem = Path(out) / Path(input).stem
+    earlier = [p.name for p in (Path(f"{stem}_parts.png"), Path(f"{stem}_pca.png")) if p.exists()]
+    if earlier and not overwrite:
+        raise FileExistsError(f"{out} already holds {', '.join(earlier)}: pass --overwrite to replace them")
     from patchalign.pretrained import load_pretrained
 
     net = load_pretrained(model, device=device)
@@ -111,7 +117,7 @@ def segment_and_draw(
     enc = seg.encoding
     shown = normalize_unit_sphere_centroid(pts)  # the normalised cloud the model saw
     written = save_shape_figures(
-        Path(out) / Path(input).stem,
+        stem,
         shown,
         seg.labels.cpu(),
         names,

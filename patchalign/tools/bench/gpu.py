@@ -373,8 +373,8 @@ def check_zerokey(sz: Sizes, root: Path) -> Row:
         "--model.pointer.init_args.noise_px", "0",
         "--model.pointer.init_args.dropout", "0",
         "--model.pointer.init_args.outlier_rate", "0",
-        "--model.image_size", str(sz.zerokey_image_size),
-        "--model.render_backend", sz.render_backend,
+        "--model.views.image_size", str(sz.zerokey_image_size),
+        "--model.views.backend", sz.render_backend,
         "--data.keypointnet_root", str(kpn),
         "--data.model_ids", json.dumps([CHAIR_ID]),
     ]  # fmt: skip
@@ -425,7 +425,7 @@ def run_checks(sz: Sizes, only: list[str] | None = None, budget_s: float = 480.0
             t0 = time.perf_counter()
             try:
                 row = fn()
-            except Exception as e:  # one failing check must not hide the others' results
+            except (Exception, SystemExit) as e:  # one failing check must not hide the others' results
                 row = Row(name, "FAIL", f"{type(e).__name__}: {e}".splitlines()[0][:300])
                 row.data["traceback"] = traceback.format_exc()
             row.seconds = time.perf_counter() - t0
