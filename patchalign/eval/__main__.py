@@ -12,11 +12,12 @@ Text embeddings come from ``--text-bank`` (a saved :class:`~patchalign.data.text
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import get_args
 
 import torch
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 
 from patchalign.eval.evaluator import run_zero_shot_eval
 from patchalign.eval.readers import DatasetKind, build_dataset
@@ -45,10 +46,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--text-bank", default=None)
     p.add_argument("--text-encoder", default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--amp", type=bool, default=False, help="bf16 autocast on CUDA")
+    p.add_argument("--amp", action=ActionYesNo, default=False, help="bf16 autocast on CUDA")
     p.add_argument("--out", default=None, help="write results.csv / results.json (and pictures) here")
     p.add_argument("--viz-per-category", type=int, default=0)
-    p.add_argument("--overwrite", type=bool, default=False, help="replace earlier results in --out")
+    p.add_argument("--overwrite", action=ActionYesNo, default=False, help="replace earlier results in --out")
     p.add_argument(
         "--benchmark",
         default="auto",
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = p.parse_args(argv)
     if args.out and (Path(args.out) / "results.json").exists() and not args.overwrite:
-        p.error(f"{args.out} already holds results.json: pass --overwrite true or another --out")
+        p.error(f"{args.out} already holds results.json: pass --overwrite or another --out")
     from patchalign.eval.references import get_reference, reference_key_for
 
     benchmark = (
@@ -74,9 +75,14 @@ def main(argv: list[str] | None = None) -> None:
             p.error(str(err))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
+    from patchalign.checkpoints import CheckpointError
     from patchalign.pretrained import load_pretrained
 
-    model = load_pretrained(args.model, device=args.device)
+    try:
+        model = load_pretrained(args.model, device=args.device)
+    except (FileNotFoundError, CheckpointError) as err:
+        sys.stderr.write(f"patchalign.eval: error: {err}\n")
+        raise SystemExit(2) from None
     if args.text_bank:
         from patchalign.data.textbank import load_text_bank
 
@@ -88,6 +94,8 @@ def main(argv: list[str] | None = None) -> None:
         if not spec:
             p.error("the export records no text encoder: pass --text-encoder or --text-bank")
         text = load_text_encoder(spec)
+    if not Path(args.root).exists():
+        p.error(f"--root {args.root}: no such file or directory")
     dataset = build_dataset(args.dataset, args.root, args.split, args.categories, args.part_names)
     run_zero_shot_eval(
         model,

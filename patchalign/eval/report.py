@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 
 from patchalign.eval.references import TALK_REFERENCES, Reference, get_reference
 
@@ -445,7 +445,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--config", action=ActionConfigFile, help="the options below from a YAML file")
     p.add_argument("runs", nargs="+", type=str, help="run directories (searched for result JSONs) or files")
     p.add_argument("--out", default="outputs/report", help="where report.md, report.csv and charts go")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
+    p.add_argument(
+        "--overwrite", action=ActionYesNo, default=False, help="replace an earlier report in --out"
+    )
     p.add_argument("--max-pictures", type=int, default=8, help="best/worst pictures shown per benchmark")
     args = p.parse_args(argv)
     try:

@@ -37,7 +37,14 @@ from patchalign.losses import (
 )
 from patchalign.model import PatchAlignEncoder
 from patchalign.training.metrics import per_shape_miou
-from patchalign.training.optim import OptimizerConfig, apply_ddp_rule, as_optimizer_config, build_optimizer
+from patchalign.training.optim import (
+    OptimizerConfig,
+    Trainable,
+    apply_ddp_rule,
+    as_optimizer_config,
+    build_optimizer,
+    set_trainable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -217,12 +224,6 @@ class Stage1Distillation(_StageBase):
         return self.validation_step(batch, batch_idx)
 
 
-Trainable = Literal["released", "blocks", "all"]
-
-# The released freeze_encoder_except_last_block: besides the trained blocks, these stay trainable.
-_RELEASED_EXTRA_TRAINABLE = ("norm.", "reduce_dim.", "cls_token", "cls_pos")
-
-
 class Stage2Alignment(_StageBase):
     """Stage 2: align patch features with part-name text embeddings.
 
@@ -324,7 +325,7 @@ class Stage2Alignment(_StageBase):
                 if ckpt.text_encoder:  # provenance: the text encoder this head was aligned to
                     self.hparams["text_encoder"] = ckpt.text_encoder
                     self.hparams["text_templates"] = list(ckpt.templates or [])
-        self.trainable_names = self._freeze(trainable, freeze_blocks)
+        self.trainable_names = set_trainable(encoder, trainable, freeze_blocks)
         self.frozen_modules = [
             m
             for m in (encoder.encoder, encoder.reduce_dim, encoder.pos_embed, *encoder.blocks, encoder.norm)
@@ -352,34 +353,6 @@ class Stage2Alignment(_StageBase):
             self.logit_params.logit_scale.fill_(float(scale))
             if form == "sigmoid" and ckpt.logit.get("bias") is not None:
                 self.logit_params.logit_bias.fill_(float(ckpt.logit["bias"]))
-
-    def _freeze(self, trainable: Trainable | list[str], freeze_blocks: int) -> list[str]:
-        """Set ``requires_grad`` on the encoder per ``trainable``; returns the trainable names."""
-        enc = self.encoder
-        blocks = tuple(f"blocks.{i}." for i in range(freeze_blocks, enc.config.depth))
-        if trainable == "all":
-            prefixes: tuple[str, ...] = ("",)
-        elif trainable == "released":
-            prefixes = blocks + _RELEASED_EXTRA_TRAINABLE
-        elif trainable == "blocks":
-            prefixes = blocks + ("norm.",)
-        elif isinstance(trainable, list | tuple):
-            prefixes = tuple(trainable)
-            names = [n for n, _ in enc.named_parameters()]
-            unused = [t for t in prefixes if not any(n.startswith(t) for n in names)]
-            if unused:
-                raise ValueError(f"trainable prefixes {unused} name no encoder parameter")
-        else:
-            raise ValueError(
-                f"trainable must be released, blocks, all or a list of prefixes, got {trainable!r}"
-            )
-        out = []
-        for name, p in enc.named_parameters():
-            train = name.startswith("head.") or any(name.startswith(t) for t in prefixes)
-            p.requires_grad_(train)
-            if train:
-                out.append(name)
-        return out
 
     def train(self, mode: bool = True) -> Stage2Alignment:
         super().train(mode)

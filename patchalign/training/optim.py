@@ -3,7 +3,8 @@ the rule that keeps the global batch (or scales the learning rate) under DDP.
 
 Plain torch; :class:`~patchalign.training.modules.Stage1Distillation` and
 :class:`~patchalign.training.modules.Stage2Alignment` call :func:`build_optimizer` from
-``configure_optimizers`` and :func:`apply_ddp_rule` when ``fit`` starts. Defaults are the released
+``configure_optimizers`` and :func:`apply_ddp_rule` when ``fit`` starts; Stage 2 chooses what trains
+with :func:`set_trainable`. Defaults are the released
 recipe (dickoah/PatchAlign3D ``src/training/stage1.py`` / ``stage2.py``); what our configs change
 is listed in ``docs/fidelity.md``.
 """
@@ -17,6 +18,8 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+
+from patchalign.model import PatchAlignEncoder
 
 log = logging.getLogger(__name__)
 
@@ -171,3 +174,42 @@ def apply_ddp_rule(trainer: Any, cfg: OptimizerConfig) -> float:
     if trainer.is_global_zero:
         print(msg)
     return factor
+
+
+Trainable = Literal["released", "blocks", "all"]
+
+#: the released ``freeze_encoder_except_last_block``: besides the trained blocks, these stay trainable
+RELEASED_EXTRA_TRAINABLE = ("norm.", "reduce_dim.", "cls_token", "cls_pos")
+
+
+def set_trainable(
+    encoder: PatchAlignEncoder, trainable: Trainable | list[str], freeze_blocks: int
+) -> list[str]:
+    """Set ``requires_grad`` on the encoder's parameters per ``trainable``; return the trainable names.
+
+    ``released``: the blocks from ``freeze_blocks`` on plus :data:`RELEASED_EXTRA_TRAINABLE`;
+    ``blocks``: those blocks and the final norm; ``all``; or a list of parameter-name prefixes (each
+    must name a parameter). The head (``head.*``) always trains.
+    """
+    blocks = tuple(f"blocks.{i}." for i in range(freeze_blocks, encoder.config.depth))
+    if trainable == "all":
+        prefixes: tuple[str, ...] = ("",)
+    elif trainable == "released":
+        prefixes = blocks + RELEASED_EXTRA_TRAINABLE
+    elif trainable == "blocks":
+        prefixes = blocks + ("norm.",)
+    elif isinstance(trainable, list | tuple):
+        prefixes = tuple(trainable)
+        names = [n for n, _ in encoder.named_parameters()]
+        unused = [t for t in prefixes if not any(n.startswith(t) for n in names)]
+        if unused:
+            raise ValueError(f"trainable prefixes {unused} name no encoder parameter")
+    else:
+        raise ValueError(f"trainable must be released, blocks, all or a list of prefixes, got {trainable!r}")
+    out = []
+    for name, p in encoder.named_parameters():
+        train = name.startswith("head.") or any(name.startswith(t) for t in prefixes)
+        p.requires_grad_(train)
+        if train:
+            out.append(name)
+    return out
