@@ -152,3 +152,16 @@ def test_released_is_a_shards_verb_and_keeps_its_own_command(tmp_path, capsys):
         )
         lines = _error_lines(capsys.readouterr().err)
         assert rc == 1 and len(lines) == 1 and lines[0].startswith("error:"), lines
+
+
+@pytest.mark.slow
+def test_missing_teacher_with_workers_is_refused_before_any_object(tmp_path, meshes, fresh_models):
+    """A pooled build checks the teacher in its workers before their first object (where it is
+    loaded anyway): the error comes back as one ModelUnavailableError and nothing is sampled."""
+    cfg = EngineConfig(
+        n_points=2048, teacher=f"dinov2:{tmp_path / 'no-such-dinov2'}", threads=1, progress=False
+    )
+    work = WorkDir(tmp_path / "w")
+    with pytest.raises(ModelUnavailableError, match="teacher 'dinov2:.*no-such-dinov2' cannot be loaded"):
+        run_build(discover_meshes(meshes), work, cfg, tmp_path / "out", workers=2)
+    assert not (work.root / "points").exists()

@@ -57,7 +57,8 @@ __all__ = [
     "STAGES",
     "MissingExtraError",
     "ModelUnavailableError",
-    "check_models",
+    "check_teacher",
+    "check_text_encoder",
     "merge_stats",
     "require_demo_extra",
     "run_build",
@@ -98,37 +99,42 @@ def _unavailable(what: str, spec: str, e: Exception) -> ModelUnavailableError:
     return ModelUnavailableError(f"{what} {spec!r} cannot be loaded offline ({hint})")
 
 
-def check_models(
-    cfg: EngineConfig,
-    stages: Sequence[str],
-    featured: Sequence[ObjectRecord],
-    everything: Sequence[ObjectRecord],
-    workers: int = 1,
-) -> None:
-    """Load the teacher and the text encoder that ``stages`` will need, before any object is processed.
+TEACHER_STAGES = ("features", "views")
 
-    Both are loaded as the stages will load them (offline, with the build's fallback rules), so a
-    missing model stops the build here instead of after hours of sampling. In this process they stay
-    cached for the stages; with ``workers`` the teacher is checked on the CPU and freed (every worker
-    loads its own). The text encoder is needed only when some object has labels (plain meshes have
-    none, so their text bank stage has nothing to encode).
+
+def check_teacher(cfg: EngineConfig, cache: bool = True) -> None:
+    """Load the teacher as the stages will (offline, with the build's fallback rules); kept cached.
 
     Raises:
-        ModelUnavailableError: one of them is missing or broken (the message says which and why).
+        ModelUnavailableError: it is missing or broken (one line saying which and why).
     """
-    if featured and {"features", "views"} & set(stages):
-        try:
-            if workers > 1:
-                get_teacher(dataclasses.replace(cfg, device="cpu"), cache=False)
-            else:
-                get_teacher(cfg)
-        except (OSError, ImportError, ValueError, RuntimeError) as e:
-            raise _unavailable("teacher", cfg.teacher, e) from e
-    if "textbank" in stages and any(_has_labels(r) for r in everything):
-        try:
-            get_text_encoder(cfg)
-        except (OSError, ImportError, ValueError, RuntimeError) as e:
-            raise _unavailable("text encoder", cfg.text_encoder, e) from e
+    try:
+        get_teacher(cfg, cache=cache)
+    except (OSError, ImportError, ValueError, RuntimeError) as e:
+        raise _unavailable("teacher", cfg.teacher, e) from e
+
+
+def check_text_encoder(cfg: EngineConfig) -> None:
+    """Load the text encoder as the text bank stage will; kept cached for it.
+
+    Raises:
+        ModelUnavailableError: it is missing or broken (one line saying which and why).
+    """
+    try:
+        get_text_encoder(cfg)
+    except (OSError, ImportError, ValueError, RuntimeError) as e:
+        raise _unavailable("text encoder", cfg.text_encoder, e) from e
+
+
+def _groups(stages: Sequence[str]) -> list[list[str]]:
+    """Consecutive per-object stages form one group (one pool round); global stages are alone."""
+    groups: list[list[str]] = []
+    for stage in stages:
+        if groups and stage in PER_OBJECT_STAGES and groups[-1][-1] in PER_OBJECT_STAGES:
+            groups[-1].append(stage)
+        else:
+            groups.append([stage])
+    return groups
 
 
 def _run_stages(
@@ -179,14 +185,25 @@ def _worker_init() -> None:
 
 
 def _worker_main(
-    records: list[ObjectRecord], work_root: str, cfg: EngineConfig, stages: list[str], worker: int
+    records: list[ObjectRecord],
+    work_root: str,
+    cfg: EngineConfig,
+    stages: list[str],
+    worker: int,
+    teacher_first: bool = False,
 ) -> dict[str, StageStats]:
-    """Entry point of a ``--workers`` subprocess: per-object stages on one chunk."""
+    """Entry point of a ``--workers`` subprocess: per-object stages on one chunk.
+
+    ``teacher_first``: load the teacher before any stage (the build's check that it exists, made
+    where it is needed anyway, so a pooled build loads it no more often than before).
+    """
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s w{worker} %(levelname)s %(name)s: %(message)s"
     )
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
+    if teacher_first:
+        check_teacher(cfg)
     cfg = dataclasses.replace(cfg, progress=cfg.progress and worker == 0)  # one bar (worker 0's share)
     return _run_stages(records, records, WorkDir(work_root), cfg, None, stages)
 
@@ -246,24 +263,28 @@ def run_build(
     if absent:  # a small build may lack a split (e.g. val); a typo shows here
         log.warning("feature_splits names %s, which no object of this build has", absent)
     pooled = workers > 1 and len(records) > 1
-    featured = [r for r in records if wants_features(cfg, r)]
-    check_models(cfg, stages, featured, everything, workers if pooled else 1)
+    groups = _groups(stages)
+    # Models first, before any object is processed: a missing teacher or text encoder is found now,
+    # not after hours of sampling. A pool whose first round needs the teacher checks it in its
+    # workers before their first object (they load it then anyway); otherwise it is loaded here and
+    # stays cached for the stages. The text encoder is needed only when some object has labels.
+    teacher_in_workers = (
+        pooled and groups[0][0] in PER_OBJECT_STAGES and bool(set(groups[0]) & set(TEACHER_STAGES))
+    )
+    if any(wants_features(cfg, r) for r in records) and set(stages) & set(TEACHER_STAGES):
+        if not teacher_in_workers:
+            check_teacher(dataclasses.replace(cfg, device="cpu") if pooled else cfg, cache=not pooled)
+    if "textbank" in stages and any(_has_labels(r) for r in everything):
+        check_text_encoder(cfg)
     previous_threads = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     results: dict[str, StageStats] = {}
     try:
-        i = 0
-        while i < len(stages):  # consecutive per-object stages form one group (one pool round)
-            group = [stages[i]]
-            while (
-                stages[i] in PER_OBJECT_STAGES and i + 1 < len(stages) and stages[i + 1] in PER_OBJECT_STAGES
-            ):
-                i += 1
-                group.append(stages[i])
-            i += 1
+        for k, group in enumerate(groups):
             if pooled and group[0] in PER_OBJECT_STAGES:
-                results.update(_run_pool(records, work, cfg, group, min(workers, len(records))))
+                first = teacher_in_workers and k == 0
+                results.update(_run_pool(records, work, cfg, group, min(workers, len(records)), first))
             else:
                 results.update(_run_stages(records, everything, work, cfg, out_dir, group))
     finally:
@@ -272,7 +293,12 @@ def run_build(
 
 
 def _run_pool(
-    records: Sequence[ObjectRecord], work: WorkDir, cfg: EngineConfig, stages: list[str], workers: int
+    records: Sequence[ObjectRecord],
+    work: WorkDir,
+    cfg: EngineConfig,
+    stages: list[str],
+    workers: int,
+    teacher_first: bool = False,
 ) -> dict[str, StageStats]:
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
@@ -281,7 +307,10 @@ def _run_pool(
     t0 = time.perf_counter()
     pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init)
     try:
-        futures = [pool.submit(_worker_main, c, str(work.root), cfg, stages, k) for k, c in enumerate(chunks)]
+        futures = [
+            pool.submit(_worker_main, c, str(work.root), cfg, stages, k, teacher_first)
+            for k, c in enumerate(chunks)
+        ]
         merged = merge_stats([f.result() for f in futures])
     except KeyboardInterrupt:
         # Ctrl-C: stop the workers now instead of waiting for their whole share. The executor has
@@ -289,9 +318,9 @@ def _run_pool(
         # temp file, so a finished cache file is never lost or half-written.
         for proc in list(getattr(pool, "_processes", {}).values()):
             proc.terminate()
-        pool.shutdown(wait=True, cancel_futures=True)
         raise
-    pool.shutdown(wait=True)
+    finally:  # on a worker's error too: the others finish their share (it is kept), then stop
+        pool.shutdown(wait=True, cancel_futures=True)
     wall = time.perf_counter() - t0
     for st in merged.values():
         st.timings["group_wall"] = wall  # all pooled stages, incl. process start-up (imports, model load)
