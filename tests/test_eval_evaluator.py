@@ -178,7 +178,9 @@ def test_shipped_eval_config_builds_the_datamodule(snp_root: Path) -> None:
         EvalDataModule("shapenetpart", "").setup("test")
 
 
-def test_eval_cli_with_export_and_text_bank(snp_root: Path, tmp_path: Path) -> None:
+def test_eval_cli_with_export_and_text_bank(
+    snp_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     from patchalign.data.textbank import save_text_bank
     from patchalign.eval.__main__ import main
     from patchalign.tools.export import export_checkpoint
@@ -187,13 +189,26 @@ def test_eval_cli_with_export_and_text_bank(snp_root: Path, tmp_path: Path) -> N
     export_checkpoint(tmp_path / "m.ckpt", tmp_path / "model")
     names = ["wheel", "deck", "belt for foot", "desktop", "leg or support", "drawer"]
     save_text_bank(tmp_path / "bank.safetensors", names, torch.randn(6, 8), "rand", ["{}"])
-    main(["--model", str(tmp_path / "model"), "--dataset", "shapenetpart", "--root", str(snp_root),
-          "--split", "trainval", "--text-bank", str(tmp_path / "bank.safetensors"), "--num-workers", "0",
-          "--device", "cpu", "--out", str(tmp_path / "res"), "--benchmark", "shapenetpart"])  # fmt: skip
+    args = ["--model", str(tmp_path / "model"), "--dataset", "shapenetpart", "--root", str(snp_root),
+            "--split", "trainval", "--text-bank", str(tmp_path / "bank.safetensors"), "--num-workers", "0",
+            "--device", "cpu", "--out", str(tmp_path / "res"), "--benchmark", "shapenetpart"]  # fmt: skip
+    main(args)
     js = json.loads((tmp_path / "res" / "results.json").read_text())
     assert js["info"]["num_shapes"] == 3 and js["info"]["text_encoder"] == "rand"
     assert js["info"]["reference"]["metrics"] == {"instance_mIoU": 56.9, "category_mIoU": 53.1}
     assert js["info"]["seconds_per_shape"] > 0 and (tmp_path / "res" / "comparison.csv").is_file()
+    # an earlier result is never replaced silently: one line and status 2, then --overwrite replaces it
+    before = (tmp_path / "res" / "results.json").read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and "already holds results.json" in err[0], err
+    assert (tmp_path / "res" / "results.json").read_bytes() == before
+    main([*args, "--overwrite"])
+    with pytest.raises(SystemExit):  # a missing model: one line, no traceback
+        main(["--model", str(tmp_path / "nope"), "--dataset", "shapenetpart", "--root", str(snp_root)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nope" in err[0], err
 
 
 def test_shard_sampler_covers_every_shape_once() -> None:

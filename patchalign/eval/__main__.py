@@ -58,7 +58,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = p.parse_args(argv)
     if args.out and (Path(args.out) / "results.json").exists() and not args.overwrite:
-        p.error(f"{args.out} already holds results.json: pass --overwrite or another --out")
+        sys.stderr.write(
+            f"patchalign.eval: error: {args.out} already holds results.json: "
+            "pass --overwrite or another --out\n"
+        )
+        raise SystemExit(2)
     from patchalign.eval.references import get_reference, reference_key_for
 
     benchmark = (
@@ -95,7 +99,8 @@ def main(argv: list[str] | None = None) -> None:
             p.error("the export records no text encoder: pass --text-encoder or --text-bank")
         text = load_text_encoder(spec)
     if not Path(args.root).exists():
-        p.error(f"--root {args.root}: no such file or directory")
+        sys.stderr.write(f"patchalign.eval: error: --root {args.root}: no such file or directory\n")
+        raise SystemExit(2)
     dataset = build_dataset(args.dataset, args.root, args.split, args.categories, args.part_names)
     run_zero_shot_eval(
         model,
