@@ -323,9 +323,9 @@ def test_export_verb_takes_both_option_spellings(tmp_path: Path) -> None:
     assert main(["export", str(ckpt), str(tmp_path / "b"), "--torch-export", "--num-points", "64"]) == 0
     for d in ("a", "b"):
         assert (tmp_path / d / "encoder.pt2").is_file()
-    with pytest.raises(SystemExit) as e:  # a misspelled option: jsonargparse's short usage error
-        main(["export", str(ckpt), str(tmp_path / "c"), "--torch-exprt"])
-    assert e.value.code == 2 and not (tmp_path / "c").exists()
+    # a misspelled option: one line naming it, exit 2, nothing written
+    assert main(["export", str(ckpt), str(tmp_path / "c"), "--torch-exprt"]) == 2
+    assert not (tmp_path / "c").exists()
 
 
 @pytest.mark.parametrize(

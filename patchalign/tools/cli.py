@@ -120,10 +120,11 @@ def run_cli(
             as one ``error: ...`` line on stderr with exit status 1, not as a traceback.
 
     Returns:
-        The exit status: ``fn``'s own if it returns an int, else 0 (1 for an ``errors`` exception;
-        jsonargparse exits with 2 on a bad command line).
+        The exit status: ``fn``'s own if it returns an int, else 0; 1 for an ``errors`` exception and
+        2 for a bad command line (a misspelled option, a value of the wrong type), each said in one
+        line on stderr instead of jsonargparse's usage text.
     """
-    from jsonargparse import auto_cli
+    from jsonargparse import ArgumentError, auto_cli
 
     try:
         result = auto_cli(
@@ -132,7 +133,12 @@ def run_cli(
             as_positional=positional,
             prog=prog,
             epilog=SPELLING_NOTE,
+            exit_on_error=False,
         )
+    except ArgumentError as e:
+        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"error: {message} ({prog} --help lists the options)", file=sys.stderr)
+        return 2
     except errors as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
