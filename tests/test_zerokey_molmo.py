@@ -72,6 +72,21 @@ def test_loader_errors_name_the_problem(tmp_path, monkeypatch):
     (tmp_path / "w" / "model-00001-of-00007.safetensors").write_bytes(b"")
     with pytest.raises(MolmoWeightsError, match=r"remote-code files \['modeling_molmo.py'\]"):
         load_molmo(tmp_path / "w")
+    # auto_map naming another repository's code ("repo--module.Class") is refused before transformers
+    # would import it from the Hub cache.
+    (tmp_path / "w" / "modeling_molmo.py").write_text("")
+    foreign = {"AutoModelForCausalLM": "modeling_molmo.M", "AutoConfig": "evil/repo--configuration_x.C"}
+    (tmp_path / "w" / "config.json").write_text(json.dumps({"model_type": "molmo", "auto_map": foreign}))
+    with pytest.raises(MolmoWeightsError, match="auto_map points at code outside this directory"):
+        load_molmo(tmp_path / "w")
+    (tmp_path / "w" / "config.json").write_text(json.dumps(config))
+    (tmp_path / "w" / "tokenizer_config.json").write_text(
+        json.dumps({"auto_map": {"AutoTokenizer": ["other/repo--tok.T", None]}})
+    )
+    with pytest.raises(MolmoWeightsError, match="other/repo--tok.T"):
+        load_molmo(tmp_path / "w")
+    (tmp_path / "w" / "modeling_molmo.py").unlink()
+    (tmp_path / "w" / "tokenizer_config.json").unlink()
     # The pointer loads lazily and surfaces the same error on first use.
     pointer = MolmoPointer(str(tmp_path / "w"))
     views = _views(2)

@@ -363,8 +363,20 @@ def _check_molmo_dir(weights_dir: str | os.PathLike) -> Path:
         )
     import json
 
-    auto_map = json.loads((path / "config.json").read_text()).get("auto_map", {})
-    modules = {str(ref).split("--")[-1].split(".")[0] for ref in auto_map.values()}
+    refs: list[str] = []
+    for name in ("config.json", "preprocessor_config.json", "processor_config.json", "tokenizer_config.json"):
+        if (path / name).is_file():
+            for ref in json.loads((path / name).read_text()).get("auto_map", {}).values():
+                refs.extend(str(r) for r in (ref if isinstance(ref, list) else [ref]) if r)
+    # "repo--module.Class" makes transformers import code from ANOTHER repository in the Hub cache,
+    # not from this directory: trust_remote_code is granted for this folder's files only.
+    foreign = sorted({r for r in refs if "--" in r})
+    if foreign:
+        raise MolmoWeightsError(
+            f"{path}: auto_map points at code outside this directory ({', '.join(foreign)}); refusing "
+            "to run remote code that is not in the weights folder"
+        )
+    modules = {r.split(".")[0] for r in refs}
     missing = sorted(m for m in modules if not (path / f"{m}.py").is_file())
     if missing:
         raise MolmoWeightsError(f"{path} lacks the remote-code files {[m + '.py' for m in missing]}.\n{hint}")
