@@ -165,3 +165,26 @@ def test_missing_teacher_with_workers_is_refused_before_any_object(tmp_path, mes
     with pytest.raises(ModelUnavailableError, match="teacher 'dinov2:.*no-such-dinov2' cannot be loaded"):
         run_build(discover_meshes(meshes), work, cfg, tmp_path / "out", workers=2)
     assert not (work.root / "points").exists()
+
+
+def test_demo_cli_passes_engine_settings_and_its_own_seed_apart(tmp_path, fresh_models):
+    """``--seed`` (point sampling, an EngineConfig field) and ``--demo-seed`` (the generator) are two
+    settings; the demo's defaults are DEMO_CONFIG's, and a command-line flag overrides them."""
+    import json
+
+    out = tmp_path / "demo"
+    flags = ["--n-objects", "2", "--workers", "1", "--seed", "3", "--demo-seed", "5", "--n-views", "2"]
+    flags += [
+        "--image-size",
+        "48",
+        "--teacher",
+        "dinov2-random",
+        "--teacher-input-size",
+        "28",
+        "--no-progress",
+    ]
+    assert main(["demo", "--out", str(out), *flags]) == 0
+    cache = json.loads((out / "work" / "config.json").read_text())
+    assert cache["seed"] == 3 and cache["n_views"] == 2 and cache["n_points"] == 2048  # 2048: DEMO_CONFIG's
+    objects = [json.loads(line) for line in (out / "work" / "objects.jsonl").read_text().splitlines()]
+    assert [o["extra"]["seed"] for o in objects] == [5 * 1_000_003, 5 * 1_000_003 + 1]

@@ -489,7 +489,7 @@ class DemoSource(ObjectSource):
 def build_demo(
     out_dir: str,
     n_objects: int = DEMO_N_OBJECTS,
-    seed: int = 0,
+    demo_seed: int = 0,
     work_dir: str | None = None,
     workers: int | None = None,
     **overrides: object,
@@ -499,7 +499,8 @@ def build_demo(
     Args:
         out_dir: output root.
         n_objects: objects in total (round-robin over categories).
-        seed: generator seed offset.
+        demo_seed: generator seed offset (``seed``, like every EngineConfig field, is an override:
+            the point-sampling seed).
         work_dir: per-object caches (default ``out_dir/work``); re-running resumes.
         workers: processes for the per-object stages (default: one per CPU core, at most 8).
         overrides: :class:`~patchalign.engine.config.EngineConfig` fields replacing ``DEMO_CONFIG``.
@@ -517,7 +518,7 @@ def build_demo(
 
     cfg = config_from_dict({**DEMO_CONFIG, **overrides})
     work = WorkDir(work_dir or Path(out_dir) / "work")
-    records = demo_records(n_objects, seed)
+    records = demo_records(n_objects, demo_seed)
     save_records(work.records_path, records)
     if workers is None:
         workers = min(8, os.cpu_count() or 1)
