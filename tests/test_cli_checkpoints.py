@@ -232,6 +232,8 @@ def test_bad_inputs_are_one_line(tmp_path: Path, odd_export: tuple[Path, Encoder
             *snp, "--model.init_args.init_from", "/nope.pt"],
         "--ckpt_path /nope.ckpt: no such file or directory": [
             "validate", "--config", str(REPO / "configs" / "stage2.yaml"), "--ckpt_path", "/nope.ckpt"],
+        "holds weights only (export), no training state to resume": [
+            "fit", "--config", str(REPO / "configs" / "stage2.yaml"), "--ckpt_path", str(export)],
         "Option 'trainabel' is not accepted (did you mean 'trainable'?)": [
             "fit", "--config", str(REPO / "configs" / "stage2.yaml"), "--model.init_args.trainabel", "all"],
     }  # fmt: skip

@@ -288,10 +288,15 @@ class PatchAlignCLI(LightningCLI):
                 print(f"--ckpt_path {ckpt_path}: weights restored from it; init_from {skipped} not read")
                 init_args["init_from"] = None
             return
-        if subcommand == "fit" or init_args is None or "init_from" not in init_args:
+        if subcommand == "fit":
             raise ConfigError(
-                f"--ckpt_path {ckpt_path} is a {kind} file (weights only): resume a run from its Lightning "
-                ".ckpt; to evaluate it, use a model with init_from (e.g. a configs/eval/ config)"
+                f"--ckpt_path {ckpt_path} holds weights only ({kind}), no training state to resume: "
+                f"start from its weights with --model.init_args.init_from {ckpt_path}"
+            )
+        if init_args is None or "init_from" not in init_args:
+            raise ConfigError(
+                f"--ckpt_path {ckpt_path} holds weights only ({kind}) and this model has no init_from "
+                "to load them: evaluate it with a configs/eval/ config"
             )
         init_args["init_from"] = str(ckpt_path)
         init_args["init_head"] = True
