@@ -467,7 +467,7 @@ def test_cli_test_on_real_shapenetpart_from_an_export_dir(tmp_path: Path, snp_ro
 
 def test_validation_point_miou_by_hand() -> None:
     """Released convention: parts absent from the ground truth are skipped; unlabelled points ignored."""
-    from types import SimpleNamespace
+    from patchalign.training.metrics import point_miou
 
     # shape 0: 6 points, parts {0,1,2}; part 2 absent from GT. shape 1: padding (no parts).
     memb = torch.zeros(2, 6, 3)
@@ -475,8 +475,8 @@ def test_validation_point_miou_by_hand() -> None:
     memb[0, [3, 4], 1] = 1  # point 5 unlabelled
     patch_pred = torch.tensor([[0, 1, 2], [0, 0, 0]])
     point_to_patch = torch.tensor([[0, 0, 1, 1, 2, 2], [0, 0, 0, 0, 0, 0]])
-    batch = {"membership": memb, "label_mask": torch.tensor([[True, True, True], [False, False, False]])}
-    miou = Stage2Alignment._point_miou(SimpleNamespace(point_to_patch=point_to_patch), patch_pred, batch)
+    label_mask = torch.tensor([[True, True, True], [False, False, False]])
+    miou = point_miou(patch_pred, point_to_patch, memb, label_mask)
     # points 0..4 predicted 0,0,1,1,2 vs GT 0,0,0,1,1: part 0 IoU 2/3, part 1 IoU 1/3 (point 4 predicted 2)
     assert miou.shape == (1,) and miou.item() == pytest.approx((2 / 3 + 1 / 3) / 2)
 

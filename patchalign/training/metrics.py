@@ -59,3 +59,25 @@ def per_shape_miou(preds: Tensor, target: Tensor, num_parts: Tensor) -> Tensor:
     pointbert = mean_over(pointbert_iou, exists)
     find3d = mean_over(inter / union_all.clamp_min(1), exists & (union_all > 0))
     return torch.stack([released, pointbert, find3d], dim=1)
+
+
+def point_miou(patch_pred: Tensor, point_to_patch: Tensor, membership: Tensor, label_mask: Tensor) -> Tensor:
+    """Stage 2 validation mIoU of each shape (``released`` convention), from patch predictions.
+
+    Each point takes its nearest patch's predicted label (``point_to_patch``) and is compared with
+    its first part in ``membership (B, P, L)``; points in no part are ignored, shapes without parts
+    (``label_mask`` all false: validation padding) left out, as are shapes the convention skips.
+
+    Returns:
+        float32 ``(S,)``, one value per scored shape.
+    """
+    memb = membership > 0.5
+    has = memb.any(-1)
+    gt = torch.where(has, memb.float().argmax(-1), -1)
+    pred = torch.where(has, torch.gather(patch_pred, 1, point_to_patch), -1)
+    k = label_mask.sum(1)
+    keep = k > 0
+    if not keep.any():
+        return patch_pred.new_zeros(0, dtype=torch.float32)
+    miou = per_shape_miou(pred[keep], gt[keep], k[keep])[:, 0].float()  # column 0: released
+    return miou[~miou.isnan()]

@@ -36,7 +36,7 @@ from patchalign.losses import (
     sigmoid_patch_text_loss,
 )
 from patchalign.model import PatchAlignEncoder
-from patchalign.training.metrics import per_shape_miou
+from patchalign.training.metrics import point_miou
 from patchalign.training.optim import (
     OptimizerConfig,
     Trainable,
@@ -79,6 +79,33 @@ def soft_text_targets(membership: Tensor, label_ids: Tensor, group_index: Tensor
     frac = frac * (label_ids >= 0)[:, None, :]
     out = frac.new_zeros(b, g, num_text)
     return out.scatter_reduce(2, ids, frac, reduce="amax", include_self=True)
+
+
+def drop_category_labels(batch: dict[str, Any], text_names: list[str]) -> dict[str, Tensor]:
+    """``label_ids`` / ``label_mask`` / ``membership`` without labels named like the shape's category.
+
+    The released ``--exclude_category_label``: a "chair" part of a chair says nothing about parts.
+    ``text_names`` are the text bank's names (``label_ids`` index them). Returns only the changed
+    entries (empty when nothing is dropped).
+    """
+    categories = batch.get("category")
+    if categories is None:
+        raise ValueError("exclude_category_label needs the batch's 'category' (ShardDataModule provides it)")
+    label_ids = batch["label_ids"].clone()
+    drop = torch.zeros_like(label_ids, dtype=torch.bool)
+    for i, cat in enumerate(categories):
+        key = clean_part_name(str(cat))
+        for j, t in enumerate(label_ids[i].tolist()):
+            if t >= 0 and text_names[t] == key:
+                drop[i, j] = True
+    if not drop.any():
+        return {}
+    label_ids[drop] = -1
+    return {
+        "label_ids": label_ids,
+        "label_mask": batch["label_mask"] & ~drop,
+        "membership": batch["membership"] * (~drop)[:, None, :].to(batch["membership"].dtype),
+    }
 
 
 class _StageBase(L.LightningModule):
@@ -410,39 +437,13 @@ class Stage2Alignment(_StageBase):
         Restricting the columns to the batch's names keeps the tensor small whatever the bank's size.
         """
         if self.exclude_category_label:
-            batch.update(self._drop_category_labels(batch))
+            batch.update(drop_category_labels(batch, self.text_names))
         out = self.encoder(batch["points"])
         label_ids = batch["label_ids"]
         used = torch.unique(label_ids[label_ids >= 0])
         local = torch.where(label_ids >= 0, torch.searchsorted(used, label_ids.clamp_min(0)), -1)
         targets = soft_text_targets(batch["membership"], local, out.group_index, max(1, used.numel()))
         return out, targets[..., : used.numel()], local, used
-
-    def _drop_category_labels(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        """``label_ids`` / ``label_mask`` / ``membership`` without labels named like the shape's category.
-
-        The released ``--exclude_category_label``: a "chair" part of a chair says nothing about parts.
-        """
-        categories = batch.get("category")
-        if categories is None:
-            raise ValueError(
-                "exclude_category_label needs the batch's 'category' (ShardDataModule provides it)"
-            )
-        label_ids = batch["label_ids"].clone()
-        drop = torch.zeros_like(label_ids, dtype=torch.bool)
-        for i, cat in enumerate(categories):
-            key = clean_part_name(str(cat))
-            for j, t in enumerate(label_ids[i].tolist()):
-                if t >= 0 and self.text_names[t] == key:
-                    drop[i, j] = True
-        if not drop.any():
-            return {}
-        label_ids[drop] = -1
-        return {
-            "label_ids": label_ids,
-            "label_mask": batch["label_mask"] & ~drop,
-            "membership": batch["membership"] * (~drop)[:, None, :].to(batch["membership"].dtype),
-        }
 
     @staticmethod
     def _own_targets(targets: Tensor, local_ids: Tensor) -> Tensor:
@@ -496,20 +497,6 @@ class Stage2Alignment(_StageBase):
         pred = scores.argmax(-1)
         return pred, (pred == own.argmax(-1))[labelled].float()
 
-    @staticmethod
-    def _point_miou(out: Any, patch_pred: Tensor, batch: dict[str, Any]) -> Tensor:
-        """Per-shape point mIoU (released convention): nearest patch's label vs the point's first part."""
-        memb = batch["membership"] > 0.5
-        has = memb.any(-1)
-        gt = torch.where(has, memb.float().argmax(-1), -1)
-        pred = torch.where(has, torch.gather(patch_pred, 1, out.point_to_patch), -1)
-        k = batch["label_mask"].sum(1)
-        keep = k > 0  # padded validation shapes have no parts
-        if not keep.any():
-            return patch_pred.new_zeros(0, dtype=torch.float32)
-        miou = per_shape_miou(pred[keep], gt[keep], k[keep])[:, 0].float()  # column 0: released
-        return miou[~miou.isnan()]
-
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         out, targets, local_ids, used = self._scores(batch)
         loss = self._loss(out, targets, local_ids, used, batch)
@@ -529,7 +516,7 @@ class Stage2Alignment(_StageBase):
         out, targets, local_ids, used = self._scores(batch)
         loss = self._loss(out, targets, local_ids, used, batch)
         patch_pred, acc = self._patch_predictions(out, targets, local_ids, batch)
-        miou = self._point_miou(out, patch_pred, batch)
+        miou = point_miou(patch_pred, out.point_to_patch, batch["membership"], batch["label_mask"])
         bs = batch["points"].shape[0]
         self.val_acc(acc)
         if miou.numel():
