@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from patchalign.atomic import atomic_path
+
 log = logging.getLogger(__name__)
 
 _SPACES = re.compile(r"\s+")
@@ -393,10 +395,8 @@ class TextEmbeddingCache:
             "names": names,
             "vectors": torch.stack([self.vectors[n] for n in names]),
         }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        torch.save(payload, tmp)
-        os.replace(tmp, self.path)
+        with atomic_path(self.path) as tmp:
+            torch.save(payload, tmp)
 
 
 def embed_prompt_sets(encoder: Any, prompt_sets: Sequence[Sequence[str]], batch_size: int = 256) -> Tensor:

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from patchalign.data.atomic import atomic_path
+from patchalign.atomic import atomic_path
 from patchalign.data.schema import ShardFormatError
 from patchalign.text import clean_part_name
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO
 
-from patchalign.data.atomic import atomic_path, write_bytes_atomic
+from patchalign.atomic import atomic_path, write_bytes_atomic
 from patchalign.data.schema import (
     READABLE_SCHEMA_VERSIONS,
     SCHEMA_VERSION,

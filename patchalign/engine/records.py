@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from patchalign.data.atomic import write_bytes_atomic
+from patchalign.atomic import write_bytes_atomic
 from patchalign.data.schema import sample_key
 
 __all__ = [

@@ -8,7 +8,7 @@ Layout (``WORK/``)::
     failures.jsonl         one line per failed object and stage
     <stage>/<key>.npz      per-object caches: points, render, features, pointfeat, labels
 
-Every file is written through :func:`patchalign.data.atomic.atomic_path`, so a file that exists is
+Every file is written through :func:`patchalign.atomic.atomic_path`, so a file that exists is
 complete: that is what makes every stage resumable.
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from patchalign.data.atomic import atomic_path, write_bytes_atomic
+from patchalign.atomic import atomic_path, write_bytes_atomic
 from patchalign.engine.config import EngineConfig
 from patchalign.engine.records import ObjectRecord
 

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from patchalign.atomic import atomic_path
 from patchalign.io import POINT_SUFFIXES, GeometryLoadError, load_geometry, read_point_file
 
 MESH_SUFFIXES = (".glb", ".gltf", ".obj", ".off", ".stl", ".ply")
@@ -249,7 +250,6 @@ def write_outputs(
                 part = trimesh.Trimesh(vertices, faces[mask], process=False)
                 part.remove_unreferenced_vertices()
                 part.export(parts_dir / f"{_safe_filename(n)}.glb")
-    np.savez(folder / "labels.tmp.npz", **arrays)
     (folder / "segmentation.json").write_text(json.dumps(meta, indent=2) + "\n")
     if settings.png:
         from patchalign.eval.pictures import plot_part_labels
@@ -262,7 +262,8 @@ def write_outputs(
             title=source.name,
         )
     # labels.npz last: its presence marks the folder complete (the resume check).
-    os.replace(folder / "labels.tmp.npz", folder / DONE_FILE)
+    with atomic_path(folder / DONE_FILE) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
 
 
 def segment_one(
