@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from patchalign.__main__ import main as patchalign_main
-from patchalign.tools.cli import jsonargparse_argv
+from patchalign.argv import jsonargparse_argv
 
 
 def _typed(

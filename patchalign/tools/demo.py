@@ -629,7 +629,7 @@ def _where_lines(ckpts: Checkpoints, out: Path, n_pictures: int, summary: dict[s
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m patchalign demo [--no-baseline] [--n-objects N] ...`` (``make demo``)."""
-    from patchalign.tools.cli import run_cli
+    from patchalign.argv import run_cli
 
     return run_cli(demo, argv, prog="python -m patchalign demo", errors=(DemoError,))
 

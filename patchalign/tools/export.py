@@ -212,7 +212,7 @@ def export(
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m patchalign export CKPT OUT_DIR [--torch-export] [--non-strict] [--overwrite]``."""
-    from patchalign.tools.cli import run_cli
+    from patchalign.argv import run_cli
 
     # CheckpointError is a ValueError; FileNotFoundError / FileExistsError are OSErrors.
     return run_cli(export, argv, prog="python -m patchalign export", errors=(ValueError, OSError))

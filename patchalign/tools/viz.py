@@ -135,7 +135,7 @@ def segment_and_draw(
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m patchalign.tools.viz --model DIR --input FILE --parts a,b,c [--out DIR] ...``."""
-    from patchalign.tools.cli import run_cli
+    from patchalign.argv import run_cli
 
     # ValueError covers CheckpointError, GeometryLoadError and ShardFormatError; KeyError a part name
     # missing from --text-bank; ImportError a text encoder whose extra is not installed.

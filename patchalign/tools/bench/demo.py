@@ -156,7 +156,7 @@ def bench_demo(
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m patchalign bench demo [--seeds 0 1] [--arms ...]``."""
-    from patchalign.tools.cli import run_cli
+    from patchalign.argv import run_cli
 
     return run_cli(bench_demo, argv, prog="python -m patchalign bench demo", errors=(DemoError,))
 

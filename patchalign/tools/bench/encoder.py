@@ -123,7 +123,7 @@ def encoder_bench(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from patchalign.tools.cli import run_cli
+    from patchalign.argv import run_cli
 
     return run_cli(encoder_bench, argv, prog="python -m patchalign bench encoder")
 

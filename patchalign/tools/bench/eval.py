@@ -224,7 +224,7 @@ def eval_bench(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from patchalign.tools.cli import run_cli
+    from patchalign.argv import run_cli
 
     return run_cli(eval_bench, argv, prog="python -m patchalign bench eval")
 

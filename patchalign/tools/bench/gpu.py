@@ -477,7 +477,7 @@ def gpu_check(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from patchalign.tools.cli import run_cli
+    from patchalign.argv import run_cli
 
     return run_cli(gpu_check, argv, prog="python -m patchalign bench gpu")
 

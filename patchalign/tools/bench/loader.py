@@ -304,7 +304,7 @@ def loader_bench(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from patchalign.tools.cli import run_cli
+    from patchalign.argv import run_cli
 
     return run_cli(loader_bench, argv, prog="python -m patchalign bench loader")
 

@@ -243,7 +243,7 @@ def render_bench(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from patchalign.tools.cli import run_cli
+    from patchalign.argv import run_cli
 
     return run_cli(render_bench, argv, prog="python -m patchalign bench render")
 

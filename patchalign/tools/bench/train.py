@@ -310,7 +310,7 @@ def train_bench(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from patchalign.tools.cli import run_cli
+    from patchalign.argv import run_cli
 
     return run_cli(train_bench, argv, prog="python -m patchalign bench train")
 

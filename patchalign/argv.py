@@ -1,13 +1,15 @@
-"""The tools' command lines: jsonargparse over typed functions, taking the spellings users already type.
+"""Command lines on jsonargparse that take the spellings users already type (every command's one copy).
 
-Every tool (``export``, ``demo``, ``viz``, ``bench WHAT``) is one typed function whose docstring's
-``Args:`` become the ``--help`` text; :func:`run_cli` hands it to :func:`jsonargparse.auto_cli`, so
-``--print_config`` and ``--config FILE`` come for free. jsonargparse names options after the
-parameters (``--n_objects``), wants a value after a bool (``--no_baseline true``) and a list as one
-value (``--seeds [0,1]``). The commands in the README, the Makefile and people's scripts were written
-for the argparse spellings (``--n-objects 51``, ``--no-baseline``, ``--seeds 0 1``), so
-:func:`jsonargparse_argv` rewrites those, for the function's own parameters only, before jsonargparse
-parses anything; both spellings work and jsonargparse does all the parsing and checking.
+Each command (``export``, ``demo``, ``viz``, ``bench WHAT``, ``shards VERB``, ``zerokey evaluate``,
+...) is a typed function or dataclass whose docstrings become the ``--help`` text;
+:func:`run_cli` hands a function to :func:`jsonargparse.auto_cli`, so ``--print_config`` and
+``--config FILE`` come for free. jsonargparse names options after the parameters (``--n_objects``),
+wants a value after a bool (``--no_baseline true``) and a list as one value (``--seeds [0,1]``). The
+commands in the README, the Makefile, the Slurm scripts and people's own scripts were written for
+the argparse spellings (``--n-objects 51``, ``--no-baseline``, ``--seeds 0 1``), so
+:func:`rewrite_argv` rewrites those (from the parameters' types, :func:`option_kinds`) before
+jsonargparse parses anything; both spellings work and jsonargparse does all the parsing and checking.
+Core layer (standard library only at import): the engine and the tools use it.
 """
 
 from __future__ import annotations
@@ -37,11 +39,12 @@ def _unwrap_optional(tp: Any) -> Any:
     return tp
 
 
-def _kinds(fn: Callable[..., Any]) -> dict[str, tuple[str, bool]]:
-    """``parameter -> (kind, list items are strings)``; kind is ``bool``, ``list`` or ``other``."""
-    hints = typing.get_type_hints(fn)
+def option_kinds(obj: Callable[..., Any] | type) -> dict[str, tuple[str, bool]]:
+    """``option -> (kind, list items are strings)`` of a function's parameters or a dataclass's fields;
+    kind is ``bool``, ``list`` or ``other``."""
+    hints = typing.get_type_hints(obj)
     out: dict[str, tuple[str, bool]] = {}
-    for name in inspect.signature(fn).parameters:
+    for name in inspect.signature(obj).parameters:
         tp = _unwrap_optional(hints.get(name, Any))
         if tp is bool:
             out[name] = ("bool", False)
@@ -62,14 +65,21 @@ def _is_option(token: str) -> bool:
 
 
 def jsonargparse_argv(fn: Callable[..., Any], argv: Sequence[str]) -> list[str]:
-    """Rewrite argparse-style options of ``fn``'s parameters into jsonargparse's spelling.
+    """:func:`rewrite_argv` for ``fn``'s own parameters (other options pass through unchanged)."""
+    return rewrite_argv(argv, option_kinds(fn))
+
+
+def rewrite_argv(
+    argv: Sequence[str], kinds: dict[str, tuple[str, bool]], rename_unknown: bool = False
+) -> list[str]:
+    """Rewrite argparse-style options into jsonargparse's spelling.
 
     ``--foo-bar`` -> ``--foo_bar``; a bool option without ``true``/``false`` after it -> ``--flag=true``;
     a list option followed by several values -> ``--items=[a,b]`` (strings JSON-quoted, so names with
-    spaces survive). Anything else (positionals, ``--config``, ``--help``, unknown options, which
-    jsonargparse then reports) passes through unchanged.
+    spaces survive). Options not in ``kinds`` pass through unchanged (jsonargparse then reports them),
+    or, with ``rename_unknown`` (a parser with subcommands whose options differ per verb), only get
+    their dashes turned into underscores. Positionals, ``--config`` and ``--help`` pass through.
     """
-    kinds = _kinds(fn)
     argv, out, i = list(argv), [], 0
     while i < len(argv):
         tok = argv[i]
@@ -80,7 +90,7 @@ def jsonargparse_argv(fn: Callable[..., Any], argv: Sequence[str]) -> list[str]:
         name, eq, value = tok[2:].partition("=")
         key = name.replace("-", "_")
         if key not in kinds:
-            out.append(tok)
+            out.append(f"--{key}{eq}{value}" if rename_unknown else tok)
             continue
         kind, str_items = kinds[key]
         if eq:
@@ -136,8 +146,7 @@ def run_cli(
             exit_on_error=False,
         )
     except ArgumentError as e:
-        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
-        print(f"error: {message} ({prog} --help lists the options)", file=sys.stderr)
+        print(f"error: {flat_message(e)} ({prog} --help lists the options)", file=sys.stderr)
         return 2
     except errors as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
@@ -149,3 +158,8 @@ def one_line(e: BaseException) -> str:
     """The first line of an exception's message (a ``KeyError``'s without the repr quotes)."""
     msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
     return msg.splitlines()[0] if msg.strip() else type(e).__name__
+
+
+def flat_message(error: BaseException) -> str:
+    """An error's whole message on one line (jsonargparse spreads parser errors over several)."""
+    return " ".join(str(error).split())
