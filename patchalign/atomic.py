@@ -2,8 +2,9 @@
 
 Shard builds, caches, text banks and segmentation outputs are resumed by checking whether a file
 exists, so a file must never exist half-written: content goes to a hidden temp name next to it
-(same filesystem, so the rename is atomic) and is ``os.replace``'d to the final name only once written. The temp name carries the
-process id, so concurrent writers (Slurm array tasks, engine worker processes) never share one.
+(same filesystem, so the rename is atomic) and is ``os.replace``'d to the final name only once
+written. The temp name carries the process id, so concurrent writers (Slurm array tasks, engine
+worker processes) never share one.
 """
 
 from __future__ import annotations
