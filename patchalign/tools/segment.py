@@ -77,15 +77,14 @@ class BatchReport:
 
 
 def parse_parts(parts: str | Sequence[str]) -> list[str]:
-    """``"seat, back,leg"`` or a list -> cleaned names; empty or duplicated names are an error."""
-    raw = parts.split(",") if isinstance(parts, str) else list(parts)
-    names = [p.strip() for p in raw if p.strip()]
-    if not names:
-        raise InputError('no part names: give --parts "name1,name2,..."')
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise InputError(f"part names given twice: {', '.join(dup)}")
-    return names
+    """``"seat, back,leg"`` or a list -> cleaned names (the viz tool's rule: empty or repeated names
+    are refused), as an :class:`InputError`."""
+    from patchalign.tools.viz import parse_part_names
+
+    try:
+        return parse_part_names(parts if isinstance(parts, str) else ",".join(parts))
+    except ValueError as e:
+        raise InputError(str(e)) from None
 
 
 def discover_inputs(paths: Sequence[str | os.PathLike]) -> tuple[list[Path], list[tuple[Path, str]]]:

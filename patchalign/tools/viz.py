@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from patchalign.eval.pictures import save_shape_figures
-from patchalign.geometry import normalize_unit_sphere_centroid
+from patchalign.geometry import normalize_unit_sphere_centroid, sample_surface
 from patchalign.io import POINT_SUFFIXES, load_geometry, read_point_file
 
 
@@ -40,11 +40,8 @@ def load_points(path: str | os.PathLike, num_points: int = 2048, seed: int = 0) 
             raise ValueError(f"{path}: not a point file of x y z rows ({e})") from e
     vertices, faces = load_geometry(path)  # the one mesh reader (file order, scenes merged)
     if faces is not None and len(faces) > 0:
-        import trimesh
-
-        mesh = trimesh.Trimesh(vertices, faces, process=False)
-        pts, _ = trimesh.sample.sample_surface(mesh, num_points, seed=seed)
-        return np.asarray(pts, dtype=np.float32)
+        sample = sample_surface(torch.from_numpy(vertices), torch.from_numpy(faces), num_points, seed=seed)
+        return sample.points.numpy()
     if len(vertices) == 0:
         raise ValueError(f"{path}: no points or triangles")
     return vertices.astype(np.float32)
