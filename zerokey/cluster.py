@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from zerokey.lift import Candidates3D
+from zerokey.original import min_cluster_size_ladder
 
 __all__ = [
     "ClusterConfig",
@@ -51,6 +52,7 @@ __all__ = [
     "weighted_hdbscan",
     "clusters_from_labels",
     "cluster_candidates",
+    "original_clusters",
     "closest_point_on_mesh",
     "nearest_point",
 ]
@@ -65,7 +67,10 @@ MIN_CORE_DISTANCE = 1e-3
 @dataclass
 class ClusterConfig:
     """Attributes:
-    method: "hdbscan" (paper) or "mean" (ablation: one cluster per name, the weighted mean).
+    method: "hdbscan" (paper) or "mean" (ablation: one cluster per name, the weighted mean), or
+        "original" (the authors' code, :func:`original_clusters`: fast_hdbscan with sample weights, the
+        min_cluster_size ladder, every cluster heavier than ``keep_factor`` x the heaviest detection;
+        ``min_samples``, ``selection``, ``weighting``, ``cluster_selection_epsilon``, ``min_views`` unused).
     min_samples: HDBSCAN ``min_samples`` = the paper's minPts k = 10, in points (or weight units with
         ``weighting="weight"``).
     min_cluster_size: smallest cluster, same units (10, with k).
@@ -80,6 +85,12 @@ class ClusterConfig:
     cluster_selection_epsilon: option (0 = plain HDBSCAN): clusters closer than this (normalised
         units) are merged.
     min_views: option (1 = keep all): clusters supported by fewer distinct views are dropped.
+    ladder_start: ``method="original"``: first min_cluster_size; halved (rounding up) while nothing
+        clusters and it is >= 2 (10 -> 5 -> 3 -> 2).
+    max_candidates: ``method="original"``: a name's candidates are randomly subsampled to this many.
+    keep_factor: ``method="original"``: clusters whose raw weight exceeds this x the heaviest single
+        detection are kept (all clusters when none does).
+    seed: ``method="original"``: the subsample's seed (the original's is unseeded).
     """
 
     min_samples: int = 10
@@ -89,13 +100,17 @@ class ClusterConfig:
     allow_single_cluster: bool = True
     cluster_selection_epsilon: float = 0.0
     min_views: int = 1
-    method: Literal["hdbscan", "mean"] = "hdbscan"
+    method: Literal["hdbscan", "mean", "original"] = "hdbscan"
+    ladder_start: int = 10
+    max_candidates: int = 10_000
+    keep_factor: float = 2.0
+    seed: int = 0
     selection: Literal["density", "weight"] = "density"
     weighting: Literal["points", "weight"] = "points"
 
     def __post_init__(self) -> None:
         choices = {
-            "method": ("hdbscan", "mean"),
+            "method": ("hdbscan", "mean", "original"),
             "selection": ("density", "weight"),
             "weighting": ("points", "weight"),
         }
@@ -104,6 +119,8 @@ class ClusterConfig:
                 raise ValueError(f"ClusterConfig.{key} must be one of {allowed}, got {getattr(self, key)!r}")
         if self.min_samples < 1 or self.min_cluster_size < 2:
             raise ValueError("min_samples must be >= 1 and min_cluster_size >= 2")
+        if self.ladder_start < 2 or self.max_candidates < 2 or self.keep_factor < 0:
+            raise ValueError("ladder_start and max_candidates must be >= 2, keep_factor >= 0")
 
 
 @dataclass
@@ -261,11 +278,71 @@ def cluster_candidates(
             continue
         if config.method == "mean":
             clusters = _mean_cluster(mine)
+        elif config.method == "original":
+            clusters = original_clusters(mine, config)
         else:
             labels, core = weighted_hdbscan(mine.xyz, mine.weight, config, return_core=True)
             clusters = clusters_from_labels(mine.xyz, mine.weight, labels, mine.view, core, config.selection)
         result.append([c for c in clusters if c.n_views >= config.min_views])
     return result
+
+
+def original_clusters(mine: Candidates3D, config: ClusterConfig | None = None) -> list[Cluster]:
+    """One name's keypoints as the authors' code finds them (``kpviews.py`` ``aggregate_kps``,
+    Wenri/Zero-Shot-3DKP @116cbed583cfb686389ee5e0f08d1f9dc744bb34, lines 152-190; not copied).
+
+    * 0 or 1 candidates: returned as they are (no clustering);
+    * more than ``max_candidates``: a random subsample of that many (seeded here);
+    * ``fast_hdbscan.HDBSCAN(min_cluster_size=m, allow_single_cluster=True)`` with
+      ``sample_weight = weight / mean_weight`` (``Candidates3D.mean_weight``: the mean over all disc
+      pixels of the name, background included; the mean of ``weight`` without it), min_samples left at
+      its default (= m, counted in weight); m runs down the ladder 10 -> 5 -> 3 -> 2 until some label
+      is not noise;
+    * a cluster's weight is the sum of its raw weights; the heaviest single detection is the largest
+      sum of raw weights of one detection's (subsampled) candidates; clusters heavier than
+      ``keep_factor`` x that are kept (strictly), all of them when none is;
+    * centroids are raw-weight averages, heaviest cluster first. ``Cluster.density`` is 0.
+    """
+    config = config or ClusterConfig(method="original")
+    n = len(mine)
+    if n == 0:
+        return []
+    xyz, weight = mine.xyz.double(), mine.weight.double()
+    if n == 1:
+        members = torch.zeros(1, dtype=torch.long, device=xyz.device)
+        return [Cluster(xyz[0].float(), float(weight[0]), 1, 1, 0.0, members)]
+    mean = float(mine.mean_weight[0]) if mine.mean_weight is not None else float(weight.mean())
+    index = torch.arange(n, device=xyz.device)
+    if n > config.max_candidates:
+        rng = np.random.default_rng(config.seed)
+        chosen = np.sort(rng.choice(n, config.max_candidates, replace=False))
+        index = torch.as_tensor(chosen, device=xyz.device)
+    x, w, source, view = xyz[index], weight[index], mine.source[index], mine.view[index]
+    _, det = torch.unique(source, return_inverse=True)
+    heaviest = float(
+        torch.zeros(int(det.max()) + 1, dtype=torch.float64, device=w.device).index_add_(0, det, w).max()
+    )
+    labels = fast_hdbscan_ladder(x.cpu().numpy(), (w / max(mean, 1e-12)).cpu().numpy(), config.ladder_start)
+    clusters = clusters_from_labels(x, w, labels, view, selection="weight")
+    kept = [c for c in clusters if c.weight > config.keep_factor * heaviest] or clusters
+    for c in kept:
+        c.members = index[c.members]
+    return kept
+
+
+def fast_hdbscan_ladder(points: np.ndarray, sample_weight: np.ndarray, start: int = 10) -> np.ndarray:
+    """Labels of the first ``fast_hdbscan`` run of the ladder (``start``, halved rounding up, while
+    >= 2) that finds a cluster; all -1 when none does."""
+    from fast_hdbscan import HDBSCAN
+
+    labels = np.full(len(points), -1, dtype=np.int64)
+    for m in min_cluster_size_ladder(start):
+        labels = HDBSCAN(min_cluster_size=m, allow_single_cluster=True).fit_predict(
+            np.ascontiguousarray(points, dtype=np.float32), sample_weight=sample_weight.astype(np.float32)
+        )
+        if (labels >= 0).any():
+            break
+    return np.asarray(labels, dtype=np.int64)
 
 
 # ------------------------------------------------------------------------------------------ snapping

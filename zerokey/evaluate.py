@@ -33,6 +33,16 @@ Two details of the reference made explicit:
   looked up is reported, so one can see whether it matters (it does not on the shapes shipped here:
   their graphs are connected).
 
+**The authors' protocol** (``protocol="original"``, Wenri/Zero-Shot-3DKP
+@116cbed583cfb686389ee5e0f08d1f9dc744bb34 ``kpeval.py`` 169-233 with the BT3D ``utils/evaluation.py`` it
+imports; written from a reading, not copied): the same IoU, but
+
+* only shapes whose prediction is complete are scored (a failed shape is left out, not a miss);
+* GT point indices are *not* de-duplicated (an index annotated twice counts twice);
+* geodesics are the full k = 20 graph's (``sklearn`` ``kneighbors_graph`` + ``scipy`` ``shortest_path``,
+  float32 point cloud), and unreachable pairs take the largest finite distance of that shape;
+* thresholds 0.00 ... 0.20 (step 0.01) unless given.
+
 We only compute Dijkstra rows for the points involved (predictions and GT keypoints) instead of the
 reference's full 2048 x 2048 matrix; the distances are identical.
 """
@@ -59,6 +69,8 @@ from zerokey.writer import iter_prediction_files
 
 __all__ = [
     "DEFAULT_THRESHOLDS",
+    "ORIGINAL_THRESHOLDS",
+    "original_geodesics",
     "geodesic_distances",
     "shape_counts",
     "ShapeEval",
@@ -74,6 +86,25 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLDS: tuple[float, ...] = tuple(round(0.01 * i, 2) for i in range(11))
+#: ``protocol="original"``: the authors' ``kpeval.py`` loops over 0.00 ... 0.20.
+ORIGINAL_THRESHOLDS: tuple[float, ...] = tuple(round(0.01 * i, 2) for i in range(21))
+PROTOCOLS = ("keypointnet", "original")
+
+
+def original_geodesics(pcd: np.ndarray, k: int = 20) -> tuple[np.ndarray, int]:
+    """(N, N) float32 geodesics as the authors' evaluation has them: shortest paths on the undirected
+    k-nearest-neighbour graph (Euclidean edges) of the float32 cloud; unreachable pairs take the
+    largest finite distance of the matrix. Returns the matrix and the number of unreachable pairs."""
+    from scipy.sparse.csgraph import shortest_path
+    from sklearn.neighbors import kneighbors_graph
+
+    points = np.asarray(pcd, dtype=np.float32)
+    graph = kneighbors_graph(points, min(k, len(points) - 1), mode="distance", include_self=False)
+    d = shortest_path(graph, directed=False).astype(np.float32)
+    unreachable = ~np.isfinite(d)
+    if unreachable.any():
+        d[unreachable] = d[~unreachable].max()
+    return d, int(unreachable.sum())
 
 
 def geodesic_distances(
@@ -236,6 +267,7 @@ def evaluate_predictions(
     disconnected: Literal["reference", "inf"] = "reference",
     use: Literal["keypoints", "clusters"] = "keypoints",
     split_ids: set[str] | None = None,
+    protocol: Literal["keypointnet", "original"] = "keypointnet",
 ) -> EvalResult:
     """Score prediction records (the writer's JSONs, ``xyz`` in the pcd frame) against KeypointNet.
 
@@ -246,7 +278,13 @@ def evaluate_predictions(
     records a detector refused (``status`` "refused": it cannot serve the class, e.g. few-shot without
     support) are left out (``skipped["refused"]``). Classes of the annotations (with point clouds, in
     the split) that end up with no scored shape are named in ``classes_missing`` with the reason.
+
+    ``protocol="original"`` scores as the authors' code does (module docstring): failed shapes are left
+    out (``skipped["not_complete"]``), GT duplicates count, unreachable pairs take the shape's largest
+    finite geodesic (``disconnected`` unused).
     """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     pcd_root = Path(pcd_root)
     per_class: dict[str, list[ShapeEval]] = {}
     skipped: dict[str, list[str]] = {
@@ -256,6 +294,7 @@ def evaluate_predictions(
         "no_pcd": [],
         "failed_counted_as_miss": [],
         "refused": [],
+        "not_complete": [],
     }
     refused: dict[str, list[str]] = {}
     unreachable = 0
@@ -276,15 +315,18 @@ def evaluate_predictions(
             skipped["no_pcd"].append(record["shape_id"])
             continue
         pcd, _ = read_pcd(pcd_path)
-        # A set, as in the reference (binary per-point label): duplicated indices count once.
-        gt = np.unique(
-            np.array([kp["pcd_info"]["point_index"] for kp in annotation["keypoints"]], dtype=np.int64)
-        )
+        gt = np.array([kp["pcd_info"]["point_index"] for kp in annotation["keypoints"]], dtype=np.int64)
+        if protocol == "keypointnet":
+            # A set, as in the reference (binary per-point label): duplicated indices count once.
+            gt = np.unique(gt)
         if record.get("status") == "refused":  # the detector cannot serve this class (e.g. no support)
             skipped["refused"].append(record["shape_id"])
             refused.setdefault(class_id, []).append(str(record.get("error")))
             continue
         failed = record.get("status", "complete") != "complete" or bool(record.get("error"))
+        if failed and protocol == "original":  # the authors score complete shapes only
+            skipped["not_complete"].append(record["shape_id"])
+            continue
         if failed:
             skipped["failed_counted_as_miss"].append(record["shape_id"])
             xyz = []
@@ -293,10 +335,16 @@ def evaluate_predictions(
         else:
             xyz = [kp["xyz"] for kp in record.get("keypoints") or []]
         xyz = np.asarray(xyz, dtype=np.float64).reshape(-1, 3)
+        if protocol == "original":
+            pcd = np.asarray(pcd, dtype=np.float32)
         snap_distance, pred = (
             cKDTree(pcd).query(xyz) if len(xyz) else (np.zeros(0), np.zeros(0, dtype=np.int64))
         )
-        d, n_unreachable = geodesic_distances(pcd, pred, gt, k=k, disconnected=disconnected)
+        if protocol == "original":
+            full, n_unreachable = original_geodesics(pcd, k)
+            d = full[np.asarray(pred, dtype=np.int64)][:, gt].astype(np.float64)
+        else:
+            d, n_unreachable = geodesic_distances(pcd, pred, gt, k=k, disconnected=disconnected)
         unreachable += n_unreachable
         per_class.setdefault(class_id, []).append(
             ShapeEval(
@@ -344,7 +392,7 @@ def evaluate_predictions(
         shapes,
         {k_: v for k_, v in skipped.items() if v},
         unreachable,
-        disconnected,
+        "largest finite (original protocol)" if protocol == "original" else disconnected,
         [KEYPOINTNET_CLASSES.get(c, c) for c in asked],
         missing,
     )
@@ -354,13 +402,14 @@ def evaluate(
     pred: str,
     annotations: list[str],
     pcd_root: str,
-    thresholds: list[float] = list(DEFAULT_THRESHOLDS),  # noqa: B006 - read by jsonargparse, never mutated
+    thresholds: list[float] | None = None,
     k: int = 20,
     disconnected: Literal["reference", "inf"] = "reference",
     use: Literal["keypoints", "clusters"] = "keypoints",
     split: str | None = None,
     run_id: str | None = None,
     out: str | None = None,
+    protocol: Literal["keypointnet", "original"] = "keypointnet",
 ) -> EvalResult:
     """KeypointNet mIoU of ZeroKey predictions (``python -m zerokey evaluate``).
 
@@ -368,15 +417,20 @@ def evaluate(
         pred: folder of per-shape prediction JSONs (searched recursively).
         annotations: KeypointNet annotation JSON file(s); several may follow the flag.
         pcd_root: folder with <class_id>/<model_id>.pcd (also ``--pcd-root``).
-        thresholds: geodesic thresholds.
+        thresholds: geodesic thresholds (default 0.00-0.10, or 0.00-0.20 with ``--protocol original``).
         k: neighbours in the geodesic kNN graph (reference: 20).
         disconnected: unreachable pairs as the reference scores them (distance 0) or as ``inf``.
         use: score the chosen keypoints or every cluster of a record.
         split: score only this KeypointNet split: a name (test -> <pcd-root>/../splits/test.txt, as the
             reference) or a split file path; default: every annotated shape found.
         run_id: score this run when a folder holds several (also ``--run-id``).
-        out: also write the result as JSON here.
+        out: also write the result as JSON here (``thresholds``, ``mean_iou``, per class ``iou``, ...).
+        protocol: ``keypointnet`` (the KeypointNet reference benchmark, default) or ``original`` (as the
+            ZeroKey authors' ``kpeval.py`` scores: complete shapes only, GT duplicates counted,
+            unreachable pairs = largest finite geodesic, thresholds 0.00-0.20).
     """
+    if thresholds is None:
+        thresholds = list(ORIGINAL_THRESHOLDS if protocol == "original" else DEFAULT_THRESHOLDS)
     records = load_prediction_dir(pred)
     if not records:
         raise SystemExit(f"no prediction JSONs found under {pred}")
@@ -394,16 +448,21 @@ def evaluate(
         disconnected,
         use,
         split_ids,
+        protocol,
     )
     if not result.shapes:
         counts = {k_: len(v) for k_, v in result.skipped.items()}
         raise SystemExit(f"zerokey evaluate: no shape could be scored (skipped: {counts})")
-    print(f"run {chosen_run or '<no run id>'}; split: {split or 'none (every annotated shape found)'}")
+    print(
+        f"run {chosen_run or '<no run id>'}; split: {split or 'none (every annotated shape found)'}; "
+        f"protocol: {protocol}"
+    )
     print(result.table())
     if result.skipped:
         print("skipped / counted:", {k_: len(v) for k_, v in result.skipped.items()}, file=sys.stderr)
     if out:
-        Path(out).write_text(json.dumps(dict(result.as_dict(), run_id=chosen_run, split=split), indent=1))
+        payload = dict(result.as_dict(), run_id=chosen_run, split=split, protocol=protocol)
+        Path(out).write_text(json.dumps(payload, indent=1))
     return result
 
 

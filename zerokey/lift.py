@@ -20,9 +20,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from zerokey.original import lift_disc_maps
 from zerokey.views import RenderedViews
 
-__all__ = ["Candidates3D", "patch_offsets", "lift_points"]
+__all__ = ["Candidates3D", "patch_offsets", "lift_points", "lift_discs"]
 
 
 @dataclass
@@ -34,13 +35,21 @@ class Candidates3D:
     name_index: Tensor  # (C,) long
     view: Tensor  # (C,) long
     source: Tensor  # (C,) long index of the 2D detection
+    #: disc lifting (``voting="disc"``) only: per candidate, the mean weight over every disc pixel of its
+    #: name, background included -- the original's HDBSCAN sample weights are ``weight / mean_weight``.
+    mean_weight: Tensor | None = None
 
     def __len__(self) -> int:
         return self.xyz.shape[0]
 
     def select(self, mask: Tensor) -> Candidates3D:
         return Candidates3D(
-            self.xyz[mask], self.weight[mask], self.name_index[mask], self.view[mask], self.source[mask]
+            self.xyz[mask],
+            self.weight[mask],
+            self.name_index[mask],
+            self.view[mask],
+            self.source[mask],
+            None if self.mean_weight is None else self.mean_weight[mask],
         )
 
 
@@ -131,3 +140,46 @@ def lift_points(
         # One camera per candidate (Cameras indexed by a tensor), so a single unproject call covers all.
         xyz = views.cameras[det_view].unproject(centres[:, None, :], depth[:, None])[:, 0]
     return Candidates3D(xyz.float(), weight.float(), name_index[det], det_view, det)
+
+
+def lift_discs(
+    uv: Tensor, view: Tensor, name_index: Tensor, views: RenderedViews, radius: float = 15.0
+) -> Candidates3D:
+    """The original code's soft voting (``voting="disc"``, :func:`zerokey.original.lift_disc_maps`):
+    per (view, name) the detections' Gaussian discs of ``radius`` pixels are summed and quantised to
+    uint8, and every disc pixel on the surface becomes a candidate (depth unprojection at the pixel
+    centre) with that weight; pixels on the background only count in ``mean_weight``.
+
+    ``uv`` must follow the original's centring (Molmo percent x image size, compared with integer
+    pixel indices); our pointers' pixel-centre convention puts a point half a pixel further, which at
+    1024 px is below the disc's resolution.
+    """
+    device = views.depth.device
+    v, k, col, row, weight, det = lift_disc_maps(
+        uv.to(device=device, dtype=torch.float32),
+        view.to(device),
+        name_index.to(device),
+        views.image_size,
+        radius,
+    )
+    n_names = int(k.max()) + 1 if k.numel() else 0
+    total = torch.zeros(n_names, device=device).index_add_(0, k, weight)
+    count = torch.zeros(n_names, device=device).index_add_(0, k, torch.ones_like(weight))
+    mean = total / count.clamp_min(1.0)
+    on_surface = views.mask[v, row, col]
+    v, k, col, row, weight, det = (
+        v[on_surface],
+        k[on_surface],
+        col[on_surface],
+        row[on_surface],
+        weight[on_surface],
+        det[on_surface],
+    )
+    depth = views.depth[v, row, col]
+    centres = torch.stack([col, row], dim=-1).float() + 0.5
+    xyz = (
+        views.cameras[v].unproject(centres[:, None, :], depth[:, None])[:, 0]
+        if len(v)
+        else torch.zeros(0, 3, device=device)
+    )
+    return Candidates3D(xyz.float(), weight, k, v, det, mean[k])

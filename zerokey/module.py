@@ -50,7 +50,9 @@ class ZeroKeyModule(pl.LightningModule):
         cluster: HDBSCAN and cluster choice (:class:`zerokey.cluster.ClusterConfig`: minPts 10,
             densest cluster, the paper's; our options off).
         patch_size: h of the Gaussian patch lifted around every 2D point.
-        voting: "gaussian" (paper) or "binary" (ablation: uniform patch weights).
+        voting: "gaussian" (paper) or "binary" (ablation: uniform patch weights), or "disc" (the
+            authors' code: summed uint8 Gaussian discs of ``disc_radius`` px, every disc pixel lifted).
+        disc_radius: disc radius in render pixels for ``voting="disc"`` (original: 15 at 1024 px).
         lift_method: "auto" | "barycentric" | "points" | "depth".
         keep_all_clusters: write every cluster per name in the JSON, not just the chosen keypoints.
         snap: "surface" (closest mesh point / nearest cloud point) or "none".
@@ -72,7 +74,8 @@ class ZeroKeyModule(pl.LightningModule):
         views: ViewConfig | None = None,
         cluster: ClusterConfig | None = None,
         patch_size: int = 5,
-        voting: Literal["gaussian", "binary"] = "gaussian",
+        voting: Literal["gaussian", "binary", "disc"] = "gaussian",
+        disc_radius: float = 15.0,
         lift_method: Literal["auto", "barycentric", "points", "depth"] = "auto",
         keep_all_clusters: bool = True,
         snap: Literal["surface", "none"] = "surface",
@@ -104,6 +107,7 @@ class ZeroKeyModule(pl.LightningModule):
                 keep_all_clusters=keep_all_clusters,
                 snap=snap,
                 voting=voting,
+                disc_radius=disc_radius,
             )
         self._attach_budget(max_failed_call_fraction)
 
@@ -151,7 +155,12 @@ class ZeroKeyModule(pl.LightningModule):
                 "the pointer was OraclePointer (projected ground truth + noise): this evaluates the 3D "
                 "half of ZeroKey, not zero-shot keypoint detection"
             )
-        if namer is not None and namer.is_ground_truth:
+        if namer is not None and namer.protocol is not None:
+            notes.append(
+                f"{namer.protocol}: names are the labels of the semantic ids annotated on each shape "
+                f"({type(namer).__name__}) as in the authors' KeypointNet numbers, not zero-shot naming"
+            )
+        elif namer is not None and namer.is_ground_truth:
             notes.append("names came from the benchmark's annotation (KeypointNetNamer), not from an MLLM")
         return notes
 

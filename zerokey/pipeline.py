@@ -24,11 +24,11 @@ from torch import Tensor
 
 from zerokey.cluster import Cluster, ClusterConfig, closest_point_on_mesh, cluster_candidates, nearest_point
 from zerokey.data import ShapeSample
-from zerokey.lift import Candidates3D, lift_points
+from zerokey.lift import Candidates3D, lift_discs, lift_points
 from zerokey.mllm.namers import Namer, NamingResult
 from zerokey.mllm.parsing import ParseStats
 from zerokey.mllm.pointers import Pointer, Points2D
-from zerokey.views import RenderedViews, ViewConfig, make_cameras, render_shape
+from zerokey.views import RenderedViews, ViewConfig, make_cameras, render_shape, shape_cameras
 
 __all__ = [
     "KeypointDetector",
@@ -149,8 +149,13 @@ class KeypointDetector(ABC):
     def settings(self) -> dict[str, Any]:
         return {"class": f"{type(self).__module__}.{type(self).__name__}"}
 
-    def cameras(self, device: torch.device):
-        """The ``view_config`` cameras on ``device``, built once per device."""
+    def cameras(self, device: torch.device, shape: ShapeSample | None = None):
+        """The ``view_config`` cameras on ``device``, built once per device (per shape for the
+        original layout, which looks at each shape's vertex mean)."""
+        if self.view_config.layout == "original":
+            if shape is None:
+                raise ValueError("views.layout 'original' needs the shape to place its cameras")
+            return shape_cameras(self.view_config, shape, device)
         cache = self.__dict__.setdefault("_cameras", {})
         key = str(device)
         if key not in cache:
@@ -171,7 +176,10 @@ class ZeroKeyPipeline(KeypointDetector):
         patch_size: h of the Gaussian patch cast to the surface around each 2D point.
         lift_method: "auto" | "barycentric" | "points" | "depth" (see :func:`zerokey.lift.lift_points`).
         cluster: HDBSCAN / selection settings (:class:`zerokey.cluster.ClusterConfig`).
-        voting: "gaussian" (paper) or "binary" patch weights (ablation).
+        voting: "gaussian" (paper) or "binary" patch weights (ablation), or "disc" (the authors' code:
+            summed, uint8-quantised Gaussian discs of ``disc_radius`` px, :func:`zerokey.lift.lift_discs`;
+            ``patch_size`` and ``lift_method`` unused).
+        disc_radius: radius in render pixels of ``voting="disc"`` (15 at 1024 px in the original).
         keep_all_clusters: also write every cluster per name (not only the chosen keypoints).
         snap: "surface" snaps centroids to the closest mesh surface point / nearest cloud point;
             "none" keeps the raw weighted centroid.
@@ -187,10 +195,14 @@ class ZeroKeyPipeline(KeypointDetector):
         cluster: ClusterConfig | None = None,
         keep_all_clusters: bool = True,
         snap: Literal["surface", "none"] = "surface",
-        voting: Literal["gaussian", "binary"] = "gaussian",
+        voting: Literal["gaussian", "binary", "disc"] = "gaussian",
+        disc_radius: float = 15.0,
     ) -> None:
-        if voting not in ("gaussian", "binary"):
-            raise ValueError(f"voting must be 'gaussian' or 'binary', got {voting!r}")
+        if voting not in ("gaussian", "binary", "disc"):
+            raise ValueError(f"voting must be 'gaussian', 'binary' or 'disc', got {voting!r}")
+        if disc_radius <= 0:
+            raise ValueError(f"disc_radius must be > 0, got {disc_radius}")
+        self.disc_radius = disc_radius
         self.namer, self.pointer = namer, pointer
         self.voting = voting
         self.view_config = views or ViewConfig()
@@ -205,6 +217,7 @@ class ZeroKeyPipeline(KeypointDetector):
             "patch_size": self.patch_size,
             "lift_method": self.lift_method,
             "voting": self.voting,
+            "disc_radius": self.disc_radius,
             "keep_all_clusters": self.keep_all_clusters,
             "snap": self.snap,
         }
@@ -256,7 +269,7 @@ class ZeroKeyPipeline(KeypointDetector):
         shape = shape.to(device)
         with timed("render"):
             if views is None:
-                views = render_shape(shape, self.cameras(device), self.view_config)
+                views = render_shape(shape, self.cameras(device, shape), self.view_config)
         with timed("name"):
             naming = self.namer(shape, views.images)
         names, instances = naming.names, naming.instances
@@ -266,21 +279,27 @@ class ZeroKeyPipeline(KeypointDetector):
             if points is None:
                 points = self._point(shape, names, views, state) if names else Points2D.empty(device)
         with timed("lift"):
-            candidates = lift_points(
-                points.uv,
-                points.view,
-                points.name_index,
-                views,
-                shape.vertices,
-                shape.faces,
-                patch_size=self.patch_size,
-                method=self.lift_method,
-                voting=self.voting,
-            )
+            if self.voting == "disc":
+                candidates = lift_discs(points.uv, points.view, points.name_index, views, self.disc_radius)
+            else:
+                candidates = lift_points(
+                    points.uv,
+                    points.view,
+                    points.name_index,
+                    views,
+                    shape.vertices,
+                    shape.faces,
+                    patch_size=self.patch_size,
+                    method=self.lift_method,
+                    voting=self.voting,
+                )
             candidates = self._extra_candidates(candidates, state, views)
         with timed("cluster"):
             per_name = cluster_candidates(candidates, len(names), self.cluster_config)
-            chosen = [clusters[: instances[i]] for i, clusters in enumerate(per_name)]
+            if self.cluster_config.method == "original":
+                chosen = per_name  # every kept cluster is a keypoint of the name (several per name)
+            else:
+                chosen = [clusters[: instances[i]] for i, clusters in enumerate(per_name)]
             kept = per_name if self.keep_all_clusters else chosen
             all_clusters = [c for clusters in kept for c in clusters]
             centroids = torch.stack([c.centroid for c in all_clusters]) if all_clusters else torch.zeros(0, 3)
@@ -357,7 +376,8 @@ class ZeroKeyPipeline(KeypointDetector):
     def render(self, shape: ShapeSample, device: torch.device | str = "cpu") -> RenderedViews:
         """Only the render stage (for reuse through ``predict(views=...)``)."""
         device = torch.device(device)
-        return render_shape(shape.to(device), self.cameras(device), self.view_config)
+        shape = shape.to(device)
+        return render_shape(shape, self.cameras(device, shape), self.view_config)
 
 
 def merge_parse_stats(records: list[dict[str, Any]], key: str) -> dict[str, int]:

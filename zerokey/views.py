@@ -28,6 +28,7 @@ from patchalign.render import (
     ring_view_layout,
 )
 from zerokey.data import ShapeSample
+from zerokey.original import original_cameras, original_shading
 
 __all__ = [
     "project_visible",
@@ -36,6 +37,7 @@ __all__ = [
     "VIEW_RINGS",
     "view_layout",
     "make_cameras",
+    "shape_cameras",
     "render_shape",
     "auto_point_radius",
 ]
@@ -98,6 +100,14 @@ class ViewConfig:
         point_radius: disc radius for point clouds in normalised units; None picks it from the point
             spacing (see :func:`auto_point_radius`) so sparse clouds render without holes.
         n_views: 6, 26 (paper default) or 46 (the paper's ablation), see :func:`view_layout`.
+        layout: "ours" (:func:`view_layout` around the origin of the unit-sphere frame) or "original"
+            (the authors' code, :func:`zerokey.original.original_cameras`: 26 directions tilted 0.001 rad
+            about +x, looking at the vertex mean from ``distance`` in the *input* frame's units -- 1 for
+            KeypointNet's unit-diagonal meshes; set ``fov_deg: 60``; ``n_views`` must be 26 and
+            ``pole_tilt_deg`` is unused).
+        shading: "ours" (the renderer's headlight Lambertian grey) or "original" (PyTorch3D flat
+            shading, light at the camera with ambient 0.5 / diffuse 0.3 / specular 0.2, grey 0.7 on white:
+            :func:`zerokey.original.original_shading`; meshes only, point clouds keep ours).
     """
 
     image_size: int = 448
@@ -108,19 +118,44 @@ class ViewConfig:
     point_backend: Literal["auto", "cpu", "pytorch3d"] = "auto"
     point_radius: float | None = None
     n_views: int = 26
+    layout: Literal["ours", "original"] = "ours"
+    shading: Literal["ours", "original"] = "ours"
 
     def __post_init__(self) -> None:
         # a bad layout is refused when the config is read, not once per shape
-        view_layout(self.n_views, self.distance, self.pole_tilt_deg)
+        if self.layout not in ("ours", "original"):
+            raise ValueError(f"views.layout must be 'ours' or 'original', got {self.layout!r}")
+        if self.shading not in ("ours", "original"):
+            raise ValueError(f"views.shading must be 'ours' or 'original', got {self.shading!r}")
+        if self.layout == "original":
+            if self.n_views != 26:
+                raise ValueError(f"views.layout 'original' has 26 views, got n_views {self.n_views}")
+            if self.distance <= 0:
+                raise ValueError(f"views.distance must be > 0, got {self.distance}")
+        else:
+            view_layout(self.n_views, self.distance, self.pole_tilt_deg)
         if self.image_size < 1:
             raise ValueError(f"image_size must be >= 1, got {self.image_size}")
 
 
 def make_cameras(config: ViewConfig, device: torch.device | str = "cpu") -> Cameras:
-    """The configured view layout as cameras looking at the origin."""
+    """The configured view layout as cameras looking at the origin (``layout="ours"``; the original
+    layout depends on the shape: :func:`shape_cameras`)."""
+    if config.layout == "original":
+        raise ValueError("views.layout 'original' places cameras per shape: use shape_cameras(config, shape)")
     eyes = view_layout(config.n_views, config.distance, config.pole_tilt_deg)
     fov = config.fov_deg if config.fov_deg is not None else fov_to_fit_unit_sphere(config.distance)
     return look_at_cameras(eyes, fov_deg=fov, image_size=config.image_size).to(device)
+
+
+def shape_cameras(config: ViewConfig, shape: ShapeSample, device: torch.device | str = "cpu") -> Cameras:
+    """Cameras for one shape: the original layout around its vertex mean, else :func:`make_cameras`."""
+    if config.layout != "original":
+        return make_cameras(config, device)
+    fov = config.fov_deg if config.fov_deg is not None else 60.0
+    return original_cameras(
+        shape.vertices.to(device), shape.scale, config.distance, fov, config.image_size
+    ).to(device)
 
 
 def auto_point_radius(points: Tensor, factor: float = 1.5) -> float:
@@ -144,8 +179,11 @@ def render_shape(shape: ShapeSample, cameras: Cameras, config: ViewConfig) -> Re
     """Render a mesh (face correspondences) or a point cloud (point correspondences) from all views."""
     if shape.is_mesh:
         out = render_mesh(shape.vertices, shape.faces, cameras, backend=config.backend)
+        image = out.image
+        if config.shading == "original":
+            image = original_shading(out.pix_to_face, shape.vertices, shape.faces, cameras)
         return RenderedViews(
-            images=out.image,
+            images=image,
             cameras=cameras,
             depth=out.depth,
             mask=out.mask,

@@ -263,7 +263,7 @@ class ZeroShotFeatureKeypoints(_FeatureDetector):
     def _names(self, shape: ShapeSample, device: torch.device) -> Any:
         if isinstance(self.namer, _NAMERS_WITHOUT_IMAGES):
             return self.namer(shape, torch.zeros(0, 1, 1, 3, device=device))
-        views = render_shape(shape, self.cameras(device), self.view_config)
+        views = render_shape(shape, self.cameras(device, shape), self.view_config)
         return self.namer(shape, views.images)
 
     def _predict(

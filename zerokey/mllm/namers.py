@@ -28,8 +28,17 @@ from torch import Tensor
 from zerokey.data import ShapeSample, load_semantic_names
 from zerokey.mllm.client import BudgetExceeded, CallBudget, ChatClient, ChatError, MLLMRole
 from zerokey.mllm.parsing import ParseStats, parse_name_list
+from zerokey.original import original_label_table
 
-__all__ = ["NamingResult", "Namer", "StaticNamer", "KeypointNetNamer", "OpenAINamer", "unique_with_counts"]
+__all__ = [
+    "NamingResult",
+    "Namer",
+    "StaticNamer",
+    "KeypointNetNamer",
+    "OriginalLabelNamer",
+    "OpenAINamer",
+    "unique_with_counts",
+]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +69,8 @@ class Namer(MLLMRole, ABC):
     #: True when the names come from the benchmark's annotation (the run then says it evaluates the
     #: 3D half of the method, not zero-shot naming).
     is_ground_truth: bool = False
+    #: what the run's output calls this naming protocol when it is not zero-shot (None: nothing to say).
+    protocol: str | None = None
 
     @abstractmethod
     def __call__(self, shape: ShapeSample, images: Tensor) -> NamingResult: ...
@@ -120,6 +131,53 @@ class KeypointNetNamer(Namer):
             )
         ids = sorted(self.table[shape.category])
         unique, counts = unique_with_counts([self.table[shape.category][i] for i in ids])
+        return NamingResult(unique, counts)
+
+
+class OriginalLabelNamer(Namer):
+    """The authors' KeypointNet protocol (Wenri/Zero-Shot-3DKP @116cbed583cfb686389ee5e0f08d1f9dc744bb34,
+    ``kpeval.py`` 44-56 and ``kpviews.py`` 195-229; the GPT-4o naming call is commented out there): the
+    names are the labels of the semantic ids **annotated on this shape**, from ZeroKey's own label table
+    (:func:`zerokey.original.original_label_table`: ``semantic_names.json`` with airplane ids 3 / 5
+    renamed), and identical strings are one query ("lower end of the front leg of the chair" for ids
+    10, 12, 17, 20). Ground-truth names: the run says "original protocol (ground-truth names)".
+
+    ``instances`` is the number of ids behind a name (the original clustering keeps every cluster above
+    its weight rule regardless).
+    """
+
+    is_ground_truth = True
+    protocol = "original protocol (ground-truth names)"
+
+    def __init__(self, semantic_names: str) -> None:
+        path = Path(semantic_names)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"OriginalLabelNamer: semantic names file {path} not found (set semantic_names to "
+                "<keypointnet root>/semantic_names.json)"
+            )
+        self.semantic_names = str(path)
+        self.table = original_label_table(path)
+
+    def settings(self) -> dict[str, Any]:
+        return {"class": "zerokey.mllm.namers.OriginalLabelNamer", "table": self.table}
+
+    def __call__(self, shape: ShapeSample, images: Tensor) -> NamingResult:
+        ids = shape.extra.get("semantic_ids")
+        if ids is None:
+            raise ValueError(
+                f"OriginalLabelNamer names the semantic ids annotated on a shape; {shape.shape_id} has none "
+                "(KeypointNet data only)"
+            )
+        labels = self.table.get(shape.category or "")
+        if labels is None:
+            raise KeyError(f"no label table for category {shape.category!r} (shape {shape.shape_id})")
+        unknown = sorted({i for i in ids if i not in labels})
+        if unknown:
+            raise KeyError(
+                f"semantic ids {unknown} of {shape.shape_id} are not in the {shape.category} table"
+            )
+        unique, counts = unique_with_counts([labels[i] for i in sorted(set(ids))])
         return NamingResult(unique, counts)
 
 

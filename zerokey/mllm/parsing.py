@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 
 __all__ = [
+    "parse_pointer_answer",
     "ParseStats",
     "ParsedPoint",
     "parse_molmo_points",
@@ -51,6 +52,9 @@ class ParseStats:
             answer), dropped whole.
         duplicate: tags in one multi-name answer whose label was already used by an earlier tag of that
             answer (kept: the label is exact; counted because Molmo puts all instances in one tag).
+        xml_error: answers that are not one XML element (``parse="xml"``, the original's rule): the view is
+            dropped for that name.
+        too_many_points: answers with ``max_points`` points or more (the original drops those views: 8).
         failed_calls: requests that raised (network / HTTP errors after retries): no answer at all.
         unsent: requests not sent because the run's failure budget was already spent.
     """
@@ -66,6 +70,8 @@ class ParseStats:
     ambiguous: int = 0
     echoed: int = 0
     duplicate: int = 0
+    xml_error: int = 0
+    too_many_points: int = 0
     failed_calls: int = 0
     unsent: int = 0
 
@@ -356,3 +362,34 @@ def parse_name_list(text: str | None, max_names: int | None = None) -> tuple[lis
     if not names:
         stats.garbage = 1
     return names, stats
+
+
+def parse_pointer_answer(
+    text: str | None, parse: str = "tags", max_points: int | None = None
+) -> tuple[list[ParsedPoint], ParseStats]:
+    """Points of one pointing answer under a pointer's parsing rule.
+
+    ``parse="tags"`` (ours): :func:`parse_molmo_points`, every tag anywhere in the answer. ``"xml"``
+    (the authors' code, :func:`zerokey.original.parse_original_answer`): the whole answer must be one XML
+    element; otherwise the view is dropped (``xml_error``; a bad coordinate counts ``malformed``).
+    With ``max_points`` an answer of that many points or more is dropped whole (``too_many_points``).
+    """
+    if parse == "xml":
+        from zerokey.original import parse_original_answer
+
+        stats = ParseStats(answers=1)
+        pairs, reason = parse_original_answer(text, max_points)
+        if pairs is None:
+            setattr(stats, reason, 1)
+            if reason == "xml_error" and (text is None or not str(text).strip()):
+                stats.empty = 1
+            return [], stats
+        stats.points = len(pairs)
+        return [ParsedPoint(x, y) for x, y in pairs], stats
+    if parse != "tags":
+        raise ValueError(f"parse must be 'tags' or 'xml', got {parse!r}")
+    points, stats = parse_molmo_points(text)
+    if max_points is not None and len(points) >= max_points:
+        stats.too_many_points, stats.points = 1, 0
+        return [], stats
+    return points, stats

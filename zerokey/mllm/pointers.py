@@ -30,7 +30,8 @@ from torch import Tensor
 
 from zerokey.data import ShapeSample
 from zerokey.mllm.client import BudgetExceeded, CallBudget, ChatClient, ChatError, MLLMRole, plain_settings
-from zerokey.mllm.parsing import ParsedPoint, ParseStats, parse_labelled_points, parse_molmo_points
+from zerokey.mllm.parsing import ParsedPoint, ParseStats, parse_labelled_points, parse_pointer_answer
+from zerokey.original import ORIGINAL_LABEL_OVERRIDES, downsample_for_pointer
 from zerokey.views import RenderedViews, project_visible
 
 __all__ = [
@@ -161,7 +162,11 @@ class OraclePointer(Pointer):
         outlier_rate: float = 0.0,
         seed: int = 0,
         depth_tolerance: float = 0.03,
+        labels: Literal["semantic_names", "original"] = "semantic_names",
     ) -> None:
+        if labels not in ("semantic_names", "original"):
+            raise ValueError(f"labels must be 'semantic_names' or 'original', got {labels!r}")
+        self.labels = labels
         for name, p in (("dropout", dropout), ("outlier_rate", outlier_rate)):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {p}")
@@ -170,11 +175,24 @@ class OraclePointer(Pointer):
         self.noise_px, self.dropout, self.outlier_rate = noise_px, dropout, outlier_rate
         self.seed, self.depth_tolerance = seed, depth_tolerance
 
+    def _keypoint_names(self, shape: ShapeSample) -> list[str | None]:
+        """The ground-truth keypoints' names: the shape's, or (``labels="original"``) the authors' label
+        table's for their semantic ids (:data:`zerokey.original.ORIGINAL_LABEL_OVERRIDES`)."""
+        names = list(shape.keypoint_names or [])
+        if self.labels == "original":
+            ids = shape.extra.get("semantic_ids")
+            if ids is None or len(ids) != len(names):
+                raise ValueError(f"labels 'original' needs the semantic ids of shape {shape.shape_id}")
+            override = ORIGINAL_LABEL_OVERRIDES.get(shape.category or "", {})
+            names = [override.get(int(i), n) for i, n in zip(ids, names, strict=True)]
+        return names
+
     def __call__(self, shape: ShapeSample, names: list[str], views: RenderedViews) -> Points2D:
         device = views.depth.device
         if shape.keypoints is None or shape.keypoint_names is None:
             raise ValueError(f"OraclePointer needs ground-truth keypoints, shape {shape.shape_id} has none")
-        kp_name = [names.index(n) if n in names else -1 for n in shape.keypoint_names]
+        kp_names = self._keypoint_names(shape)
+        kp_name = [names.index(n) if n in names else -1 for n in kp_names]
         keep = torch.tensor([i >= 0 for i in kp_name], dtype=torch.bool)
         n_views, size = views.n_views, views.image_size
         stats = ParseStats(answers=n_views * len(names))
@@ -225,6 +243,13 @@ class OpenAIPointer(Pointer):
     are counted, never guessed. ``fallback_per_name`` re-asks name by name in a view whose all-names
     answer gave no labelled point.
 
+    The authors' code (``configs/zerokey/original.yaml``) is ``prompt: "point to the {name} on this
+    image"``, ``parse: xml`` (the whole answer one XML element, else the view is dropped),
+    ``max_points: 8`` (an answer with 8 or more points drops the view), ``send_size: 512`` (the 1024 px
+    render goes out bicubic-downsampled, :func:`zerokey.original.downsample_for_pointer`; points map back
+    to the render's pixels) and ``max_tokens: 2000``. Dropped views are counted in ``parse_stats``
+    (``xml_error``, ``too_many_points``, ``malformed``) and in the run's summary.
+
     Requests run from a bounded pool of ``max_workers`` threads (vLLM batches concurrent requests).
     A failed call (after the SDK's ``max_retries``) is counted in ``failed_calls`` and makes the shape
     incomplete (``Points2D.error``); the run's :class:`CallBudget` stops the run when they pile up.
@@ -243,7 +268,14 @@ class OpenAIPointer(Pointer):
         timeout: float = 60.0,
         max_retries: int = 2,
         max_tokens: int = 512,
+        parse: Literal["tags", "xml"] = "tags",
+        max_points: int | None = None,
+        send_size: int | None = None,
     ) -> None:
+        _check_answer_rules(parse, max_points, send_size)
+        if mode == "all_names" and parse == "xml":
+            raise ValueError("parse 'xml' (one point tag per answer) needs mode 'per_name'")
+        self.parse, self.max_points, self.send_size = parse, max_points, send_size
         if mode not in ("all_names", "per_name"):
             raise ValueError(f"mode must be 'per_name' or 'all_names', got {mode!r}")
         if "{name}" not in prompt:
@@ -277,11 +309,12 @@ class OpenAIPointer(Pointer):
     def _single(
         self, view: int, name_index: int, name: str, image: Tensor
     ) -> tuple[list, ParseStats, str | None]:
-        answer, failure, error = self._ask(build_point_prompt(name, self.prompt), image)
+        h, w = image.shape[:2]  # points are in the render's pixels, whatever size was sent
+        sent = downsample_for_pointer(image, self.send_size) if self.send_size else image
+        answer, failure, error = self._ask(build_point_prompt(name, self.prompt), sent)
         if answer is None:
             return [], failure, error
-        points, stats = parse_molmo_points(answer)
-        h, w = image.shape[:2]
+        points, stats = parse_pointer_answer(answer, self.parse, self.max_points)
         return [(u, v, view, name_index) for u, v in points_to_pixels(points, w, h)], stats, None
 
     def _multi(self, view: int, names: list[str], image: Tensor) -> tuple[list, ParseStats, str | None]:
@@ -335,6 +368,16 @@ class OpenAIPointer(Pointer):
 
 
 # ----------------------------------------------------------------------------------------- Molmo
+def _check_answer_rules(parse: str, max_points: int | None, send_size: int | None) -> None:
+    """One clear error for a bad ``parse`` / ``max_points`` / ``send_size`` (at config time)."""
+    if parse not in ("tags", "xml"):
+        raise ValueError(f"parse must be 'tags' or 'xml', got {parse!r}")
+    if max_points is not None and max_points < 1:
+        raise ValueError(f"max_points must be >= 1 or null, got {max_points}")
+    if send_size is not None and send_size < 1:
+        raise ValueError(f"send_size must be >= 1 or null, got {send_size}")
+
+
 class MolmoWeightsError(FileNotFoundError):
     """The Molmo weights directory is missing or incomplete."""
 
@@ -443,7 +486,12 @@ class MolmoPointer(Pointer):
         batch_size: int = 8,
         max_new_tokens: int = 200,
         prompt: str = DEFAULT_POINT_PROMPT,
+        parse: Literal["tags", "xml"] = "tags",
+        max_points: int | None = None,
+        send_size: int | None = None,
     ) -> None:
+        _check_answer_rules(parse, max_points, send_size)
+        self.parse, self.max_points, self.send_size = parse, max_points, send_size
         self.weights_dir = weights_dir
         self.dtype = dtype
         self.batch_size = batch_size
@@ -462,6 +510,10 @@ class MolmoPointer(Pointer):
         if self._model is None:
             dtype = self.dtype if device.type == "cuda" else "float32"
             self._model, self._processor = load_molmo(self.weights_dir, device, dtype)
+
+    def _sent(self, image: Tensor) -> Tensor:
+        """The view as Molmo sees it (``send_size``: the original's bicubic downsample)."""
+        return downsample_for_pointer(image, self.send_size) if self.send_size else image
 
     def process(self, image: Tensor, prompt: str) -> dict[str, Tensor]:
         """One (image, prompt) through Molmo's processor (its ``process`` method, remote code)."""
@@ -495,11 +547,13 @@ class MolmoPointer(Pointer):
             prompt = build_point_prompt(name, self.prompt)
             for start in range(0, views.n_views, self.batch_size):
                 view_ids = list(range(start, min(start + self.batch_size, views.n_views)))
-                batch = collate_molmo_inputs([self.process(views.images[v], prompt) for v in view_ids])
+                batch = collate_molmo_inputs(
+                    [self.process(self._sent(views.images[v]), prompt) for v in view_ids]
+                )
                 answers = self.generate(batch)
                 calls += 1
                 for v, answer in zip(view_ids, answers, strict=True):
-                    points, s = parse_molmo_points(answer)
+                    points, s = parse_pointer_answer(answer, self.parse, self.max_points)
                     stats += s
                     rows += [(u, y, v, name_index) for u, y in points_to_pixels(points, size, size)]
         uv, view, name_idx = _pack(rows, device)

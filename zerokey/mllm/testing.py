@@ -197,7 +197,8 @@ MOLMO_FAILURE_ANSWERS: dict[str, str] = {
     "empty": "",
 }
 
-_POINT_PROMPT = re.compile(r"^\s*Point to the (.+?) in this image\.?\s*$", re.IGNORECASE | re.DOTALL)
+#: ours ("Point to the {name} in this image.") and the authors' code's ("point to the {name} on this image").
+_POINT_PROMPT = re.compile(r"^\s*Point to the (.+?) (?:in|on) this image\.?\s*$", re.IGNORECASE | re.DOTALL)
 
 
 @dataclass
