@@ -232,6 +232,11 @@ def test_bad_inputs_are_one_line(tmp_path: Path, odd_export: tuple[Path, Encoder
             *snp, "--model.init_args.init_from", "/nope.pt"],
         "--ckpt_path /nope.ckpt: no such file or directory": [
             "validate", "--config", str(REPO / "configs" / "stage2.yaml"), "--ckpt_path", "/nope.ckpt"],
+        "evaluates a benchmark with `test`, not `validate`": [
+            "validate", "--config", str(REPO / "configs" / "eval" / "faust.yaml"),
+            "--model.init_args.init_from", str(export),
+            "--data.init_args.root", str(make_fixture("faust", tmp_path / "faust", None)),
+            "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path / "v")],
         "holds weights only (export), no training state to resume": [
             "fit", "--config", str(REPO / "configs" / "stage2.yaml"), "--ckpt_path", str(export)],
         "Option 'trainabel' is not accepted (did you mean 'trainable'?)": [

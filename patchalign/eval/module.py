@@ -23,6 +23,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+
 from patchalign.eval.evaluator import PartSegEvaluator, zero_shot_predict
 from patchalign.model import PatchAlignEncoder
 from patchalign.pretrained import AssignMode
@@ -83,13 +85,14 @@ class ZeroShotSegmentation(Stage2Alignment):
         self.evaluator: PartSegEvaluator | None = None
 
     def setup(self, stage: str) -> None:
-        if stage != "test":
-            raise ValueError(
+        stage = str(getattr(stage, "value", stage))  # Lightning passes a TrainerFn (a str enum)
+        if stage != "test":  # Lightning's "this run cannot be done": one line from the CLI
+            raise MisconfigurationException(
                 f"ZeroShotSegmentation evaluates a benchmark with `test`, not `{stage}` "
                 "(train and validate with patchalign.training.modules.Stage2Alignment)"
             )
         if getattr(self.trainer.datamodule, "test_dataset", None) is None:
-            raise ValueError(
+            raise MisconfigurationException(
                 "ZeroShotSegmentation needs a benchmark data module "
                 "(patchalign.eval.datamodule.EvalDataModule)"
             )
