@@ -52,7 +52,6 @@ WEIGHTS_NAME = "model.safetensors"
 PROGRAM_NAME = "encoder.pt2"
 ENCODER_PREFIX = "encoder."
 
-RELEASED_TEXT_ENCODER = "open_clip:ViT-bigG-14@laion2b_s39b_b160k"
 RELEASED_MAX_SCALE = 100.0
 RELEASED_NUM_HEADS = 6  # fixed in the released build_model, not stored in the checkpoint
 
@@ -472,12 +471,12 @@ def load_checkpoint_into(
 
 def effective_multiplier(logit: Mapping[str, Any]) -> float:
     """Readable multiplier of cosines for a logit dict (for config.json; computed by the losses' rule)."""
-    from patchalign.losses import logit_multiplier
+    from patchalign.losses import DEFAULT_LOGIT_SCALE, logit_multiplier
 
     form = logit.get("form", "none")
     if form == "none" or logit.get("scale") is None:
-        return 1.0 / 0.07
+        return DEFAULT_LOGIT_SCALE
     m = logit_multiplier(
         form, torch.tensor(float(logit["scale"])), logit.get("max_scale", RELEASED_MAX_SCALE)
     )
-    return float(m) if math.isfinite(float(m)) else 1.0 / 0.07
+    return float(m) if math.isfinite(float(m)) else DEFAULT_LOGIT_SCALE

@@ -167,7 +167,7 @@ class TextEncoder(ABC):
 
     @property
     def id(self) -> str:
-        """Alias of :attr:`encoder_id` (the name ``patchalign.eval.zeroshot`` looks up)."""
+        """Alias of :attr:`encoder_id` (the name the evaluation looks up)."""
         return self.encoder_id
 
     @abstractmethod

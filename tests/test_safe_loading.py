@@ -225,6 +225,6 @@ def test_objaverse_labels_npy_with_a_pickle_is_refused(tmp_path: Path) -> None:
     (d / "label_map.json").write_text(json.dumps({"1": "handle"}))
     np.save(d / "labels.npy", np.array([payload] * N, dtype=object), allow_pickle=True)
     _assert_live(d / "labels.npy", marker)
-    with pytest.raises(ValueError, match="pickle"):
+    with pytest.raises(UnsafePickleError, match=str(d / "labels.npy")):
         ObjaverseFind3D(tmp_path, "unseen")[0]
     assert not marker.exists()

@@ -19,7 +19,7 @@ from patchalign.eval.readers.base import (
     register_reader,
     select_categories,
 )
-from patchalign.io import read_pcd_xyz
+from patchalign.io import read_npy, read_pcd_xyz
 
 
 class ObjaverseFind3D(PartSegDataset):
@@ -71,7 +71,7 @@ class ObjaverseFind3D(PartSegDataset):
         cat, uid, d = self._items[index]
         names = self._read_names(d)
         points = read_pcd_xyz(d / "points5000.pcd")
-        labels = np.load(d / "labels.npy").reshape(-1).astype(np.int64) - 1  # 0 (unlabeled) -> -1
+        labels = read_npy(d / "labels.npy").reshape(-1).astype(np.int64) - 1  # 0 (unlabeled) -> -1
         if labels.shape[0] != points.shape[0]:
             raise ValueError(f"{uid}: {points.shape[0]} points but {labels.shape[0]} labels")
         labels = self._check_labels(labels, len(names), uid)

@@ -19,8 +19,7 @@ from patchalign.eval.readers.base import (
     register_reader,
     select_categories,
 )
-from patchalign.eval.readers.formats import read_ply_xyz
-from patchalign.io import read_npy
+from patchalign.io import read_npy, read_ply_xyz
 
 
 class PartNetE(PartSegDataset):
