@@ -435,3 +435,23 @@ def test_oracle_preset_runs_end_to_end_on_a_small_mesh(tmp_path):
     # every kept cluster lies near one of the two annotated corners (input frame)
     d = np.linalg.norm(found[:, None] - corners[None], axis=-1).min(1)
     assert (d < 0.05).all(), d
+
+
+def test_six_view_ablation_layout_is_four_equatorial_views_and_the_poles():
+    d = original_view_directions(partition=1).numpy()
+    assert d.shape == (6, 3)
+    assert d[:4, 1] == pytest.approx([0.0, -0.001, 0.0, 0.001], abs=1e-6)  # the equator (tilted)
+    assert d[0] == pytest.approx([1, 0, 0]) and d[2] == pytest.approx([-1, 0, 0])
+    assert d[4] == pytest.approx([0, 1, 0.001], abs=1e-6)
+
+
+def test_authors_ablation_clusterings_raw_mean_and_binary():
+    rng = np.random.default_rng(4)
+    c = _candidates([_blob((0, 0, 0), 10, 5, 0, 0, rng), _blob((1, 0, 0), 30, 1, 1, 1, rng)])
+    from zerokey.cluster import cluster_candidates
+
+    (raw,) = cluster_candidates(c, 1, ClusterConfig(method="raw_mean"))
+    assert len(raw) == 1  # one unweighted mean: 10 at x=0 and 30 at x=1 -> x = 0.75 (weights ignored)
+    assert raw[0].centroid[0].item() == pytest.approx(0.75, abs=0.01)
+    (binary,) = cluster_candidates(c, 1, ClusterConfig(method="binary"))
+    assert sorted(round(k.centroid[0].item()) for k in binary) == [0, 1]  # both blobs kept, unweighted

@@ -71,6 +71,10 @@ class ClusterConfig:
         "original" (the authors' code, :func:`original_clusters`: fast_hdbscan with sample weights, the
         min_cluster_size ladder, every cluster heavier than ``keep_factor`` x the heaviest detection;
         ``min_samples``, ``selection``, ``weighting``, ``cluster_selection_epsilon``, ``min_views`` unused).
+        The authors' ablations: "raw_mean" (``kpeval_rawpts.py``: the unweighted mean of a name's
+        candidates, one keypoint) and "binary" (the binary back-projection of ``schelling_points.py``:
+        sklearn ``HDBSCAN(min_cluster_size=2, cluster_selection_epsilon=0.1, allow_single_cluster=True)``,
+        unweighted mean per cluster, every cluster kept).
     min_samples: HDBSCAN ``min_samples`` = the paper's minPts k = 10, in points (or weight units with
         ``weighting="weight"``).
     min_cluster_size: smallest cluster, same units (10, with k).
@@ -100,7 +104,7 @@ class ClusterConfig:
     allow_single_cluster: bool = True
     cluster_selection_epsilon: float = 0.0
     min_views: int = 1
-    method: Literal["hdbscan", "mean", "original"] = "hdbscan"
+    method: Literal["hdbscan", "mean", "original", "raw_mean", "binary"] = "hdbscan"
     ladder_start: int = 10
     max_candidates: int = 10_000
     keep_factor: float = 2.0
@@ -110,7 +114,7 @@ class ClusterConfig:
 
     def __post_init__(self) -> None:
         choices = {
-            "method": ("hdbscan", "mean", "original"),
+            "method": ("hdbscan", "mean", "original", "raw_mean", "binary"),
             "selection": ("density", "weight"),
             "weighting": ("points", "weight"),
         }
@@ -280,6 +284,10 @@ def cluster_candidates(
             clusters = _mean_cluster(mine)
         elif config.method == "original":
             clusters = original_clusters(mine, config)
+        elif config.method == "raw_mean":
+            clusters = _plain_clusters(mine, np.zeros(len(mine), dtype=np.int64))
+        elif config.method == "binary":
+            clusters = _plain_clusters(mine, _binary_labels(mine.xyz))
         else:
             labels, core = weighted_hdbscan(mine.xyz, mine.weight, config, return_core=True)
             clusters = clusters_from_labels(mine.xyz, mine.weight, labels, mine.view, core, config.selection)
@@ -328,6 +336,24 @@ def original_clusters(mine: Candidates3D, config: ClusterConfig | None = None) -
     for c in kept:
         c.members = index[c.members]
     return kept
+
+
+def _binary_labels(xyz: Tensor) -> np.ndarray:
+    """HDBSCAN as the authors' binary back-projection runs it (``schelling_points.py`` @1b2338d: sklearn's
+    with these settings). Run through the ``hdbscan`` package, of which sklearn's is a port: sklearn 1.6's
+    epsilon search raises a TypeError when it reaches the root with ``allow_single_cluster``."""
+    import hdbscan
+
+    if len(xyz) < 2:
+        return np.zeros(len(xyz), dtype=np.int64)
+    model = hdbscan.HDBSCAN(min_cluster_size=2, cluster_selection_epsilon=0.1, allow_single_cluster=True)
+    return np.asarray(model.fit_predict(xyz.detach().cpu().double().numpy()), dtype=np.int64)
+
+
+def _plain_clusters(mine: Candidates3D, labels: np.ndarray) -> list[Cluster]:
+    """Unweighted means of the labelled groups (the authors' ablations), largest group first."""
+    ones = torch.ones(len(mine), dtype=torch.float64, device=mine.xyz.device)
+    return clusters_from_labels(mine.xyz, ones, labels, mine.view, selection="weight")
 
 
 def fast_hdbscan_ladder(points: np.ndarray, sample_weight: np.ndarray, start: int = 10) -> np.ndarray:

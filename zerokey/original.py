@@ -53,6 +53,7 @@ __all__ = [
     "original_label_table",
     "original_view_directions",
     "original_cameras",
+    "ORIGINAL_PARTITIONS",
     "original_shading",
     "downsample_for_pointer",
     "parse_original_answer",
@@ -99,19 +100,27 @@ def min_cluster_size_ladder(start: int = ORIGINAL_LADDER_START) -> list[int]:
     return out
 
 
-def original_view_directions(tilt_rad: float = ORIGINAL_TILT_RAD) -> Tensor:
-    """(26, 3) unit directions: azimuth phi in the x-z plane from +x towards +z (outer loop, 8 steps),
-    polar theta from +y (inner loop, 45 / 90 / 135), then +y and -y; all rotated by ``tilt_rad`` about +x
-    (which keeps the poles off the up axis)."""
+def original_view_directions(tilt_rad: float = ORIGINAL_TILT_RAD, partition: int = 3) -> Tensor:
+    """Unit view directions of ``sample_view_points(1, partition)``: azimuth phi in the x-z plane from
+    +x towards +z (outer loop, ``2 (partition + 1)`` steps), polar theta from +y (inner loop, multiples
+    of ``180 / (partition + 1)`` degrees except 0), then +y and -y; all rotated by ``tilt_rad`` about +x
+    (which keeps the poles off the up axis). ``partition=3``: the 26 views (polar 45 / 90 / 135);
+    ``partition=1``: the "only 6 views" ablation (4 at the equator + the poles)."""
+    if partition < 1:
+        raise ValueError(f"partition must be >= 1, got {partition}")
     rows = []
-    for phi in np.linspace(0.0, 2.0 * np.pi, 8, endpoint=False):
-        for theta in (np.pi / 4, np.pi / 2, 3 * np.pi / 4):
+    for phi in np.linspace(0.0, 2.0 * np.pi, (partition + 1) * 2, endpoint=False):
+        for theta in np.linspace(0.0, np.pi, partition + 1, endpoint=False)[1:]:
             rows.append([np.sin(theta) * np.cos(phi), np.cos(theta), np.sin(theta) * np.sin(phi)])
     rows += [[0.0, 1.0, 0.0], [0.0, -1.0, 0.0]]
     p = np.asarray(rows, dtype=np.float64)
     c, s = math.cos(tilt_rad), math.sin(tilt_rad)
     rot = np.array([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])  # right-handed turn about +x
     return torch.from_numpy(p @ rot.T)
+
+
+#: view count -> ``partition`` of the original's sampler (26: the pipeline; 6: the ablation).
+ORIGINAL_PARTITIONS: dict[int, int] = {26: 3, 6: 1}
 
 
 def original_cameras(
@@ -121,6 +130,7 @@ def original_cameras(
     fov_deg: float = 60.0,
     image_size: int = 1024,
     tilt_rad: float = ORIGINAL_TILT_RAD,
+    n_views: int = 26,
 ) -> Cameras:
     """The original's cameras for one shape, in our normalised frame (``normalised = (input - c) / scale``).
 
@@ -129,7 +139,10 @@ def original_cameras(
     target is the normalised vertex mean and the distance is ``distance / scale``.
     """
     target = vertices.double().mean(0)
-    eyes = target[None] + original_view_directions(tilt_rad).to(target) * (distance / float(scale))
+    if n_views not in ORIGINAL_PARTITIONS:
+        raise ValueError(f"the original layout has {sorted(ORIGINAL_PARTITIONS)} views, got {n_views}")
+    directions = original_view_directions(tilt_rad, ORIGINAL_PARTITIONS[n_views])
+    eyes = target[None] + directions.to(target) * (distance / float(scale))
     cams = look_at_cameras(eyes.float(), at=target.float(), fov_deg=fov_deg, image_size=image_size)
     return cams.to(vertices.device)
 

@@ -296,7 +296,7 @@ class ZeroKeyPipeline(KeypointDetector):
             candidates = self._extra_candidates(candidates, state, views)
         with timed("cluster"):
             per_name = cluster_candidates(candidates, len(names), self.cluster_config)
-            if self.cluster_config.method == "original":
+            if self.cluster_config.method in ("original", "raw_mean", "binary"):
                 chosen = per_name  # every kept cluster is a keypoint of the name (several per name)
             else:
                 chosen = [clusters[: instances[i]] for i, clusters in enumerate(per_name)]

@@ -28,7 +28,7 @@ from patchalign.render import (
     ring_view_layout,
 )
 from zerokey.data import ShapeSample
-from zerokey.original import original_cameras, original_shading
+from zerokey.original import ORIGINAL_PARTITIONS, original_cameras, original_shading
 
 __all__ = [
     "project_visible",
@@ -103,8 +103,8 @@ class ViewConfig:
         layout: "ours" (:func:`view_layout` around the origin of the unit-sphere frame) or "original"
             (the authors' code, :func:`zerokey.original.original_cameras`: 26 directions tilted 0.001 rad
             about +x, looking at the vertex mean from ``distance`` in the *input* frame's units -- 1 for
-            KeypointNet's unit-diagonal meshes; set ``fov_deg: 60``; ``n_views`` must be 26 and
-            ``pole_tilt_deg`` is unused).
+            KeypointNet's unit-diagonal meshes; set ``fov_deg: 60``; ``n_views`` 26, or 6 for the
+            authors' "only 6 views" ablation; ``pole_tilt_deg`` is unused).
         shading: "ours" (the renderer's headlight Lambertian grey) or "original" (PyTorch3D flat
             shading, light at the camera with ambient 0.5 / diffuse 0.3 / specular 0.2, grey 0.7 on white:
             :func:`zerokey.original.original_shading`; meshes only, point clouds keep ours).
@@ -128,8 +128,10 @@ class ViewConfig:
         if self.shading not in ("ours", "original"):
             raise ValueError(f"views.shading must be 'ours' or 'original', got {self.shading!r}")
         if self.layout == "original":
-            if self.n_views != 26:
-                raise ValueError(f"views.layout 'original' has 26 views, got n_views {self.n_views}")
+            if self.n_views not in ORIGINAL_PARTITIONS:
+                raise ValueError(
+                    f"views.layout 'original' has {sorted(ORIGINAL_PARTITIONS)} views, not {self.n_views}"
+                )
             if self.distance <= 0:
                 raise ValueError(f"views.distance must be > 0, got {self.distance}")
         else:
@@ -154,7 +156,12 @@ def shape_cameras(config: ViewConfig, shape: ShapeSample, device: torch.device |
         return make_cameras(config, device)
     fov = config.fov_deg if config.fov_deg is not None else 60.0
     return original_cameras(
-        shape.vertices.to(device), shape.scale, config.distance, fov, config.image_size
+        shape.vertices.to(device),
+        shape.scale,
+        config.distance,
+        fov,
+        config.image_size,
+        n_views=config.n_views,
     ).to(device)
 
 
