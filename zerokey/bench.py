@@ -446,6 +446,21 @@ def _preset_pipeline(
     )
 
 
+def _slim(views: RenderedViews, preset: str) -> RenderedViews:
+    """What lifting still needs once the views are answered (1024 px renders of 11 shapes are ~10 GB):
+    no images; disc lifting (original) needs neither faces nor barycentrics."""
+    keep_faces = preset != "original"
+    return RenderedViews(
+        images=views.images[:, :1, :1],
+        cameras=views.cameras,
+        depth=views.depth,
+        mask=views.mask,
+        pix_to_face=views.pix_to_face if keep_faces else None,
+        bary=views.bary if keep_faces else None,
+        pix_to_point=views.pix_to_point if keep_faces else None,
+    )
+
+
 def run_reference_bench(
     root: Path,
     presets: Sequence[str] = ("original", "ours"),
@@ -495,7 +510,8 @@ def run_reference_bench(
                     for shape in shapes:
                         views = pipe.render(shape)
                         names = pipe.namer(shape.to(views.depth.device), views.images).names
-                        cached[variant.n_views].append((shape, views, chosen(shape, names, views)))
+                        points = chosen(shape, names, views)
+                        cached[variant.n_views].append((shape, _slim(views, preset), points))
                 records = [pipe.predict(s, views=v, points=p).record for s, v, p in cached[variant.n_views]]
                 protocol = "original" if preset == "original" else "keypointnet"
                 result = evaluate_predictions(
