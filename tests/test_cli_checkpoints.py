@@ -241,6 +241,11 @@ def test_bad_inputs_are_one_line(tmp_path: Path, odd_export: tuple[Path, Encoder
             "fit", "--config", str(REPO / "configs" / "stage2.yaml"), "--ckpt_path", str(export)],
         "Option 'trainabel' is not accepted (did you mean 'trainable'?)": [
             "fit", "--config", str(REPO / "configs" / "stage2.yaml"), "--model.init_args.trainabel", "all"],
+        "--weights_only false would unpickle arbitrary code": [
+            "validate", "--config", str(REPO / "configs" / "stage2.yaml"),
+            "--ckpt_path", str(export / "config.json"), "--weights_only", "false"],
+        "--ckpt_path https://example.org/x.ckpt: must be a local file": [
+            "validate", "--config", str(REPO / "configs" / "stage2.yaml"), "--ckpt_path", "https://example.org/x.ckpt"],
     }  # fmt: skip
     for expected, argv in cases.items():
         with warnings.catch_warnings(record=True) as caught:

@@ -247,9 +247,20 @@ class PatchAlignCLI(LightningCLI):
     # ------------------------------------------------------------------ the checks
 
     def _check_ckpt_path(self, cfg: Any) -> None:
+        """A local file, loaded weights-only: Lightning's ``--weights_only false`` (and its default for
+        URLs) would unpickle whatever the file holds, so both are refused and ``weights_only`` is set."""
         ckpt_path = cfg.get("ckpt_path")
+        if ckpt_path and "://" in str(ckpt_path):
+            raise ConfigError(f"--ckpt_path {ckpt_path}: must be a local file (download it first)")
         if ckpt_path and str(ckpt_path) not in SPECIAL_CKPT_PATHS and not Path(ckpt_path).exists():
             raise ConfigError(f"--ckpt_path {ckpt_path}: no such file or directory")
+        if "weights_only" in cfg:
+            if cfg.get("weights_only") is False:
+                raise ConfigError(
+                    "--weights_only false would unpickle arbitrary code from the checkpoint; "
+                    "checkpoints are always loaded weights-only"
+                )
+            cfg["weights_only"] = True
 
     def _share_text_bank(self, cfg: Any) -> None:
         """``data.init_args.text_bank`` is the model's too, unless the model names its own.
