@@ -1,6 +1,7 @@
 """Training losses for both stages: plain functions and small parameter holders, torch only.
 
 * Stage 1 (distillation): :func:`cosine_distillation_loss` (released ``stage1.py``: ``1 - cos``).
+* Joint training (the paper's ablation): :func:`joint_loss`, the two losses summed.
 * Stage 2 (text alignment), two variants selectable by config so they can be compared:
   - :func:`sigmoid_patch_text_loss` + :class:`SigmoidLogitParams`: the talk's SigLIP loss (Zhai et
     al., arXiv 2303.15343) over all patch–text pairs in the batch, fractional targets, learnable
@@ -202,3 +203,21 @@ def per_shape_bce_loss(
     per_shape = (loss * valid).sum(dim=(1, 2)) / valid.sum(dim=(1, 2)).clamp_min(1.0)
     has_labels = (k > 0).to(loss.dtype)
     return (per_shape * has_labels).sum() / has_labels.sum().clamp_min(1.0)
+
+
+def joint_loss(distillation: Tensor, alignment: Tensor, weight: float = 1.0) -> Tensor:
+    """The joint-training objective: ``alignment + weight * distillation``.
+
+    The paper's joint variant "jointly optimizes both losses using each stage's respective projection
+    head" and gives no weighting (arXiv 2601.02457, Table ``tab:ablation_stage``); ``weight = 1`` is
+    the unweighted sum, our reading, and ``weight`` lets a run trade the two signals off. A negative
+    weight would *reward* moving away from the teacher, so it is refused.
+
+    Args:
+        distillation: scalar Stage 1 loss (:func:`cosine_distillation_loss`).
+        alignment: scalar Stage 2 loss (:func:`sigmoid_patch_text_loss` or :func:`per_shape_bce_loss`).
+        weight: factor of the distillation term (``>= 0``).
+    """
+    if weight < 0:
+        raise ValueError(f"joint weight must be >= 0, got {weight}")
+    return alignment + weight * distillation

@@ -147,12 +147,21 @@ def stage2_trainable(all_blocks: bool) -> list[str]:
     return [*last, "--model.init_args.trainable", "all"] if all_blocks else last
 
 
-def fit_stage(stage: int, shards: Path, root: Path, steps: int, batch_size: int, extra: list[str]) -> Path:
+def fit_stage(
+    stage: int,
+    shards: Path,
+    root: Path,
+    steps: int,
+    batch_size: int,
+    extra: list[str],
+    config: Path | None = None,
+) -> Path:
     """One stage through the project's LightningCLI and ``configs/stage{1,2}.yaml``, at demo scale.
 
     The demo learning rates (:data:`DEMO_LR`), warm-up over the first tenth of the short run; the
     global batch is the demo's own (single process), so no batch/lr rule rescales anything. Public
-    CLI flags only, so this is the command a user could type.
+    CLI flags only, so this is the command a user could type. ``config`` replaces the stage's config
+    file (the bench's joint-training arm: ``configs/stage2.yaml`` with the joint module).
     """
     from patchalign.training.cli import cli_main
 
@@ -174,7 +183,7 @@ def fit_stage(stage: int, shards: Path, root: Path, steps: int, batch_size: int,
     args = [
         "fit",
         "--config",
-        str(REPO_ROOT / "configs" / f"stage{stage}.yaml"),
+        str(config or REPO_ROOT / "configs" / f"stage{stage}.yaml"),
         *_overrides("--trainer.", trainer),
         *_overrides("--data.init_args.", data),
         *_overrides("--model.init_args.optim.", optim),

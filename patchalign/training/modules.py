@@ -1,4 +1,4 @@
-"""Thin LightningModules for the two training stages.
+"""Thin LightningModules for the two training stages and the paper's joint-training ablation.
 
 The encoder (:class:`patchalign.model.PatchAlignEncoder`) and the losses (:mod:`patchalign.losses`)
 are plain torch; these classes only wire them to batches, optimisers, logging and checkpoints.
@@ -32,10 +32,11 @@ from patchalign.losses import (
     ScaleLogitParams,
     SigmoidLogitParams,
     cosine_distillation_loss,
+    joint_loss,
     per_shape_bce_loss,
     sigmoid_patch_text_loss,
 )
-from patchalign.model import PatchAlignEncoder
+from patchalign.model import PatchAlignEncoder, PatchHead
 from patchalign.training.metrics import point_miou
 from patchalign.training.optim import (
     OptimizerConfig,
@@ -106,6 +107,41 @@ def drop_category_labels(batch: dict[str, Any], text_names: list[str]) -> dict[s
         "label_mask": batch["label_mask"] & ~drop,
         "membership": batch["membership"] * (~drop)[:, None, :].to(batch["membership"].dtype),
     }
+
+
+def distillation_targets(
+    batch: dict[str, Any], centers: Tensor, group_index: Tensor, width: int
+) -> tuple[Tensor, Tensor]:
+    """Stage 1 targets ``(B, G, C)`` and mask ``(B, G)`` for the patches the encoder formed.
+
+    When the batch carries the released compact per-shape targets (``patch_centers`` ``(B, G0, 3)``
+    + ``patch_features`` ``(B, G0, C)``), each predicted centre takes the feature of its nearest
+    stored centre (:func:`patchalign.patch_targets.match_patch_targets`, the released
+    ``train_epoch_dino``); otherwise the mean per-point teacher feature of each patch
+    (:func:`patch_feature_targets`). ``width`` is the distillation head's output width: a teacher
+    of another width is refused here, by name, rather than failing inside the cosine.
+    """
+    if batch.get("patch_centers") is not None:
+        from patchalign.patch_targets import match_patch_targets
+
+        stored = batch["patch_features"]
+        if stored.shape[-1] != width:
+            raise ValueError(
+                f"stored patch features have width {stored.shape[-1]} but the head outputs {width}"
+            )
+        return match_patch_targets(centers, batch["patch_centers"], stored)
+    feats = batch.get("features")
+    if feats is None:
+        raise ValueError(
+            "the distillation loss needs per-point 'features' or 'patch_centers' in the batch "
+            "(shards with teacher features, and data.init_args.load_features: true)"
+        )
+    if feats.shape[-1] != width:
+        raise ValueError(
+            f"teacher features have width {feats.shape[-1]} but the head outputs "
+            f"{width}: set the encoder's head_dim to the teacher width"
+        )
+    return patch_feature_targets(feats, group_index)
 
 
 class _StageBase(L.LightningModule):
@@ -203,25 +239,7 @@ class Stage1Distillation(_StageBase):
 
     def targets(self, batch: dict[str, Any], out: Any) -> tuple[Tensor, Tensor]:
         """``(targets (B, G, C), mask (B, G))`` for the patches the encoder formed."""
-        width = out.patch_features.shape[-1]
-        if batch.get("patch_centers") is not None:
-            from patchalign.patch_targets import match_patch_targets
-
-            stored = batch["patch_features"]
-            if stored.shape[-1] != width:
-                raise ValueError(
-                    f"stored patch features have width {stored.shape[-1]} but the head outputs {width}"
-                )
-            return match_patch_targets(out.centers, batch["patch_centers"], stored)
-        feats = batch.get("features")
-        if feats is None:
-            raise ValueError("Stage 1 batch has neither per-point 'features' nor 'patch_centers'")
-        if feats.shape[-1] != width:
-            raise ValueError(
-                f"teacher features have width {feats.shape[-1]} but the head outputs "
-                f"{width}: set the encoder's head_dim to the teacher width"
-            )
-        return patch_feature_targets(feats, out.group_index)
+        return distillation_targets(batch, out.centers, out.group_index, out.patch_features.shape[-1])
 
     def _step(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
         out = self.encoder(batch["points"])
@@ -528,3 +546,129 @@ class Stage2Alignment(_StageBase):
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """``test`` on a shard set: the validation metrics (logged under ``val/``)."""
         return self.validation_step(batch, batch_idx)
+
+
+class JointTraining(Stage2Alignment):
+    """The paper's joint-training ablation: distillation and text alignment at once, from scratch.
+
+    PatchAlign3D (arXiv 2601.02457, Table ``tab:ablation_stage``: Stage 2 only 50.5, joint 50.2,
+    two-stage 56.9 ShapeNetPart mIoU) describes it as a variant "that jointly optimizes both losses
+    using each stage's respective projection head". So one encoder, two heads: the encoder's own
+    ``head`` (text width, the one export / :func:`patchalign.load_pretrained` / evaluation use) and
+    :attr:`distill_head` (teacher width, training only, dropped by export). The loss is
+    :func:`patchalign.losses.joint_loss`: ``L_text + joint_weight * L_2D``. The paper gives no
+    weighting and does not say what trains; ``joint_weight: 1.0`` (unweighted sum) and every
+    encoder parameter training are our reading (``docs/fidelity.md``).
+
+    Everything else is :class:`Stage2Alignment` (text bank, loss kinds, logit parameters, category
+    label drop, validation mIoU); the distillation targets are Stage 1's
+    (:func:`distillation_targets`). Batches need both teacher features (or released patch targets)
+    and part labels: shards with features and a text bank, ``data.init_args.load_features: true``.
+
+    Args:
+        encoder: the backbone; its head is set to the text-bank width (linked by the CLI).
+        joint_weight: factor of the distillation loss (``>= 0``; ``0`` trains the distillation
+            head alone, the encoder sees only the text loss).
+        distill_dim: width of the distillation head; default the shards' teacher width (linked by
+            the CLI as ``target_widths["features"]``).
+        init_from: ``None`` (from scratch, the paper's variant) or a file to start the encoder from.
+        trainable, freeze_blocks: as :class:`Stage2Alignment`; default ``"all"`` (every block).
+        Other arguments: :class:`Stage2Alignment`'s.
+    """
+
+    def __init__(
+        self,
+        encoder: PatchAlignEncoder,
+        joint_weight: float = 1.0,
+        distill_dim: int | None = None,
+        init_from: str | None = None,
+        init_strict: bool = True,
+        loss: Literal["bce", "siglip"] = "bce",
+        temperature: Literal["log", "linear"] = "log",
+        max_logit_scale: float = 100.0,
+        trainable: Trainable | list[str] = "all",
+        freeze_blocks: int | None = None,
+        frozen_train_mode: bool = True,
+        exclude_category_label: bool = False,
+        text_bank: str | None = None,
+        optim: OptimizerConfig | None = None,
+        target_widths: dict[str, int] | None = None,
+    ) -> None:
+        if joint_weight < 0:
+            raise ValueError(f"joint_weight must be >= 0, got {joint_weight}")
+        width = distill_dim or (target_widths or {}).get("features")
+        if not width:
+            raise ValueError(
+                "joint training needs the teacher width: train on shards with teacher features (the CLI "
+                "links their width) or set model.init_args.distill_dim"
+            )
+        super().__init__(
+            encoder,
+            init_from=init_from,
+            init_strict=init_strict,
+            loss=loss,
+            temperature=temperature,
+            max_logit_scale=max_logit_scale,
+            trainable=trainable,
+            freeze_blocks=freeze_blocks,
+            frozen_train_mode=frozen_train_mode,
+            exclude_category_label=exclude_category_label,
+            text_bank=text_bank,
+            optim=optim,
+            target_widths=target_widths,
+        )
+        self.joint_weight = float(joint_weight)
+        self.distill_head = PatchHead(encoder.config.trans_dim, int(width))
+        nn.init.trunc_normal_(self.distill_head.proj.weight, std=0.02)
+        nn.init.zeros_(self.distill_head.proj.bias)
+        self.hparams["distill_dim"] = int(width)
+        self.train_cos = MeanMetric()
+        self.val_cos = MeanMetric()
+
+    def head_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        distill = [(f"distill_head.{n}", p) for n, p in self.distill_head.named_parameters()]
+        return super().head_parameters() + distill
+
+    def _joint_step(
+        self, batch: dict[str, Any]
+    ) -> tuple[Tensor, Tensor, Tensor, Any, Tensor, Tensor, Tensor]:
+        """Both losses from one forward pass: ``(total, text, distill, out, targets, local_ids, cos)``."""
+        out, targets, local_ids, used = self._scores(batch)
+        text = self._loss(out, targets, local_ids, used, batch)
+        pred = self.distill_head(out.patch_tokens)
+        target, mask = distillation_targets(batch, out.centers, out.group_index, pred.shape[-1])
+        distill = cosine_distillation_loss(pred, target, mask)
+        cos = (pred.float() * target).sum(-1)[mask]
+        return joint_loss(distill, text, self.joint_weight), text, distill, out, targets, local_ids, cos
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        loss, text, distill, out, targets, local_ids, cos = self._joint_step(batch)
+        bs = batch["points"].shape[0]
+        with torch.no_grad():
+            _, acc = self._patch_predictions(out, targets, local_ids, batch)
+        self.train_acc(acc)
+        self.train_cos(cos.detach())
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log("train/text_loss", text.detach(), batch_size=bs)
+        self.log("train/distill_loss", distill.detach(), batch_size=bs)
+        self.log("train/patch_acc", self.train_acc, on_step=True, on_epoch=True, batch_size=bs)
+        self.log("train/cosine", self.train_cos, on_step=True, on_epoch=True, batch_size=bs)
+        self.log("train/logit_scale", self.logit_params.multiplier().detach(), batch_size=bs)
+        self._log_skips()
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        loss, text, distill, out, targets, local_ids, cos = self._joint_step(batch)
+        patch_pred, acc = self._patch_predictions(out, targets, local_ids, batch)
+        miou = point_miou(patch_pred, out.point_to_patch, batch["membership"], batch["label_mask"])
+        bs = batch["points"].shape[0]
+        self.val_acc(acc)
+        self.val_cos(cos)
+        if miou.numel():
+            self.val_miou(miou)
+        self.log("val/loss", loss, prog_bar=True, batch_size=bs, sync_dist=True)
+        self.log("val/text_loss", text, batch_size=bs, sync_dist=True)
+        self.log("val/distill_loss", distill, batch_size=bs, sync_dist=True)
+        self.log("val/patch_acc", self.val_acc, on_epoch=True, batch_size=bs)
+        self.log("val/cosine", self.val_cos, on_epoch=True, batch_size=bs)
+        self.log("val/miou", self.val_miou, on_epoch=True, prog_bar=True, batch_size=bs)
