@@ -455,3 +455,32 @@ def test_authors_ablation_clusterings_raw_mean_and_binary():
     assert raw[0].centroid[0].item() == pytest.approx(0.75, abs=0.01)
     (binary,) = cluster_candidates(c, 1, ClusterConfig(method="binary"))
     assert sorted(round(k.centroid[0].item()) for k in binary) == [0, 1]  # both blobs kept, unweighted
+
+
+def test_original_oracle_preset_cli_predict_then_evaluate_protocol_original(tmp_path, capsys):
+    """The shipped offline preset through ``python -m zerokey predict`` (one shared airplane, small
+    renders), then ``evaluate --protocol original --out``."""
+    if not (SHARED / "annotations").is_dir():
+        pytest.skip("shared KeypointNet data not found")
+    from zerokey.__main__ import main
+
+    run = tmp_path / "run"
+    args = ["predict", "--config", str(REPO / "configs" / "zerokey" / "original_oracle.yaml")]
+    args += ["--trainer.default_root_dir", str(run), "--data.keypointnet_root", str(SHARED)]
+    args += ["--data.categories", "[airplane]", "--data.limit", "1", "--trainer.enable_progress_bar", "false"]
+    args += ["--model.views.image_size", "128", "--model.disc_radius", "2.0"]
+    main(args)
+    out = capsys.readouterr().out
+    assert "original protocol (ground-truth names)" in out and "OraclePointer" in out
+    (record_path,) = (run / "02691156").glob("*.json")
+    record = json.loads(record_path.read_text())
+    assert record["status"] == "complete" and record["counts"]["views"] == 26
+    eval_json = tmp_path / "eval.json"
+    main(
+        ["evaluate", "--protocol", "original", "--pred", str(run), "--pcd-root", str(SHARED / "pcds")]
+        + ["--annotations", str(SHARED / "annotations" / "airplane.json"), "--out", str(eval_json)]
+    )
+    result = json.loads(eval_json.read_text())
+    assert result["protocol"] == "original" and len(result["thresholds"]) == 21
+    assert len(result["mean_iou"]) == 21 and 0.0 <= result["mean_iou"][-1] <= 1.0
+    assert result["shapes"] == {"airplane": 1}
