@@ -480,3 +480,46 @@ def effective_multiplier(logit: Mapping[str, Any]) -> float:
         form, torch.tensor(float(logit["scale"])), logit.get("max_scale", RELEASED_MAX_SCALE)
     )
     return float(m) if math.isfinite(float(m)) else DEFAULT_LOGIT_SCALE
+
+
+def write_export(
+    encoder: nn.Module,
+    out_dir: str | os.PathLike,
+    *,
+    text_encoder: str | None,
+    templates: list[str],
+    logit: Mapping[str, Any],
+    provenance: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write an export directory: ``model.safetensors`` (``encoder.*``) + ``config.json``.
+
+    The one writer of the format :func:`read_checkpoint` reads back (``python -m patchalign export``,
+    :meth:`patchalign.pretrained.PretrainedPatchAlign.save_pretrained`). ``provenance`` adds keys
+    such as the source checkpoint, epoch and step. Whether an earlier export may be replaced is the
+    caller's decision; this writes.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    config = getattr(encoder, "config", None)
+    if config is None:
+        raise CheckpointError("write_export needs a PatchAlignEncoder (its .config is the architecture)")
+    tensors = {
+        f"{ENCODER_PREFIX}{k}": v.detach().to("cpu").contiguous() for k, v in encoder.state_dict().items()
+    }
+    logit = dict(logit)
+    if logit.get("form", "none") != "none":
+        logit["multiplier"] = effective_multiplier(logit)
+    cfg_json = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "encoder": config.to_dict(),
+        "text_encoder": text_encoder,
+        "logit": logit,
+        "templates": list(templates),
+        **dict(provenance or {}),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": FORMAT})
+    (out / CONFIG_NAME).write_text(json.dumps(cfg_json, indent=2))
+    return out

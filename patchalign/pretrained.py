@@ -28,14 +28,24 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from huggingface_hub import ModelHubMixin
 from torch import Tensor, nn
 
-from patchalign.checkpoints import CheckpointError, effective_multiplier, load_encoder_state, read_checkpoint
+from patchalign.checkpoints import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    CheckpointError,
+    effective_multiplier,
+    load_encoder_state,
+    read_checkpoint,
+    write_export,
+)
 from patchalign.geometry import normalize_unit_sphere_centroid
 from patchalign.grouping import squared_distances
 from patchalign.losses import DEFAULT_LOGIT_SCALE
@@ -158,8 +168,22 @@ def assign_point_labels(
     )
 
 
-class PretrainedPatchAlign(nn.Module):
+class PretrainedPatchAlign(
+    nn.Module,
+    ModelHubMixin,
+    library_name="patchalign",
+    tags=["patchalign3d", "3d", "point-cloud", "part-segmentation", "zero-shot"],
+    paper_url="https://arxiv.org/abs/2601.02457",
+    license="mit",
+):
     """An exported PatchAlign3D encoder with its text-alignment settings.
+
+    Hugging Face Hub (``huggingface_hub.ModelHubMixin``): :meth:`from_pretrained` takes an export
+    directory or a Hub repo id (resolved through the Hub cache; ``HF_HUB_OFFLINE=1`` and
+    ``local_files_only`` are respected), :meth:`save_pretrained` writes the export layout
+    (``model.safetensors`` + ``config.json``, plus a model card), :meth:`push_to_hub` uploads it. A
+    repo that holds the released ``patchalign3d.pt`` instead (``patchalign3d/patchalign3d-encoder``)
+    loads too. Loading is strict, as :func:`load_pretrained` is.
 
     Attributes:
         encoder: the :class:`PatchAlignEncoder` (head included).
@@ -176,6 +200,67 @@ class PretrainedPatchAlign(nn.Module):
         self.templates: list[str] = list(config.get("templates") or DEFAULT_TEMPLATES)
         self.logit: dict[str, Any] = dict(config.get("logit") or {"form": "none"})
         self._text_encoder: Any = None
+
+    # ---------------------------------------------------------------- Hugging Face Hub
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """The export layout :func:`load_pretrained` reads (written before the mixin's model card)."""
+        provenance = {k: self.config[k] for k in ("source",) if self.config.get(k) is not None}
+        write_export(
+            self.encoder,
+            save_directory,
+            text_encoder=self.text_encoder_id,
+            templates=self.templates,
+            logit=self.logit,
+            provenance=provenance,
+        )
+
+    @classmethod
+    def _from_pretrained(
+        cls,
+        *,
+        model_id: str,
+        revision: str | None,
+        cache_dir: str | Path | None,
+        force_download: bool,
+        proxies: dict | None,
+        resume_download: bool | None,
+        local_files_only: bool,
+        token: str | bool | None,
+        device: str | torch.device = "cpu",
+        strict: bool = True,
+        **ignored: Any,
+    ) -> PretrainedPatchAlign:
+        """Resolve ``model_id`` to a local folder (itself, or a Hub snapshot) and load it strictly.
+
+        ``ignored`` holds what the mixin read from ``config.json`` for ``__init__`` (``encoder``,
+        ``config``): the weights and architecture are read by :func:`load_pretrained` instead.
+        """
+        path = Path(model_id)
+        if not path.exists():
+            from huggingface_hub import snapshot_download
+
+            path = Path(
+                snapshot_download(
+                    repo_id=model_id,
+                    revision=revision,
+                    cache_dir=cache_dir,
+                    force_download=force_download,
+                    proxies=proxies,
+                    token=token,
+                    local_files_only=local_files_only,
+                    allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, "*.pt", "*.ckpt", "README.md"],
+                )
+            )
+        if path.is_dir() and not (path / CONFIG_NAME).is_file():
+            weights = sorted(path.glob("*.pt")) + sorted(path.glob("*.ckpt"))
+            if len(weights) != 1:
+                raise FileNotFoundError(
+                    f"{model_id}: no config.json + model.safetensors export, and "
+                    f"{len(weights)} checkpoint files (*.pt, *.ckpt) instead of one"
+                )
+            path = weights[0]
+        return load_pretrained(path, device=device, strict=strict)
 
     @property
     def device(self) -> torch.device:
@@ -335,7 +420,8 @@ def load_pretrained(
     path: str | os.PathLike, device: str | torch.device = "cpu", strict: bool = True
 ) -> PretrainedPatchAlign:
     """Load an export directory (:func:`patchalign.tools.export.export_checkpoint`), a Lightning
-    checkpoint or a released PatchAlign3D ``patchalign3d.pt`` file.
+    checkpoint or a released PatchAlign3D ``patchalign3d.pt`` file; a Hugging Face repo id
+    (``org/name``, no such local path) goes through :meth:`PretrainedPatchAlign.from_pretrained`.
 
     Args:
         strict: refuse weights that do not match the architecture exactly (default); ``False``
@@ -348,12 +434,10 @@ def load_pretrained(
             the config; missing / unexpected / mis-shaped tensors are listed
             (:class:`patchalign.checkpoints.CheckpointError`).
     """
-    from pathlib import Path
-
     p = Path(path)
+    if not p.exists() and _looks_like_repo_id(str(path)):
+        return PretrainedPatchAlign.from_pretrained(str(path), device=device, strict=strict)
     if p.is_dir():
-        from patchalign.checkpoints import CONFIG_NAME, WEIGHTS_NAME
-
         for f in (p / CONFIG_NAME, p / WEIGHTS_NAME):
             if not f.is_file():
                 raise FileNotFoundError(f"{f} not found: {p} is not an exported patchalign model")
@@ -372,3 +456,12 @@ def load_pretrained(
         "source": ckpt.kind,
     }
     return PretrainedPatchAlign(encoder, config).to(device).eval()
+
+
+def _looks_like_repo_id(spec: str) -> bool:
+    """``org/name`` as the Hub spells repo ids (not an absolute, relative or home path, no suffix)."""
+    import re
+
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", spec) is not None and not spec.endswith(
+        (".pt", ".ckpt", ".safetensors", ".json")
+    )

@@ -30,19 +30,17 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from patchalign.checkpoints import (
     CONFIG_NAME,
     FORMAT,
-    FORMAT_VERSION,
     PROGRAM_NAME,
     WEIGHTS_NAME,
     CheckpointError,
-    effective_multiplier,
     load_encoder_state,
     read_checkpoint,
+    write_export,
 )
 from patchalign.model import PatchAlignEncoder
 from patchalign.text import DEFAULT_TEMPLATES, normalize_template
@@ -120,32 +118,26 @@ def export_checkpoint(
         raise CheckpointError(f"{ckpt_path}: hyper_parameters has no 'encoder_config'")
     encoder = PatchAlignEncoder(ckpt.encoder_config)
     load_encoder_state(encoder, ckpt.state, strict=strict, source=str(ckpt_path))
-    tensors = {f"encoder.{k}": v.detach().to("cpu").contiguous() for k, v in encoder.state_dict().items()}
     text_encoder, text_templates = _text_provenance(ckpt.text_encoder, ckpt.templates, ckpt.hparams)
-    logit = dict(ckpt.logit)
-    if logit.get("form", "none") != "none":
-        logit["multiplier"] = effective_multiplier(logit)
-    cfg_json = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "encoder": ckpt.encoder_config.to_dict(),
-        "text_encoder": text_encoder,
-        "logit": logit,
-        "templates": list(text_templates),
-        "source_checkpoint": ckpt_path.name,
-        "source_format": ckpt.kind,
-        "epoch": ckpt.extra.get("epoch"),
-        "global_step": ckpt.extra.get("global_step"),
-    }
-    out.mkdir(parents=True, exist_ok=True)
     if not torch_export:
         (out / PROGRAM_NAME).unlink(missing_ok=True)  # only reachable with overwrite (checked above)
-    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": FORMAT})
-    (out / CONFIG_NAME).write_text(json.dumps(cfg_json, indent=2))
+    write_export(
+        encoder,
+        out,
+        text_encoder=text_encoder,
+        templates=list(text_templates),
+        logit=ckpt.logit,
+        provenance={
+            "source_checkpoint": ckpt_path.name,
+            "source_format": ckpt.kind,
+            "epoch": ckpt.extra.get("epoch"),
+            "global_step": ckpt.extra.get("global_step"),
+        },
+    )
     dropped = ", ".join(ckpt.extra.get("other_modules") or []) or "nothing"
     log.info(
         "exported %d encoder tensors from a %s file to %s (dropped: %s)",
-        len(tensors),
+        len(encoder.state_dict()),
         ckpt.kind,
         out,
         dropped,
