@@ -84,6 +84,12 @@ REPO = Path(__file__).resolve().parents[1]
         (["--model.views.n_veiws", "6"], "'n_veiws' is not accepted"),
         (["--model.views.n_views", "7"], "n_views must be one of [6, 26, 46]"),
         (["--data.split", "nosuch"], "split file"),
+        # the authors' settings (issue 20): refused when the config is read
+        (["--model.views.layout", "original", "--model.views.n_views", "46"], "has [6, 26] views, not 46"),
+        (["--model.views.shading", "phong"], "Got value: phong"),
+        (["--model.cluster.method", "originl"], "originl"),
+        (["--model.voting", "disk"], "disk"),
+        (["--model.disc_radius", "0"], "disc_radius must be > 0"),
     ],
 )
 def test_bad_predict_command_lines_are_one_line_and_exit_2(tmp_path, capsys, extra, expected):
