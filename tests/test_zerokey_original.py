@@ -484,3 +484,69 @@ def test_original_oracle_preset_cli_predict_then_evaluate_protocol_original(tmp_
     assert result["protocol"] == "original" and len(result["thresholds"]) == 21
     assert len(result["mean_iou"]) == 21 and 0.0 <= result["mean_iou"][-1] <= 1.0
     assert result["shapes"] == {"airplane": 1}
+
+
+# ------------------------------------------------------------------------------------------- analyses
+def test_xy_json_answers_walked_as_the_localisation_ablation():
+    from zerokey.mllm.parsing import parse_xy_json
+
+    pairs, stats = parse_xy_json('{"points": [[100, 200], {"x": 5, "y": 6.5}], "nose": {"tip": [1, 2]}}')
+    assert pairs == [(100.0, 200.0), (5.0, 6.5), (1.0, 2.0)] and stats.points == 3
+    pairs, stats = parse_xy_json('Sure! ```json\n{"nose": [10, 20]}\n```')
+    assert pairs == [(10.0, 20.0)]
+    pairs, stats = parse_xy_json("I cannot see it.")
+    assert pairs == [] and stats.garbage == 1
+    assert parse_xy_json('{"a": [1, 2, 3], "b": [true, 2]}')[0] == []  # neither is an (x, y) pair
+
+
+def test_json_xy_pointer_maps_sent_pixels_to_render_pixels_and_sends_sampling():
+    bodies = []
+
+    def answer(request):
+        if not request.images:
+            return "OK"
+        bodies.append(request.body)
+        return '{"points": [[4, 2]]}'  # pixels of the 8 px image sent
+
+    views = RenderedViews(
+        images=torch.full((1, 16, 16, 3), 0.5),
+        cameras=None,  # type: ignore[arg-type]
+        depth=torch.ones(1, 16, 16),
+        mask=torch.ones(1, 16, 16, dtype=torch.bool),
+    )
+    shape = ShapeSample("s", "s", torch.zeros(1, 3), None, torch.zeros(3), 1.0)
+    with FakeChatServer(answer) as server:
+        pointer = OpenAIPointer(
+            server.base_url,
+            "gpt",
+            api_key_env=None,
+            prompt="Point to the {name} in this image. Output the point locations (xy)",
+            parse="json_xy",
+            send_size=8,
+            temperature=1.0,
+            extra_body={"response_format": {"type": "json_object"}},
+            max_workers=1,
+        )
+        points = pointer(shape, ["nose"], views)
+    assert points.uv.tolist() == [[8.0, 4.0]]  # (4, 2) of 8 px -> (8, 4) of the 16 px render
+    assert bodies[0]["temperature"] == 1.0 and bodies[0]["response_format"] == {"type": "json_object"}
+
+
+@pytest.mark.parametrize("name", ["original_gpt4o_localize.yaml", "original_global_prompt.yaml"])
+def test_analysis_presets_differ_from_the_original_only_in_naming_or_pointing(name):
+    base = yaml.safe_load((REPO / "configs" / "zerokey" / "original.yaml").read_text())["model"]
+    cfg = yaml.safe_load((REPO / "configs" / "zerokey" / name).read_text())["model"]
+    for key in ("views", "voting", "disc_radius", "cluster", "snap"):
+        assert cfg[key] == base[key], key
+    if name == "original_global_prompt.yaml":
+        assert cfg["namer"]["init_args"]["names"] == ["salient keypoints"]
+        prompt = cfg["pointer"]["init_args"]["prompt"].format(name="salient keypoints")
+        assert prompt == "point to the salient keypoints in this image"
+    else:
+        args = cfg["pointer"]["init_args"]
+        assert (args["model"], args["parse"], args["temperature"], args["send_size"]) == (
+            "gpt-4o",
+            "json_xy",
+            1.0,
+            512,
+        )

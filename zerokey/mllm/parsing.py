@@ -13,12 +13,14 @@ Molmo's pointing format (coordinates are *percent* of image width / height, orig
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 
 __all__ = [
     "parse_pointer_answer",
+    "parse_xy_json",
     "ParseStats",
     "ParsedPoint",
     "parse_molmo_points",
@@ -362,6 +364,52 @@ def parse_name_list(text: str | None, max_names: int | None = None) -> tuple[lis
     if not names:
         stats.garbage = 1
     return names, stats
+
+
+def parse_xy_json(text: str | None) -> tuple[list[tuple[float, float]], ParseStats]:
+    """Pixel points from a JSON answer to "Output the point locations in the image (xy) coordinate system"
+    (the authors' GPT-4o localisation ablation, ``gpt4o_localize.py`` @116cbed: JSON mode, lists walked,
+    nested objects recursed). A pair is ``[x, y]`` of two numbers or an object with numeric ``x`` and ``y``;
+    other values are walked into. No JSON at all: no point (``garbage``), the view gives nothing."""
+    stats = ParseStats(answers=1)
+    if text is None or not str(text).strip():
+        stats.empty = 1
+        return [], stats
+    value = None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        decoder = json.JSONDecoder()
+        for m in re.finditer(r"[\[{]", text):
+            try:
+                value, _ = decoder.raw_decode(text, m.start())
+                break
+            except json.JSONDecodeError:
+                continue
+    pairs: list[tuple[float, float]] = []
+
+    def number(v: object) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    def walk(v: object) -> None:
+        if isinstance(v, dict):
+            if number(v.get("x")) and number(v.get("y")):
+                pairs.append((float(v["x"]), float(v["y"])))
+                return
+            for item in v.values():
+                walk(item)
+        elif isinstance(v, (list, tuple)):
+            if len(v) == 2 and all(number(c) for c in v):
+                pairs.append((float(v[0]), float(v[1])))
+                return
+            for item in v:
+                walk(item)
+
+    walk(value)
+    stats.points = len(pairs)
+    if not pairs:
+        stats.garbage = 1
+    return pairs, stats
 
 
 def parse_pointer_answer(

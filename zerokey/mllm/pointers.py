@@ -30,7 +30,13 @@ from torch import Tensor
 
 from zerokey.data import ShapeSample
 from zerokey.mllm.client import BudgetExceeded, CallBudget, ChatClient, ChatError, MLLMRole, plain_settings
-from zerokey.mllm.parsing import ParsedPoint, ParseStats, parse_labelled_points, parse_pointer_answer
+from zerokey.mllm.parsing import (
+    ParsedPoint,
+    ParseStats,
+    parse_labelled_points,
+    parse_pointer_answer,
+    parse_xy_json,
+)
 from zerokey.original import ORIGINAL_LABEL_OVERRIDES, downsample_for_pointer
 from zerokey.views import RenderedViews, project_visible
 
@@ -250,6 +256,11 @@ class OpenAIPointer(Pointer):
     to the render's pixels) and ``max_tokens: 2000``. Dropped views are counted in ``parse_stats``
     (``xml_error``, ``too_many_points``, ``malformed``) and in the run's summary.
 
+    ``parse: json_xy`` is the authors' image-level MLLM ablation (GPT-4o asked for pixel xy as JSON,
+    ``gpt4o_localize.py`` @116cbed; :func:`~zerokey.mllm.parsing.parse_xy_json`):
+    ``configs/zerokey/original_gpt4o_localize.yaml`` (``temperature: 1``, JSON mode through
+    ``extra_body``).
+
     Requests run from a bounded pool of ``max_workers`` threads (vLLM batches concurrent requests).
     A failed call (after the SDK's ``max_retries``) is counted in ``failed_calls`` and makes the shape
     incomplete (``Points2D.error``); the run's :class:`CallBudget` stops the run when they pile up.
@@ -268,13 +279,15 @@ class OpenAIPointer(Pointer):
         timeout: float = 60.0,
         max_retries: int = 2,
         max_tokens: int = 512,
-        parse: Literal["tags", "xml"] = "tags",
+        parse: Literal["tags", "xml", "json_xy"] = "tags",
         max_points: int | None = None,
         send_size: int | None = None,
+        temperature: float = 0.0,
+        extra_body: dict[str, Any] | None = None,
     ) -> None:
         _check_answer_rules(parse, max_points, send_size)
-        if mode == "all_names" and parse == "xml":
-            raise ValueError("parse 'xml' (one point tag per answer) needs mode 'per_name'")
+        if mode == "all_names" and parse != "tags":
+            raise ValueError(f"parse {parse!r} (one name per answer) needs mode 'per_name'")
         self.parse, self.max_points, self.send_size = parse, max_points, send_size
         if mode not in ("all_names", "per_name"):
             raise ValueError(f"mode must be 'per_name' or 'all_names', got {mode!r}")
@@ -282,7 +295,16 @@ class OpenAIPointer(Pointer):
             raise ValueError(f"prompt must contain '{{name}}', got {prompt!r}")
         if max_workers < 1:
             raise ValueError(f"max_workers must be >= 1, got {max_workers}")
-        self.client = ChatClient(base_url, model, api_key_env, timeout, max_retries, max_tokens=max_tokens)
+        self.client = ChatClient(
+            base_url,
+            model,
+            api_key_env,
+            timeout,
+            max_retries,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            extra_body=extra_body,
+        )
         self.mode, self.prompt, self.multi_prompt = mode, prompt, multi_prompt
         self.fallback_per_name, self.max_workers = fallback_per_name, max_workers
 
@@ -314,7 +336,14 @@ class OpenAIPointer(Pointer):
         answer, failure, error = self._ask(build_point_prompt(name, self.prompt), sent)
         if answer is None:
             return [], failure, error
-        points, stats = parse_pointer_answer(answer, self.parse, self.max_points)
+        if self.parse == "json_xy":  # pixel xy of the image sent -> percent, as Molmo's
+            pairs, stats = parse_xy_json(answer)
+            sh, sw = sent.shape[:2]
+            points = [ParsedPoint(x / sw * 100.0, y / sh * 100.0) for x, y in pairs]
+            if self.max_points is not None and len(points) >= self.max_points:
+                points, stats.too_many_points, stats.points = [], 1, 0
+        else:
+            points, stats = parse_pointer_answer(answer, self.parse, self.max_points)
         return [(u, v, view, name_index) for u, v in points_to_pixels(points, w, h)], stats, None
 
     def _multi(self, view: int, names: list[str], image: Tensor) -> tuple[list, ParseStats, str | None]:
@@ -370,8 +399,8 @@ class OpenAIPointer(Pointer):
 # ----------------------------------------------------------------------------------------- Molmo
 def _check_answer_rules(parse: str, max_points: int | None, send_size: int | None) -> None:
     """One clear error for a bad ``parse`` / ``max_points`` / ``send_size`` (at config time)."""
-    if parse not in ("tags", "xml"):
-        raise ValueError(f"parse must be 'tags' or 'xml', got {parse!r}")
+    if parse not in ("tags", "xml", "json_xy"):
+        raise ValueError(f"parse must be 'tags', 'xml' or 'json_xy', got {parse!r}")
     if max_points is not None and max_points < 1:
         raise ValueError(f"max_points must be >= 1 or null, got {max_points}")
     if send_size is not None and send_size < 1:
@@ -491,6 +520,8 @@ class MolmoPointer(Pointer):
         send_size: int | None = None,
     ) -> None:
         _check_answer_rules(parse, max_points, send_size)
+        if parse == "json_xy":
+            raise ValueError("MolmoPointer answers in point tags: parse must be 'tags' or 'xml'")
         self.parse, self.max_points, self.send_size = parse, max_points, send_size
         self.weights_dir = weights_dir
         self.dtype = dtype
