@@ -366,8 +366,17 @@ class PretrainedPatchAlign(
         k: int = 3,
         none_threshold: float | None = None,
         normalize: bool = True,
+        num_points: int | None = 2048,
+        seed: int = 0,
     ) -> Segmentation:
-        """Label every point with one of ``parts``.
+        """Label every point with one of ``parts``, at the scale the model was trained on.
+
+        A shape with more than ``num_points`` points is not encoded whole (its 32-point patches would
+        be far smaller than any the model saw in training): ``num_points`` of its points, drawn
+        without replacement by a generator seeded with ``seed``, are normalised and encoded, and every
+        input point takes the labels and scores of its nearest drawn point
+        (:mod:`patchalign.segment`; the released segmenter's rule for display points). ``encoding``
+        and ``patch_logits`` then describe the drawn sample. Smaller shapes are encoded whole.
 
         Args:
             points: ``(N, 3)`` or ``(B, N, 3)``; at least 32 finite points per shape.
@@ -376,6 +385,8 @@ class PretrainedPatchAlign(
                 (default: the exported text encoder).
             category: object category for templates that use it.
             assign, k, none_threshold: see :func:`assign_point_labels`.
+            num_points: the trained input size (``None``: encode every point, whatever the size).
+            seed: seed of the point draw.
         """
         if isinstance(parts, Tensor):
             text = parts.to(self.device, torch.float32)
@@ -396,6 +407,14 @@ class PretrainedPatchAlign(
             raise ValueError("text embeddings contain NaN/Inf or zero vectors")
         text = F.normalize(text, dim=-1)
         pts, unbatched, n = self._prepare(points, normalize)
+        nearest = None
+        if num_points is not None and n > num_points:
+            from patchalign.segment import draw_indices, nearest_sample_index
+
+            idx = torch.stack([draw_indices(pts.shape[1], num_points, seed, pts.device)] * pts.shape[0])
+            drawn = torch.gather(pts, 1, idx[..., None].expand(-1, -1, 3))
+            nearest = torch.stack([nearest_sample_index(pts[b], drawn[b]) for b in range(pts.shape[0])])
+            pts, n = (normalize_unit_sphere_centroid(drawn) if normalize else drawn), num_points
         out = self._run(pts, n)
         pts = pts[:, :n]
         pred = assign_point_labels(
@@ -411,9 +430,33 @@ class PretrainedPatchAlign(
             none_threshold=none_threshold,
         )
         labels, scores, logits = pred.labels, pred.scores, pred.patch_logits
+        if nearest is not None:  # back to every input point
+            nearest = nearest.to(labels.device)
+            labels = torch.gather(labels, 1, nearest)
+            scores = torch.gather(scores, 1, nearest[..., None].expand(-1, -1, scores.shape[-1]))
         if unbatched:
             labels, scores, logits = labels[0], scores[0], logits[0]
         return Segmentation(labels=labels, scores=scores, patch_logits=logits, part_names=names, encoding=out)
+
+    def segment_mesh(self, mesh: Any, parts: Sequence[str] | Tensor, **kwargs: Any) -> Any:
+        """Label every vertex and face of a mesh: a path (anything :func:`patchalign.io.load_geometry`
+        reads), a ``trimesh.Trimesh`` or a ``(vertices, faces)`` pair. Returns a
+        :class:`patchalign.segment.FullSegmentation` (``vertex_labels``, ``face_labels``, scores); a
+        point-cloud file gives ``point_labels`` instead. ``kwargs``: ``num_points``, ``votes``,
+        ``rotate``, ``seed``, ``text_encoder`` (see :func:`patchalign.segment.segment_mesh_arrays`).
+        """
+        from patchalign.io import load_geometry
+        from patchalign.segment import segment_cloud, segment_mesh_arrays
+
+        if isinstance(mesh, (str, os.PathLike)):
+            vertices, faces = load_geometry(mesh)
+        elif isinstance(mesh, tuple):
+            vertices, faces = mesh
+        else:  # a trimesh.Trimesh (or anything with vertices / faces)
+            vertices, faces = np.asarray(mesh.vertices), np.asarray(getattr(mesh, "faces", None))
+        if faces is None or len(faces) == 0 or np.ndim(faces) != 2:
+            return segment_cloud(self, vertices, parts, **kwargs)
+        return segment_mesh_arrays(self, vertices, faces, parts, **kwargs)
 
 
 def load_pretrained(

@@ -39,6 +39,7 @@ from patchalign.grouping import farthest_point_sample
 
 __all__ = [
     "FullSegmentation",
+    "draw_indices",
     "SamplingMode",
     "nearest_sample_index",
     "segment_cloud",
@@ -131,13 +132,19 @@ def _rotation_about(axis: int, angle: float, dtype: torch.dtype, device: torch.d
     return r
 
 
+def draw_indices(n: int, num_points: int, seed: int, device: torch.device | str = "cpu") -> Tensor:
+    """``num_points`` of ``range(n)`` without replacement, from a CPU generator seeded with ``seed``
+    (the same draw on every device and run)."""
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    return torch.randperm(n, generator=gen)[:num_points].to(device)
+
+
 def _cloud_sample_indices(points: Tensor, num_points: int, seed: int, sampling: SamplingMode) -> Tensor:
     n = points.shape[0]
     if n <= num_points:
         return torch.arange(n, device=points.device)
     if sampling == "random":
-        gen = torch.Generator(device="cpu").manual_seed(int(seed))
-        return torch.randperm(n, generator=gen)[:num_points].to(points.device)
+        return draw_indices(n, num_points, seed, points.device)
     if sampling == "fps":
         gen = torch.Generator(device="cpu").manual_seed(int(seed))
         start = int(torch.randint(0, n, (1,), generator=gen))
@@ -160,7 +167,7 @@ def _run_votes(
             [_rotation_about(axis, 2 * math.pi * i / v, samples.dtype, samples.device) for i in range(v)]
         )
         samples = torch.einsum("vnc,vdc->vnd", samples, rots)
-    seg = model.segment(samples, text, assign=assign)
+    seg = model.segment(samples, text, assign=assign, num_points=None)  # already at the trained size
     return seg.scores.float(), seg.labels
 
 

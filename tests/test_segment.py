@@ -37,7 +37,7 @@ class SignModel:
         self.device = torch.device("cpu")
         self.calls: list[tuple[int, ...]] = []
 
-    def segment(self, points, parts, assign="nearest"):
+    def segment(self, points, parts, assign="nearest", **kwargs):
         self.calls.append(tuple(points.shape))
         labels = (points[..., 0] > 0).long()
         scores = torch.nn.functional.one_hot(labels, 2).float()
@@ -233,3 +233,40 @@ def test_cli_single_bad_input_or_no_names_is_one_line_and_non_zero(tmp_path: Pat
     assert _cli(str(good), "--parts", " , ", "--model", str(model_ckpt), "--out", str(tmp_path / "o")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("patchalign segment: error: --parts ' , ' names no part")
+
+
+def test_model_segment_works_at_the_trained_scale_on_a_dense_cloud():
+    """``model.segment`` on 200k points encodes a seeded 2048-point draw, not the whole cloud: the
+    drawn points get exactly the labels of segmenting that draw directly, and every point one label."""
+    model = _tiny_model()
+    g = torch.Generator().manual_seed(5)
+    cloud = torch.randn(200_000, 3, generator=g) * torch.tensor([2.0, 1.0, 0.5])
+    drawn = torch.randperm(200_000, generator=torch.Generator().manual_seed(0))[:2048]
+    text = model.encode(cloud[drawn]).patch_features[0, [0, 5, 10, 15]]
+    seg = model.segment(cloud, text)
+    assert seg.labels.shape == (200_000,) and seg.scores.shape == (200_000, 4)
+    assert seg.encoding.patch_features.shape[1] == model.encoder.config.num_groups
+    direct = model.segment(cloud[drawn], text)
+    assert (seg.labels[drawn] == direct.labels).float().mean() > 0.999  # normalisation order: rounding only
+    assert len(torch.unique(seg.labels)) > 1
+    whole = model.segment(cloud[:4096], text, num_points=None)  # the old behaviour stays one flag away
+    assert whole.encoding.point_to_patch.shape == (1, 4096)
+
+
+def test_segment_mesh_takes_a_path_a_trimesh_or_arrays(shared_data: Path):
+    import trimesh
+
+    model = _tiny_model()
+    path = shared_data / "meshes" / "teapot.obj"
+    mesh = trimesh.load(path, process=False, force="mesh")
+    text = torch.nn.functional.normalize(
+        torch.randn(3, 16, generator=torch.Generator().manual_seed(0)), dim=-1
+    )
+    by_path = model.segment_mesh(path, text, num_points=512)
+    by_mesh = model.segment_mesh(mesh, text, num_points=512)
+    by_arrays = model.segment_mesh((np.asarray(mesh.vertices), np.asarray(mesh.faces)), text, num_points=512)
+    assert by_path.face_labels.shape == (len(mesh.faces),) and by_path.vertex_labels.shape == (
+        len(mesh.vertices),
+    )
+    assert torch.equal(by_path.face_labels, by_mesh.face_labels)
+    assert torch.equal(by_mesh.vertex_labels, by_arrays.vertex_labels)
