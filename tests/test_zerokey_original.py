@@ -550,3 +550,42 @@ def test_analysis_presets_differ_from_the_original_only_in_naming_or_pointing(na
             1.0,
             512,
         )
+
+
+def test_textured_and_position_map_colours():
+    from patchalign.render import look_at_cameras
+    from zerokey.original import position_colors
+
+    vertices = torch.tensor([[-1.0, -1, 0], [1, -1, 0], [0, 1, 0]])
+    faces = torch.tensor([[0, 1, 2]])
+    colours = position_colors(vertices)
+    assert colours.tolist() == [[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.5, 1.0, 0.0]]  # z is flat: 0
+    cams = look_at_cameras(torch.tensor([[0.0, 0.0, 5.0]]), fov_deg=30.0, image_size=4)
+    pix = torch.zeros((1, 4, 4), dtype=torch.long)
+    bary = torch.zeros(1, 4, 4, 3)
+    bary[..., 1] = 1.0  # every pixel at vertex 1: colour (1, 0, 0)
+    image = original_shading(pix, vertices, faces, cams, vertex_colors=colours, bary=bary)
+    grey = original_shading(pix, vertices, faces, cams)
+    cos = 5.0 / math.sqrt(25.0 + 1.0 / 9.0)
+    spec = grey[0, 0, 0, 0].item() - 0.7 * (0.5 + 0.3 * cos)
+    assert image[0, 0, 0].tolist() == pytest.approx([0.5 + 0.3 * cos + spec, spec, spec], abs=1e-6)
+
+
+def test_vertex_colours_read_from_the_mesh_file(tmp_path):
+    import trimesh
+
+    from zerokey.data import load_shape
+    from zerokey.views import vertex_texture
+
+    mesh = trimesh.Trimesh([[0, 0, 0], [1, 0, 0], [0, 1, 0]], [[0, 1, 2]], process=False)
+    mesh.visual.vertex_colors = [[255, 0, 0, 255], [0, 255, 0, 255], [0, 0, 255, 255]]
+    mesh.export(tmp_path / "c.ply")
+    shape = load_shape(tmp_path / "c.ply")
+    assert vertex_texture(shape, "vertex_colors").tolist() == [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
+    trimesh.Trimesh([[0, 0, 0], [1, 0, 0], [0, 1, 0]], [[0, 1, 2]], process=False).export(tmp_path / "g.obj")
+    with pytest.raises(ValueError, match="no colour per vertex"):
+        vertex_texture(load_shape(tmp_path / "g.obj"), "vertex_colors")
+    from zerokey.views import ViewConfig
+
+    with pytest.raises(ValueError, match="needs views.shading 'original'"):
+        ViewConfig(texture="position")

@@ -56,6 +56,7 @@ __all__ = [
     "ORIGINAL_PARTITIONS",
     "original_shading",
     "downsample_for_pointer",
+    "position_colors",
     "parse_original_answer",
     "disc_weights",
     "lift_disc_maps",
@@ -157,6 +158,8 @@ def original_shading(
     diffuse: float = 0.3,
     specular: float = 0.2,
     shininess: float = 64.0,
+    vertex_colors: Tensor | None = None,
+    bary: Tensor | None = None,
 ) -> Tensor:
     """(V,H,W,3) image as PyTorch3D's ``HardFlatShader`` with a point light at the camera draws it.
 
@@ -182,9 +185,24 @@ def original_shading(
     cos = cos.abs()
     reflect = -to_eye + 2.0 * cos[..., None] * n
     spec = (reflect * to_eye).sum(-1).clamp_min(0.0) ** shininess
-    value = grey * (ambient + diffuse * cos) + specular * spec
-    image = torch.where(mask, value, torch.ones_like(value)).float()
-    return image.unsqueeze(-1).expand(*image.shape, 3).contiguous()
+    if vertex_colors is None:
+        value = grey * (ambient + diffuse * cos) + specular * spec
+        image = torch.where(mask, value, torch.ones_like(value)).float()
+        return image.unsqueeze(-1).expand(*image.shape, 3).contiguous()
+    if bary is None:
+        raise ValueError("vertex colours need the render's barycentrics")
+    corners = vertex_colors.to(tri)[faces[face]]  # (V,H,W,3 corners,3 rgb)
+    texel = (bary.to(tri)[..., None] * corners).sum(-2)
+    value = texel * (ambient + diffuse * cos)[..., None] + (specular * spec)[..., None]
+    return torch.where(mask[..., None], value, torch.ones_like(value)).float()
+
+
+def position_colors(vertices: Tensor) -> Tensor:
+    """(N,3) vertex colours of the authors' position-map render: xyz min-max normalised per axis to
+    [0, 1] (``kp_utils/data/utils.py`` ``load_mesh`` @116cbed; the same in any frame that only shifts and
+    scales the shape)."""
+    lo, hi = vertices.amin(0), vertices.amax(0)
+    return (vertices - lo) / (hi - lo).clamp_min(1e-12)
 
 
 def downsample_for_pointer(image: Tensor, size: int) -> Tensor:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -28,7 +29,7 @@ from patchalign.render import (
     ring_view_layout,
 )
 from zerokey.data import ShapeSample
-from zerokey.original import ORIGINAL_PARTITIONS, original_cameras, original_shading
+from zerokey.original import ORIGINAL_PARTITIONS, original_cameras, original_shading, position_colors
 
 __all__ = [
     "project_visible",
@@ -108,6 +109,9 @@ class ViewConfig:
         shading: "ours" (the renderer's headlight Lambertian grey) or "original" (PyTorch3D flat
             shading, light at the camera with ambient 0.5 / diffuse 0.3 / specular 0.2, grey 0.7 on white:
             :func:`zerokey.original.original_shading`; meshes only, point clouds keep ours).
+        texture: with ``shading: original``, the surface colour: "grey" (0.7, the pipeline), or the
+            authors' ablations "vertex_colors" (the mesh file's per-vertex RGB: "Textured") and
+            "position" (min-max normalised xyz: "Position Map").
     """
 
     image_size: int = 448
@@ -120,6 +124,7 @@ class ViewConfig:
     n_views: int = 26
     layout: Literal["ours", "original"] = "ours"
     shading: Literal["ours", "original"] = "ours"
+    texture: Literal["grey", "vertex_colors", "position"] = "grey"
 
     def __post_init__(self) -> None:
         # a bad layout is refused when the config is read, not once per shape
@@ -127,6 +132,10 @@ class ViewConfig:
             raise ValueError(f"views.layout must be 'ours' or 'original', got {self.layout!r}")
         if self.shading not in ("ours", "original"):
             raise ValueError(f"views.shading must be 'ours' or 'original', got {self.shading!r}")
+        if self.texture not in ("grey", "vertex_colors", "position"):
+            raise ValueError(f"views.texture must be grey, vertex_colors or position, got {self.texture!r}")
+        if self.texture != "grey" and self.shading != "original":
+            raise ValueError(f"views.texture {self.texture!r} needs views.shading 'original'")
         if self.layout == "original":
             if self.n_views not in ORIGINAL_PARTITIONS:
                 raise ValueError(
@@ -165,6 +174,29 @@ def shape_cameras(config: ViewConfig, shape: ShapeSample, device: torch.device |
     ).to(device)
 
 
+def vertex_texture(shape: ShapeSample, texture: str) -> Tensor | None:
+    """Per-vertex colours (N,3) in [0, 1] for ``ViewConfig.texture`` (None for grey). "vertex_colors" reads
+    the mesh file again (``trimesh``, ``process=False``: the vertex order of our reader); a file without
+    one colour per vertex is a clear error."""
+    if texture == "grey":
+        return None
+    if texture == "position":
+        return position_colors(shape.vertices)
+    import trimesh
+
+    mesh = trimesh.load(shape.source, force="mesh", process=False)
+    colors = getattr(getattr(mesh, "visual", None), "vertex_colors", None)
+    if (
+        colors is None
+        or len(colors) != shape.vertices.shape[0]
+        or getattr(mesh.visual, "kind", None) != "vertex"
+    ):
+        raise ValueError(f"views.texture vertex_colors: {shape.source} has no colour per vertex")
+    return torch.as_tensor(
+        np.asarray(colors)[:, :3] / 255.0, dtype=torch.float32, device=shape.vertices.device
+    )
+
+
 def auto_point_radius(points: Tensor, factor: float = 1.5) -> float:
     """Disc radius from the cloud's spacing: ``factor`` x the mean distance to the nearest neighbour.
 
@@ -188,7 +220,10 @@ def render_shape(shape: ShapeSample, cameras: Cameras, config: ViewConfig) -> Re
         out = render_mesh(shape.vertices, shape.faces, cameras, backend=config.backend)
         image = out.image
         if config.shading == "original":
-            image = original_shading(out.pix_to_face, shape.vertices, shape.faces, cameras)
+            colors = vertex_texture(shape, config.texture)
+            image = original_shading(
+                out.pix_to_face, shape.vertices, shape.faces, cameras, vertex_colors=colors, bary=out.bary
+            )
         return RenderedViews(
             images=image,
             cameras=cameras,
