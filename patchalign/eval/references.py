@@ -20,8 +20,10 @@ All three conventions are always computed and written, so a reader can compare u
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 TALK_SOURCE = "PatchAlign3D/ZeroKey talk tables (PatchAlign3D: arXiv 2601.02457)"
@@ -228,4 +230,158 @@ def compare_part_segmentation(scalars: Mapping[str, float], ref: Reference) -> l
                 "delta": None if ours is None else ours - float(talk),
             }
         )
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ ablations
+
+#: the four ablation tables of the talk / paper, in print order: key -> title
+ABLATION_TABLES: dict[str, str] = {
+    "strategy": "Training strategy",
+    "text_encoder": "Text encoder (Stage 2)",
+    "teacher": "2D teacher (Stage 1)",
+    "freezing": "Stage 2 freezing (rows name what trains)",
+}
+
+
+@dataclass(frozen=True)
+class AblationRow:
+    """One row of the paper's ablation tables (ShapeNetPart, released convention), and its config.
+
+    Numbers are the paper's as printed (main-paper Table ``tab:ablation_stage`` and the appendix,
+    ``12_appendix.tex``; mIoU = instance, cIoU = category mIoU, percent); the talk prints the same
+    mIoU rounded to one decimal and leaves out the "last three blocks" and "full encoder frozen"
+    freezing rows (``in_talk=False``).
+
+    Attributes:
+        table: a key of :data:`ABLATION_TABLES`.
+        key: the row's config name: ``configs/ablations/<table>/<key>.yaml``.
+        label: the row as the paper prints it.
+        metrics: ``instance_mIoU`` / ``category_mIoU`` in percent.
+        stage1_config: the row's own Stage 1 config (teacher rows), else ``None`` (reference Stage 1 or none).
+        eval_text_encoder: text encoder the evaluation must encode part names with (text rows).
+        aliases: other run folders whose ShapeNetPart result is this row's (the reference Stage 2 run
+            for the rows that are the reference recipe).
+    """
+
+    table: str
+    key: str
+    label: str
+    metrics: Mapping[str, float]
+    in_talk: bool = True
+    stage1_config: str | None = None
+    eval_text_encoder: str | None = None
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def config(self) -> str:
+        return f"configs/ablations/{self.table}/{self.key}.yaml"
+
+    @property
+    def run_dir(self) -> str:
+        """The row config's ``trainer.default_root_dir`` (tests check the config agrees)."""
+        return f"outputs/ablations/{self.table}/{self.key}"
+
+    @property
+    def command(self) -> str:
+        """Train (Stage 1 first where the row has its own), then evaluate on ShapeNetPart."""
+        fits = ([self.stage1_config] if self.stage1_config else []) + [self.config]
+        test = (
+            "python -m patchalign test --config configs/eval/shapenetpart.yaml --data.init_args.root "
+            f"DATA/shapenetcore_partanno_segmentation_benchmark_v0_normal --model.init_args.init_from "
+            f"{self.run_dir}/checkpoints/last.ckpt --trainer.default_root_dir {self.run_dir}/shapenetpart"
+        )
+        if self.eval_text_encoder:
+            test += f" --model.init_args.eval_text_encoder {self.eval_text_encoder}"
+        return " && ".join([*(f"python -m patchalign fit --config {c}" for c in fits), test])
+
+
+_REF = ("reference_stage2",)  # configs/reference/stage2.yaml's run folder: the "ours" row of every table
+
+
+def _row(table: str, key: str, label: str, miou: float, ciou: float, **kw: Any) -> AblationRow:
+    return AblationRow(table, key, label, {"instance_mIoU": miou, "category_mIoU": ciou}, **kw)
+
+
+ABLATION_ROWS: tuple[AblationRow, ...] = (
+    _row("strategy", "stage2_only", "Stage 2 only", 50.5, 50.0),
+    _row("strategy", "joint", "Joint training", 50.2, 48.6),
+    _row("strategy", "two_stage", "2-Stage (PatchAlign3D)", 56.9, 53.1, aliases=_REF),
+    _row(
+        "text_encoder",
+        "siglip",
+        "SigLIP",
+        46.44,
+        40.51,
+        eval_text_encoder="hf:google/siglip-base-patch16-224",
+    ),
+    _row(
+        "text_encoder",
+        "gemma2_9b_it",
+        "Gemma-2-9B-it",
+        54.83,
+        50.98,
+        eval_text_encoder="hf:google/gemma-2-9b-it",
+    ),
+    _row("text_encoder", "openclip_bigg", "OpenCLIP ViT-bigG-14 (ours)", 56.90, 53.10, aliases=_REF),
+    _row(
+        "teacher",
+        "dinov3",
+        "DINOv3",
+        46.52,
+        42.76,
+        stage1_config="configs/ablations/teacher/dinov3_stage1.yaml",
+    ),
+    _row(
+        "teacher",
+        "openclip_bigg_vision",
+        "OpenCLIP ViT-bigG-14",
+        49.32,
+        52.96,
+        stage1_config="configs/ablations/teacher/openclip_bigg_vision_stage1.yaml",
+    ),
+    _row(
+        "teacher",
+        "dinov1",
+        "DINOv1",
+        51.82,
+        54.39,
+        stage1_config="configs/ablations/teacher/dinov1_stage1.yaml",
+    ),
+    _row("teacher", "dinov2", "DINOv2 (ours)", 56.90, 53.10, aliases=_REF),
+    _row("freezing", "full", "Full fine-tuning", 49.40, 48.75),
+    _row("freezing", "last2", "Freeze last two blocks (= train the last two + head)", 55.70, 50.93),
+    _row(
+        "freezing",
+        "last3",
+        "Freeze last three blocks (= train the last three + head)",
+        55.24,
+        49.62,
+        in_talk=False,
+    ),
+    _row(
+        "freezing", "last1", "Freeze last block (= train the last + head; ours)", 56.90, 53.10, aliases=_REF
+    ),
+    _row("freezing", "frozen_encoder", "Full encoder frozen (head only)", 53.95, 50.10, in_talk=False),
+)
+
+
+def ablation_row_for(paths: Sequence[str | os.PathLike | None]) -> list[AblationRow]:
+    """The ablation rows whose run folder one of ``paths`` lies in (a result file, or the checkpoint
+    its evaluation read): a path with the consecutive parts ``ablations/<table>/<key>``, or a
+    row's alias folder (``reference_stage2``). Matching by parts, not by prefix, keeps
+    ``freezing/last1`` from also matching a ``last12`` folder and works from any working directory."""
+    rows = []
+    for row in ABLATION_ROWS:
+        own = ("ablations", row.table, row.key)
+        for p in paths:
+            if p is None:
+                continue
+            parts = Path(p).parts
+            hit = any(parts[i : i + 3] == own for i in range(len(parts) - 2)) or any(
+                a in parts for a in row.aliases
+            )
+            if hit:
+                rows.append(row)
+                break
     return rows

@@ -20,6 +20,13 @@ PNGs into ``--out`` and refuses to overwrite an earlier report unless ``--overwr
 
 A run directory with no result file, or an unreadable result file, is an error (exit status 2):
 a report that silently leaves a benchmark out would read as if it had not been run.
+
+Ablations: a ShapeNetPart result evaluated from one of ``configs/ablations/`` rows' runs (its path,
+or the checkpoint its saved ``config.yaml`` evaluated, lies in ``outputs/ablations/<table>/<row>``;
+:func:`patchalign.eval.references.ablation_row_for`) fills that row of the paper's four ablation
+tables (training strategy, text encoder, 2D teacher, Stage 2 freezing), printed beside the paper's
+numbers with the command of every row not yet run. ``python -m patchalign report outputs/ablations``
+gathers them all.
 """
 
 from __future__ import annotations
@@ -36,7 +43,14 @@ from typing import Any
 
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 
-from patchalign.eval.references import TALK_REFERENCES, Reference, get_reference
+from patchalign.eval.references import (
+    ABLATION_ROWS,
+    ABLATION_TABLES,
+    TALK_REFERENCES,
+    Reference,
+    ablation_row_for,
+    get_reference,
+)
 
 KEYPOINT_METHODS = {str(r.extra["method"]): r.key for r in TALK_REFERENCES.values() if "method" in r.extra}
 
@@ -51,6 +65,7 @@ class PartSegResult:
     rows: list[dict[str, Any]]
     info: dict[str, Any]
     pictures: list[Path] = field(default_factory=list)
+    evaluated: str | None = None  # the checkpoint the evaluation read (from its saved config.yaml)
 
     @property
     def reference(self) -> Reference | None:
@@ -144,7 +159,10 @@ def _load(path: Path) -> list[Result]:
         if bench is not None:
             get_reference(bench)
         pictures = sorted((path.parent / "viz").glob("*_parts.png")) if (path.parent / "viz").is_dir() else []
-        return [PartSegResult(path, bench, dict(data["scalars"]), list(data["rows"]), info, pictures)]
+        evaluated = _evaluated_checkpoint(path)
+        return [
+            PartSegResult(path, bench, dict(data["scalars"]), list(data["rows"]), info, pictures, evaluated)
+        ]
     if {"thresholds", "mean_iou", "iou"} <= set(data):
         method = data.get("method", "zerokey")
         if method not in KEYPOINT_METHODS:
@@ -160,6 +178,93 @@ def _load(path: Path) -> list[Result]:
             )
         ]
     return []
+
+
+def _evaluated_checkpoint(results_json: Path) -> str | None:
+    """The checkpoint a ``patchalign test`` run evaluated: ``ckpt_path`` or ``model.init_args.init_from``
+    of the ``config.yaml`` it saved in its ``default_root_dir`` (``<root>/eval/results.json``).
+    ``None`` when there is no such file (e.g. ``python -m patchalign.eval --out``)."""
+    config = results_json.parent.parent / "config.yaml"
+    if not config.is_file():
+        return None
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(config.read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ValueError(f"{config}: unreadable saved config of the evaluation ({err})") from err
+    model = (cfg.get("model") or {}).get("init_args") or {}
+    found = cfg.get("ckpt_path") or model.get("init_from")
+    return None if found is None else str(found)
+
+
+def ablation_rows(results: Sequence[Result]) -> list[dict[str, Any]]:
+    """One row per (ablation row, metric, result): ours beside the paper's, ``ours=None`` if not run.
+
+    Only ShapeNetPart results count (the paper's ablations are ShapeNetPart); empty when no result
+    belongs to any ablation row, so a plain benchmark report has no ablation section.
+    """
+    found: dict[tuple[str, str], list[PartSegResult]] = {}
+    for r in results:
+        if isinstance(r, PartSegResult) and r.benchmark == "shapenetpart":
+            for row in ablation_row_for([r.path, r.evaluated]):
+                found.setdefault((row.table, row.key), []).append(r)
+    if not found:
+        return []
+    out: list[dict[str, Any]] = []
+    for row in ABLATION_ROWS:
+        for run in found.get((row.table, row.key)) or [None]:
+            for metric, paper in row.metrics.items():
+                v = None if run is None else run.scalars.get(f"released/{metric}")
+                ours = None if v is None or v != v else 100.0 * float(v)
+                out.append(
+                    {
+                        "table": row.table,
+                        "row": row.key,
+                        "label": row.label,
+                        "metric": metric,
+                        "ours": ours,
+                        "paper": float(paper),
+                        "delta": None if ours is None else ours - float(paper),
+                        "in_talk": row.in_talk,
+                        "num_shapes": None if run is None else run.num_shapes,
+                        "result": "" if run is None else str(run.path),
+                        "command": row.command,
+                    }
+                )
+    return out
+
+
+def ablation_lines(rows: Sequence[dict[str, Any]], out: Path) -> list[str]:
+    """The Markdown section of the four ablation tables (empty without ablation results)."""
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## Ablations (ShapeNetPart, released convention)",
+        "",
+        "The paper's four ablation tables (main paper and appendix; the talk prints the same mIoU to one "
+        "decimal and leaves out the rows marked *paper only*), each row one config in `configs/ablations/`.",
+    ]
+    for table, title in ABLATION_TABLES.items():
+        lines += [
+            "",
+            f"### {title}",
+            "",
+            "| row | metric | ours | paper | Δ | shapes | result |",
+            "|---|---|---:|---:|---:|---:|---|",
+        ]
+        for r in rows:
+            if r["table"] != table:
+                continue
+            label = r["label"] + ("" if r["in_talk"] else " (*paper only*)")
+            result = f"`{_rel(Path(r['result']), out)}`" if r["result"] else f"not run: `{r['command']}`"
+            shapes = "-" if r["num_shapes"] is None else str(r["num_shapes"])
+            lines.append(
+                f"| {label} | {r['metric']} | {_pct(r['ours'])} | {_pct(r['paper'])} | {_pct(r['delta'])} "
+                f"| {shapes} | {result} |"
+            )
+    return lines
 
 
 def collect_results(run_dirs: Sequence[str | os.PathLike]) -> list[Result]:
@@ -420,6 +525,7 @@ def write_report(
                 )
         else:
             lines += ["", "No best / worst pictures in this run (no `viz/` beside its results.json)."]
+    lines += ablation_lines(ablation_rows(results), out)
     keypoint_runs = [r for r in results if isinstance(r, KeypointResult)]
     if keypoint_runs:
         lines += ["", "## KeypointNet", ""]
@@ -466,6 +572,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     missing = sorted({r["benchmark"] for r in rows if r["ours"] is None})
     if missing:
         print(f"not run ({len(missing)} talk rows): {', '.join(missing)}")
+    ablations = ablation_rows(results)
+    for r in ablations:
+        if r["ours"] is not None:
+            print(
+                f"ablation {r['table']}/{r['row']:<24}{r['metric']:<15}ours {_pct(r['ours']):>7}  "
+                f"paper {_pct(r['paper']):>7}  delta {_pct(r['delta']):>7}"
+            )
+    if ablations:
+        run = {(r["table"], r["row"]) for r in ablations if r["ours"] is not None}
+        print(
+            f"ablations: {len(run)} of {len(ABLATION_ROWS)} rows run (report.md lists the others' commands)"
+        )
     print(f"report: {md}")
     return 0
 
