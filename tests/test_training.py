@@ -634,3 +634,118 @@ def test_stage1_fits_on_compact_released_targets_through_the_cli(
     assert cli.model.encoder.config.head_dim == 12
     assert 0.0 <= float(cli.trainer.callback_metrics["val/loss"]) <= 2.0
     assert calls and all(c[1:] == (128, 3) for c in calls)  # the released matching made every target
+
+
+# ------------------------------------------------------------------------------- joint training
+
+
+def _joint_batch(shards: dict[str, Path]) -> tuple[dict, object]:
+    """One training batch (features, labels, text bank) of the synthetic shards, and their bank."""
+    dm = ShardDataModule(str(shards["train"]), batch_size=4, num_workers=0, num_points=256, pin_memory=False)
+    dm.setup("fit")
+    return next(iter(dm.train_dataloader())), dm.text_bank
+
+
+def test_joint_loss_is_text_plus_weighted_distillation(shards: dict[str, Path]) -> None:
+    """``L = L_text + w * L_2D`` with L_2D = mean(1 - cos) of the distillation head's own output, and
+    the encoder's gradient at ``w = 0`` is Stage 2's alone (the second head touches only its loss)."""
+    from patchalign.losses import joint_loss
+    from patchalign.training.modules import JointTraining
+
+    batch, bank = _joint_batch(shards)
+    enc = PatchAlignEncoder(EncoderConfig(**{**TINY, "drop_path_rate": 0.0}, head_dim=8))
+    joint = JointTraining(enc, joint_weight=0.5, target_widths={"features": 12, "text": 8}).eval()
+    joint.set_text_bank(bank)
+    assert joint.encoder.head.proj.out_features == 8 and joint.distill_head.proj.out_features == 12
+    assert all(p.requires_grad for p in enc.parameters())  # every block trains
+    total, text, distill, out, *_ = joint._joint_step(dict(batch))
+    # the distillation term by hand: the second head on the same tokens, patch-mean teacher targets
+    pred = joint.distill_head(out.patch_tokens)
+    target, mask = patch_feature_targets(batch["features"], out.group_index)
+    by_hand = (1 - (pred * target).sum(-1))[mask].mean()
+    assert torch.allclose(distill, by_hand, atol=1e-5)
+    assert torch.allclose(total, text + 0.5 * distill, atol=1e-5)
+    assert torch.allclose(joint_loss(distill, text, 1.0), text + distill)
+    with pytest.raises(ValueError, match=">= 0"):
+        joint_loss(distill, text, -1.0)
+
+    # w = 0: the encoder's gradient is the text loss's, as Stage 2 (same weights, same batch) gets it
+    stage2 = Stage2Alignment(
+        PatchAlignEncoder(EncoderConfig(**{**TINY, "drop_path_rate": 0.0}, head_dim=8)), trainable="all"
+    ).eval()
+    stage2.load_state_dict({k: v for k, v in joint.state_dict().items() if not k.startswith("distill_")})
+    stage2.set_text_bank(bank)
+    joint.joint_weight = 0.0
+    grads = []
+    for module in (joint, stage2):
+        module.zero_grad()
+        torch.manual_seed(0)  # the same FPS start points
+        if module is joint:
+            loss = module._joint_step(dict(batch))[0]
+        else:
+            out2, t2, ids2, used2 = module._scores(dict(batch))
+            loss = module._loss(out2, t2, ids2, used2, dict(batch))
+        loss.backward()
+        grads.append(module.encoder.blocks[0].attn.qkv.weight.grad.clone())
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+    assert joint.distill_head.proj.weight.grad is None or joint.distill_head.proj.weight.grad.abs().sum() == 0
+
+
+def test_joint_training_refuses_what_it_cannot_train() -> None:
+    from patchalign.training.modules import JointTraining
+
+    enc = lambda: PatchAlignEncoder(EncoderConfig(**TINY, head_dim=8))  # noqa: E731
+    with pytest.raises(ValueError, match="joint_weight must be >= 0"):
+        JointTraining(enc(), joint_weight=-0.1, distill_dim=12)
+    with pytest.raises(ValueError, match="needs the teacher width"):
+        JointTraining(enc(), target_widths={"text": 8})  # shards without teacher features
+
+
+def test_joint_training_through_the_cli_exports_the_text_head(
+    tmp_path: Path, shards: dict[str, Path]
+) -> None:
+    """``configs/ablations/strategy/joint.yaml`` trains both heads; export keeps only the text one, and
+    load_pretrained reads it back; without teacher features the run is refused in one line."""
+    from patchalign.pretrained import load_pretrained
+    from patchalign.tools.export import export_checkpoint
+    from patchalign.training.cli import run_cli
+
+    cfg = yaml.safe_load((REPO / "configs" / "ablations" / "strategy" / "joint.yaml").read_text())
+    cfg["trainer"].update(
+        accelerator="cpu", precision="32-true", max_steps=2, max_epochs=1, limit_val_batches=1,
+        check_val_every_n_epoch=1, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=str(tmp_path / "joint"),
+    )  # fmt: skip
+    cfg["model"]["init_args"]["encoder"]["init_args"]["config"].update(TINY)
+    cfg["model"]["init_args"]["optim"]["global_batch_size"] = 4
+    cfg["data"]["init_args"].update(
+        data_path=str(shards["train"]), val_path=str(shards["val"]), batch_size=4, num_workers=0,
+        num_points=256, pin_memory=False,
+    )  # fmt: skip
+    path = tmp_path / "joint.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    cli = cli_main(["fit", "--config", str(path)])
+    assert type(cli.model).__name__ == "JointTraining" and cli.trainer.global_step == 2
+    metrics = cli.trainer.callback_metrics
+    assert {"train/text_loss", "train/distill_loss", "train/cosine"} <= set(metrics)
+    last = tmp_path / "joint" / "checkpoints" / "last.ckpt"
+    state = safe_torch_load(last)["state_dict"]
+    assert state["distill_head.proj.weight"].shape == (12, TINY["trans_dim"])
+    export_checkpoint(last, tmp_path / "export")
+    model = load_pretrained(tmp_path / "export")
+    assert model.encoder.config.head_dim == 8  # the text head, not the 12-wide distillation head
+
+    err = tmp_path / "err.txt"
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stderr(buf):
+        rc = run_cli(
+            ["fit", "--config", str(path), "--data.init_args.load_features", "false",
+             "--trainer.default_root_dir", str(tmp_path / "refused")]
+        )  # fmt: skip
+    err.write_text(buf.getvalue())
+    assert rc == 2
+    lines = [ln for ln in buf.getvalue().splitlines() if ln.strip()]
+    assert lines[-1].startswith("patchalign fit: error: JointTraining distils the teacher features")

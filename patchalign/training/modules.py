@@ -22,6 +22,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
@@ -624,6 +625,15 @@ class JointTraining(Stage2Alignment):
         self.hparams["distill_dim"] = int(width)
         self.train_cos = MeanMetric()
         self.val_cos = MeanMetric()
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        dm = getattr(self.trainer, "datamodule", None)
+        if getattr(dm, "load_features", True) is False:  # refused before any step, in one line by the CLI
+            raise MisconfigurationException(
+                "JointTraining distils the teacher features: set data.init_args.load_features: true "
+                "(configs/ablations/strategy/joint.yaml does)"
+            )
 
     def head_parameters(self) -> list[tuple[str, nn.Parameter]]:
         distill = [(f"distill_head.{n}", p) for n, p in self.distill_head.named_parameters()]
