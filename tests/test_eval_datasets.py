@@ -67,6 +67,29 @@ def test_shapenetpart_real_shape_labels(snp_root: Path) -> None:
         ShapeNetPartTxt(snp_root, "test", categories=["sofa"])
 
 
+def test_find3d_part_names_follow_find3d_cat2part() -> None:
+    """Find3D's names (its ``EvalShapeNetPart.cat2part``) per category, in the benchmark's order: the
+    released PatchAlign3D names where Find3D uses the same words, its own where it does not."""
+    from patchalign.eval.readers.shapenetpart import (
+        FIND3D_SHAPENETPART_PARTS,
+        PATCHALIGN3D_SHAPENETPART_PARTS,
+        SHAPENETPART_CATEGORIES,
+    )
+
+    assert list(FIND3D_SHAPENETPART_PARTS) == SHAPENETPART_CATEGORIES
+    assert FIND3D_SHAPENETPART_PARTS["Cap"] == ["panels or crown", "visor or peak"]
+    assert FIND3D_SHAPENETPART_PARTS["Motorbike"][4] == "light"
+    assert FIND3D_SHAPENETPART_PARTS["Pistol"] == ["barrel", "handle", "trigger and guard"]
+    assert FIND3D_SHAPENETPART_PARTS["Earphone"] == ["earcup", "headband", "data wire"]
+    assert FIND3D_SHAPENETPART_PARTS["Table"] == ["desktop", "leg or support", "drawer"]
+    differ = [
+        c
+        for c in SHAPENETPART_CATEGORIES
+        if FIND3D_SHAPENETPART_PARTS[c] != PATCHALIGN3D_SHAPENETPART_PARTS[c]
+    ]
+    assert differ == ["Cap", "Car", "Chair", "Guitar", "Lamp", "Laptop", "Motorbike", "Pistol", "Rocket"]
+
+
 def _fake_snp(root: Path, rows: str, synset: str = "04379243") -> Path:
     (root / "train_test_split").mkdir(parents=True)
     (root / "train_test_split" / "shuffled_test_file_list.json").write_text(
@@ -367,3 +390,13 @@ def test_registry_builds_every_kind_and_matches_the_type(tmp_path: Path) -> None
     (tmp_path / "fine_grained_gt.json").write_text(json.dumps({"a": ["nose", "ear"]}))
     ds = build_dataset("faust", tmp_path, "test", granularity="fine")
     assert isinstance(ds, FaustSATR) and ds[0]["labels"].tolist() == [5, 9]
+
+
+def test_samples_carry_their_own_part_name_list(snp_root: Path) -> None:
+    """A caller editing one sample's ``part_names`` changes neither the reader's vocabulary nor the
+    next sample's list (every reader builds samples through ``PartSegDataset._sample``)."""
+    ds = ShapeNetPartTxt(snp_root, "trainval")
+    first = ds[0]
+    vocabulary = list(ds.part_names_by_category[first["category"]])
+    first["part_names"].append("edited")
+    assert ds[0]["part_names"] == vocabulary == ds.part_names_by_category[first["category"]]

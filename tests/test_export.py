@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -169,16 +170,7 @@ def test_pretrained_rejects_bad_input(exported: tuple[Path, PatchAlignEncoder, P
 
 
 def test_pretrained_small_clouds_are_repeated_up_to_num_groups(tmp_path: Path) -> None:
-    cfg = EncoderConfig(
-        num_groups=64,
-        group_size=8,
-        encoder_dims=32,
-        trans_dim=32,
-        depth=1,
-        num_heads=2,
-        head_dim=16,
-        drop_path_rate=0.0,
-    )
+    cfg = dataclasses.replace(EncoderConfig.tiny(16), num_groups=64, depth=1)  # 64 groups > 40 points
     _lightning_ckpt(tmp_path / "c.ckpt", cfg)
     model = load_pretrained(export_checkpoint(tmp_path / "c.ckpt", tmp_path / "e"))
     pts = torch.rand(40, 3)

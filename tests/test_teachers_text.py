@@ -20,6 +20,7 @@ from patchalign.engine.teachers import (  # noqa: E402
     IMAGENET_STD,
     TeacherNotFoundError,
     load_teacher,
+    random_dinov2,
     resample_taps,
     sample_grid_at_pixels,
 )
@@ -38,35 +39,18 @@ def _imagenet(images: torch.Tensor, size: int, mean=IMAGENET_MEAN, std=IMAGENET_
     return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 
+#: The shipped random-teacher architecture shrunk to width 32 (patch 14, 56 px input -> 4x4 grid).
+TINY_DINOV2 = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, patch_size=14, image_size=56)
+
+
 def _save_tiny_dinov2(path) -> None:
     """A one-layer random Dinov2Model (width 32, patch 14) saved as an HF directory."""
-    from transformers import Dinov2Config, Dinov2Model
-
-    Dinov2Model(
-        Dinov2Config(
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=64,
-            patch_size=14,
-            image_size=56,
-        )
-    ).save_pretrained(path)
+    random_dinov2(num_hidden_layers=1, **TINY_DINOV2).save_pretrained(path)
 
 
 # ----------------------------------------------------------------------------------------- teachers
 def test_dinov2_teacher_from_saved_dir(tmp_path):
-    from transformers import Dinov2Config, Dinov2Model
-
-    cfg = Dinov2Config(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        patch_size=14,
-        image_size=56,
-    )
-    model = Dinov2Model(cfg).eval()
+    model = random_dinov2(num_hidden_layers=2, **TINY_DINOV2).eval()
     model.save_pretrained(tmp_path / "dino")
     teacher = load_teacher(f"dinov2:{tmp_path / 'dino'}", input_size=56)
     assert teacher.teacher_id == f"dinov2:{tmp_path / 'dino'}"

@@ -91,6 +91,16 @@ class PartSegDataset(Dataset):
                 ", ".join(self.missing[:3]),
             )
 
+    def _sample(self, uid: str, category: str, points: np.ndarray, labels: np.ndarray) -> PartSegSample:
+        """One sample named with its category's vocabulary (a fresh list: callers may edit theirs)."""
+        return PartSegSample(
+            uid=uid,
+            category=category,
+            points=points,
+            labels=labels,
+            part_names=list(self.part_names_by_category[category]),
+        )
+
     @staticmethod
     def _check_labels(labels: np.ndarray, num_parts: int, uid: str) -> np.ndarray:
         labels = labels.astype(np.int64, copy=False)

@@ -93,13 +93,7 @@ class FaustSATR(PartSegDataset):
             raise ValueError(f"{name}: {points.shape[0]} vertices but {len(names)} labels")
         lookup = {n: i for i, n in enumerate(self.part_names_by_category["human"])}
         labels = np.asarray([lookup[n] for n in names], dtype=np.int64)
-        return PartSegSample(
-            uid=name,
-            category="human",
-            points=points,
-            labels=labels,
-            part_names=list(self.part_names_by_category["human"]),
-        )
+        return self._sample(name, "human", points, labels)
 
 
 @register_reader("faust")

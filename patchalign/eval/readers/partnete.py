@@ -98,13 +98,7 @@ class PartNetE(PartSegDataset):
         if labels.shape[0] != points.shape[0]:
             raise ValueError(f"{uid}: {points.shape[0]} points but {labels.shape[0]} labels")
         labels = self._check_labels(labels, len(self.part_names_by_category[cat]), uid)
-        return PartSegSample(
-            uid=uid,
-            category=cat,
-            points=points,
-            labels=labels,
-            part_names=list(self.part_names_by_category[cat]),
-        )
+        return self._sample(uid, cat, points, labels)
 
 
 @register_reader("partnete")

@@ -134,13 +134,7 @@ class ScanObjectNNParts(PartSegDataset):
                 f"{uid}: raw part ids span [{raw.min()}, {raw.max()}], expected 0..{len(remap) - 1}"
             )
         labels = self._check_labels(remap[raw], len(SCANOBJECTNN_PARTS[cat]), uid)
-        return PartSegSample(
-            uid=uid,
-            category=cat,
-            points=np.ascontiguousarray(pc[:, :3]),
-            labels=labels,
-            part_names=list(self.part_names_by_category[cat]),
-        )
+        return self._sample(uid, cat, np.ascontiguousarray(pc[:, :3]), labels)
 
 
 class ScanObjectNNH5(PartSegDataset):
@@ -197,13 +191,7 @@ class ScanObjectNNH5(PartSegDataset):
         row = self._items[index]
         cat = self.category_of(index)
         labels = (self._mask[row] != -1).astype(np.int64)
-        return PartSegSample(
-            uid=self.uid_of(index),
-            category=cat,
-            points=self._points[row],
-            labels=labels,
-            part_names=list(self.part_names_by_category[cat]),
-        )
+        return self._sample(self.uid_of(index), cat, self._points[row], labels)
 
 
 @register_reader("scanobjectnn")

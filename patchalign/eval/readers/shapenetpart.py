@@ -96,24 +96,19 @@ PATCHALIGN3D_SHAPENETPART_PARTS: dict[str, list[str]] = {
     "Skateboard": ["wheel", "deck", "belt for foot"],
     "Table": ["desktop", "leg or support", "drawer"],
 }
-# Find3D's ``EvalShapeNetPart.cat2part`` (model/data/data.py), same order.
+# Find3D's ``EvalShapeNetPart.cat2part`` (model/data/data.py), same order: the released names
+# except in the nine categories below.
 FIND3D_SHAPENETPART_PARTS: dict[str, list[str]] = {
-    "Airplane": ["body", "wing", "tail", "engine or frame"],
-    "Bag": ["handle", "body"],
+    **PATCHALIGN3D_SHAPENETPART_PARTS,
     "Cap": ["panels or crown", "visor or peak"],
     "Car": ["roof", "hood", "wheel or tire", "body"],
     "Chair": ["back", "seat pad", "leg", "armrest"],
-    "Earphone": ["earcup", "headband", "data wire"],
     "Guitar": ["head or tuners", "neck", "body"],
-    "Knife": ["blade", "handle"],
     "Lamp": ["base", "lampshade", "fixing bracket", "stem"],
     "Laptop": ["keyboard", "screen or monitor"],
     "Motorbike": ["gas tank", "seat", "wheel", "handles or handlebars", "light", "engine or frame"],
-    "Mug": ["handle", "cup"],
     "Pistol": ["barrel", "handle", "trigger and guard"],
     "Rocket": ["body", "fin", "nose cone"],
-    "Skateboard": ["wheel", "deck", "belt for foot"],
-    "Table": ["desktop", "leg or support", "drawer"],
 }
 SHAPENETPART_PART_NAME_SETS: dict[str, dict[str, list[str]]] = {
     "patchalign3d": PATCHALIGN3D_SHAPENETPART_PARTS,
@@ -221,13 +216,7 @@ class ShapeNetPartTxt(PartSegDataset):
         rows = flat.reshape(-1, 7)
         local = rows[:, 6].astype(np.int64) - SHAPENETPART_PART_START[cat]
         labels = self._check_labels(local, SHAPENETPART_NUM_PARTS[cat], uid)
-        return PartSegSample(
-            uid=uid,
-            category=cat,
-            points=np.ascontiguousarray(rows[:, :3]),
-            labels=labels,
-            part_names=list(self.part_names_by_category[cat]),
-        )
+        return self._sample(uid, cat, np.ascontiguousarray(rows[:, :3]), labels)
 
 
 class ShapeNetPartH5(PartSegDataset):
@@ -303,13 +292,7 @@ class ShapeNetPartH5(PartSegDataset):
 
     def __getitem__(self, index: int) -> PartSegSample:
         cat = self._cats[index]
-        return PartSegSample(
-            uid=self._uids[index],
-            category=cat,
-            points=self._points[index],
-            labels=self._labels[index],
-            part_names=list(self.part_names_by_category[cat]),
-        )
+        return self._sample(self._uids[index], cat, self._points[index], self._labels[index])
 
 
 @register_reader("shapenetpart")
