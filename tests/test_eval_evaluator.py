@@ -126,13 +126,7 @@ def test_lightning_test_loop_with_eval_datamodule(snp_root: Path, tmp_path: Path
 
         def test_step(self, batch: dict, batch_idx: int) -> None:
             pred = zero_shot_predict(self.encoder, batch, self.embedder)
-            self.evaluator.update(
-                pred.labels,
-                batch["labels"],
-                batch["category"],
-                num_parts=[len(p) for p in batch["part_names"]],
-                shape_ids=batch["index"],
-            )
+            self.evaluator.update_batch(pred.labels, batch)
 
         def on_test_epoch_end(self) -> None:
             self.report = self.evaluator.compute()

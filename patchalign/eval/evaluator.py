@@ -6,8 +6,7 @@ Inside Lightning::
     self.evaluator = PartSegEvaluator.from_dataset(self.trainer.datamodule.test_dataset).to(self.device)
     # test_step
     pred = zero_shot_predict(self.encoder, batch, self.embedder)
-    self.evaluator.update(pred.labels, batch["labels"], batch["category"],
-                          num_parts=[len(p) for p in batch["part_names"]], shape_ids=batch["index"])
+    self.evaluator.update_batch(pred.labels, batch)
     # on_test_epoch_end
     report = self.evaluator.compute()
     self.log_dict(report.log_dict("test/"))
@@ -350,6 +349,17 @@ class PartSegEvaluator(nn.Module):
         """Add a batch of ``(B, N)`` predicted and ground-truth local part ids."""
         self.metric.update(pred_labels, gt_labels.to(pred_labels.device), category, num_parts, shape_ids)
 
+    def update_batch(self, pred_labels: Tensor, batch: dict[str, Any]) -> None:
+        """:meth:`update` from a collated benchmark batch (``labels``, ``category``, ``part_names``,
+        ``index``), the one place that reads those fields; they are moved to ``pred_labels``' device."""
+        self.update(
+            pred_labels,
+            batch["labels"],
+            batch["category"],
+            num_parts=[len(p) for p in batch["part_names"]],
+            shape_ids=batch["index"].to(pred_labels.device),
+        )
+
     def compute(self) -> EvalReport:
         res = self.metric.compute()
         scalars = self.metric.scalars(res)
@@ -492,13 +502,7 @@ def run_zero_shot_eval(
                     logit_scale=logit_scale,
                     none_threshold=none_threshold,
                 )
-            evaluator.update(
-                pred.labels,
-                batch["labels"].to(device, non_blocking=True),
-                batch["category"],
-                num_parts=[len(p) for p in batch["part_names"]],
-                shape_ids=batch["index"].to(device),
-            )
+            evaluator.update_batch(pred.labels, batch)
             n_shapes += points.shape[0]
         report = evaluator.compute()
     if device.type == "cuda":

@@ -118,13 +118,7 @@ class ZeroShotSegmentation(Stage2Alignment):
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         assert self.evaluator is not None
         pred = zero_shot_predict(self.encoder, batch, self.embedder(), assign=self.assign)
-        self.evaluator.update(
-            pred.labels,
-            batch["labels"],
-            batch["category"],
-            num_parts=[len(p) for p in batch["part_names"]],
-            shape_ids=batch["index"],
-        )
+        self.evaluator.update_batch(pred.labels, batch)
 
     def on_test_epoch_end(self) -> None:
         assert self.evaluator is not None
