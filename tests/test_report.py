@@ -231,3 +231,68 @@ def test_feature_bench_rows_are_the_patchalign3d_keypoint_rows(
     fs = "(few-shot) [patchalign few-shot K=5] | IoU@0.10 |  | 60.00 | 64.07 | -4.07 | - | 0.7000 |"
     assert zs in md and fs in md
     assert "| KeypointNet, ZeroKey (zero-shot) | IoU@0.10 |  | - | 79.43 |" in md  # the oracle is not ZeroKey
+
+
+# ---------------------------------------------------------------------------------------- ablations
+
+#: the paper's ablation rows (issue 22 text / docs/research section 2), mIoU / cIoU in percent
+PAPER_ABLATIONS = {
+    ("strategy", "joint"): (50.2, 48.6),
+    ("freezing", "last2"): (55.70, 50.93),
+    ("teacher", "dinov3"): (46.52, 42.76),
+}
+
+
+def test_report_lists_ablation_rows_beside_the_papers(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A run found by its folder (``outputs/ablations/<table>/<row>``) or by the checkpoint its saved
+    eval config read fills its row; every other row shows its command; a plain run has no section."""
+    # joint: the evaluation written inside the row's own folder
+    joint = _write_run(
+        tmp_path / "outputs" / "ablations" / "strategy" / "joint" / "shapenetpart",
+        "shapenetpart",
+        _scalars((0.4, 0.3), (0.2, 0.1)),
+        [_row("Airplane", 2, 0.4, 0.2)],
+    )
+    # last2: evaluated into another folder; only its saved config.yaml names the row's checkpoint
+    elsewhere = _write_run(
+        tmp_path / "evals" / "freeze2",
+        "shapenetpart",
+        _scalars((0.5, 0.25), (0.2, 0.1)),
+        [_row("Cap", 1, 0.5, 0.2)],
+    )
+    ckpt = "/scratch/outputs/ablations/freezing/last2/checkpoints/last.ckpt"
+    (elsewhere / "config.yaml").write_text(f"model:\n  init_args:\n    init_from: {ckpt}\n")
+    # a folder whose name only starts like a row's (last12) is no row
+    near = _write_run(
+        tmp_path / "outputs" / "ablations" / "freezing" / "last12" / "shapenetpart",
+        "shapenetpart",
+        _scalars((0.9, 0.9), (0.9, 0.9)),
+        [_row("Mug", 1, 0.9, 0.9)],
+    )
+    out = tmp_path / "report"
+    assert patchalign_main(["report", str(joint), str(elsewhere), str(near), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "ablations: 2 of 15 rows run" in printed
+    md = (out / "report.md").read_text()
+    assert "## Ablations (ShapeNetPart, released convention)" in md
+    j_m, j_c = PAPER_ABLATIONS[("strategy", "joint")]
+    assert f"| Joint training | instance_mIoU | 40.00 | {j_m:.2f} | {40 - j_m:.2f} | 2 |" in md
+    assert f"| Joint training | category_mIoU | 30.00 | {j_c:.2f} | {30 - j_c:.2f} | 2 |" in md
+    l_m, _ = PAPER_ABLATIONS[("freezing", "last2")]
+    assert f"instance_mIoU | 50.00 | {l_m:.2f} | {50 - l_m:.2f} | 1 |" in md
+    d_m, _ = PAPER_ABLATIONS[("teacher", "dinov3")]
+    dinov3 = next(ln for ln in md.splitlines() if ln.startswith("| DINOv3 | instance_mIoU"))
+    assert f"| - | {d_m:.2f} | - |" in dinov3  # not run: its commands, Stage 1 first
+    assert (
+        "not run: `python -m patchalign fit --config configs/ablations/teacher/dinov3_stage1.yaml && "
+        in dinov3
+    )
+    assert "90.00" not in md.split("## Ablations")[1]  # the last12 run filled nothing
+    assert "(*paper only*)" in md  # last3 and full-encoder-frozen are not in the talk
+
+    plain = _write_run(
+        tmp_path / "plain", "shapenetpart", _scalars((0.5, 0.4), (0.3, 0.2)), [_row("Cap", 1, 0.5, 0.3)]
+    )
+    assert patchalign_main(["report", str(plain), "--out", str(tmp_path / "r2")]) == 0
+    assert "## Ablations" not in (tmp_path / "r2" / "report.md").read_text()
+    assert "ablations:" not in capsys.readouterr().out
