@@ -190,14 +190,33 @@ class _Assembler:
 
 
 # ------------------------------------------------------------------------------------ categories
-def _chair(a: _Assembler, rng: np.random.Generator) -> None:
-    sw, sd, st, sh = (
-        rng.uniform(0.8, 1.2),
-        rng.uniform(0.8, 1.1),
-        rng.uniform(0.06, 0.12),
-        rng.uniform(0.8, 1.1),
-    )
+Range = tuple[float, float]
+
+
+def _seat(
+    a: _Assembler, rng: np.random.Generator, width: Range, depth: Range, thickness: Range, height: Range
+) -> tuple[float, float, float, float]:
+    """A seat slab (chair, bench) centred at ``height``: draws, in this order, its width, depth,
+    thickness and height from the given ranges and returns them."""
+    sw, sd, st, sh = (rng.uniform(*width), rng.uniform(*depth), rng.uniform(*thickness), rng.uniform(*height))
     a.box("seat", (sw, st, sd), (0, sh, 0))
+    return sw, sd, st, sh
+
+
+def _back(
+    a: _Assembler, seat: tuple[float, float, float, float], width: float, size: Range, tilt: float
+) -> None:
+    """A backrest of ``size = (height, thickness)`` on the seat's rear edge, tilted backwards (towards
+    -z) by ``tilt`` radians about its bottom edge."""
+    _, sd, st, sh = seat
+    bh, bt = size
+    pivot = np.array([0, sh + st / 2, -sd / 2 + bt / 2])
+    centre = pivot + _rot("x", -tilt) @ np.array([0, bh / 2, 0])
+    a.box("back", (width, bh, bt), centre, rotation=_rot("x", -tilt))
+
+
+def _chair(a: _Assembler, rng: np.random.Generator) -> None:
+    seat = sw, sd, st, sh = _seat(a, rng, (0.8, 1.2), (0.8, 1.1), (0.06, 0.12), (0.8, 1.1))
     inset, lr = rng.uniform(0.05, 0.12), rng.uniform(0.03, 0.06)
     round_legs = rng.random() < 0.5
     for sx in (-1, 1):
@@ -209,10 +228,7 @@ def _chair(a: _Assembler, rng: np.random.Generator) -> None:
                 a.box("leg", (2 * lr, sh - st / 2, 2 * lr), at)
     bh, bt = rng.uniform(0.6, 1.0), rng.uniform(0.05, 0.1)
     tilt = rng.uniform(0.0, 0.25)
-    # Rotate the back about its bottom edge (tilted backwards, towards -z).
-    pivot = np.array([0, sh + st / 2, -sd / 2 + bt / 2])
-    centre = pivot + _rot("x", -tilt) @ np.array([0, bh / 2, 0])
-    a.box("back", (sw * rng.uniform(0.85, 1.0), bh, bt), centre, rotation=_rot("x", -tilt))
+    _back(a, seat, sw * rng.uniform(0.85, 1.0), (bh, bt), tilt)
     if rng.random() < 0.6:
         ah, aw = sh + rng.uniform(0.2, 0.35), rng.uniform(0.06, 0.1)
         for sx in (-1, 1):
@@ -319,22 +335,14 @@ def _stool(a: _Assembler, rng: np.random.Generator) -> None:
 
 def _bench(a: _Assembler, rng: np.random.Generator) -> None:
     """A long seat with a low back and two or three pairs of legs."""
-    sw, sd, st, sh = (
-        rng.uniform(1.8, 2.6),
-        rng.uniform(0.5, 0.7),
-        rng.uniform(0.06, 0.1),
-        rng.uniform(0.45, 0.6),
-    )
-    a.box("seat", (sw, st, sd), (0, sh, 0))
+    seat = sw, sd, st, sh = _seat(a, rng, (1.8, 2.6), (0.5, 0.7), (0.06, 0.1), (0.45, 0.6))
     lr, inset = rng.uniform(0.04, 0.07), rng.uniform(0.08, 0.15)
     xs = [-(sw / 2 - inset), sw / 2 - inset] + ([0.0] if rng.random() < 0.5 else [])
     for x in xs:
         for sz in (-1, 1):
             a.box("leg", (2 * lr, sh - st / 2, 2 * lr), (x, (sh - st / 2) / 2, sz * (sd / 2 - inset)))
     bh, bt, tilt = rng.uniform(0.35, 0.55), rng.uniform(0.05, 0.08), rng.uniform(0.05, 0.3)
-    pivot = np.array([0, sh + st / 2, -sd / 2 + bt / 2])
-    centre = pivot + _rot("x", -tilt) @ np.array([0, bh / 2, 0])
-    a.box("back", (sw, bh, bt), centre, rotation=_rot("x", -tilt))
+    _back(a, seat, sw, (bh, bt), tilt)
 
 
 def _truck(a: _Assembler, rng: np.random.Generator) -> None:
