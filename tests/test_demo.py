@@ -151,16 +151,22 @@ def test_demo_bench_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     args = ["--shards", str(tmp_path / "real"), "--random-shards", str(tmp_path / "rand"),
             "--out", str(tmp_path / "bench"), "--n-objects", "51", "--stage1-steps", "2",
             "--stage2-steps", "2", "--batch-size", "4", "--eval-limit", "4", "--teacher", "dinov2-random:1",
-            "--random-teacher", "dinov2-random:2", "--arms", "random teacher", "no Stage 1"]  # fmt: skip
+            "--random-teacher", "dinov2-random:2",
+            "--arms", "random teacher", "no Stage 1", "joint"]  # fmt: skip
     assert bench_main(args) == 0
     printed = capsys.readouterr().out
     assert "held-out categories, shared part names (zero-shot)" in printed
     assert (
         printed.count("random teacher  instance mIoU") == 3 and printed.count("no Stage 1      instance") == 3
     )
+    assert printed.count("joint           instance mIoU") == 3
+    assert "joint training                50.2" in printed and "Stage 2 only                  50.5" in printed
     (run,) = (tmp_path / "bench").iterdir()
     results = json.loads((run / "bench.json").read_text())["results"]
-    assert set(results) == {"random teacher", "no Stage 1"}
+    assert set(results) == {"random teacher", "no Stage 1", "joint"}
+    # the joint arm: one run of Stage 1 + Stage 2 steps (2 + 2), both heads, from the real-teacher shards
+    joint_ckpt = torch.load(run / "joint-seed0" / "joint" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert joint_ckpt["global_step"] == 4 and "distill_head.proj.weight" in joint_ckpt["state_dict"]
     for arm in results.values():
         assert 0.0 <= arm[0]["heldout"]["instance_miou"] <= 1.0
     # Each arm used its own teacher's shards; the objects are the same.
@@ -171,3 +177,44 @@ def test_demo_bench_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert "seed=1" in teachers["real"] and "seed=2" in teachers["rand"]
     objects = [(tmp_path / k / "work" / "objects.jsonl").read_text() for k in ("real", "rand")]
     assert objects[0] == objects[1]
+
+
+def test_bench_joint_arm_is_the_stage2_recipe_with_the_joint_module(tmp_path: Path) -> None:
+    """Only the module, the start (random encoder), what trains and the teacher features differ from
+    the two-stage arm's Stage 2 config; loss, augmentation, schedule and learning rates are its own."""
+    import yaml
+
+    from patchalign.tools.bench.demo import joint_config
+    from patchalign.tools.paths import REPO_ROOT
+
+    cfg = yaml.safe_load(joint_config(tmp_path / "joint.yaml").read_text())
+    stage2 = yaml.safe_load((REPO_ROOT / "configs" / "stage2.yaml").read_text())
+    assert cfg["model"]["class_path"] == "patchalign.training.modules.JointTraining"
+    init, ref = cfg["model"]["init_args"], stage2["model"]["init_args"]
+    assert init["init_from"] is None and init["trainable"] == "all" and init["joint_weight"] == 1.0
+    assert "freeze_blocks" not in init and cfg["data"]["init_args"]["load_features"] is True
+    same = {k: v for k, v in ref.items() if k not in ("init_from", "trainable", "freeze_blocks")}
+    assert {k: init[k] for k in same} == same  # loss: siglip, optim, encoder, category-label drop
+    assert cfg["trainer"] == stage2["trainer"]
+    data = {k: v for k, v in cfg["data"]["init_args"].items() if k != "load_features"}
+    assert data == {k: v for k, v in stage2["data"]["init_args"].items() if k != "load_features"}
+
+
+def test_strategy_table_puts_each_arm_beside_the_talk() -> None:
+    from patchalign.tools.bench.demo import strategy_lines
+
+    def run(seen: float, heldout: float, unseen: float) -> dict:
+        return {
+            s: {"instance_miou": v}
+            for s, v in (("val", seen), ("heldout", heldout), ("unseen_names", unseen))
+        }
+
+    results = {"real teacher": [run(0.6, 0.62, 0.15), run(0.62, 0.64, 0.17)], "joint": [run(0.5, 0.4, 0.1)]}
+    lines = strategy_lines(results)
+    two_stage = next(ln for ln in lines if "two-stage" in ln)
+    assert "56.9" in two_stage and "0.610±0.010 / 0.630±0.010 / 0.160±0.010" in two_stage
+    assert "2 seed(s)" in two_stage
+    joint = next(ln for ln in lines if "joint training" in ln)
+    assert "50.2" in joint and "0.500 / 0.400 / 0.100" in joint
+    assert not any("Stage 2 only" in ln for ln in lines)  # not run: no row
+    assert strategy_lines({"random teacher": [run(0.1, 0.1, 0.1)]}) == []
