@@ -212,8 +212,16 @@ def test_writer_rejects_inconsistent_samples(tmp_path: Path) -> None:
     bank = write_synthetic_text_bank(tmp_path / "bank.st", ["part 0", "part 1"])
     with ShardSetWriter(tmp_path / "a", text_bank=bank) as w:
         w.write(_sample("a", parts=2))
-        with pytest.raises(ShardFormatError, match="feature_dim 5"):
+        with pytest.raises(ShardFormatError, match="'b' has feature_dim 5, shard set has 12"):
             w.write(_sample("b", c=5, parts=2))
+        both = _sample("p", parts=2)
+        both.patch_centers = both.points[:8].copy()
+        both.patch_features = np.eye(8, 12, dtype=np.float16)  # unit rows
+        with pytest.raises(
+            ShardFormatError,
+            match=r"'p' has targets \['points', 'patches'\], shard set has \['points'\]; write per-point",
+        ):
+            w.write(both)
         with pytest.raises(ShardFormatError, match="not in the text bank"):
             w.write(_sample("c", parts=3))
         bad = _sample("d", parts=2)

@@ -347,6 +347,15 @@ class ShardSetWriter:
         self._bank = bank
         self.manifest.text_bank = TEXT_BANK_NAME
 
+    def _agree(self, sample: ObjectSample, key: str, hint: str = "") -> None:
+        """The first sample fixes the shard set's ``key`` (``feature_dim``, ``targets``) in the manifest;
+        a later sample with another value is refused, since one set is read with one layout."""
+        have, value = getattr(self.manifest, key), getattr(sample, key)
+        if have is None:
+            setattr(self.manifest, key, value)
+        elif value != have:
+            raise ShardFormatError(f"sample {sample.uid!r} has {key} {value}, shard set has {have}{hint}")
+
     def write(self, sample: ObjectSample) -> bool:
         """Append one sample; returns ``False`` (and writes nothing) if its uid is already done.
 
@@ -360,20 +369,8 @@ class ShardSetWriter:
             self.n_skipped += 1
             return False
         members = encode_sample(sample)  # validates
-        if self.manifest.feature_dim is None:
-            self.manifest.feature_dim = sample.feature_dim
-        elif sample.feature_dim != self.manifest.feature_dim:
-            raise ShardFormatError(
-                f"sample {sample.uid!r} has feature_dim {sample.feature_dim}, "
-                f"shard set has {self.manifest.feature_dim}"
-            )
-        if self.manifest.targets is None:
-            self.manifest.targets = sample.targets
-        elif sample.targets != self.manifest.targets:
-            raise ShardFormatError(
-                f"sample {sample.uid!r} carries targets {sample.targets}, shard set has "
-                f"{self.manifest.targets}; write per-point and patch-target samples to separate sets"
-            )
+        self._agree(sample, "feature_dim")
+        self._agree(sample, "targets", "; write per-point and patch-target samples to separate sets")
         if self._bank is not None:
             unknown = [n for n in sample.part_names if n not in self._bank]
             if unknown:
