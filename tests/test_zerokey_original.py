@@ -589,3 +589,18 @@ def test_vertex_colours_read_from_the_mesh_file(tmp_path):
 
     with pytest.raises(ValueError, match="needs views.shading 'original'"):
         ViewConfig(texture="position")
+
+
+def test_stub_server_can_count_without_keeping_requests():
+    """A bench sends thousands of images: keep_requests=False keeps none (before: ~1 MB each kept)."""
+    from zerokey.mllm.client import ChatClient
+
+    with FakeChatServer(lambda request: "ok", keep_requests=False, max_requests=2) as server:
+        client = ChatClient(server.base_url, "m", None, max_retries=0)
+        image = torch.zeros(8, 8, 3)
+        assert client.complete("hi", [image]) == "ok" and client.complete("hi", [image]) == "ok"
+        assert server.served == 2 and server.requests == []
+        from zerokey.mllm.client import ChatError
+
+        with pytest.raises(ChatError):
+            client.complete("hi", [image])  # the third is over max_requests: 503

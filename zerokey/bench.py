@@ -160,7 +160,7 @@ def run_bench(
     namer = KeypointNetNamer(str(root / "semantic_names.json"))
     oracle = OraclePointer(noise_px=noise_px, dropout=dropout, outlier_rate=outlier_rate, seed=seed)
     annotations = load_keypointnet_annotations(sorted((root / "annotations").glob("*.json")))
-    server = FakeChatServer(lambda request: "") if pointer == "server" else None
+    server = FakeChatServer(lambda request: "", keep_requests=False) if pointer == "server" else None
     if server is not None:
         server.__enter__()
     rows = []
@@ -492,7 +492,7 @@ def run_reference_bench(
             seed=seed,
             labels="original" if preset == "original" else "semantic_names",
         )
-        server = FakeChatServer(lambda request: "") if pointer == "server" else None
+        server = FakeChatServer(lambda request: "", keep_requests=False) if pointer == "server" else None
         if server is not None:
             server.__enter__()
         try:

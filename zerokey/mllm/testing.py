@@ -73,9 +73,14 @@ class FakeChatServer:
         max_requests: int = 100_000,
         max_body_bytes: int = 64 << 20,
         socket_timeout: float = 10.0,
+        keep_requests: bool = True,
     ) -> None:
         self.answer = answer
         self.requests: list[ChatRequest] = []
+        #: False: requests are counted (``served``) but not kept -- a benchmark's thousands of decoded
+        #: images would otherwise pile up in memory (about 1 MB each at 512 px).
+        self.keep_requests = keep_requests
+        self.served = 0
         self.max_requests, self.max_body_bytes = max_requests, max_body_bytes
         self._lock = threading.Lock()
         server = self
@@ -109,7 +114,7 @@ class FakeChatServer:
                     self._send(413, {"error": {"message": f"body over {server.max_body_bytes} bytes"}})
                     return
                 with server._lock:
-                    over = len(server.requests) >= server.max_requests
+                    over = server.served >= server.max_requests
                 if over:
                     self._send(503, {"error": {"message": f"stub served its {server.max_requests} requests"}})
                     return
@@ -120,7 +125,9 @@ class FakeChatServer:
                     self._send(400, {"error": {"message": f"bad request: {err}"}})
                     return
                 with server._lock:
-                    server.requests.append(request)
+                    server.served += 1
+                    if server.keep_requests:
+                        server.requests.append(request)
                 try:
                     reply = server.answer(request)
                 except Exception as err:  # the stand-in model crashed: a 500 like a real server
