@@ -762,6 +762,7 @@ def _empty_source() -> Iterator[dict]:
     return iter(())
 
 
+@dataclass(eq=False)  # eq=False: compared and hashed by identity, like any Dataset
 class ShardStream(torch.utils.data.IterableDataset):
     """IterableDataset that builds a fresh pipeline per iteration from the worker's context.
 
@@ -772,28 +773,17 @@ class ShardStream(torch.utils.data.IterableDataset):
     ``epoch`` values, so there the local pass count is added instead.
     """
 
-    def __init__(
-        self,
-        split: str,
-        build: Callable[[StreamContext, Any, StreamStats], Iterable[Batch]],
-        spec: TrainSpec | ValSpec,
-        rank: int,
-        world_size: int,
-        seed: int,
-        length: int,
-    ) -> None:
-        super().__init__()
-        self.split = split
-        self.build = build
-        self.spec = spec
-        self.rank = rank
-        self.world_size = world_size
-        self.seed = seed
-        self.length = length
-        self.epoch = 0
-        self.skip_batches = 0  # batches of this pass already consumed before a resume (whole rank)
-        self.persistent_workers = False
-        self._iters = 0
+    split: str
+    build: Callable[[StreamContext, Any, StreamStats], Iterable[Batch]]
+    spec: TrainSpec | ValSpec
+    rank: int
+    world_size: int
+    seed: int
+    length: int
+    epoch: int = field(default=0, init=False)
+    skip_batches: int = field(default=0, init=False)  # batches of this pass consumed before a resume (rank)
+    persistent_workers: bool = field(default=False, init=False)
+    _iters: int = field(default=0, init=False, repr=False)
 
     def __len__(self) -> int:
         return self.length
