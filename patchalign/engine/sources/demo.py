@@ -215,17 +215,26 @@ def _back(
     a.box("back", (width, bh, bt), centre, rotation=_rot("x", -tilt))
 
 
+def _corner_legs(
+    a: _Assembler, top: tuple[float, float], inset: float, height: float, lr: float, round_legs: bool = False
+) -> None:
+    """Four legs (boxes ``2 lr`` wide, or cylinders of radius ``lr``) from the floor up to ``height``,
+    ``inset`` in from the corners of a ``top = (width, depth)`` seat or table top."""
+    width, depth = top
+    for sx in (-1, 1):
+        for sz in (-1, 1):
+            at = (sx * (width / 2 - inset), height / 2, sz * (depth / 2 - inset))
+            if round_legs:
+                a.cylinder("leg", lr, height, at)
+            else:
+                a.box("leg", (2 * lr, height, 2 * lr), at)
+
+
 def _chair(a: _Assembler, rng: np.random.Generator) -> None:
     seat = sw, sd, st, sh = _seat(a, rng, (0.8, 1.2), (0.8, 1.1), (0.06, 0.12), (0.8, 1.1))
     inset, lr = rng.uniform(0.05, 0.12), rng.uniform(0.03, 0.06)
     round_legs = rng.random() < 0.5
-    for sx in (-1, 1):
-        for sz in (-1, 1):
-            at = (sx * (sw / 2 - inset), (sh - st / 2) / 2, sz * (sd / 2 - inset))
-            if round_legs:
-                a.cylinder("leg", lr, sh - st / 2, at)
-            else:
-                a.box("leg", (2 * lr, sh - st / 2, 2 * lr), at)
+    _corner_legs(a, (sw, sd), inset, sh - st / 2, lr, round_legs)
     bh, bt = rng.uniform(0.6, 1.0), rng.uniform(0.05, 0.1)
     tilt = rng.uniform(0.0, 0.25)
     _back(a, seat, sw * rng.uniform(0.85, 1.0), (bh, bt), tilt)
@@ -243,13 +252,7 @@ def _table(a: _Assembler, rng: np.random.Generator) -> None:
         tw, td = rng.uniform(1.2, 2.2), rng.uniform(0.7, 1.2)
         a.box("top", (tw, tt, td), (0, th, 0))
         lr, inset = rng.uniform(0.03, 0.07), rng.uniform(0.06, 0.15)
-        for sx in (-1, 1):
-            for sz in (-1, 1):
-                a.box(
-                    "leg",
-                    (2 * lr, th - tt / 2, 2 * lr),
-                    (sx * (tw / 2 - inset), (th - tt / 2) / 2, sz * (td / 2 - inset)),
-                )
+        _corner_legs(a, (tw, td), inset, th - tt / 2, lr)
     else:
         r = rng.uniform(0.5, 0.8)
         a.cylinder("top", r, tt, (0, th, 0))
@@ -324,13 +327,7 @@ def _stool(a: _Assembler, rng: np.random.Generator) -> None:
         w = rng.uniform(0.6, 0.9)
         a.box("seat", (w, st, w), (0, sh, 0))
         inset = rng.uniform(0.05, 0.1)
-        for sx in (-1, 1):
-            for sz in (-1, 1):
-                a.box(
-                    "leg",
-                    (2 * lr, sh - st / 2, 2 * lr),
-                    (sx * (w / 2 - inset), (sh - st / 2) / 2, sz * (w / 2 - inset)),
-                )
+        _corner_legs(a, (w, w), inset, sh - st / 2, lr)
 
 
 def _bench(a: _Assembler, rng: np.random.Generator) -> None:
