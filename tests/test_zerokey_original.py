@@ -472,6 +472,14 @@ def test_original_oracle_preset_cli_predict_then_evaluate_protocol_original(tmp_
     main(args)
     out = capsys.readouterr().out
     assert "original protocol (ground-truth names)" in out and "OraclePointer" in out
+    manifest = json.loads((run / "run.json").read_text())
+    assert any("original protocol (ground-truth names)" in n for n in manifest["notes"])
+    assert manifest["dropped_views"] == {
+        "views": 0,
+        "xml_error": 0,
+        "too_many_points": 0,
+        "scope": "all shapes",
+    }
     (record_path,) = (run / "02691156").glob("*.json")
     record = json.loads(record_path.read_text())
     assert record["status"] == "complete" and record["counts"]["views"] == 26
@@ -604,3 +612,14 @@ def test_stub_server_can_count_without_keeping_requests():
 
         with pytest.raises(ChatError):
             client.complete("hi", [image])  # the third is over max_requests: 503
+
+
+def test_dropped_views_are_summed_for_run_json():
+    from zerokey.writer import dropped_views
+
+    summary = {
+        "parse_stats": {"pointer": {"xml_error": 3, "too_many_points": 2, "points": 9}},
+        "world_size": 1,
+    }
+    assert dropped_views(summary) == {"views": 5, "xml_error": 3, "too_many_points": 2, "scope": "all shapes"}
+    assert dropped_views({"parse_stats": {}, "world_size": 2})["scope"] == "rank 0 of 2"

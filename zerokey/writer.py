@@ -202,6 +202,15 @@ def plot_shape(prediction: ShapePrediction, path: str | Path, max_points: int = 
     return Path(path)
 
 
+def dropped_views(summary: dict[str, Any]) -> dict[str, Any]:
+    """Pointer answers whose whole view was dropped by the answer rules (``parse: xml`` / ``max_points``,
+    the authors' rules): counts of this rank's summary, for ``run.json`` and the closing lines."""
+    pointer = (summary.get("parse_stats") or {}).get("pointer") or {}
+    xml, many = int(pointer.get("xml_error", 0)), int(pointer.get("too_many_points", 0))
+    scope = "all shapes" if summary.get("world_size", 1) == 1 else f"rank 0 of {summary['world_size']}"
+    return {"views": xml + many, "xml_error": xml, "too_many_points": many, "scope": scope}
+
+
 class KeypointJSONWriter(BasePredictionWriter):
     """Write ``<run folder>/<shape_id>.json`` for every shape as soon as its batch is predicted.
 
@@ -413,13 +422,19 @@ class KeypointJSONWriter(BasePredictionWriter):
         if self.summary:
             write_json_atomic(self.output_dir / f"summary_rank{trainer.global_rank}.json", summary)
         if trainer.is_global_zero:
+            notes_fn = getattr(pl_module, "run_notes", None)
+            notes = notes_fn() if callable(notes_fn) else []
             manifest = dict(
-                self._manifest, status=status, reason=reason, finished=time.strftime("%Y-%m-%dT%H:%M:%S")
+                self._manifest,
+                status=status,
+                reason=reason,
+                finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                notes=notes,
+                dropped_views=dropped_views(summary),
             )
             write_json_atomic(self.output_dir / RUN_MANIFEST, manifest)
             if self.summary:
-                notes_fn = getattr(pl_module, "run_notes", None)
-                self._print(summary, notes_fn() if callable(notes_fn) else [])
+                self._print(summary, notes)
 
     @staticmethod
     def _print(summary: dict[str, Any], notes: list[str]) -> None:
@@ -436,6 +451,12 @@ class KeypointJSONWriter(BasePredictionWriter):
         if summary["reason"]:
             label = "stopped" if summary["status"] == "aborted" else "why"
             lines.append(f"  {label}: {summary['reason']}")
+        dropped = dropped_views(summary)
+        if dropped["views"]:
+            lines.append(
+                f"  pointer answers dropped (view x name): {dropped['views']} "
+                f"({dropped['xml_error']} not XML, {dropped['too_many_points']} with too many points)"
+            )
         for shape in summary["failed_shapes"][:5]:
             lines.append(f"  failed {shape['shape_id']}: {shape['error']}")
         if len(summary["failed_shapes"]) > 5:
