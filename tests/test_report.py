@@ -296,3 +296,17 @@ def test_report_lists_ablation_rows_beside_the_papers(tmp_path: Path, capsys: py
     assert patchalign_main(["report", str(plain), "--out", str(tmp_path / "r2")]) == 0
     assert "## Ablations" not in (tmp_path / "r2" / "report.md").read_text()
     assert "ablations:" not in capsys.readouterr().out
+
+
+def test_report_refuses_an_unreadable_saved_eval_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The saved config.yaml decides which ablation row a result fills: a broken one is an error, not a
+    result silently left out of its row."""
+    run = _write_run(
+        tmp_path / "run", "shapenetpart", _scalars((0.5, 0.4), (0.3, 0.2)), [_row("Cap", 1, 0.5, 0.3)]
+    )
+    (run / "config.yaml").write_text("model: [unclosed\n")
+    assert patchalign_main(["report", str(run), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unreadable saved config of the evaluation" in err[0]

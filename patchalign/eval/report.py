@@ -192,7 +192,8 @@ def _evaluated_checkpoint(results_json: Path) -> str | None:
     try:
         cfg = yaml.safe_load(config.read_text()) or {}
     except (OSError, yaml.YAMLError) as err:
-        raise ValueError(f"{config}: unreadable saved config of the evaluation ({err})") from err
+        reason = " ".join(str(err).split())  # YAML errors span lines; one line here
+        raise ValueError(f"{config}: unreadable saved config of the evaluation ({reason})") from err
     model = (cfg.get("model") or {}).get("init_args") or {}
     found = cfg.get("ckpt_path") or model.get("init_from")
     return None if found is None else str(found)
