@@ -98,3 +98,19 @@ def read_shards(split_dir: Path) -> list:
                 groups.setdefault(key, {"__key__": key})[suffix] = tar.extractfile(m).read()
         samples += [decode_sample(g) for g in groups.values()]
     return samples
+
+
+def quiet_trainer(**kwargs: Any) -> Any:
+    """A ``lightning.Trainer`` on the CPU that writes and prints nothing of its own (no logger,
+    checkpoints, progress bar or model summary): the tests read what they need from the model.
+    ``kwargs`` add to or override these settings."""
+    import lightning as L
+
+    quiet = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return L.Trainer(**{**quiet, **kwargs})

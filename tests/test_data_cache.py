@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from conftest import quiet_trainer
 from scipy.spatial.transform import Rotation
 from test_datamodule import _broken_shard_set
 
@@ -188,16 +189,7 @@ def _fit(path: Path, max_steps: int, ckpt: Path | None = None, cb: list | None =
         str(path), batch_size=2, num_workers=0, num_points=256, cache="host", features_fp16_transfer=True
     )
     model = _Seen()
-    trainer = L.Trainer(
-        max_steps=max_steps,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        callbacks=cb or [],
-    )
+    trainer = quiet_trainer(max_steps=max_steps, limit_val_batches=0, callbacks=cb or [])
     try:
         trainer.fit(model, dm, ckpt_path=str(ckpt) if ckpt else None)
     except _Preempted:

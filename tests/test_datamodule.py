@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from conftest import quiet_trainer
 from scipy.spatial.transform import Rotation
 
 from patchalign.data.datamodule import ShardDataModule
@@ -320,10 +321,7 @@ def test_lightning_fit_with_fp16_transfer(tmp_path: Path) -> None:
     dm.setup("fit")
     assert next(iter(dm.train_dataloader()))["features"].dtype == torch.float16  # shipped as fp16
     model = _Recorder()
-    trainer = L.Trainer(
-        max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path,
-    )  # fmt: skip
+    trainer = quiet_trainer(max_epochs=2, default_root_dir=tmp_path)
     trainer.fit(model, datamodule=ShardDataModule(**{**dm.hparams}))
     assert [len(e) for e in model.epochs] == [6, 6]
     assert model.epochs[0] != model.epochs[1]  # epoch number from the Trainer reseeds the stream

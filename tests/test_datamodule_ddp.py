@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from conftest import quiet_trainer
 
 from patchalign.data.datamodule import ShardDataModule
 from patchalign.data.synthetic import write_synthetic_shards
@@ -65,17 +66,8 @@ def test_ddp_uneven_shards_equal_steps_disjoint_samples(tmp_path: Path, cache: s
         cache=cache,
     )
     model = _StepRecorder(str(tmp_path))
-    trainer = L.Trainer(
-        strategy="ddp_spawn",
-        accelerator="cpu",
-        devices=2,
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
+    trainer = quiet_trainer(
+        strategy="ddp_spawn", devices=2, max_epochs=1, num_sanity_val_steps=0, default_root_dir=tmp_path
     )
     trainer.fit(model, datamodule=dm)
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from conftest import REPO_ROOT as REPO
-from conftest import save_lightning_checkpoint
+from conftest import quiet_trainer, save_lightning_checkpoint
 from test_eval_zeroshot import FakeTextEncoder
 
 from patchalign.eval.datamodule import EvalDataModule
@@ -134,15 +134,7 @@ def test_lightning_test_loop_with_eval_datamodule(snp_root: Path, tmp_path: Path
 
     dm = EvalDataModule("shapenetpart", str(snp_root), split="trainval", seed=5, batch_size=2, num_workers=0)
     module = ZeroShot()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(devices=1, default_root_dir=tmp_path)
     logged = trainer.test(module, datamodule=dm, verbose=False)[0]
     script = run_zero_shot_eval(
         enc, ShapeNetPartTxt(snp_root, "trainval"), text, batch_size=2, seed=5, device="cpu", verbose=False
