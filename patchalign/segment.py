@@ -171,6 +171,19 @@ def _run_votes(
     return seg.scores.float(), seg.labels
 
 
+def _vote_scores(probs: Tensor, samples: Tensor, queries: Sequence[Tensor], chunk: int) -> list[Tensor]:
+    """Per query set ``(Q, 3)``: the ``(Q, K)`` mean over votes of the probabilities of each query
+    point's nearest sampled point (``probs (V, n, K)`` of ``samples (V, n, 3)``)."""
+    votes = samples.shape[0]
+    out = []
+    for q in queries:
+        scores = torch.zeros(q.shape[0], probs.shape[-1], dtype=torch.float32, device=q.device)
+        for v in range(votes):
+            scores += probs[v][nearest_sample_index(q, samples[v], chunk)]
+        out.append(scores / votes)
+    return out
+
+
 def _check_text(model: Any, parts: Sequence[str] | Tensor, text_encoder: Any) -> tuple[Tensor, list[str]]:
     if isinstance(parts, Tensor):
         return parts, [f"part{i}" for i in range(parts.shape[0])]
@@ -205,10 +218,7 @@ def segment_cloud(
     idx = torch.stack([_cloud_sample_indices(pts, num_points, seed + v, sampling) for v in range(votes)])
     samples = pts[idx]  # (V, n, 3)
     probs, sample_labels = _run_votes(model, samples, text, rotate, assign)
-    scores = torch.zeros(pts.shape[0], probs.shape[-1], dtype=torch.float32, device=pts.device)
-    for v in range(votes):
-        scores += probs[v][nearest_sample_index(pts, samples[v], chunk)]
-    scores /= votes
+    (scores,) = _vote_scores(probs, samples, [pts], chunk)
     return FullSegmentation(
         names=names,
         samples=samples,
@@ -252,15 +262,7 @@ def segment_mesh_arrays(
         [sample_surface(verts, f, num_points, seed=seed + v).points for v in range(votes)]
     ).to(verts.device)
     probs, sample_labels = _run_votes(model, samples, text, rotate, assign)
-    centroids = verts[f].mean(1)
-    k = probs.shape[-1]
-    vscores = torch.zeros(verts.shape[0], k, dtype=torch.float32, device=verts.device)
-    fscores = torch.zeros(f.shape[0], k, dtype=torch.float32, device=verts.device)
-    for v in range(votes):
-        vscores += probs[v][nearest_sample_index(verts, samples[v], chunk)]
-        fscores += probs[v][nearest_sample_index(centroids, samples[v], chunk)]
-    vscores /= votes
-    fscores /= votes
+    vscores, fscores = _vote_scores(probs, samples, [verts, verts[f].mean(1)], chunk)  # vertices, centroids
     return FullSegmentation(
         names=names,
         samples=samples,
