@@ -114,3 +114,45 @@ def quiet_trainer(**kwargs: Any) -> Any:
         enable_model_summary=False,
     )
     return L.Trainer(**{**quiet, **kwargs})
+
+
+def write_tiny_stage_config(
+    path: Path,
+    stage: int,
+    root: Path,
+    encoder: dict[str, Any],
+    data: dict[str, Any],
+    trainer: dict[str, Any] | None = None,
+    **model_args: Any,
+) -> Path:
+    """The shipped ``configs/stage{stage}.yaml`` shrunk to a few CPU steps, written to ``path``: the
+    shipped file is what the CLI tests run. A tiny encoder (``encoder``: EncoderConfig fields), 4 steps
+    with one warm-up step, one validation batch, runs under ``root``; 4-object batches of 256 points
+    in the main process, read from ``data`` (data module arguments: ``data_path``, ``val_path``, ...).
+    ``trainer`` and ``model_args`` add to or override the trainer's and the model's arguments."""
+    import yaml
+
+    cfg = yaml.safe_load((REPO_ROOT / "configs" / f"stage{stage}.yaml").read_text())
+    cfg["trainer"].update(
+        {
+            "accelerator": "cpu",
+            "devices": 1,
+            "precision": "32-true",
+            "max_steps": 4,
+            "limit_val_batches": 1,
+            "log_every_n_steps": 1,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "default_root_dir": str(root),
+            **(trainer or {}),
+        }
+    )
+    model = cfg["model"]["init_args"]
+    model["encoder"]["init_args"]["config"].update(encoder)
+    model["optim"]["warmup_steps"] = 1
+    model.update(model_args)
+    cfg["data"]["init_args"].update(
+        {"batch_size": 4, "num_workers": 0, "num_points": 256, "pin_memory": False, **data}
+    )
+    path.write_text(yaml.safe_dump(cfg))
+    return path

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 from conftest import REPO_ROOT as REPO
-from conftest import save_lightning_checkpoint
+from conftest import save_lightning_checkpoint, write_tiny_stage_config
 from test_eval_configs import make_fixture
 
 from patchalign.__main__ import main as patchalign_main
@@ -29,33 +29,10 @@ TEXT_DIM = 384  # the demo text encoder's width, so a Stage 2 checkpoint can be 
 
 
 def _stage_config(tmp: Path, stage: int, data: dict[str, Path], root: Path, **model_args: object) -> Path:
-    cfg = yaml.safe_load((REPO / "configs" / f"stage{stage}.yaml").read_text())
-    cfg["trainer"].update(
-        accelerator="cpu",
-        devices=1,
-        precision="32-true",
-        max_steps=4,
-        limit_val_batches=1,
-        log_every_n_steps=1,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(root),
+    files = {"data_path": str(data["train"]), "val_path": str(data["val"]), "text_bank": str(data["bank"])}
+    return write_tiny_stage_config(
+        tmp / f"stage{stage}_{root.name}.yaml", stage, root, TINY, files, **model_args
     )
-    cfg["model"]["init_args"]["encoder"]["init_args"]["config"].update(TINY)
-    cfg["model"]["init_args"]["optim"]["warmup_steps"] = 1
-    cfg["model"]["init_args"].update(model_args)
-    cfg["data"]["init_args"].update(
-        data_path=str(data["train"]),
-        val_path=str(data["val"]),
-        text_bank=str(data["bank"]),
-        batch_size=4,
-        num_workers=0,
-        num_points=256,
-        pin_memory=False,
-    )
-    path = tmp / f"stage{stage}_{root.name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 @pytest.fixture(scope="module")
