@@ -623,3 +623,44 @@ def test_dropped_views_are_summed_for_run_json():
     }
     assert dropped_views(summary) == {"views": 5, "xml_error": 3, "too_many_points": 2, "scope": "all shapes"}
     assert dropped_views({"parse_stats": {}, "world_size": 2})["scope"] == "rank 0 of 2"
+
+
+def test_describe_then_retrieve_with_a_stub_mllm(tmp_path):
+    """The describability study end to end on a box: the marked corner is named through a stub server,
+    retrieved with the oracle pointer (which knows where that name is), and scored."""
+    import trimesh
+
+    from zerokey.describe import DescribeNamer, clean_name, describability, mark_point
+    from zerokey.pipeline import ZeroKeyPipeline
+    from zerokey.views import ViewConfig
+
+    assert clean_name('  "Left wing tip."\nbecause ...') == "Left wing tip"
+    marked = mark_point(torch.zeros(5, 5, 3), (2.5, 2.5), 1.0)
+    assert marked[2, 2].tolist() == [1.0, 0.0, 0.0] and marked[0, 0].tolist() == [0.0, 0.0, 0.0]
+
+    box = trimesh.creation.box(extents=(0.4, 0.6, 0.3))
+    box.export(tmp_path / "box.ply")
+    from zerokey.data import load_shape
+
+    shape = load_shape(tmp_path / "box.ply", category="chair")
+    corner = torch.as_tensor(box.vertices[:1], dtype=torch.float32)
+    shape.keypoints = shape.to_normalised(corner)
+    shape.keypoint_names = ["red corner"]
+    prompts = []
+
+    def answer(request):
+        if not request.images:
+            return "OK"
+        prompts.append(request.text)
+        reds = (request.images[0][..., 0] > 200) & (request.images[0][..., 1] < 50)
+        return "red corner." if reds.any() else "nothing"
+
+    with FakeChatServer(answer) as server:
+        namer = DescribeNamer(server.base_url, "m", api_key_env=None, marked="keypoint", radius_px=3)
+        pipe = ZeroKeyPipeline(namer, OraclePointer(), ViewConfig(image_size=96))
+        record = pipe.predict(shape).record
+    assert prompts == ["Precisely name the part of the chair marked by the red dot. Answer with just a name."]
+    assert record["names"] == ["red corner"] and record["naming_details"]["marked"] == "keypoint"
+    assert record["naming_details"]["marked_xyz"] == pytest.approx(box.vertices[0].tolist(), abs=1e-5)
+    scores = describability([record])
+    assert scores["keypoint"]["shapes"] == 1 and scores["keypoint"]["retrieved"]["0.10"] == 1.0

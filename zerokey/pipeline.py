@@ -271,7 +271,7 @@ class ZeroKeyPipeline(KeypointDetector):
             if views is None:
                 views = render_shape(shape, self.cameras(device, shape), self.view_config)
         with timed("name"):
-            naming = self.namer(shape, views.images)
+            naming = self.namer.name_views(shape, views)
         names, instances = naming.names, naming.instances
         naming.error = naming_error(self.namer, naming)
         state = self._propose(shape, names, instances, device, timed)
@@ -332,6 +332,8 @@ class ZeroKeyPipeline(KeypointDetector):
             timings=timings,
             cpu_seconds=cpu_seconds,
         )
+        if naming.details:
+            record["naming_details"] = naming.details
         self._finish_record(record, views, names, state)
         if self.keep_all_clusters:
             record["clusters"] = {

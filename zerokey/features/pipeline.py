@@ -264,7 +264,7 @@ class ZeroShotFeatureKeypoints(_FeatureDetector):
         if isinstance(self.namer, _NAMERS_WITHOUT_IMAGES):
             return self.namer(shape, torch.zeros(0, 1, 1, 3, device=device))
         views = render_shape(shape, self.cameras(device, shape), self.view_config)
-        return self.namer(shape, views.images)
+        return self.namer.name_views(shape, views)
 
     def _predict(
         self, shape: ShapeSample, device: torch.device, timer: StageTimer, keep_debug: bool

@@ -52,6 +52,8 @@ class NamingResult:
     stats: ParseStats = field(default_factory=ParseStats)
     calls: int = 0
     error: str | None = None  # why no names could be had (the shape is then failed, not "0 found")
+    #: namer-specific facts for the record (``naming_details``), e.g. the point a DescribeNamer marked.
+    details: dict = field(default_factory=dict)
 
 
 def unique_with_counts(names: Sequence[str | None]) -> tuple[list[str], list[int]]:
@@ -74,6 +76,11 @@ class Namer(MLLMRole, ABC):
 
     @abstractmethod
     def __call__(self, shape: ShapeSample, images: Tensor) -> NamingResult: ...
+
+    def name_views(self, shape: ShapeSample, views: Any) -> NamingResult:
+        """What the pipeline calls: the namer on the rendered views (``views.images``); namers that need
+        the cameras too (:class:`zerokey.describe.DescribeNamer`) override this."""
+        return self(shape, views.images)
 
 
 class StaticNamer(Namer):
