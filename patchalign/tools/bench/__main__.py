@@ -15,6 +15,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "demo": ("demo", "the demo ablation: random vs DINOv2 teacher vs no Stage 1, same budget"),
     "gpu": ("gpu", "the prepared one-GPU check (imports, render parity, encoder, fits, loader, ZeroKey)"),
     "segment": ("segment", "full-resolution segmentation: 1M-point cloud, 100k-face mesh (time, memory)"),
+    "votes": ("votes", "test-time voting on the real labelled shapes: mIoU for 1/2/4/8 votes, rotations"),
 }
 
 
