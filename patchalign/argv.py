@@ -154,6 +154,19 @@ def run_cli(
     return result if isinstance(result, int) and not isinstance(result, bool) else 0
 
 
+def cli_main(
+    fn: Callable[..., Any], prog: str, errors: tuple[type[BaseException], ...] = ()
+) -> Callable[[Sequence[str] | None], int]:
+    """A command's ``main(argv) -> exit status``: :func:`run_cli` over ``fn`` under the name ``prog``
+    (for the modules whose command line is exactly one typed function, e.g. each benchmark)."""
+
+    def main(argv: Sequence[str] | None = None) -> int:
+        return run_cli(fn, argv, prog=prog, errors=errors)
+
+    main.__doc__ = f"``{prog} [options]``: the command line of :func:`{fn.__module__}.{fn.__name__}`."
+    return main
+
+
 def one_line(e: BaseException) -> str:
     """The first line of an exception's message (a ``KeyError``'s without the repr quotes)."""
     msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)

@@ -156,3 +156,33 @@ def test_help_names_every_option_and_the_spelling_rule(capsys: pytest.CaptureFix
         patchalign_main(["demo", "--help"])
     out = capsys.readouterr().out
     assert "--no_baseline" in out and "skip the no-Stage-1 baseline" in out and "with dashes" in out
+
+
+def _scaled(count: int, factor: float = 2.0, strict: bool = False) -> int:
+    """A typed command for cli_main.
+
+    Args:
+        count: how many.
+        factor: the scale.
+        strict: refuse a zero count.
+    """
+    if strict and count == 0:
+        raise ValueError("count is zero")
+    print(count * factor)
+    return 3
+
+
+def test_cli_main_is_run_cli_under_one_name(capsys: pytest.CaptureFixture[str]) -> None:
+    """cli_main(fn, prog) -> main(argv): fn's own status, 2 for a bad option (named with prog), 1 for
+    an expected error (one line), both spellings; every bench module's main is one."""
+    from patchalign.argv import cli_main
+    from patchalign.tools.bench import loader
+
+    main = cli_main(_scaled, "python -m demo scaled", errors=(ValueError,))
+    assert main(["4", "--factor", "0.5"]) == 3 and capsys.readouterr().out.strip() == "2.0"
+    assert main(["0", "--strict"]) == 1 and capsys.readouterr().err.strip() == "error: count is zero"
+    assert main(["4", "--nope", "1"]) == 2
+    assert "python -m demo scaled --help" in capsys.readouterr().err
+    assert "python -m demo scaled" in (main.__doc__ or "")
+    assert loader.main(["--nope", "1"]) == 2
+    assert "python -m patchalign bench loader --help" in capsys.readouterr().err

@@ -11,6 +11,8 @@ from typing import Literal
 
 import torch
 
+from patchalign.argv import cli_main
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -122,11 +124,8 @@ def encoder_bench(
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    from patchalign.argv import run_cli
-
-    return run_cli(encoder_bench, argv, prog="python -m patchalign bench encoder")
+main = cli_main(encoder_bench, "python -m patchalign bench encoder")
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    raise SystemExit(main(sys.argv[1:]))

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from patchalign.argv import cli_main
 from patchalign.eval.protocol import ResampledDataset, collate_part_samples
 from patchalign.eval.readers.shapenetpart import (
     PATCHALIGN3D_SHAPENETPART_PARTS,
@@ -223,10 +224,7 @@ def eval_bench(
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
-    from patchalign.argv import run_cli
-
-    return run_cli(eval_bench, argv, prog="python -m patchalign bench eval")
+main = cli_main(eval_bench, "python -m patchalign bench eval")
 
 
 if __name__ == "__main__":

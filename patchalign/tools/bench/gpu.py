@@ -42,6 +42,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from patchalign.argv import cli_main
 from patchalign.tools.bench import write_json
 from patchalign.tools.paths import REPO_ROOT as REPO
 from patchalign.tools.paths import SHARED_DATA as SHARED
@@ -476,10 +477,7 @@ def gpu_check(
     return 1 if any(r.status == "FAIL" for r in rows) else 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    from patchalign.argv import run_cli
-
-    return run_cli(gpu_check, argv, prog="python -m patchalign bench gpu")
+main = cli_main(gpu_check, "python -m patchalign bench gpu")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import webdataset as wds
 
+from patchalign.argv import cli_main
 from patchalign.data.datamodule import ShardDataModule
 from patchalign.data.synthetic import shard_sizes, write_synthetic_shards
 from patchalign.data.writer import read_manifest
@@ -303,10 +304,7 @@ def loader_bench(
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from patchalign.argv import run_cli
-
-    return run_cli(loader_bench, argv, prog="python -m patchalign bench loader")
+main = cli_main(loader_bench, "python -m patchalign bench loader")
 
 
 if __name__ == "__main__":

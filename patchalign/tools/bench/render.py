@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import torch
 
+from patchalign.argv import cli_main
 from patchalign.render.cameras import (
     Cameras,
     find3d_cameras,
@@ -242,10 +243,7 @@ def render_bench(
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    from patchalign.argv import run_cli
-
-    return run_cli(render_bench, argv, prog="python -m patchalign bench render")
+main = cli_main(render_bench, "python -m patchalign bench render")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from typing import Any, Literal
 
 import torch
 
+from patchalign.argv import cli_main
 from patchalign.model import EncoderConfig, PatchAlignEncoder
 from patchalign.tools.bench import write_json
 from patchalign.tools.bench.loader import one_thread
@@ -309,10 +310,7 @@ def train_bench(
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    from patchalign.argv import run_cli
-
-    return run_cli(train_bench, argv, prog="python -m patchalign bench train")
+main = cli_main(train_bench, "python -m patchalign bench train")
 
 
 if __name__ == "__main__":
