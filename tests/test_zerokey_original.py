@@ -664,3 +664,22 @@ def test_describe_then_retrieve_with_a_stub_mllm(tmp_path):
     assert record["naming_details"]["marked_xyz"] == pytest.approx(box.vertices[0].tolist(), abs=1e-5)
     scores = describability([record])
     assert scores["keypoint"]["shapes"] == 1 and scores["keypoint"]["retrieved"]["0.10"] == 1.0
+
+
+def test_describe_cli_scores_a_run_folder(tmp_path, capsys):
+    from zerokey.__main__ import main
+
+    record = {
+        "shape_id": "c/m",
+        "status": "complete",
+        "keypoints": [{"xyz": [0.0, 0.0, 0.03]}],
+        "naming_details": {"marked": "random", "marked_xyz": [0.0, 0.0, 0.0]},
+    }
+    (tmp_path / "run" / "c").mkdir(parents=True)
+    (tmp_path / "run" / "c" / "m.json").write_text(json.dumps(record))
+    main(["describe", "--pred", str(tmp_path / "run"), "--out", str(tmp_path / "d.json")])
+    out = capsys.readouterr().out
+    assert "non-salient (random): 1 shapes, within 0.05: 1.000, within 0.10: 1.000, median 0.0300" in out
+    assert json.loads((tmp_path / "d.json").read_text())["random"]["median_distance"] == pytest.approx(0.03)
+    with pytest.raises(SystemExit, match="exists"):
+        main(["describe", "--pred", str(tmp_path / "run"), "--out", str(tmp_path / "d.json")])

@@ -1,4 +1,4 @@
-"""``python -m zerokey {predict,evaluate,bench} ...``
+"""``python -m zerokey {predict,evaluate,bench,describe} ...``
 
 ``predict`` goes through LightningCLI (``--config configs/zerokey.yaml``; every Trainer option and the
 namer / pointer ``class_path`` / ``init_args`` are configurable). ``evaluate`` and ``bench`` are not
@@ -110,6 +110,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             from zerokey.evaluate import main as evaluate_main
 
             evaluate_main(args[1:])
+        elif args and args[0] == "describe":
+            from zerokey.describe import main as describe_main
+
+            describe_main(args[1:])
         elif args and args[0] == "bench":
             from zerokey.bench import main as bench_main
 

@@ -176,14 +176,34 @@ def describability(
     return out
 
 
-def describability_from_dir(pred: str | Path, thresholds: Sequence[float] = (0.05, 0.1)) -> dict:
-    """:func:`describability` over a run folder's per-shape JSONs."""
+def describe_eval(pred: str, thresholds: list[float] | None = None, out: str | None = None) -> dict:
+    """Describability of a run of :class:`DescribeNamer` (``python -m zerokey describe``).
+
+    Args:
+        pred: the run folder (per-shape JSONs with ``naming_details``).
+        thresholds: Euclidean distances (input units) within which a marked point counts as retrieved.
+        out: also write the result as JSON here (an existing file is refused).
+    """
     from zerokey.writer import iter_prediction_files
 
-    return describability([r for _, r in iter_prediction_files(pred)], thresholds)
+    records = [r for _, r in iter_prediction_files(pred)]
+    result = describability(records, thresholds or [0.05, 0.1])
+    if not result:
+        raise SystemExit(f"zerokey describe: no DescribeNamer records (naming_details) under {pred}")
+    for group, row in sorted(result.items()):
+        label = "salient (keypoint)" if group == "keypoint" else "non-salient (random)"
+        within = ", ".join(f"within {t}: {v:.3f}" for t, v in row["retrieved"].items())
+        median, failed = row["median_distance"], len(row["failed"])
+        print(f"{label}: {row['shapes']} shapes, {within}, median {median:.4f}, failed {failed}")
+    if out:
+        if Path(out).exists():
+            raise SystemExit(f"zerokey describe: {out} exists; not overwritten")
+        Path(out).write_text(json.dumps(result, indent=1))
+    return result
 
 
-if __name__ == "__main__":  # pragma: no cover - convenience
-    import sys
+def main(argv: Sequence[str] | None = None) -> dict:
+    """``python -m zerokey describe ...`` (flags: :func:`describe_eval`'s parameters)."""
+    from zerokey.cli import run_function_cli
 
-    print(json.dumps(describability_from_dir(sys.argv[1]), indent=1))
+    return run_function_cli(describe_eval, argv, "python -m zerokey describe")
