@@ -400,3 +400,14 @@ def test_samples_carry_their_own_part_name_list(snp_root: Path) -> None:
     vocabulary = list(ds.part_names_by_category[first["category"]])
     first["part_names"].append("edited")
     assert ds[0]["part_names"] == vocabulary == ds.part_names_by_category[first["category"]]
+
+
+def test_shapenetpart_root_is_checked_before_the_categories(snp_root: Path, tmp_path: Path) -> None:
+    """Both layouts share the argument handling: a wrong root is said first (even with a wrong
+    category too), a wrong category on a right root names the category."""
+    with pytest.raises(FileNotFoundError, match="is not a ShapeNetPart root: no train_test_split/"):
+        ShapeNetPartTxt(tmp_path, "test", categories=["spaceship"])
+    with pytest.raises(ValueError, match="spaceship"):
+        ShapeNetPartTxt(snp_root, "test", categories=["spaceship"])
+    with pytest.raises(ValueError, match="unknown part-name set 'nope'"):
+        ShapeNetPartTxt(snp_root, "test", part_names="nope")

@@ -145,7 +145,33 @@ def _read_synset_file(root: Path) -> dict[str, str]:
     return mapping
 
 
-class ShapeNetPartTxt(PartSegDataset):
+class _ShapeNetPartReader(PartSegDataset):
+    """What both ShapeNetPart layouts take and do alike (``root``, ``split``, ``categories``,
+    ``part_names``: see :class:`ShapeNetPartTxt`). A layout checks and resolves its root first
+    (``_find_root``), then lists the split's shapes (``_index``) once categories and names are set."""
+
+    def __init__(
+        self,
+        root: PathLike,
+        split: ShapeNetSplit = "test",
+        categories: Sequence[str] | None = None,
+        part_names: str | Mapping[str, Sequence[str]] = "patchalign3d",
+    ) -> None:
+        super().__init__()
+        self.root = self._find_root(Path(root))
+        self.categories = select_categories(categories, SHAPENETPART_CATEGORIES)
+        names = resolve_part_names(part_names)
+        self.part_names_by_category = {c: names[c] for c in self.categories}
+        self._index(split)
+
+    def _find_root(self, root: Path) -> Path:
+        raise NotImplementedError
+
+    def _index(self, split: ShapeNetSplit) -> None:
+        raise NotImplementedError
+
+
+class ShapeNetPartTxt(_ShapeNetPartReader):
     """ShapeNetPart in the ``..._v0_normal`` txt layout with the official split lists.
 
     Items follow Point-BERT's ``PartNormalDataset`` order (categories in benchmark order, then ids
@@ -161,21 +187,13 @@ class ShapeNetPartTxt(PartSegDataset):
 
     name = "shapenetpart"
 
-    def __init__(
-        self,
-        root: PathLike,
-        split: ShapeNetSplit = "test",
-        categories: Sequence[str] | None = None,
-        part_names: str | Mapping[str, Sequence[str]] = "patchalign3d",
-    ) -> None:
-        super().__init__()
-        self.root = Path(root)
+    def _find_root(self, root: Path) -> Path:
+        if not (root / "train_test_split").is_dir():
+            raise FileNotFoundError(f"{root} is not a ShapeNetPart root: no train_test_split/ directory")
+        return root
+
+    def _index(self, split: ShapeNetSplit) -> None:
         split_dir = self.root / "train_test_split"
-        if not split_dir.is_dir():
-            raise FileNotFoundError(f"{self.root} is not a ShapeNetPart root: no train_test_split/ directory")
-        self.categories = select_categories(categories, SHAPENETPART_CATEGORIES)
-        names = resolve_part_names(part_names)
-        self.part_names_by_category = {c: names[c] for c in self.categories}
         synset_to_cat = _read_synset_file(self.root)
         wanted = set(self.categories)
         entries: list[str] = []
@@ -219,7 +237,7 @@ class ShapeNetPartTxt(PartSegDataset):
         return self._sample(uid, cat, np.ascontiguousarray(rows[:, :3]), labels)
 
 
-class ShapeNetPartH5(PartSegDataset):
+class ShapeNetPartH5(_ShapeNetPartReader):
     """ShapeNetPart's 2048-point hdf5 release (``shapenet_part_seg_hdf5_data``).
 
     Reads every ``ply_data_<split><i>.h5`` under ``root`` (or ``root/hdf5_data``) into memory once
@@ -230,22 +248,13 @@ class ShapeNetPartH5(PartSegDataset):
 
     name = "shapenetpart_h5"
 
-    def __init__(
-        self,
-        root: PathLike,
-        split: ShapeNetSplit = "test",
-        categories: Sequence[str] | None = None,
-        part_names: str | Mapping[str, Sequence[str]] = "patchalign3d",
-    ) -> None:
-        super().__init__()
+    def _find_root(self, root: Path) -> Path:
+        require_h5py()  # a missing h5py is said before any file is looked at
+        return root / "hdf5_data" if (root / "hdf5_data").is_dir() else root
+
+    def _index(self, split: ShapeNetSplit) -> None:
         h5py = require_h5py()
-        root = Path(root)
-        if (root / "hdf5_data").is_dir():
-            root = root / "hdf5_data"
-        self.root = root
-        self.categories = select_categories(categories, SHAPENETPART_CATEGORIES)
-        names = resolve_part_names(part_names)
-        self.part_names_by_category = {c: names[c] for c in self.categories}
+        root = self.root
         cat_order = list(SHAPENETPART_CATEGORIES)
         cat_file = root / "all_object_categories.txt"
         if cat_file.is_file():
