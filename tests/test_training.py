@@ -735,6 +735,33 @@ def test_joint_training_through_the_cli_exports_the_text_head(
     model = load_pretrained(tmp_path / "export")
     assert model.encoder.config.head_dim == 8  # the text head, not the 12-wide distillation head
 
+    # evaluated with --ckpt_path: the distillation head is left out (Lightning's strict restore of a
+    # ZeroShotSegmentation would refuse it); encoder, text head and logit parameters load through
+    # init_from, strictly
+    from jsonargparse import Namespace
+
+    from patchalign.eval.module import ZeroShotSegmentation
+    from patchalign.training.cli import PatchAlignCLI
+
+    model_ns = Namespace(init_from="patchalign3d.pt", init_head=False)
+    ns = Namespace(
+        ckpt_path=str(last),
+        model=Namespace(class_path="patchalign.eval.module.ZeroShotSegmentation", init_args=model_ns),
+    )
+    PatchAlignCLI._route_ckpt_path(object.__new__(PatchAlignCLI), ns, "test")
+    assert ns.ckpt_path is None and model_ns.init_from == str(last) and model_ns.init_head is True
+    enc_cfg = EncoderConfig.from_dict(safe_torch_load(last)["hyper_parameters"]["encoder_config"])
+    ev = ZeroShotSegmentation(PatchAlignEncoder(enc_cfg), init_from=str(last), init_head=True, loss="bce")
+    assert torch.equal(ev.encoder.head.proj.weight, state["encoder.head.proj.weight"])
+    assert torch.equal(ev.logit_params.logit_scale, state["logit_params.logit_scale"])
+    # validating with the joint module itself: Lightning restores everything, the distill head included
+    joint_ns = Namespace(
+        class_path="patchalign.training.modules.JointTraining", init_args=Namespace(init_from=None)
+    )
+    s2 = Namespace(ckpt_path=str(last), model=joint_ns)
+    PatchAlignCLI._route_ckpt_path(object.__new__(PatchAlignCLI), s2, "validate")
+    assert s2.ckpt_path == str(last)
+
     err = tmp_path / "err.txt"
     import contextlib
     import io

@@ -284,7 +284,9 @@ class PatchAlignCLI(LightningCLI):
         A Lightning checkpoint is restored by Lightning, so ``init_from`` (a Stage 1 file, or the
         eval configs' ``patchalign3d.pt``) is not read at all. An export directory or a released
         ``.pt`` has no trainer state: for ``validate/test/predict`` it becomes
-        ``model.init_args.init_from`` with ``init_head: true`` and the strict load applies.
+        ``model.init_args.init_from`` with ``init_head: true`` and the strict load applies; so does
+        a Lightning checkpoint of another module class holding training-only modules (a
+        ``JointTraining`` run's distillation head) when it is evaluated.
         """
         ckpt_path = cfg.get("ckpt_path")
         if not ckpt_path or str(ckpt_path) in SPECIAL_CKPT_PATHS:
@@ -293,7 +295,9 @@ class PatchAlignCLI(LightningCLI):
 
         kind = detect_kind(ckpt_path)
         init_args = _get(cfg, "model", "init_args")
-        if kind == "lightning":
+        if kind == "lightning" and subcommand != "fit" and self._training_only_modules(cfg, ckpt_path):
+            kind = "lightning, training-only heads dropped"  # evaluate its encoder, head and logit only
+        elif kind == "lightning":
             if init_args is not None and init_args.get("init_from"):
                 skipped = init_args["init_from"]
                 print(f"--ckpt_path {ckpt_path}: weights restored from it; init_from {skipped} not read")
@@ -313,6 +317,23 @@ class PatchAlignCLI(LightningCLI):
         init_args["init_head"] = True
         cfg["ckpt_path"] = None
         print(f"--ckpt_path {ckpt_path}: {kind} format, loaded through model.init_args.init_from (strict)")
+
+    @staticmethod
+    def _training_only_modules(cfg: Any, ckpt_path: str) -> list[str]:
+        """Modules of a Lightning checkpoint that another module class cannot restore (e.g. the
+        distillation head of a :class:`~patchalign.training.modules.JointTraining` run evaluated by
+        ``ZeroShotSegmentation``): such a file's weights go through ``init_from`` instead (strict on
+        the encoder), since Lightning's strict restore would refuse the extra tensors."""
+        from patchalign.checkpoints import read_checkpoint
+
+        ckpt = read_checkpoint(ckpt_path)
+        own_class = ckpt.hparams.get("_class_path")
+        if own_class is None or own_class == _get(cfg, "model", "class_path"):
+            return []
+        init_args = _get(cfg, "model", "init_args")
+        if init_args is None or "init_from" not in init_args:
+            return []
+        return [m for m in ckpt.extra.get("other_modules", []) if m != "logit_params"]
 
     def _architecture_from_checkpoint(self, cfg: Any) -> None:
         """Set ``model.init_args.encoder``'s config from the file the weights come from.
