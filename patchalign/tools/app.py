@@ -30,6 +30,7 @@ import torch
 
 from patchalign.tools.segment import (
     INPUT_SUFFIXES,
+    MESH_SUFFIXES,
     InputError,
     SegmentSettings,
     load_input,
@@ -52,7 +53,7 @@ def example_meshes(shared_data: Path | None = None) -> list[Path]:
     root = (shared_data or SHARED_DATA) / "meshes"
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.suffix.lower() in INPUT_SUFFIXES)
+    return sorted(p for p in root.iterdir() if p.suffix.lower() in MESH_SUFFIXES)
 
 
 def _legend_html(names: list[str], fractions: dict[str, float], colors: dict[str, str], what: str) -> str:
