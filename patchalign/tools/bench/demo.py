@@ -20,7 +20,8 @@ talk's training-strategy table (two-stage 56.9, joint 50.2, Stage 2 only 50.5 Sh
 beside it. The joint arm gets the two-stage arm's total optimizer steps (Stage 1 + Stage 2) and the
 Stage 2 config's recipe (loss, augmentation, schedule); ``no Stage 1`` keeps the Stage 2 steps only.
 
-    python -m patchalign bench demo                       # ~20 min per seed on 2 CPU cores (+3 min shards)
+    python -m patchalign bench demo                       # all four arms; the first three took ~20 min
+                                                          # per seed on 2 quiet CPU cores (+3 min shards)
     python -m patchalign bench demo --seeds 0 1 2         # repeat the training over seeds
     python -m patchalign bench demo --seeds 0 1 --arms "real teacher" joint "no Stage 1"   # strategy table
 """
