@@ -443,10 +443,10 @@ class PretrainedPatchAlign(
         reads), a ``trimesh.Trimesh`` or a ``(vertices, faces)`` pair. Returns a
         :class:`patchalign.segment.FullSegmentation` (``vertex_labels``, ``face_labels``, scores); a
         point-cloud file gives ``point_labels`` instead. ``kwargs``: ``num_points``, ``votes``,
-        ``rotate``, ``seed``, ``text_encoder`` (see :func:`patchalign.segment.segment_mesh_arrays`).
+        ``rotate``, ``seed``, ``text_encoder`` (see :func:`patchalign.segment.segment_shape`).
         """
         from patchalign.io import load_geometry
-        from patchalign.segment import segment_cloud, segment_mesh_arrays
+        from patchalign.segment import segment_shape
 
         if isinstance(mesh, (str, os.PathLike)):
             vertices, faces = load_geometry(mesh)
@@ -455,8 +455,8 @@ class PretrainedPatchAlign(
         else:  # a trimesh.Trimesh (or anything with vertices / faces)
             vertices, faces = np.asarray(mesh.vertices), np.asarray(getattr(mesh, "faces", None))
         if faces is None or len(faces) == 0 or np.ndim(faces) != 2:
-            return segment_cloud(self, vertices, parts, **kwargs)
-        return segment_mesh_arrays(self, vertices, faces, parts, **kwargs)
+            faces = None
+        return segment_shape(self, vertices, parts, faces, **kwargs)
 
 
 def load_pretrained(

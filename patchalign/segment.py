@@ -42,8 +42,7 @@ __all__ = [
     "draw_indices",
     "SamplingMode",
     "nearest_sample_index",
-    "segment_cloud",
-    "segment_mesh_arrays",
+    "segment_shape",
 ]
 
 SamplingMode = Literal["random", "fps"]
@@ -191,10 +190,11 @@ def _check_text(model: Any, parts: Sequence[str] | Tensor, text_encoder: Any) ->
     return model.text_embeddings(names, text_encoder), names
 
 
-def segment_cloud(
+def segment_shape(
     model: Any,
-    points: Tensor | np.ndarray,
+    vertices: Tensor | np.ndarray,
     parts: Sequence[str] | Tensor,
+    faces: Tensor | np.ndarray | None = None,
     *,
     num_points: int = 2048,
     sampling: SamplingMode = "random",
@@ -205,73 +205,45 @@ def segment_cloud(
     assign: str = "nearest",
     chunk: int = 16384,
 ) -> FullSegmentation:
-    """Label every point of ``points (N, 3)`` with one of ``parts`` (see the module docstring).
+    """Label every point of a cloud, or every vertex and face of a mesh, with one of ``parts``.
 
     ``model`` is a :class:`patchalign.pretrained.PretrainedPatchAlign`; ``parts`` are names or a
-    ``(K, D)`` embeddings tensor. The label of point ``i`` is the argmax of the vote-averaged
-    probabilities of its nearest sampled point.
+    ``(K, D)`` embeddings tensor. Without ``faces``, ``vertices (N, 3)`` is a point cloud: the model
+    sees ``num_points`` of its points (``sampling``) and point ``i`` takes the argmax of the
+    vote-averaged probabilities of its nearest sampled point. With ``faces (F, 3)`` it is a triangle
+    mesh: the model sees ``num_points`` area-uniform surface samples per vote; vertices take their
+    nearest sample's probabilities, faces those of the sample nearest to their centroid.
     """
-    pts = _as_points(points, model.device)
+    verts = _as_points(vertices, model.device, what="points" if faces is None else "vertices")
     if votes < 1:
         raise ValueError(f"votes must be >= 1, got {votes}")
     text, names = _check_text(model, parts, text_encoder)
-    idx = torch.stack([_cloud_sample_indices(pts, num_points, seed + v, sampling) for v in range(votes)])
-    samples = pts[idx]  # (V, n, 3)
+    if faces is None:
+        idx = torch.stack(
+            [_cloud_sample_indices(verts, num_points, seed + v, sampling) for v in range(votes)]
+        )
+        samples = verts[idx]  # (V, n, 3)
+        queries = [verts]
+    else:
+        f = torch.as_tensor(np.asarray(faces) if not isinstance(faces, Tensor) else faces).to(verts.device)
+        f = f.long()
+        if f.ndim != 2 or f.shape[-1] != 3 or f.shape[0] == 0:
+            raise ValueError(f"faces must be a non-empty (F, 3) array, got {tuple(f.shape)}")
+        if int(f.min()) < 0 or int(f.max()) >= verts.shape[0]:
+            raise ValueError(f"face indices outside the {verts.shape[0]} vertices")
+        surface = [sample_surface(verts, f, num_points, seed=seed + v).points for v in range(votes)]
+        samples = torch.stack(surface).to(verts.device)
+        queries = [verts, verts[f].mean(1)]  # vertices, face centroids
     probs, sample_labels = _run_votes(model, samples, text, rotate, assign)
-    (scores,) = _vote_scores(probs, samples, [pts], chunk)
-    return FullSegmentation(
-        names=names,
-        samples=samples,
-        sample_labels=sample_labels,
-        point_labels=scores.argmax(-1),
-        point_scores=scores,
-    )
-
-
-def segment_mesh_arrays(
-    model: Any,
-    vertices: Tensor | np.ndarray,
-    faces: Tensor | np.ndarray,
-    parts: Sequence[str] | Tensor,
-    *,
-    num_points: int = 2048,
-    votes: int = 1,
-    rotate: bool = False,
-    seed: int = 0,
-    text_encoder: Any = None,
-    assign: str = "nearest",
-    chunk: int = 16384,
-) -> FullSegmentation:
-    """Label every vertex and face of a triangle mesh (vertices ``(V, 3)``, faces ``(F, 3)``).
-
-    The model sees ``num_points`` area-uniform surface samples per vote; vertices take their nearest
-    sample's probabilities, faces those of the sample nearest to their centroid.
-    """
-    verts = _as_points(vertices, model.device, what="vertices")
-    f = torch.as_tensor(np.asarray(faces) if not isinstance(faces, Tensor) else faces).to(
-        verts.device, torch.long
-    )
-    if f.ndim != 2 or f.shape[-1] != 3 or f.shape[0] == 0:
-        raise ValueError(f"faces must be a non-empty (F, 3) array, got {tuple(f.shape)}")
-    if int(f.min()) < 0 or int(f.max()) >= verts.shape[0]:
-        raise ValueError(f"face indices outside the {verts.shape[0]} vertices")
-    if votes < 1:
-        raise ValueError(f"votes must be >= 1, got {votes}")
-    text, names = _check_text(model, parts, text_encoder)
-    samples = torch.stack(
-        [sample_surface(verts, f, num_points, seed=seed + v).points for v in range(votes)]
-    ).to(verts.device)
-    probs, sample_labels = _run_votes(model, samples, text, rotate, assign)
-    vscores, fscores = _vote_scores(probs, samples, [verts, verts[f].mean(1)], chunk)  # vertices, centroids
-    return FullSegmentation(
-        names=names,
-        samples=samples,
-        sample_labels=sample_labels,
-        vertex_labels=vscores.argmax(-1),
-        vertex_scores=vscores,
-        face_labels=fscores.argmax(-1),
-        face_scores=fscores,
-    )
+    scores = _vote_scores(probs, samples, queries, chunk)
+    out = FullSegmentation(names=names, samples=samples, sample_labels=sample_labels)
+    if faces is None:
+        out.point_scores = scores[0]
+        out.point_labels = scores[0].argmax(-1)
+    else:
+        out.vertex_scores, out.face_scores = scores
+        out.vertex_labels, out.face_labels = scores[0].argmax(-1), scores[1].argmax(-1)
+    return out
 
 
 def _as_points(points: Tensor | np.ndarray, device: torch.device, what: str = "points") -> Tensor:

@@ -10,7 +10,7 @@ import torch
 
 from patchalign.model import EncoderConfig, PatchAlignEncoder
 from patchalign.pretrained import PretrainedPatchAlign
-from patchalign.segment import nearest_sample_index, segment_cloud, segment_mesh_arrays
+from patchalign.segment import nearest_sample_index, segment_shape
 
 
 def _tiny_model(seed: int = 0) -> PretrainedPatchAlign:
@@ -60,9 +60,9 @@ def test_dense_cloud_labels_equal_the_models_own_sample_where_points_coincide():
     cloud = torch.randn(200_000, 3, generator=g)
     cloud = cloud / cloud.norm(dim=1, keepdim=True) * (1 + 0.1 * torch.rand(200_000, 1, generator=g))
     # "Part names" = four of the sample's own patch features, so a random network still splits it.
-    first = segment_cloud(model, cloud, torch.eye(4, 16), num_points=2048, seed=3)
+    first = segment_shape(model, cloud, torch.eye(4, 16), num_points=2048, seed=3)
     text = model.encode(first.samples[0]).patch_features[0, [0, 5, 10, 15]]
-    seg = segment_cloud(model, cloud, text, num_points=2048, seed=3)
+    seg = segment_shape(model, cloud, text, num_points=2048, seed=3)
     assert torch.equal(seg.samples, first.samples)  # seeded: the same 2048 points every time
     assert seg.point_labels.shape == (200_000,) and seg.point_scores.shape == (200_000, 4)
     assert seg.samples.shape == (1, 2048, 3)
@@ -80,7 +80,7 @@ def test_small_cloud_is_used_whole():
     g = torch.Generator().manual_seed(2)
     cloud = torch.randn(100, 3, generator=g)
     text = torch.nn.functional.normalize(torch.randn(3, 16, generator=g), dim=-1)
-    seg = segment_cloud(model, cloud, text)
+    seg = segment_shape(model, cloud, text)
     assert seg.samples.shape == (1, 100, 3)
     assert torch.equal(seg.point_labels, model.segment(cloud, text).labels)
 
@@ -96,7 +96,7 @@ def test_mesh_vertices_and_faces_get_the_geometric_answer():
     mesh = trimesh.util.concatenate([left, right])
     mesh = mesh.subdivide().subdivide()
     verts, faces = np.asarray(mesh.vertices), np.asarray(mesh.faces)
-    seg = segment_mesh_arrays(SignModel(), verts, faces, ["left", "right"], num_points=512)
+    seg = segment_shape(SignModel(), verts, ["left", "right"], faces, num_points=512)
     assert torch.equal(seg.vertex_labels, torch.from_numpy(verts[:, 0] > 0).long())
     centroid_x = verts[faces].mean(1)[:, 0]
     assert torch.equal(seg.face_labels, torch.from_numpy(centroid_x > 0).long())
@@ -110,7 +110,7 @@ def test_votes_run_as_one_batch_and_average_scores():
     model = SignModel()
     g = torch.Generator().manual_seed(4)
     cloud = torch.randn(5000, 3, generator=g)
-    seg = segment_cloud(model, cloud, ["a", "b"], num_points=256, votes=2, rotate=True)
+    seg = segment_shape(model, cloud, ["a", "b"], num_points=256, votes=2, rotate=True)
     assert model.calls == [(2, 256, 3)]  # one forward for both votes
     # By hand: vote v's answer at point i is one-hot(sign of x of i's nearest sample, after rotation).
     expected = torch.zeros(5000, 2)
@@ -120,7 +120,7 @@ def test_votes_run_as_one_batch_and_average_scores():
     assert torch.allclose(seg.point_scores, expected, atol=1e-6)
     away = cloud[:, 0].abs() > 0.5  # both votes' samples near these points lie on the same side
     assert (seg.point_scores[away] == 0.5).float().mean() > 0.95
-    plain = segment_cloud(SignModel(), cloud, ["a", "b"], num_points=256, votes=3)
+    plain = segment_shape(SignModel(), cloud, ["a", "b"], num_points=256, votes=3)
     assert (plain.point_labels[away] == (cloud[away, 0] > 0).long()).float().mean() > 0.95
 
 

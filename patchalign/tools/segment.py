@@ -56,7 +56,7 @@ class InputError(ValueError):
 
 @dataclass
 class SegmentSettings:
-    """How each input is segmented (see :func:`patchalign.segment.segment_cloud`)."""
+    """How each input is segmented (see :func:`patchalign.segment.segment_shape`)."""
 
     num_points: int = 2048
     votes: int = 1
@@ -275,17 +275,21 @@ def segment_one(
     model_name: str,
 ) -> None:
     """Segment one input into ``out`` (replaced atomically); raises :class:`InputError`."""
-    from patchalign.segment import segment_cloud, segment_mesh_arrays
+    from patchalign.segment import segment_shape
 
     vertices, faces = load_input(path)
-    common = dict(
-        num_points=settings.num_points, votes=settings.votes, rotate=settings.rotate, seed=settings.seed
-    )
     try:
-        if faces is None:
-            seg = segment_cloud(model, vertices, text, sampling=settings.sampling, **common)
-        else:
-            seg = segment_mesh_arrays(model, vertices, faces, text, **common)
+        seg = segment_shape(
+            model,
+            vertices,
+            text,
+            faces,
+            num_points=settings.num_points,
+            sampling=settings.sampling,
+            votes=settings.votes,
+            rotate=settings.rotate,
+            seed=settings.seed,
+        )
     except ValueError as e:
         raise InputError(str(e)) from None
     seg.names = names

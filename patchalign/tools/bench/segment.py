@@ -52,7 +52,7 @@ def run(
     """Time both targets; returns the numbers it prints."""
     from patchalign.model import EncoderConfig, PatchAlignEncoder
     from patchalign.pretrained import PretrainedPatchAlign
-    from patchalign.segment import segment_cloud, segment_mesh_arrays
+    from patchalign.segment import segment_shape
     from patchalign.tools.segment import SegmentSettings, write_outputs
 
     torch.manual_seed(0)
@@ -68,11 +68,11 @@ def run(
     settings = SegmentSettings(votes=votes, png=False)
 
     def cloud_case() -> None:
-        seg = segment_cloud(model, cloud, text, votes=votes)
+        seg = segment_shape(model, cloud, text, votes=votes)
         assert seg.point_labels.shape == (points,)
 
     def mesh_case() -> None:
-        seg = segment_mesh_arrays(model, verts, tris, text, votes=votes)
+        seg = segment_shape(model, verts, text, tris, votes=votes)
         seg.names = names
         with tempfile.TemporaryDirectory() as d:
             write_outputs(Path(d), Path("bench.obj"), verts.astype(np.float32), tris, seg, settings, "random")

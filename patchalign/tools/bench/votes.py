@@ -1,7 +1,7 @@
 """``python -m patchalign bench votes --model M``: does test-time voting help on the real shapes?
 
 Every real part-labelled shape in ``../shared/data`` is segmented at full resolution through
-:func:`patchalign.segment.segment_cloud` (2048 points drawn, labels back to every input point) with
+:func:`patchalign.segment.segment_shape` (2048 points drawn, labels back to every input point) with
 ``votes`` in 1, 2, 4, 8, with and without rotations about the up axis, and scored against its
 per-point ground truth (shape mIoU, released convention: a part absent from both prediction and
 ground truth counts 1). Shapes: the ShapeNetPart txt shapes with >= 2 labelled parts (tables), the 16
@@ -77,7 +77,7 @@ def run(
         json_out: also write the table here.
     """
     from patchalign.pretrained import load_pretrained
-    from patchalign.segment import segment_cloud
+    from patchalign.segment import segment_shape
     from patchalign.tools.paths import SHARED_DATA
 
     m = load_pretrained(model)
@@ -95,7 +95,7 @@ def run(
             t0 = time.perf_counter()
             scores = []
             for s in shapes:
-                seg = segment_cloud(m, s["points"], texts[tuple(s["names"])], votes=v, rotate=rotate)
+                seg = segment_shape(m, s["points"], texts[tuple(s["names"])], votes=v, rotate=rotate)
                 scores.append(shape_miou(seg.point_labels.cpu().numpy(), s["labels"], len(s["names"])))
             rows.append(
                 {
