@@ -13,8 +13,7 @@ Entry point: ``python -m zerokey {predict,evaluate,bench}``. Submodules are impo
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from patchalign.lazy import lazy_getattr
 
 _EXPORTS = {
     "ZeroKeyPipeline": "zerokey.pipeline",
@@ -43,9 +42,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'zerokey' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

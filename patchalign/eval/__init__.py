@@ -16,8 +16,7 @@ torchmetrics and Lightning. Neither the core nor training imports this package
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from patchalign.lazy import lazy_getattr
 
 _EXPORTS = {
     "PartSegDataset": "readers",
@@ -46,9 +45,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"patchalign.eval.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module 'patchalign.eval' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, {k: f"patchalign.eval.{v}" for k, v in _EXPORTS.items()})
