@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import xml.etree.ElementTree as ElementTree
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,7 @@ __all__ = [
     "original_view_directions",
     "original_cameras",
     "ORIGINAL_PARTITIONS",
+    "OriginalLight",
     "original_shading",
     "downsample_for_pointer",
     "position_colors",
@@ -148,16 +150,23 @@ def original_cameras(
     return cams.to(vertices.device)
 
 
+@dataclass(frozen=True)
+class OriginalLight:
+    """The original render's material and light (PyTorch3D point light at the camera, grey mesh)."""
+
+    grey: float = 0.7
+    ambient: float = 0.5
+    diffuse: float = 0.3
+    specular: float = 0.2
+    shininess: float = 64.0
+
+
 def original_shading(
     pix_to_face: Tensor,
     vertices: Tensor,
     faces: Tensor,
     cameras: Cameras,
-    grey: float = 0.7,
-    ambient: float = 0.5,
-    diffuse: float = 0.3,
-    specular: float = 0.2,
-    shininess: float = 64.0,
+    light: OriginalLight = OriginalLight(),  # noqa: B008 - frozen, so one shared default is safe
     vertex_colors: Tensor | None = None,
     bary: Tensor | None = None,
 ) -> Tensor:
@@ -184,16 +193,17 @@ def original_shading(
     n = torch.where(cos[..., None] < 0, -n, n)
     cos = cos.abs()
     reflect = -to_eye + 2.0 * cos[..., None] * n
-    spec = (reflect * to_eye).sum(-1).clamp_min(0.0) ** shininess
+    spec = (reflect * to_eye).sum(-1).clamp_min(0.0) ** light.shininess
+    diffuse = light.ambient + light.diffuse * cos
     if vertex_colors is None:
-        value = grey * (ambient + diffuse * cos) + specular * spec
+        value = light.grey * diffuse + light.specular * spec
         image = torch.where(mask, value, torch.ones_like(value)).float()
         return image.unsqueeze(-1).expand(*image.shape, 3).contiguous()
     if bary is None:
         raise ValueError("vertex colours need the render's barycentrics")
     corners = vertex_colors.to(tri)[faces[face]]  # (V,H,W,3 corners,3 rgb)
     texel = (bary.to(tri)[..., None] * corners).sum(-2)
-    value = texel * (ambient + diffuse * cos)[..., None] + (specular * spec)[..., None]
+    value = texel * diffuse[..., None] + (light.specular * spec)[..., None]
     return torch.where(mask[..., None], value, torch.ones_like(value)).float()
 
 
