@@ -39,6 +39,10 @@ TINY = {
 }
 
 
+#: ``python -m patchalign`` in a subprocess (the users' command, verbatim)
+PATCHALIGN = [sys.executable, "-m", "patchalign"]
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("shards")
@@ -166,9 +170,7 @@ def test_stage1_then_stage2_through_the_cli(tmp_path: Path, shards: dict[str, Pa
 def test_print_config_documents_itself(tmp_path: Path) -> None:
     out = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "patchalign",
+            *PATCHALIGN,
             "fit",
             "--config",
             str(REPO / "configs/stage2.yaml"),
@@ -189,9 +191,7 @@ def test_print_config_documents_itself(tmp_path: Path) -> None:
 def test_reference_configs_print_the_released_recipe(tmp_path: Path, stage: int) -> None:
     """``fit --config configs/reference/stage{1,2}.yaml --print_config``: the released values, resolved."""
     cmd = [
-        sys.executable,
-        "-m",
-        "patchalign",
+        *PATCHALIGN,
         "fit",
         "--config",
         str(REPO / f"configs/reference/stage{stage}.yaml"),
@@ -296,9 +296,7 @@ def test_ddp_fit_two_processes_gloo(tmp_path: Path, shards: dict[str, Path]) -> 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     out = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "patchalign",
+            *PATCHALIGN,
             "fit",
             "--config",
             str(cfg),
