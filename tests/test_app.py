@@ -89,6 +89,26 @@ def test_callback_returns_viewer_glb_legend_pca_and_downloads(model, teapot, tmp
     assert [Path(d).name for d in downloads] == ["segmented.glb", "labels.npz", "teapot_parts.zip"]
 
 
+def test_keypoints_tab_finds_one_peak_per_name_on_the_shape(model, teapot, tmp_path):
+    """A keypoint per name, each a point of the teapot's surface, in the table and as a sphere."""
+    import trimesh
+
+    app = SegmentApp(model, tmp_path)
+    glb, table = app.keypoints(str(teapot), "spout, lid", 2)
+    assert table.count("<tr><td>spout</td>") == 2 and table.count("<tr><td>lid</td>") == 2
+    scene = trimesh.load(glb)
+    assert len(scene.geometry) == 1 + 4  # the shape and one sphere per keypoint
+    from patchalign.geometry import sample_surface
+
+    mesh = trimesh.load(teapot, force="mesh", process=False)
+    surface = sample_surface(torch.tensor(mesh.vertices), torch.tensor(mesh.faces), 2048, seed=0).points
+    for row in table.split("<tr><td>")[2:]:  # each keypoint is one of the 2048 surface points the model saw
+        xyz = torch.tensor([float(c) for c in row.split("</td><td>")[1].split(",")])
+        assert float((surface - xyz).norm(dim=1).min()) < 1e-3
+    with pytest.raises(InputError, match="names no part"):
+        app.keypoints(str(teapot), " ", 1)
+
+
 @pytest.mark.parametrize(
     ("content", "parts", "message"),
     [

@@ -9,7 +9,9 @@ on the full-resolution path of :mod:`patchalign.segment`:
 * the coloured result in a 3D viewer (the GLB that ``python -m patchalign segment`` writes; clouds as
   a GLB of coloured points), a legend with each part's share of the surface (area-weighted for
   meshes, of the points for clouds), the patch features' PCA (what the encoder separates before
-  any text), and download buttons for the GLB, ``labels.npz`` and the per-part files.
+  any text), and download buttons for the GLB, ``labels.npz`` and the per-part files;
+* a *Keypoints* tab: zero-shot keypoints from the same features (per name, the peaks of its
+  text-similarity field; :mod:`zerokey.features.keypoints`), shown as spheres on the shape.
 
 Every error a user can cause (no names, unreadable or empty file, NaN, too few points) is shown in
 the page as one message (``gr.Error``), never a stack trace. The segmentation endpoint is also an
@@ -153,6 +155,61 @@ class SegmentApp:
         downloads.append(str(parts_zip))
         return str(view), _legend_html(names, fractions, colors, what), str(pca_png), downloads
 
+    def keypoints(self, path: str | None, names: str, per_name: float = 1) -> tuple[str, str]:
+        """Zero-shot keypoints from the same features -> (GLB of the shape with a sphere per keypoint,
+        HTML table). Per name, the peaks of its text-similarity field over the 2048 points the model
+        sees (:func:`zerokey.features.keypoints.peak_keypoints`, geodesic NMS between instances)."""
+        import trimesh
+
+        from patchalign.eval.pictures import part_palette
+        from patchalign.geometry import normalize_unit_sphere_centroid, sample_surface
+        from patchalign.segment import draw_indices
+        from zerokey.features.keypoints import peak_keypoints
+        from zerokey.features.pipeline import DenseFeatures
+
+        if not path:
+            raise InputError("upload a mesh or point cloud first")
+        query = parse_parts(names)
+        vertices, faces = load_input(Path(path))
+        verts = torch.as_tensor(vertices, dtype=torch.float32)
+        if faces is None:
+            idx = draw_indices(len(verts), min(len(verts), self.settings.num_points), self.settings.seed)
+            points = verts[idx]
+        else:
+            tris = torch.as_tensor(faces, dtype=torch.long)
+            points = sample_surface(verts, tris, self.settings.num_points, seed=self.settings.seed).points
+        unit = normalize_unit_sphere_centroid(points)
+        enc = self.model.encode(unit, normalize=False)
+        dense = DenseFeatures(unit, enc.patch_features[0].float(), enc.centers[0].float(), interp_k=3)
+        scores = dense.name_scores(self.model.text_embeddings(query), self.model.logit_scale_value, "softmax")
+        peaks = peak_keypoints(unit, scores, instances=[int(per_name)] * len(query))
+        palette = part_palette(len(query))
+        radius = 0.02 * float(np.ptp(vertices, axis=0).max())
+        scene = trimesh.Scene()
+        if faces is not None:
+            scene.add_geometry(trimesh.Trimesh(vertices, faces, process=False))
+        else:
+            scene.add_geometry(trimesh.PointCloud(vertices))
+        rows = []
+        for peak in peaks:
+            xyz = points[peak.point_index].numpy()
+            ball = trimesh.creation.icosphere(subdivisions=2, radius=radius)
+            ball.apply_translation(xyz)
+            ball.visual.face_colors = (np.append(palette[peak.name_index][:3], 1.0) * 255).astype(np.uint8)
+            scene.add_geometry(ball)
+            coords = ", ".join(f"{c:.3f}" for c in xyz)
+            rows.append(
+                f"<tr><td>{query[peak.name_index]}</td><td>{coords}</td><td>{peak.score:.3f}</td></tr>"
+            )
+        self._count += 1
+        out = self.work_dir / f"{self._count:05d}_{Path(path).stem}_keypoints.glb"
+        scene.export(out)
+        table = (
+            '<table class="patchalign-keypoints"><thead><tr><th>name</th><th>x, y, z (input frame)</th>'
+            f"<th>score</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
+        )
+        return str(out), table
+
     def close(self) -> None:
         shutil.rmtree(self.work_dir, ignore_errors=True)
 
@@ -195,8 +252,39 @@ def build_app(model: Any, examples: list[Path] | None = None, work_dir: Path | N
                     legend = gr.HTML(elem_id="legend")
                     pca = gr.Image(label="patch features (PCA)", type="filepath")
                     files = gr.File(label="downloads", file_count="multiple", elem_id="downloads")
+        with gr.Tab("Keypoints"):
+            gr.Markdown(
+                "Zero-shot keypoints from the same patch features: per name, the peaks of its text "
+                "similarity (no MLLM). ZeroKey's MLLM pointing runs with `python -m zerokey predict`."
+            )
+            with gr.Row():
+                with gr.Column(scale=1):
+                    kp_shape = gr.File(
+                        label="mesh or point cloud", file_types=list(INPUT_SUFFIXES), type="filepath"
+                    )
+                    kp_names = gr.Textbox(
+                        label="keypoint names, comma-separated", placeholder="nose, wing tip"
+                    )
+                    kp_count = gr.Slider(1, 4, value=1, step=1, label="keypoints per name")
+                    kp_run = gr.Button("Find keypoints", variant="primary", elem_id="keypoints-button")
+                with gr.Column(scale=2):
+                    kp_view = gr.Model3D(label="keypoints", clear_color=(1.0, 1.0, 1.0, 1.0))
+                    kp_table = gr.HTML(elem_id="keypoints-table")
         run.click(
             on_segment, inputs=[shape, parts, votes], outputs=[view, legend, pca, files], api_name="segment"
+        )
+
+        def on_keypoints(path: str | None, names: str, count: float):
+            try:
+                return app.keypoints(path, names, count)
+            except (InputError, ValueError) as e:
+                raise gr.Error(str(e), print_exception=False) from None
+
+        kp_run.click(
+            on_keypoints,
+            inputs=[kp_shape, kp_names, kp_count],
+            outputs=[kp_view, kp_table],
+            api_name="keypoints",
         )
     page.patchalign_app = app
     return page
