@@ -109,6 +109,37 @@ def test_keypoints_tab_finds_one_peak_per_name_on_the_shape(model, teapot, tmp_p
         app.keypoints(str(teapot), " ", 1)
 
 
+def test_keypoints_tab_runs_zerokey_through_a_configured_pointer_server(model, teapot, tmp_path):
+    """With a pointer server (here the local Molmo-like stub on 127.0.0.1), the tab runs ZeroKey: 6 views
+    x 2 names pointing calls, one keypoint per name on the shape; without one, one clear message."""
+    import trimesh
+
+    from zerokey.mllm.namers import StaticNamer
+    from zerokey.mllm.pointers import OpenAIPointer
+    from zerokey.mllm.testing import FakeChatServer, MolmoStub
+    from zerokey.pipeline import ZeroKeyPipeline
+    from zerokey.views import ViewConfig
+
+    with pytest.raises(InputError, match="--pointer_url"):
+        SegmentApp(model, tmp_path / "a").keypoints(str(teapot), "spout", 1, "zerokey")
+    with FakeChatServer(MolmoStub(lambda image, name: [(50.0, 50.0)])) as server:
+        pointer = OpenAIPointer(server.base_url, "stub", api_key_env=None)
+        pointer.check()
+        pipeline = ZeroKeyPipeline(StaticNamer([]), pointer, views=ViewConfig(n_views=6, image_size=128))
+        glb, table = SegmentApp(model, tmp_path / "b", zerokey=pipeline).keypoints(
+            str(teapot), "spout, lid", 1, "zerokey"
+        )
+        asked = [r.text for r in server.requests if r.images]
+    assert len(asked) == 6 * 2 and sum("spout" in a for a in asked) == 6
+    assert table.count("<tr><td>spout</td>") == 1 and table.count("<tr><td>lid</td>") == 1
+    mesh = trimesh.load(teapot, force="mesh", process=False)
+    lo, hi = mesh.bounds
+    for row in table.split("<tr><td>")[2:]:
+        xyz = np.array([float(c) for c in row.split("</td><td>")[1].split(",")])
+        assert ((xyz >= lo - 1e-3) & (xyz <= hi + 1e-3)).all()  # lifted onto the shape, input frame
+    assert len(trimesh.load(glb).geometry) == 1 + 2
+
+
 @pytest.mark.parametrize(
     ("content", "parts", "message"),
     [

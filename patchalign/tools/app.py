@@ -11,7 +11,9 @@ on the full-resolution path of :mod:`patchalign.segment`:
   meshes, of the points for clouds), the patch features' PCA (what the encoder separates before
   any text), and download buttons for the GLB, ``labels.npz`` and the per-part files;
 * a *Keypoints* tab: zero-shot keypoints from the same features (per name, the peaks of its
-  text-similarity field; :mod:`zerokey.features.keypoints`), shown as spheres on the shape.
+  text-similarity field; :mod:`zerokey.features.keypoints`), shown as spheres on the shape; and
+  ZeroKey itself when the app is started with a pointer server (``--pointer_url``, e.g. vLLM serving
+  Molmo): views rendered, the MLLM points at each name, lifted and clustered.
 
 Every error a user can cause (no names, unreadable or empty file, NaN, too few points) is shown in
 the page as one message (``gr.Error``), never a stack trace. The segmentation endpoint is also an
@@ -86,9 +88,16 @@ class SegmentApp:
     """The page's callbacks around one loaded model (kept apart from Gradio so tests can call them)."""
 
     def __init__(
-        self, model: Any, work_dir: Path | None = None, settings: SegmentSettings | None = None
+        self,
+        model: Any,
+        work_dir: Path | None = None,
+        settings: SegmentSettings | None = None,
+        zerokey: Any = None,
     ) -> None:
+        """``zerokey``: a :class:`zerokey.pipeline.ZeroKeyPipeline` whose pointer is a configured MLLM
+        server (``app --pointer_url``); without it the Keypoints tab offers the feature keypoints only."""
         self.model = model
+        self.zerokey = zerokey
         self.settings = settings or SegmentSettings()
         self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="patchalign-app-"))
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -155,22 +164,37 @@ class SegmentApp:
         downloads.append(str(parts_zip))
         return str(view), _legend_html(names, fractions, colors, what), str(pca_png), downloads
 
-    def keypoints(self, path: str | None, names: str, per_name: float = 1) -> tuple[str, str]:
-        """Zero-shot keypoints from the same features -> (GLB of the shape with a sphere per keypoint,
-        HTML table). Per name, the peaks of its text-similarity field over the 2048 points the model
-        sees (:func:`zerokey.features.keypoints.peak_keypoints`, geodesic NMS between instances)."""
-        import trimesh
+    def keypoints(
+        self, path: str | None, names: str, per_name: float = 1, method: str = "features"
+    ) -> tuple[str, str]:
+        """Keypoints by name -> (GLB of the shape with a sphere per keypoint, HTML table).
 
-        from patchalign.eval.pictures import part_palette
+        ``features``: zero-shot from the same patch features, per name the peaks of its
+        text-similarity field over the 2048 points the model sees
+        (:func:`zerokey.features.keypoints.peak_keypoints`, geodesic NMS between instances).
+        ``zerokey``: ZeroKey itself (render views, the configured MLLM points at each name, lift,
+        cluster), when the app was started with a pointer server.
+        """
+        if not path:
+            raise InputError("upload a mesh or point cloud first")
+        query = parse_parts(names)
+        vertices, faces = load_input(Path(path))
+        if method == "zerokey":
+            found = self._zerokey_keypoints(Path(path), query, int(per_name))
+        elif method == "features":
+            found = self._feature_keypoints(vertices, faces, query, int(per_name))
+        else:
+            raise InputError(f"unknown keypoint method {method!r}: features or zerokey")
+        return self._keypoint_outputs(Path(path), vertices, faces, query, found)
+
+    def _feature_keypoints(
+        self, vertices: np.ndarray, faces: np.ndarray | None, query: list[str], per_name: int
+    ) -> list[tuple[int, np.ndarray, float]]:
         from patchalign.geometry import normalize_unit_sphere_centroid, sample_surface
         from patchalign.segment import draw_indices
         from zerokey.features.keypoints import peak_keypoints
         from zerokey.features.pipeline import DenseFeatures
 
-        if not path:
-            raise InputError("upload a mesh or point cloud first")
-        query = parse_parts(names)
-        vertices, faces = load_input(Path(path))
         verts = torch.as_tensor(vertices, dtype=torch.float32)
         if faces is None:
             idx = draw_indices(len(verts), min(len(verts), self.settings.num_points), self.settings.seed)
@@ -182,7 +206,44 @@ class SegmentApp:
         enc = self.model.encode(unit, normalize=False)
         dense = DenseFeatures(unit, enc.patch_features[0].float(), enc.centers[0].float(), interp_k=3)
         scores = dense.name_scores(self.model.text_embeddings(query), self.model.logit_scale_value, "softmax")
-        peaks = peak_keypoints(unit, scores, instances=[int(per_name)] * len(query))
+        peaks = peak_keypoints(unit, scores, instances=[per_name] * len(query))
+        return [(p.name_index, points[p.point_index].numpy(), p.score) for p in peaks]
+
+    def _zerokey_keypoints(
+        self, path: Path, query: list[str], per_name: int
+    ) -> list[tuple[int, np.ndarray, float]]:
+        from zerokey.data import load_shape
+
+        if self.zerokey is None:
+            raise InputError(
+                "ZeroKey needs an MLLM pointer: start the app with --pointer_url URL --pointer_model NAME"
+            )
+        shape = load_shape(path, names=[n for n in query for _ in range(per_name)])
+        record = self.zerokey.predict(shape).record
+        if record.get("status") == "failed":
+            raise InputError(f"ZeroKey failed on this shape: {record.get('error')}")
+        return [
+            (
+                query.index(k["name"]),
+                np.asarray(k["xyz"], dtype=np.float32),
+                float(k.get("support", {}).get("weight", 0)),
+            )
+            for k in record["keypoints"]
+            if k["name"] in query
+        ]
+
+    def _keypoint_outputs(
+        self,
+        path: Path,
+        vertices: np.ndarray,
+        faces: np.ndarray | None,
+        query: list[str],
+        found: list[tuple[int, np.ndarray, float]],
+    ) -> tuple[str, str]:
+        import trimesh
+
+        from patchalign.eval.pictures import part_palette
+
         palette = part_palette(len(query))
         radius = 0.02 * float(np.ptp(vertices, axis=0).max())
         scene = trimesh.Scene()
@@ -191,18 +252,15 @@ class SegmentApp:
         else:
             scene.add_geometry(trimesh.PointCloud(vertices))
         rows = []
-        for peak in peaks:
-            xyz = points[peak.point_index].numpy()
+        for name_index, xyz, score in found:
             ball = trimesh.creation.icosphere(subdivisions=2, radius=radius)
             ball.apply_translation(xyz)
-            ball.visual.face_colors = (np.append(palette[peak.name_index][:3], 1.0) * 255).astype(np.uint8)
+            ball.visual.face_colors = (np.append(palette[name_index][:3], 1.0) * 255).astype(np.uint8)
             scene.add_geometry(ball)
             coords = ", ".join(f"{c:.3f}" for c in xyz)
-            rows.append(
-                f"<tr><td>{query[peak.name_index]}</td><td>{coords}</td><td>{peak.score:.3f}</td></tr>"
-            )
+            rows.append(f"<tr><td>{query[name_index]}</td><td>{coords}</td><td>{score:.3f}</td></tr>")
         self._count += 1
-        out = self.work_dir / f"{self._count:05d}_{Path(path).stem}_keypoints.glb"
+        out = self.work_dir / f"{self._count:05d}_{path.stem}_keypoints.glb"
         scene.export(out)
         table = (
             '<table class="patchalign-keypoints"><thead><tr><th>name</th><th>x, y, z (input frame)</th>'
@@ -214,11 +272,14 @@ class SegmentApp:
         shutil.rmtree(self.work_dir, ignore_errors=True)
 
 
-def build_app(model: Any, examples: list[Path] | None = None, work_dir: Path | None = None) -> Any:
-    """The Gradio Blocks page around ``model`` (a :class:`patchalign.pretrained.PretrainedPatchAlign`)."""
+def build_app(
+    model: Any, examples: list[Path] | None = None, work_dir: Path | None = None, zerokey: Any = None
+) -> Any:
+    """The Gradio Blocks page around ``model`` (a :class:`patchalign.pretrained.PretrainedPatchAlign`);
+    ``zerokey``: a ZeroKey pipeline with a configured pointer for the Keypoints tab (optional)."""
     import gradio as gr
 
-    app = SegmentApp(model, work_dir)
+    app = SegmentApp(model, work_dir, zerokey=zerokey)
 
     def on_segment(path: str | None, parts: str, votes: float):
         try:
@@ -266,6 +327,8 @@ def build_app(model: Any, examples: list[Path] | None = None, work_dir: Path | N
                         label="keypoint names, comma-separated", placeholder="nose, wing tip"
                     )
                     kp_count = gr.Slider(1, 4, value=1, step=1, label="keypoints per name")
+                    methods = ["features"] + (["zerokey"] if zerokey is not None else [])
+                    kp_method = gr.Radio(methods, value="features", label="method")
                     kp_run = gr.Button("Find keypoints", variant="primary", elem_id="keypoints-button")
                 with gr.Column(scale=2):
                     kp_view = gr.Model3D(label="keypoints", clear_color=(1.0, 1.0, 1.0, 1.0))
@@ -274,15 +337,15 @@ def build_app(model: Any, examples: list[Path] | None = None, work_dir: Path | N
             on_segment, inputs=[shape, parts, votes], outputs=[view, legend, pca, files], api_name="segment"
         )
 
-        def on_keypoints(path: str | None, names: str, count: float):
+        def on_keypoints(path: str | None, names: str, count: float, method: str):
             try:
-                return app.keypoints(path, names, count)
+                return app.keypoints(path, names, count, method)
             except (InputError, ValueError) as e:
                 raise gr.Error(str(e), print_exception=False) from None
 
         kp_run.click(
             on_keypoints,
-            inputs=[kp_shape, kp_names, kp_count],
+            inputs=[kp_shape, kp_names, kp_count, kp_method],
             outputs=[kp_view, kp_table],
             api_name="keypoints",
         )
@@ -302,6 +365,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", type=str, default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--device", type=str, default="cpu")
+    p.add_argument(
+        "--pointer_url", type=str, default=None, help="OpenAI-compatible server (e.g. vLLM + Molmo)"
+    )
+    p.add_argument("--pointer_model", type=str, default="allenai/Molmo-7B-D-0924")
+    p.add_argument("--pointer_api_key_env", type=str, default=None, help="env var holding the server's key")
     cfg = p.parse_args(argv)
     try:
         import gradio  # noqa: F401
@@ -315,7 +383,20 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         print(f"patchalign app: error: {e}", file=sys.stderr)
         return 2
-    page = build_app(model, example_meshes())
+    zerokey = None
+    if cfg.pointer_url:
+        from zerokey.mllm.namers import StaticNamer
+        from zerokey.mllm.pointers import OpenAIPointer
+        from zerokey.pipeline import ZeroKeyPipeline
+
+        pointer = OpenAIPointer(cfg.pointer_url, cfg.pointer_model, api_key_env=cfg.pointer_api_key_env)
+        zerokey = ZeroKeyPipeline(StaticNamer([]), pointer)
+        try:
+            pointer.check()  # the server answers before the page opens
+        except Exception as e:  # noqa: BLE001 - any failure of the pre-flight call is one line
+            print(f"patchalign app: error: pointer server {cfg.pointer_url}: {e}", file=sys.stderr)
+            return 2
+    page = build_app(model, example_meshes(), zerokey=zerokey)
     page.launch(server_name=cfg.host, server_port=cfg.port, show_api=True)
     return 0
 
