@@ -176,3 +176,16 @@ def one_line(e: BaseException) -> str:
 def flat_message(error: BaseException) -> str:
     """An error's whole message on one line (jsonargparse spreads parser errors over several)."""
     return " ".join(str(error).split())
+
+
+def parse_one_line(parser: Any, argv: Sequence[str] | None, prog: str) -> Any | None:
+    """``parser.parse_args(argv)`` for a hand-built jsonargparse parser (positional lists, flags), with
+    :func:`run_cli`'s error rule: a bad command line is one line on stderr and ``None`` (exit 2)."""
+    from jsonargparse import ArgumentError
+
+    parser.exit_on_error = False
+    try:
+        return parser.parse_args(list(argv) if argv is not None else None)
+    except ArgumentError as e:
+        print(f"error: {flat_message(e)} ({prog} --help lists the options)", file=sys.stderr)
+        return None

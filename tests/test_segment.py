@@ -270,3 +270,23 @@ def test_segment_mesh_takes_a_path_a_trimesh_or_arrays(shared_data: Path):
     )
     assert torch.equal(by_path.face_labels, by_mesh.face_labels)
     assert torch.equal(by_mesh.vertex_labels, by_arrays.vertex_labels)
+
+
+def test_cli_bad_command_lines_are_one_line(tmp_path: Path, capsys):
+    """A misspelled option (segment, app, bench segment) is one line and exit 2; a batch whose every
+    input is missing is one skip line and exit 1, without loading the model."""
+    from patchalign.__main__ import main
+
+    for argv in (
+        ["segment", "x.obj", "--prts", "a", "--model", "m"],
+        ["app", "--model", "m", "--prot", "1"],
+        ["bench", "segment", "--pionts", "5"],
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "unrecognized arguments" in err[0], err
+    assert (
+        main(["segment", str(tmp_path / "nope.obj"), "--parts", "a", "--model", "/nope", "--no_progress"])
+        == 1
+    )
+    assert "skipped 1" in capsys.readouterr().out  # the missing model is never opened

@@ -356,6 +356,8 @@ def build_app(
 def main(argv: list[str] | None = None) -> int:
     from jsonargparse import ArgumentParser
 
+    from patchalign.argv import parse_one_line
+
     p = ArgumentParser(
         prog="python -m patchalign app", description="Segment shapes by part name in the browser."
     )
@@ -370,7 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--pointer_model", type=str, default="allenai/Molmo-7B-D-0924")
     p.add_argument("--pointer_api_key_env", type=str, default=None, help="env var holding the server's key")
-    cfg = p.parse_args(argv)
+    cfg = parse_one_line(p, argv, "python -m patchalign app")
+    if cfg is None:
+        return 2
     try:
         import gradio  # noqa: F401
     except ImportError:

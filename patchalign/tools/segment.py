@@ -327,6 +327,8 @@ def run_segment(
     names = parse_parts(parts)
     files, bad = discover_inputs(inputs)
     report = BatchReport(skipped=list(bad))
+    if not files:  # nothing to segment: report the skips without loading a model
+        return report
     if isinstance(model, (str, os.PathLike)):
         model_name = str(model)
         model = load_pretrained(model, device=device)
@@ -358,6 +360,8 @@ def run_segment(
 def main(argv: list[str] | None = None) -> int:
     from jsonargparse import ActionConfigFile, ArgumentParser
 
+    from patchalign.argv import parse_one_line
+
     p = ArgumentParser(
         prog="python -m patchalign segment",
         description="Segment meshes and point clouds into named parts at full resolution.",
@@ -380,7 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--no_progress", action="store_true")
     p.add_argument("--config", action=ActionConfigFile)
-    cfg = p.parse_args(argv)
+    cfg = parse_one_line(p, argv, "python -m patchalign segment")
+    if cfg is None:
+        return 2
     settings = SegmentSettings(**{f: cfg[f] for f in SegmentSettings.__dataclass_fields__})
     t0 = time.perf_counter()
     try:

@@ -106,7 +106,7 @@ def run(
     return out
 
 
-def main(argv: list[str] | None = None) -> dict:
-    from jsonargparse import CLI
+def main(argv: list[str] | None = None) -> int:
+    from patchalign.argv import run_cli
 
-    return CLI(run, args=argv, as_positional=False)
+    return run_cli(run, argv, "python -m patchalign bench segment", positional=False)
